@@ -1,0 +1,178 @@
+"""Exit policies of the baselines (DESIGN.md §5).
+
+Every policy maps per-exit predictions of N samples at L exits to a 0-based exit index
+per sample, shape (N,) int64. The last exit (index L - 1) is the final classifier and
+takes every sample that no earlier exit claimed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ConfidenceMeasure",
+    "apply_thresholds",
+    "confidence",
+    "fit_budgeted_thresholds",
+    "geometric_exit_distribution",
+    "global_threshold_exits",
+    "oracle_exits",
+    "patience_exits",
+    "select_exit",
+    "static_exits",
+]
+
+ConfidenceMeasure = Literal["maxprob", "entropy", "margin"]
+
+
+def confidence(probs: Tensor, measure: ConfidenceMeasure) -> Tensor:
+    """Confidence of each prediction; higher always means more confident.
+
+    Args:
+        probs: (..., C) probabilities.
+        measure: ``maxprob`` = max_y p_y; ``entropy`` = negative Shannon entropy (nats), so
+            that lower entropy ranks as more confident; ``margin`` = p(1) - p(2), the gap
+            between the two largest probabilities.
+
+    Returns:
+        (...) confidences.
+    """
+    if measure == "maxprob":
+        return probs.max(dim=-1).values
+    if measure == "entropy":
+        # xlogy gives 0 * log 0 = 0 for saturated softmax outputs.
+        return torch.special.xlogy(probs, probs).sum(dim=-1)
+    if measure == "margin":
+        top2 = probs.topk(2, dim=-1).values  # (..., 2)
+        return top2[..., 0] - top2[..., 1]
+    raise ValueError(f"Expected argument `measure` to be one of 'maxprob', 'entropy', 'margin' but got {measure!r}")
+
+
+def select_exit(values: Tensor, exits: Tensor) -> Tensor:
+    """Pick each sample's row at its exit: values (N, L, ...) and exits (N,) -> (N, ...)."""
+    index = exits.long().view(-1, 1, *([1] * (values.ndim - 2))).expand(-1, 1, *values.shape[2:])
+    return values.gather(1, index).squeeze(1)
+
+
+def geometric_exit_distribution(p: float, num_exits: int) -> Tensor:
+    """MSDNet target exit distribution ``q_k ∝ p^k``, k = 0 .. L - 1, normalised to sum to 1.
+
+    p < 1 front-loads exits (cheap), p > 1 pushes samples to deep exits, p = 1 is uniform.
+    """
+    if p <= 0:
+        raise ValueError(f"Expected argument `p` to be positive but got {p}")
+    k = torch.arange(num_exits, dtype=torch.float64)
+    # Computed in log space so large p and many exits do not overflow.
+    log_q = k * torch.log(torch.tensor(float(p), dtype=torch.float64))
+    return torch.softmax(log_q, dim=0)
+
+
+def fit_budgeted_thresholds(conf: Tensor, target: Tensor) -> Tensor:
+    """MSDNet "budgeted batch" per-exit thresholds for a target exit distribution.
+
+    Walk the exits in order. At exit ``k`` the still-running samples are sorted by their
+    confidence at ``k`` and ``T_k`` is set so that the cumulative number of exited samples
+    reaches ``round(N * (q_0 + ... + q_k))``, i.e. a fraction ``q_k`` of ALL samples exits at
+    ``k`` (cumulative rounding keeps the total error under one sample). ``T_k`` is the
+    confidence of the last sample that must exit, so samples tied with it exit too: the
+    realised fractions match the targets up to such ties, and the surplus is absorbed by
+    the following exits' targets. No threshold exists for the last exit, which takes the rest.
+
+    Args:
+        conf: (N, L) confidences (higher = more confident) on the calibration split.
+        target: (L,) target exit distribution, sums to 1.
+
+    Returns:
+        (L - 1,) thresholds; ``+inf`` means nobody exits there, ``-inf`` everybody still running.
+    """
+    n, num_exits = conf.shape
+    assert target.shape == (num_exits,), (target.shape, num_exits)
+    cumulative = torch.round(torch.cumsum(target.double(), 0) * n).long()  # (L,) samples exited by k
+    running = torch.ones(n, dtype=torch.bool)
+    thresholds = torch.full((num_exits - 1,), float("inf"), dtype=conf.dtype)
+    for k in range(num_exits - 1):
+        need = int(cumulative[k]) - int(n - running.sum())
+        candidates = conf[running, k]
+        if need <= 0 or candidates.numel() == 0:
+            continue
+        if need >= candidates.numel():
+            thresholds[k] = float("-inf")
+        else:
+            thresholds[k] = candidates.sort(descending=True).values[need - 1]
+        running &= ~(conf[:, k] >= thresholds[k])
+    return thresholds
+
+
+def apply_thresholds(conf: Tensor, thresholds: Tensor) -> Tensor:
+    """Exit at the first exit ``k < L - 1`` with ``conf[:, k] >= thresholds[k]``, else at the last.
+
+    Args:
+        conf: (N, L) confidences.
+        thresholds: (L - 1,) per-exit thresholds.
+
+    Returns:
+        (N,) int64 0-based exits.
+    """
+    num_exits = conf.shape[1]
+    assert thresholds.shape == (num_exits - 1,), (thresholds.shape, num_exits)
+    passed = conf[:, :-1] >= thresholds.to(conf)[None, :]  # (N, L - 1)
+    passed = torch.cat([passed, torch.ones_like(passed[:, :1])], dim=1)  # (N, L): last exit always passes
+    return passed.int().argmax(dim=1)  # argmax returns the first maximum = the first exit that passes
+
+
+def global_threshold_exits(conf: Tensor, threshold: float) -> Tensor:
+    """One threshold for every exit (DeeBERT style): first exit with ``conf >= threshold``, else last."""
+    return apply_thresholds(conf, torch.full((conf.shape[1] - 1,), float(threshold), dtype=conf.dtype))
+
+
+def patience_exits(preds: Tensor, patience: int) -> Tensor:
+    """PABEE: exit once the prediction has stayed the same for ``patience`` consecutive exits.
+
+    Convention (0-based exits): a sample exits at the first ``l`` with
+    ``preds[l] == preds[l - 1] == ... == preds[l - patience]``, i.e. after ``patience``
+    consecutive exits that agree with their predecessor (PABEE's counter reaching t).
+    ``patience = 0`` exits every sample at the first exit; a sample whose counter never
+    reaches ``patience`` runs to the last exit. ``patience >= L - 1`` only stops early at
+    the last exit, which is where everyone stops anyway: it equals the full model.
+
+    Args:
+        preds: (N, L) argmax prediction at each exit.
+        patience: t >= 0.
+
+    Returns:
+        (N,) int64 0-based exits.
+    """
+    if patience < 0:
+        raise ValueError(f"Expected argument `patience` to be a non-negative integer but got {patience}")
+    n, num_exits = preds.shape
+    run = torch.zeros(n, dtype=torch.long)  # consecutive agreements ending at exit l
+    exits = torch.full((n,), num_exits - 1, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    for exit_ in range(num_exits):
+        if exit_ > 0:
+            same = preds[:, exit_] == preds[:, exit_ - 1]
+            run = torch.where(same, run + 1, torch.zeros_like(run))
+        stop = ~done & (run >= patience)
+        exits[stop] = exit_
+        done |= stop
+    return exits
+
+
+def static_exits(num_samples: int, exit_index: int) -> Tensor:
+    """Every sample exits at ``exit_index`` (static depth = layer pruning)."""
+    return torch.full((num_samples,), exit_index, dtype=torch.long)
+
+
+def oracle_exits(preds: Tensor, labels: Tensor) -> Tensor:
+    """Upper bound: the first exit whose prediction is correct, else the last exit.
+
+    Args:
+        preds: (N, L) argmax prediction at each exit.
+        labels: (N,) true classes.
+    """
+    correct = preds == labels[:, None]  # (N, L)
+    correct[:, -1] = True  # never-correct samples run to the end
+    return correct.int().argmax(dim=1)

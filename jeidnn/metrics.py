@@ -1,0 +1,192 @@
+"""Accuracy-cost curves: upper envelope, AUC, matched-cost interpolation; cost and exit metrics.
+
+The **upper envelope** of a method's (cost, accuracy) operating points is the piecewise-
+linear curve through its Pareto-optimal points (sorted by cost, each strictly more accurate
+than every cheaper-or-equal point). Between two neighbouring Pareto points it is linear
+because that trade-off is achievable: send each sample to one policy or the other at
+random in the right proportion. It is monotone non-decreasing by construction and is
+defined only on [cheapest point, most expensive Pareto point]; outside it is NaN, since no
+operating point of the method covers those costs.
+
+The **AUC** of an envelope over [lo, hi] is divided by (hi - lo), so it reads as the mean
+accuracy over that cost range. [lo, hi] is the range every compared method covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = [
+    "ExitHistogram",
+    "ExpectedCost",
+    "common_cost_range",
+    "envelope_auc",
+    "interpolate_envelope",
+    "upper_envelope",
+]
+
+
+def upper_envelope(costs: Sequence[float], accuracies: Sequence[float]) -> list[int]:
+    """Indices of the Pareto-optimal points, in order of increasing cost (and accuracy).
+
+    Example:
+        >>> upper_envelope([0.5, 0.2, 0.8, 0.6], [0.7, 0.6, 0.9, 0.65])
+        [1, 0, 2]
+    """
+    c = np.asarray(costs, dtype=np.float64)
+    a = np.asarray(accuracies, dtype=np.float64)
+    keep = ~(np.isnan(c) | np.isnan(a))
+    # Sort by cost, and by accuracy descending among equal costs so the best of a tie wins.
+    order = [i for i in np.lexsort((-a, c)) if keep[i]]
+    envelope: list[int] = []
+    best = -np.inf
+    for i in order:
+        if a[i] > best:
+            envelope.append(int(i))
+            best = a[i]
+    return envelope
+
+
+def interpolate_envelope(
+    costs: Sequence[float],
+    accuracies: Sequence[float],
+    at: Sequence[float] | float,
+    values: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Linearly interpolate along the upper envelope at the given costs ("matched cost").
+
+    Args:
+        costs: (P,) cost of each operating point.
+        accuracies: (P,) accuracy of each operating point (defines the envelope).
+        at: costs to evaluate at.
+        values: (P,) a per-point quantity to carry along the same envelope (ECE, set size);
+            None interpolates the accuracy itself.
+
+    Returns:
+        (len(at),) float64; NaN outside the envelope's cost range.
+    """
+    idx = upper_envelope(costs, accuracies)
+    at_arr = np.atleast_1d(np.asarray(at, dtype=np.float64))
+    if not idx:
+        return np.full(at_arr.shape, np.nan)
+    x = np.asarray(costs, dtype=np.float64)[idx]
+    y = np.asarray(accuracies if values is None else values, dtype=np.float64)[idx]
+    out = np.interp(at_arr, x, y)
+    # A tolerance so a point that lies on the envelope's end (same cost up to rounding) matches.
+    tol = 1e-9
+    out[(at_arr < x[0] - tol) | (at_arr > x[-1] + tol)] = np.nan
+    return out
+
+
+def envelope_auc(costs: Sequence[float], accuracies: Sequence[float], lo: float, hi: float) -> float:
+    """Area under the upper envelope on [lo, hi] divided by (hi - lo): a mean accuracy.
+
+    Exact for the piecewise-linear envelope (trapezoids between its kinks). When lo == hi
+    it is the envelope's value there; NaN if [lo, hi] is empty or not covered by the envelope.
+
+    Example:
+        >>> envelope_auc([0.0, 1.0], [0.5, 0.7], 0.0, 1.0)
+        0.6
+    """
+    if not hi >= lo:
+        return float("nan")
+    idx = upper_envelope(costs, accuracies)
+    if not idx:
+        return float("nan")
+    x = np.asarray(costs, dtype=np.float64)[idx]
+    if hi - lo < 1e-12:
+        return float(interpolate_envelope(costs, accuracies, [lo])[0])
+    grid = np.unique(np.concatenate([[lo, hi], x[(x > lo) & (x < hi)]]))
+    y = interpolate_envelope(costs, accuracies, grid)
+    if np.isnan(y).any():
+        return float("nan")
+    area = float(np.sum((grid[1:] - grid[:-1]) * (y[1:] + y[:-1]) / 2))
+    return area / (hi - lo)
+
+
+def common_cost_range(method_costs: Mapping[str, Sequence[float]]) -> tuple[float, float]:
+    """The cost range every method covers: (max of the minima, min of the maxima).
+
+    lo > hi means the methods' ranges do not overlap; :func:`envelope_auc` then gives NaN.
+    Exclude single-point upper bounds such as the oracle before calling.
+    """
+    finite = {k: [c for c in v if np.isfinite(c)] for k, v in method_costs.items()}
+    finite = {k: v for k, v in finite.items() if v}
+    if not finite:
+        return float("nan"), float("nan")
+    lo = max(min(v) for v in finite.values())
+    hi = min(max(v) for v in finite.values())
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- torchmetrics classes
+
+
+def _exit_histogram_update(exits: Tensor, num_exits: int) -> Tensor:
+    return torch.bincount(exits.long(), minlength=num_exits)[:num_exits]
+
+
+def _expected_cost_update(exits: Tensor, costs: Tensor) -> tuple[Tensor, Tensor]:
+    return costs.double()[exits.long()].sum(), torch.tensor(exits.numel())
+
+
+class ExpectedCost(Metric):
+    """Mean normalised cost of the exits taken (DESIGN.md §2: 1.0 = the original model).
+
+    Example:
+        >>> metric = ExpectedCost(costs=torch.tensor([0.5, 1.0]))
+        >>> metric.update(torch.tensor([0, 1, 1, 1]))
+        >>> float(metric.compute())
+        0.875
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, costs: Tensor, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("costs", torch.as_tensor(costs, dtype=torch.float64).clone(), persistent=False)
+        self.add_state("cost_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, exits: Tensor) -> None:
+        """Add a batch of 0-based exits (B,)."""
+        cost_sum, total = _expected_cost_update(exits, self.costs)
+        self.cost_sum += cost_sum.to(self.cost_sum)
+        self.total += total.to(self.total)
+
+    def compute(self) -> Tensor:
+        return self.cost_sum / self.total if self.total > 0 else torch.tensor(float("nan"))
+
+
+class ExitHistogram(Metric):
+    """Fraction of samples leaving at each exit, (L,).
+
+    Example:
+        >>> metric = ExitHistogram(num_exits=3)
+        >>> metric.update(torch.tensor([0, 2, 2, 2]))
+        >>> metric.compute().tolist()
+        [0.25, 0.0, 0.75]
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, num_exits: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_exits = num_exits
+        self.add_state("counts", default=torch.zeros(num_exits, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, exits: Tensor) -> None:
+        """Add a batch of 0-based exits (B,)."""
+        self.counts += _exit_histogram_update(exits, self.num_exits).to(self.counts)
+
+    def compute(self) -> Tensor:
+        total = self.counts.sum()
+        return self.counts.double() / total if total > 0 else torch.full((self.num_exits,), float("nan"))

@@ -1,0 +1,236 @@
+"""`jeidnn predict`: run a saved early-exit model on texts and print one JSON line per input.
+
+Also home of the input handling behind :meth:`EarlyExitModel.predict` (texts, PIL images or tensors
+-> model-ready batches), so that the CLI and the Python API validate inputs the same way.
+
+Example:
+    $ jeidnn predict runs/tweets/model --text "what a day" --alpha 0.1
+    {"label": "positive", "probability": 0.91, "exit_layer": 2, "cost": 0.35, "prediction_set": ["positive"]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from jeidnn.errors import JeidnnError
+
+if TYPE_CHECKING:
+    from jeidnn.early_exit import EarlyExitModel
+
+Batch = tuple[list[int], dict[str, Tensor]]
+"""Positions of the batch's samples in the input list, and the model-ready tensors."""
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+# ---------------------------------------------------------------------- inputs -> batches
+def make_batches(model: EarlyExitModel, inputs: Any, batch_size: int) -> Iterator[Batch]:
+    """Split texts, PIL images or a dict of tensors into model-ready batches of at most `batch_size`."""
+    if isinstance(inputs, Mapping):
+        yield from _tensor_batches(inputs, batch_size)
+        return
+    if isinstance(inputs, (str, bytes)):
+        raise JeidnnError("expected a list of inputs but got a single string; wrap it in a list")
+    items = list(inputs)
+    if not items:
+        return
+    if model.preprocessor is None:
+        raise JeidnnError("this model was saved without a tokenizer or image processor; pass a dict of tensors")
+    if model.backbone.modality == "text":
+        yield from _text_batches(model, check_texts(items, "input {}"), batch_size)
+    else:
+        yield from _image_batches(model, items, batch_size)
+
+
+def check_texts(texts: Sequence[Any], where: str) -> list[str]:
+    """Refuse non-strings and empty texts; `where` names the position, e.g. ``"row {} of data.csv"``."""
+    for i, text in enumerate(texts, start=1):
+        if isinstance(text, str) and text.strip():
+            continue
+        place = where.replace("{}", str(i), 1)
+        if not isinstance(text, str):
+            raise JeidnnError(f"{place} is a {type(text).__name__} ({text!r}), not a text")
+        raise JeidnnError(f"{place} is an empty text ({text!r}); remove it or give some words")
+    return list(texts)
+
+
+def _tensor_batches(inputs: Mapping[str, Any], batch_size: int) -> Iterator[Batch]:
+    tensors = {k: torch.as_tensor(v) for k, v in inputs.items()}
+    sizes = {k: v.shape[0] for k, v in tensors.items()}
+    if not tensors or len(set(sizes.values())) != 1:
+        raise JeidnnError(f"input tensors must share their first (batch) dimension, got sizes {sizes}")
+    n = next(iter(sizes.values()))
+    for start in range(0, n, batch_size):
+        end = min(start + batch_size, n)
+        yield list(range(start, end)), {k: v[start:end] for k, v in tensors.items()}
+
+
+def _text_batches(model: EarlyExitModel, texts: list[str], batch_size: int) -> Iterator[Batch]:
+    tokenizer = model.preprocessor
+    encoded = tokenizer(texts, truncation=True, max_length=model.max_length)  # lists, unpadded
+    keys = [k for k in TEXT_KEYS if k in encoded]
+    # Longest first so that batches hold similar lengths and carry little padding; results come back
+    # in input order (EarlyExitModel.predict sorts them by position).
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        length = max(len(encoded["input_ids"][i]) for i in positions)
+        batch = {}
+        for key in keys:
+            fill = pad_id if key == "input_ids" else 0
+            # Right padding whatever the tokenizer's padding_side: the exits read the token at position 0.
+            rows = [encoded[key][i] + [fill] * (length - len(encoded[key][i])) for i in positions]
+            batch[key] = torch.tensor(rows, dtype=torch.long)  # (b, T)
+        yield positions, batch
+
+
+def _image_batches(model: EarlyExitModel, images: list[Any], batch_size: int) -> Iterator[Batch]:
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise JeidnnError(f"input {i + 1} is a {type(image).__name__}, not a PIL image (this is a vision model)")
+    for start in range(0, len(images), batch_size):
+        chunk = [im.convert("RGB") for im in images[start : start + batch_size]]
+        pixels = model.preprocessor(images=chunk, return_tensors="pt")["pixel_values"]  # (b, 3, H, W)
+        yield list(range(start, start + len(chunk))), {"pixel_values": pixels}
+
+
+# ---------------------------------------------------------------------- files
+def read_texts(path: str | Path, column: str = "text") -> list[str]:
+    """Texts of `column` in a CSV (header row; UTF-8, else latin-1) or JSON-lines file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise JeidnnError(f"input file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        texts = _read_csv(path, column)
+    elif suffix in (".jsonl", ".ndjson"):
+        texts = _read_jsonl(path, column)
+    else:
+        raise JeidnnError(f"unsupported input file {path}: give a .csv or .jsonl file")
+    if not texts:
+        raise JeidnnError(f"input file {path} has no rows")
+    return check_texts(texts, f"row {{}} of {path}")
+
+
+def _read_csv(path: Path, column: str) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        text = path.read_text(encoding="latin-1")  # e.g. the CrowdFlower tweet corpus
+    reader = csv.DictReader(text.splitlines())
+    if reader.fieldnames is None or column not in reader.fieldnames:
+        found = ", ".join(reader.fieldnames or []) or "none"
+        raise JeidnnError(f"column {column!r} not found in {path} (columns: {found}); set --column")
+    return [row[column] if row[column] is not None else "" for row in reader]
+
+
+def _read_jsonl(path: Path, column: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise JeidnnError(f"line {number} of {path} is not valid JSON") from None
+        if not isinstance(row, dict) or column not in row:
+            raise JeidnnError(f"column {column!r} not found on line {number} of {path}; set --column")
+        texts.append(row[column])
+    return texts
+
+
+# ---------------------------------------------------------------------- CLI
+def predict_cli(
+    model_dir: str,
+    texts: list[str] | None,
+    input_path: str | None,
+    column: str = "text",
+    alpha: float = 0.1,
+    output: str | None = None,
+    batch_size: int = 64,
+) -> int:
+    """Predict `texts` (``--text``) or the `column` of `input_path` and write JSON lines to `output` or stdout.
+
+    Returns:
+        The exit status (0). User mistakes raise :class:`JeidnnError`.
+    """
+    from jeidnn.early_exit import EarlyExitModel
+
+    if texts and input_path:
+        raise JeidnnError("give either --text or --input, not both")
+    if texts:
+        items = check_texts(texts, "--text #{}")
+    elif input_path:
+        items = read_texts(input_path, column)
+    else:
+        raise JeidnnError("nothing to predict: give --text TEXT (repeatable) or --input FILE (.csv or .jsonl)")
+    if batch_size < 1:
+        raise JeidnnError(f"--batch-size must be a positive integer, got {batch_size}")
+    model = EarlyExitModel.from_pretrained(model_dir)
+    model.quantiles_for(alpha)  # fail on an uncalibrated alpha before any work
+    predictions = model.predict(items, alpha=alpha, batch_size=batch_size)
+    lines = "".join(json.dumps(p.to_json()) + "\n" for p in predictions)
+    if output is None:
+        sys.stdout.write(lines)
+    else:
+        try:
+            Path(output).expanduser().write_text(lines)
+        except OSError as exc:
+            raise JeidnnError(f"cannot write --output {output}: {exc.strerror}") from None
+    return 0
+
+
+def build_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``predict`` subcommand to `subparsers` (from ``parser.add_subparsers()``).
+
+    The parsed namespace carries ``handler``: call ``args.handler(args)`` to run it.
+    """
+    parser = subparsers.add_parser("predict", help="predict texts with a saved early-exit model")
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="folder written by EarlyExitModel.save_pretrained")
+    parser.add_argument("--text", action="append", dest="texts", metavar="TEXT", help="a text (repeatable)")
+    parser.add_argument("--input", dest="input_path", metavar="FILE", help="a .csv or .jsonl file of texts")
+    parser.add_argument("--column", default="text", help="column of --input holding the text (default: text)")
+    parser.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage level (default: 0.1)")
+    parser.add_argument("--output", metavar="FILE", help="write JSON lines here (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward (default: 64)")
+    parser.set_defaults(handler=run_args)
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run ``predict`` from a namespace parsed by :func:`build_parser`."""
+    return predict_cli(
+        args.model_dir, args.texts, args.input_path, args.column, args.alpha, args.output, args.batch_size
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jeidnn.predict MODEL_DIR ...``: same as ``jeidnn predict``."""
+    parser = argparse.ArgumentParser(prog="jeidnn predict", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_args(args)
+    except JeidnnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+from tiny_models import TEXT_ARCHS, TINY_CONFIGS, VISION_ARCHS
+
+from jeidnn.backbone import Backbone
+from jeidnn.config import ModelConfig
+from jeidnn.cost import count_flops, exit_costs, text_cost_samples
+from jeidnn.errors import JeidnnError
+from jeidnn.heads import ExitHeads
+
+
+def tiny(arch: str) -> Backbone:
+    return Backbone.load(ModelConfig(random_config=TINY_CONFIGS[arch])).eval()
+
+
+def batch_for(backbone: Backbone) -> dict:
+    g = torch.Generator().manual_seed(1)
+    if backbone.modality == "image":
+        return {"pixel_values": torch.randn(3, 3, 16, 16, generator=g)}
+    ids = torch.randint(5, 99, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # padding in the batch
+    ids[1, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS + VISION_ARCHS)
+def test_exit_logits_equal_heads_on_output_hidden_states(arch):
+    backbone = tiny(arch)
+    heads = ExitHeads([1, 2, 3], backbone.hidden_size, 4, backbone.spec.head_activation).eval()
+    inputs = batch_for(backbone)
+    with torch.no_grad():
+        logits = heads(backbone(inputs))  # (B, L, C)
+        hidden = backbone.model(**inputs, output_hidden_states=True).hidden_states  # L + 1 entries
+        for layer in (1, 2, 3):
+            cls = hidden[layer][:, 0]
+            if arch in VISION_ARCHS:  # pre-LN: final norm before any head
+                cls = backbone.model.layernorm(cls)
+            expected = heads.heads[layer - 1](cls)
+            torch.testing.assert_close(logits[:, layer - 1], expected, atol=1e-5, rtol=1e-5)
+    assert backbone.num_layers == 3 and backbone.hidden_size == 32
+
+
+def test_subset_of_exit_layers():
+    backbone = tiny("bert")
+    inputs = batch_for(backbone)
+    with torch.no_grad():
+        everything = backbone(inputs)
+        some = backbone(inputs, layers=[1, 3])
+    torch.testing.assert_close(some, everything[:, [0, 2]])
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "vit"])
+def test_exit_costs_increase_with_depth(arch):
+    backbone = tiny(arch)
+    heads = ExitHeads([1, 2, 3], backbone.hidden_size, 4, backbone.spec.head_activation)
+    if backbone.modality == "text":
+        samples = text_cost_samples([[5, 6, 7], [5, 6, 7, 8, 9, 10, 11, 12]])
+    else:
+        samples = [({"pixel_values": torch.randn(2, 3, 16, 16)}, 1.0)]
+    costs = exit_costs(backbone, heads, samples, "test")
+    assert costs.cost == sorted(costs.cost) and len(set(costs.cost)) == 3
+    # the last exit also pays for the two IMs before it: slightly more than the plain model
+    assert costs.cost[-1] > 1.0
+    expected_last = (costs.full_flops + sum(costs.head_flops[:2])) / costs.full_flops
+    assert costs.cost[-1] == pytest.approx(expected_last)
+    assert all(g > c for g, c in zip(costs.cost_with_gates, costs.cost))
+
+
+def test_flops_of_a_linear_layer_match_the_analytic_count():
+    linear = torch.nn.Linear(32, 7)
+    x = torch.randn(5, 32)
+    assert count_flops(lambda: linear(x)) == 2 * 5 * 32 * 7
+
+
+def test_layer_flops_include_attention():
+    # One BERT layer on T tokens: 2·T·(4H² + 2·H·I) for the linears + 2·2·T²·H for QKᵀ and AV.
+    backbone = tiny("bert")
+    heads = ExitHeads([1, 2, 3], 32, 4, "tanh")
+    T, H, I = 10, 32, 37
+    costs = exit_costs(backbone, heads, text_cost_samples([list(range(5, 5 + T))]), "t")
+    assert costs.layer_flops[0] == 2 * T * (4 * H * H + 2 * H * I) + 4 * T * T * H
+    assert costs.head_flops[0] == 2 * (H * H + H * 4)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    with pytest.raises(JeidnnError, match="unsupported architecture 'gpt2'"):
+        Backbone.load(ModelConfig(random_config={"model_type": "gpt2", "n_embd": 32}))
+    folder = tmp_path / "gpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(JeidnnError, match="unsupported architecture 'gpt2'"):
+        Backbone.load(ModelConfig(name_or_path=str(folder)))
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(JeidnnError, match="model folder not found"):
+        Backbone.load(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(JeidnnError, match="no config.json"):
+        Backbone.load(ModelConfig(name_or_path=str(empty)))
+
+
+def test_saved_folder_loads_back(tmp_path):
+    backbone = tiny("bert")
+    backbone.model.save_pretrained(tmp_path / "m")
+    again = Backbone.load(ModelConfig(name_or_path=str(tmp_path / "m"))).eval()
+    inputs = batch_for(backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(again(inputs), backbone(inputs))

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from jeidnn.config import DataConfig
+from jeidnn.data import encode_labels, load_raw, make_splits
+from jeidnn.errors import JeidnnError
+
+
+def write_csv(path, rows, header="text,label"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_splits_are_deterministic_disjoint_and_complete():
+    cfg = DataConfig(val_fraction=0.1, calib_fraction=0.15, test_fraction=0.2)
+    a = make_splits(1000, cfg, seed=3)
+    b = make_splits(1000, cfg, seed=3)
+    c = make_splits(1000, cfg, seed=4)
+    assert a.indices == b.indices
+    assert a.indices != c.indices
+    sets = [set(v) for v in a.indices.values()]
+    assert sum(len(s) for s in sets) == 1000 == len(set().union(*sets))
+    assert a.sizes == {"test": 200, "calib": 150, "val": 100, "train": 550}
+
+
+def test_caps_keep_a_prefix_of_each_split():
+    full = make_splits(500, DataConfig(), seed=0)
+    capped = make_splits(500, DataConfig(max_train_samples=50, max_eval_samples=20), seed=0)
+    assert capped.indices["train"] == full.indices["train"][:50]
+    assert capped.indices["test"] == full.indices["test"][:20]
+
+
+def test_empty_split_is_refused():
+    with pytest.raises(JeidnnError, match="split 'val' is empty"):
+        make_splits(4, DataConfig(val_fraction=0.05, calib_fraction=0.3, test_fraction=0.3), seed=0)
+
+
+def test_csv_with_named_labels(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["good movie,pos", "bad movie,neg", "\"so, so\",neg"])
+    raw = load_raw(DataConfig(source="csv", path=str(path)), "text")
+    assert raw.label_names == ["neg", "pos"]
+    assert raw.labels == [1, 0, 0]
+    assert raw.inputs[2] == "so, so"
+
+
+def test_csv_integer_labels_and_given_names(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["a,0", "b,2", "c,1"])
+    raw = load_raw(DataConfig(source="csv", path=str(path), labels=["x", "y", "z"]), "text")
+    assert raw.labels == [0, 2, 1] and raw.label_names == ["x", "y", "z"]
+
+
+def test_jsonl_source(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"sentence": t, "y": y}) for t, y in [("a", "p"), ("b", "q")]))
+    raw = load_raw(DataConfig(source="jsonl", path=str(path), text_column="sentence", label_column="y"), "text")
+    assert raw.inputs == ["a", "b"] and raw.labels == [0, 1]
+
+
+def test_bad_data_inputs(tmp_path):
+    with pytest.raises(JeidnnError, match="data file not found: .*nope.csv"):
+        load_raw(DataConfig(source="csv", path=str(tmp_path / "nope.csv")), "text")
+    path = write_csv(tmp_path / "d.csv", ["a,pos", "b,neg"])
+    with pytest.raises(JeidnnError, match="column 'review' not found"):
+        load_raw(DataConfig(source="csv", path=str(path), text_column="review"), "text")
+    with pytest.raises(JeidnnError, match="label 'neg' .* not one of data.labels"):
+        load_raw(DataConfig(source="csv", path=str(path), labels=["pos", "neutral"]), "text")
+    ints = write_csv(tmp_path / "i.csv", ["a,0", "b,5"])
+    with pytest.raises(JeidnnError, match="label 5 .* out of range"):
+        load_raw(DataConfig(source="csv", path=str(ints), labels=["x", "y"]), "text")
+    one = write_csv(tmp_path / "one.csv", ["a,pos", "b,pos"])
+    with pytest.raises(JeidnnError, match="at least 2"):
+        load_raw(DataConfig(source="csv", path=str(one)), "text")
+    empty_text = write_csv(tmp_path / "e.csv", ["a,pos", ",neg"])
+    with pytest.raises(JeidnnError, match="record 1 .* empty"):
+        load_raw(DataConfig(source="csv", path=str(empty_text)), "text")
+    bad_json = tmp_path / "b.jsonl"
+    bad_json.write_text('{"text": "a", "label": 1}\n{oops\n')
+    with pytest.raises(JeidnnError, match="line 2 is not valid JSON"):
+        load_raw(DataConfig(source="jsonl", path=str(bad_json)), "text")
+
+
+def test_encode_labels_sorted_names():
+    labels, names = encode_labels(["b", "a", "c", "a"], None, "x")
+    assert names == ["a", "b", "c"] and labels == [1, 0, 2, 0]

@@ -1,0 +1,150 @@
+"""JEI-DNN losses on a 3-exit, 2-class toy batch whose values are worked out by hand.
+
+Toy batch (logits chosen so that the softmax probabilities are simple fractions):
+
+    sample 0, label 0: exit logits (0, 0), (ln 3, 0), (ln 9, 0) -> p_0 = 1/2, 3/4, 9/10
+                       CE = ln 2, ln(4/3), ln(10/9)
+    sample 1, label 1: exit logits (ln 3, 0), (0, 0), (0, ln 4) -> p_1 = 1/4, 1/2, 4/5
+                       CE = ln 4, ln 2, ln(5/4)
+
+Gates g = (0.6, 0.5) and (0.2, 0.5) give π = (0.6, 0.4, 0) and (0.2, 0.5, 0.3).
+"""
+
+import math
+
+import pytest
+import torch
+
+from jeidnn.gates import exit_distribution
+from jeidnn.losses import gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights, warmup_loss
+
+LN = math.log
+CE = [[LN(2), LN(4 / 3), LN(10 / 9)], [LN(4), LN(2), LN(5 / 4)]]
+PI = [[0.6, 0.4, 0.0], [0.2, 0.5, 0.3]]
+COSTS = torch.tensor([0.3, 0.6, 1.0])
+
+
+def toy_logits() -> torch.Tensor:
+    return torch.tensor(
+        [
+            [[0.0, 0.0], [LN(3), 0.0], [LN(9), 0.0]],
+            [[LN(3), 0.0], [0.0, 0.0], [0.0, LN(4)]],
+        ]
+    )
+
+
+LABELS = torch.tensor([0, 1])
+
+
+def test_per_exit_ce_toy_batch():
+    assert per_exit_ce(toy_logits(), LABELS).tolist() == [pytest.approx(row, abs=1e-6) for row in CE]
+
+
+def test_pi_of_toy_gates():
+    pi = exit_distribution(torch.tensor([[0.6, 0.5], [0.2, 0.5]]))
+    assert pi.tolist() == [pytest.approx(row, abs=1e-6) for row in PI]
+
+
+def test_im_loss_values():
+    # weighted: r(x) · Σ π CE = Σ CE in value, so both modes give mean(ln 2 + ln 4/3 + ln 10/9, ln 4 + ln 2 + ln 5/4)
+    # = mean(ln(80/27), ln 10) = (1.08619 + 2.30259) / 2
+    expected = (LN(80 / 27) + LN(10)) / 2
+    pi = torch.tensor(PI)
+    assert im_loss(toy_logits(), LABELS, pi, "weighted").item() == pytest.approx(expected, abs=1e-5)
+    assert im_loss(toy_logits(), LABELS, pi, "sum").item() == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="weighted"):
+        im_loss(toy_logits(), LABELS, pi, "mean")
+
+
+def test_im_loss_weighted_gradient_by_hand():
+    logits = toy_logits().requires_grad_(True)
+    im_loss(logits, LABELS, torch.tensor(PI), "weighted").backward()
+    # d/dz of r · π_l · CE_l / N with r constant is (r π_l / N)(softmax - onehot).
+    r0 = LN(80 / 27) / (0.6 * LN(2) + 0.4 * LN(4 / 3))  # 1.08619 / 0.53096 = 2.0457
+    r1 = LN(10) / (0.2 * LN(4) + 0.5 * LN(2) + 0.3 * LN(5 / 4))  # 2.30259 / 0.69078 = 3.3333
+    # sample 0, exit 0: softmax (1/2, 1/2), label 0 -> (-1/2, 1/2)
+    assert logits.grad[0, 0].tolist() == pytest.approx([r0 * 0.6 / 2 * -0.5, r0 * 0.6 / 2 * 0.5], abs=1e-5)
+    # sample 0, exit 2 has π = 0: no gradient although its CE is not 0
+    assert logits.grad[0, 2].tolist() == pytest.approx([0.0, 0.0], abs=1e-7)
+    # sample 1, exit 0: softmax (3/4, 1/4), label 1 -> (3/4, -3/4)
+    assert logits.grad[1, 0].tolist() == pytest.approx([r1 * 0.2 / 2 * 0.75, r1 * 0.2 / 2 * -0.75], abs=1e-5)
+
+
+def test_im_loss_normaliser_is_detached():
+    pi = torch.tensor(PI)
+
+    def grad_of(loss_fn):
+        logits = toy_logits().requires_grad_(True)
+        loss_fn(logits).backward()
+        return logits.grad
+
+    weighted = grad_of(lambda z: im_loss(z, LABELS, pi, "weighted"))
+    plain_sum = grad_of(lambda z: im_loss(z, LABELS, pi, "sum"))
+
+    def attached(z):  # the authors' code: r keeps its graph, so r · Σ π CE is Σ CE identically
+        ce = per_exit_ce(z, LABELS)
+        expected = (pi * ce).sum(dim=1)
+        return (ce.sum(dim=1) / expected * expected).mean()
+
+    # sum mode: every exit gets (softmax - onehot) / N, e.g. sample 0 exit 2: (1/10, -1/10) / 2
+    assert plain_sum[0, 2].tolist() == pytest.approx([-0.05, 0.05], abs=1e-6)
+    torch.testing.assert_close(grad_of(attached), plain_sum)
+    assert not torch.allclose(weighted, plain_sum, atol=1e-3)
+
+
+def test_im_loss_pi_gets_no_gradient_and_tiny_expected_loss_is_safe():
+    logits = torch.tensor([[[60.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], requires_grad=True)
+    pi = torch.tensor([[1.0, 0.0], [0.5, 0.5]], requires_grad=True)
+    # sample 0 exits where its CE is ~exp(-60): Σ π CE ≈ 0, so r falls back to 1 instead of exploding
+    loss = im_loss(logits, torch.tensor([0, 0]), pi, "weighted")
+    loss.backward()
+    assert loss.item() == pytest.approx((0.0 + 2 * LN(2)) / 2, abs=1e-5)
+    assert torch.isfinite(logits.grad).all()
+    assert pi.grad is None
+
+
+@pytest.mark.parametrize(
+    ("lam", "targets"),
+    [
+        # scores CE + λc, sample 0 CE = (0.693, 0.288, 0.105), sample 1 CE = (1.386, 0.693, 0.223)
+        (0.0, [[0, 0], [0, 0]]),  # plain argmin CE: the last exit for both
+        (1.0, [[0, 1], [0, 0]]),  # s0: (0.993, 0.888, 1.105) -> 1;  s1: (1.686, 1.293, 1.223) -> 2
+        (1.5, [[1, 1], [0, 1]]),  # s0: (1.143, 1.188, 1.605) -> 0;  s1: (1.836, 1.593, 1.723) -> 1
+        (3.0, [[1, 1], [1, 1]]),  # s0: (1.593, 2.088, 3.105) -> 0;  s1: (2.286, 2.493, 3.223) -> 0
+    ],
+)
+def test_gate_targets_toy_batch(lam, targets):
+    assert gate_targets(torch.tensor(CE), COSTS, lam).tolist() == targets
+
+
+def test_gate_targets_ties_pick_the_earlier_exit():
+    # every score is 1.0: the cheaper exit wins, so every gate should open
+    ce = torch.tensor([[1.0, 0.8, 0.6]])
+    assert gate_targets(ce, torch.tensor([0.0, 0.2, 0.4]), 1.0).tolist() == [[1.0, 1.0]]
+
+
+def test_positive_weights():
+    targets = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    assert positive_weights(targets).tolist() == pytest.approx([3 / 1, 2 / 2])
+    rare = torch.tensor([[1.0]] + [[0.0]] * 7)  # 7 / 1 clipped to 5
+    assert positive_weights(rare).tolist() == [5.0]
+    assert positive_weights(rare, max_weight=10.0).tolist() == [7.0]
+    # degenerate gates: no positive -> max_weight; no negative -> 1 (unweighted, not 0 / n = 0)
+    assert positive_weights(torch.zeros(4, 1)).tolist() == [5.0]
+    assert positive_weights(torch.ones(4, 1)).tolist() == [1.0]
+
+
+def test_gate_loss_by_hand():
+    gate_logits = torch.tensor([[0.0, LN(3)], [LN(3), 0.0]])  # sigmoid = 1/2, 3/4 / 3/4, 1/2
+    targets = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    pos_weight = torch.tensor([2.0, 0.5])
+    # (0,0) t=1 w=2: 2 ln 2;  (0,1) t=1 w=.5: .5 ln(4/3);  (1,0) t=0 w=1: -ln(1/4) = ln 4;  (1,1): .5 ln 2
+    expected = (2 * LN(2) + 0.5 * LN(4 / 3) + LN(4) + 0.5 * LN(2)) / 4
+    assert gate_loss(gate_logits, targets, pos_weight).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_warmup_loss_by_hand():
+    # weights L + 1 - l = 3, 2, 1
+    sample0 = 3 * LN(2) + 2 * LN(4 / 3) + LN(10 / 9)
+    sample1 = 3 * LN(4) + 2 * LN(2) + LN(5 / 4)
+    assert warmup_loss(toy_logits(), LABELS).item() == pytest.approx((sample0 + sample1) / 2, abs=1e-5)
