@@ -48,7 +48,9 @@ def confidence(probs: Tensor, measure: ConfidenceMeasure) -> Tensor:
     if measure == "margin":
         top2 = probs.topk(2, dim=-1).values  # (..., 2)
         return top2[..., 0] - top2[..., 1]
-    raise ValueError(f"Expected argument `measure` to be one of 'maxprob', 'entropy', 'margin' but got {measure!r}")
+    raise ValueError(
+        f"Expected argument `measure` to be one of 'maxprob', 'entropy', 'margin' but got {measure!r}"
+    )
 
 
 def select_exit(values: Tensor, exits: Tensor) -> Tensor:
@@ -119,7 +121,8 @@ def apply_thresholds(conf: Tensor, thresholds: Tensor) -> Tensor:
     num_exits = conf.shape[1]
     assert thresholds.shape == (num_exits - 1,), (thresholds.shape, num_exits)
     passed = conf[:, :-1] >= thresholds.to(conf)[None, :]  # (N, L - 1)
-    passed = torch.cat([passed, torch.ones_like(passed[:, :1])], dim=1)  # (N, L): last exit always passes
+    last = torch.ones(conf.shape[0], 1, dtype=torch.bool, device=conf.device)
+    passed = torch.cat([passed, last], dim=1)  # (N, L): the last exit always passes
     return passed.int().argmax(dim=1)  # argmax returns the first maximum = the first exit that passes
 
 

@@ -18,10 +18,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 
 
 def _quiet_libraries() -> None:
+    # Lightning's banner lines (GPU/TPU availability, a logging-service tip) and a known
+    # torch/Lightning deprecation notice drown the per-stage progress a user wants to see.
+    import logging
+
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
 
 
 def guarded(fn: Callable[[], int | None]) -> int:

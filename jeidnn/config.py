@@ -140,7 +140,7 @@ class EvalConfig:
     )
     """One global max-probability threshold (DeeBERT style)."""
     patience_values: list[int] | None = None
-    """PABEE patience values t (None = 1 .. number of exits - 1)."""
+    """PABEE patience values t (None = 0 .. number of exits - 1; t = 0 exits at the first exit)."""
 
 
 @dataclass
@@ -369,6 +369,10 @@ def validate(cfg: RunConfig) -> None:
         raise JeidnnError(f"export.alpha must lie in (0, 1), got {cfg.export.alpha}")
     if any(lam < 0 for lam in cfg.jeidnn.lambdas) or not cfg.jeidnn.lambdas:
         raise JeidnnError(f"jeidnn.lambdas must be a non-empty list of values >= 0, got {cfg.jeidnn.lambdas}")
+    if cfg.export.lam is not None and not any(abs(cfg.export.lam - x) < 1e-9 for x in cfg.jeidnn.lambdas):
+        raise JeidnnError(
+            f"export.lam {cfg.export.lam} is not one of jeidnn.lambdas {cfg.jeidnn.lambdas}; pick one of them"
+        )
     if cfg.jeidnn.alternate_steps < 1:
         raise JeidnnError(f"jeidnn.alternate_steps must be >= 1, got {cfg.jeidnn.alternate_steps}")
     for section, key in (("finetune", "epochs"), ("warmup", "max_epochs"), ("jeidnn", "epochs")):

@@ -41,8 +41,9 @@ def conformal_quantile(scores: Tensor, alpha: float) -> float:
         alpha: miscoverage level in (0, 1).
 
     Example:
-        >>> conformal_quantile(torch.tensor([0.1, 0.4, 0.2, 0.3]), alpha=0.4)  # rank ceil(5 * 0.6) = 3
-        0.3...
+        >>> # rank ceil((4 + 1) * 0.6) = 3: the third smallest score
+        >>> round(conformal_quantile(torch.tensor([0.1, 0.4, 0.2, 0.3]), alpha=0.4), 4)
+        0.3
     """
     n = scores.numel()
     # The small epsilon keeps exact products such as 20 * 0.95 = 19 from rounding up to 20.

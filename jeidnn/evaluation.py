@@ -44,12 +44,13 @@ __all__ = ["METHODS", "NOTES", "alpha_key", "evaluate_run"]
 
 NOTES = [
     "Exit decisions use raw probabilities; ece_temperature_scaled keeps the same exits and rescales the "
-    "reported probabilities with per-exit temperatures fitted on calib. Conformal sets use raw probabilities.",
+    "reported probabilities with per-exit temperatures fitted on calib. Conformal sets use raw "
+    "probabilities.",
     "Conformal quantiles, baseline thresholds and temperatures are fitted on calib; every number is on test.",
     "jeidnn points use exits.cost_with_gates; all other methods use exits.cost (IMs only).",
     "jeidnn_ims_threshold_maxprob has one point per (lambda, p) pair; its envelope is over all of them.",
-    "fallback_exits are 0-based exit indices whose calib count was below conformal_min_samples "
-    "(they use the pooled quantile).",
+    "fallback_exits are 0-based exits with fewer calib samples than conformal_min_samples that some test "
+    "samples take; they use the pooled quantile.",
     "gflops = mean normalised cost x backbone.gflops_full.",
     "The oracle (first correct exit) is an upper bound, excluded from the AUC cost range and comparisons.",
 ]
@@ -84,17 +85,21 @@ def _load_predictions(path: Path, with_gates: bool, num_exits: int) -> dict[str,
             f"missing predictions file {path}; re-run training for this run folder (it writes predictions/)"
         )
     tensors = load_file(str(path))
-    need = [f"{s}_{k}" for s in _SPLIT_KEYS for k in ("logits", "labels") + (("gates",) if with_gates else ())]
+    need = [
+        f"{s}_{k}" for s in _SPLIT_KEYS for k in ("logits", "labels") + (("gates",) if with_gates else ())
+    ]
     missing = [k for k in need if k not in tensors]
     if missing:
-        raise JeidnnError(f"predictions file {path} lacks tensors {missing}; re-run training for this run folder")
+        raise JeidnnError(
+            f"predictions file {path} lacks tensors {missing}; re-run training for this run folder"
+        )
     splits = {}
     for s in _SPLIT_KEYS:
         logits = tensors[f"{s}_logits"].float()
         if logits.ndim != 3 or logits.shape[1] != num_exits:
             raise JeidnnError(
-                f"{path}: `{s}_logits` has shape {tuple(logits.shape)}, expected (N, {num_exits}, C) to match "
-                f"the {num_exits} exits in report.json"
+                f"{path}: `{s}_logits` has shape {tuple(logits.shape)}, expected (N, {num_exits}, C) to "
+                f"match the {num_exits} exits in report.json"
             )
         gates = tensors[f"{s}_gates"].float() if with_gates else None
         splits[s] = _Split(logits, logits.softmax(dim=-1), tensors[f"{s}_labels"].long(), gates)
@@ -137,9 +142,13 @@ class _PointEvaluator:
         self.num_exits = len(costs)
         self.gflops_full = gflops_full
         self.cfg = cfg
-        self.test_probs_ts = apply_temperatures(self.test.logits, temperatures) if temperatures is not None else None
+        self.test_probs_ts = (
+            apply_temperatures(self.test.logits, temperatures) if temperatures is not None else None
+        )
 
-    def __call__(self, param: Any, calib_exits: Tensor, test_exits: Tensor) -> tuple[dict, ReliabilityDiagram]:
+    def __call__(
+        self, param: Any, calib_exits: Tensor, test_exits: Tensor
+    ) -> tuple[dict, ReliabilityDiagram]:
         t = self.test
         probs = bl.select_exit(t.probs, test_exits)  # (N, C) at the exit taken
         cost_metric, hist = ExpectedCost(self.costs), ExitHistogram(self.num_exits)
@@ -149,15 +158,17 @@ class _PointEvaluator:
         reliability = reliability_diagram(probs, t.labels, self.cfg.ece_bins)
         ece_ts = None
         if self.test_probs_ts is not None:
-            ece_ts = reliability_diagram(bl.select_exit(self.test_probs_ts, test_exits), t.labels, self.cfg.ece_bins).ece
-        calib_probs = bl.select_exit(self.calib.probs, calib_exits)
-        conformal = {}
-        for alpha in self.cfg.alphas:
-            result = evaluate_sets(
-                calib_probs, self.calib.labels, calib_exits, probs, t.labels, test_exits,
-                self.num_exits, alpha, self.cfg.conformal_min_samples,
-            )  # fmt: skip
-            conformal[alpha_key(alpha)] = result
+            ece_ts = reliability_diagram(
+                bl.select_exit(self.test_probs_ts, test_exits), t.labels, self.cfg.ece_bins
+            ).ece
+        # Quantiles from the calib exits of this same policy, coverage and set size on test.
+        calib_args = (bl.select_exit(self.calib.probs, calib_exits), self.calib.labels, calib_exits)
+        test_args = (probs, t.labels, test_exits)
+        min_samples = self.cfg.conformal_min_samples
+        conformal = {
+            alpha_key(a): evaluate_sets(*calib_args, *test_args, self.num_exits, a, min_samples)
+            for a in self.cfg.alphas
+        }
         point = {
             "param": param,
             "accuracy": float((probs.argmax(dim=1) == t.labels).double().mean()),
@@ -172,7 +183,11 @@ class _PointEvaluator:
 
 
 def _threshold_points(
-    evaluate: _PointEvaluator, splits: dict[str, _Split], measure: bl.ConfidenceMeasure, ps: list[float], tag: Callable
+    evaluate: _PointEvaluator,
+    splits: dict[str, _Split],
+    measure: bl.ConfidenceMeasure,
+    ps: list[float],
+    tag: Callable,
 ) -> tuple[list[dict], list[ReliabilityDiagram]]:
     """Budgeted-batch thresholds fitted on calib for each geometric target q_k ∝ p^k."""
     conf = {s: bl.confidence(splits[s].probs, measure) for s in _SPLIT_KEYS}  # (N, L) each
@@ -188,7 +203,10 @@ def _threshold_points(
 
 
 def _policy_points(
-    evaluate: _PointEvaluator, splits: dict[str, _Split], params: list, policy: Callable[[_Split, Any], Tensor]
+    evaluate: _PointEvaluator,
+    splits: dict[str, _Split],
+    params: list,
+    policy: Callable[[_Split, Any], Tensor],
 ) -> tuple[list[dict], list[ReliabilityDiagram]]:
     points, diagrams = [], []
     for param in params:
@@ -202,7 +220,11 @@ def _eval_config(run_dir: Path, alphas: list[float] | None, ece_bins: int | None
     section: dict = {}
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
-        loaded = yaml.safe_load(config_path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise JeidnnError(f"{config_path} is not valid YAML ({first}); fix or delete it") from None
         section = dict(loaded.get("eval") or {}) if isinstance(loaded, dict) else {}
     if alphas is not None:
         section["alphas"] = list(alphas)
@@ -212,10 +234,40 @@ def _eval_config(run_dir: Path, alphas: list[float] | None, ece_bins: int | None
     return config_from_dict({"eval": section}).eval
 
 
+def _matched_baseline(points: list[dict], cost: float, set_key: str, set_size: Callable) -> dict:
+    """A baseline's envelope (by accuracy) interpolated at `cost`, carrying ECE and set size along."""
+    costs, accs = [p["cost"] for p in points], [p["accuracy"] for p in points]
+
+    def at(values: list) -> float:
+        return float(
+            interpolate_envelope(costs, accs, [cost], [np.nan if v is None else v for v in values])[0]
+        )
+
+    ece_raw = at([p["ece"] for p in points])
+    ece_ts = at([p["ece_temperature_scaled"] for p in points])
+    finite = [v for v in (ece_raw, ece_ts) if math.isfinite(v)]
+    return {
+        "accuracy": at(accs),
+        "ece": ece_raw,
+        "ece_temperature_scaled": ece_ts,
+        # DESIGN.md §6: compare JEI-DNN with the better of raw and temperature-scaled.
+        "ece_best": min(finite) if finite else None,
+        set_key: at([set_size(p) for p in points]),
+    }
+
+
 def _summary(methods: dict[str, dict], alphas: list[float]) -> dict:
+    """cost_range, AUC per method (oracle excluded) and the matched-cost rows (one per JEI-DNN point).
+
+    Set sizes in the matched-cost rows are at α = 0.05, or at the middle configured α when 0.05 is absent
+    (the key, ``set_size_<α>``, says which).
+    """
     curves = {n: m["points"] for n, m in methods.items() if n != "oracle" and m["points"]}
     lo, hi = common_cost_range({n: [p["cost"] for p in pts] for n, pts in curves.items()})
-    auc = {n: envelope_auc([p["cost"] for p in pts], [p["accuracy"] for p in pts], lo, hi) for n, pts in curves.items()}
+    auc = {
+        n: envelope_auc([p["cost"] for p in pts], [p["accuracy"] for p in pts], lo, hi)
+        for n, pts in curves.items()
+    }
     set_alpha = alpha_key(0.05 if 0.05 in alphas else alphas[len(alphas) // 2]) if alphas else None
     set_key = f"set_size_{set_alpha}"
 
@@ -230,36 +282,22 @@ def _summary(methods: dict[str, dict], alphas: list[float]) -> dict:
             "jeidnn": {"accuracy": jp["accuracy"], "ece": jp["ece"], set_key: set_size(jp)},
         }
         for name, pts in curves.items():
-            if name == "jeidnn":
-                continue
-            costs, accs = [p["cost"] for p in pts], [p["accuracy"] for p in pts]
-
-            def at(values: list, costs: list = costs, accs: list = accs) -> float:
-                vals = [np.nan if v is None else v for v in values]
-                return float(interpolate_envelope(costs, accs, [jp["cost"]], vals)[0])
-
-            ece_raw = at([p["ece"] for p in pts])
-            ece_ts = at([p["ece_temperature_scaled"] for p in pts])
-            row[name] = {
-                "accuracy": at(accs),
-                "ece": ece_raw,
-                "ece_temperature_scaled": ece_ts,
-                # DESIGN.md §6: compare JEI-DNN with the better of raw and temperature-scaled.
-                "ece_best": float(np.nanmin([ece_raw, ece_ts])) if not np.isnan([ece_raw, ece_ts]).all() else None,
-                set_key: at([set_size(p) for p in pts]),
-            }
+            if name != "jeidnn":
+                row[name] = _matched_baseline(pts, jp["cost"], set_key, set_size)
         matched.append(row)
     baseline_auc = {n: v for n, v in auc.items() if n != "jeidnn" and math.isfinite(v)}
     return {
         "cost_range": [lo, hi],
         "auc": auc,
-        "auc_note": "mean accuracy of each upper envelope over cost_range; the oracle is excluded (upper bound)",
+        "auc_note": "mean accuracy of each method's upper envelope over cost_range; oracle excluded",
         "best_baseline": max(baseline_auc, key=baseline_auc.get) if baseline_auc else None,
         "matched_cost": matched,
     }
 
 
-def _reliability_panels(methods: dict, diagrams: dict[str, list[ReliabilityDiagram]], best: str | None) -> list:
+def _reliability_panels(
+    methods: dict, diagrams: dict[str, list[ReliabilityDiagram]], best: str | None
+) -> list:
     """Reliability curves of up to three JEI-DNN points next to the best baseline's nearest-cost point."""
     panels = []
     jeidnn_pts = methods.get("jeidnn", {}).get("points", [])
@@ -302,15 +340,21 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise JeidnnError(f"run folder {run_dir} does not exist; pass the folder a training run wrote (runs/<name>)")
+        raise JeidnnError(
+            f"run folder {run_dir} does not exist; pass the folder a training run wrote (runs/<name>)"
+        )
     report_path = run_dir / "report.json"
     if not report_path.is_file():
-        raise JeidnnError(f"{report_path} not found; {run_dir} is not a finished training run, re-run training")
+        raise JeidnnError(
+            f"{report_path} not found; {run_dir} is not a finished training run, re-run training"
+        )
     try:
         report = json.loads(report_path.read_text())
         costs, costs_gated = report["exits"]["cost"], report["exits"]["cost_with_gates"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise JeidnnError(f"{report_path} is malformed ({exc!r}); re-run training for this run folder") from None
+        raise JeidnnError(
+            f"{report_path} is malformed ({exc!r}); re-run training for this run folder"
+        ) from None
     cfg = _eval_config(run_dir, alphas, ece_bins)
     num_exits = len(costs)
     layers = report["exits"].get("layers") or list(range(1, num_exits + 1))
@@ -339,7 +383,7 @@ def evaluate_run(
         return bl.global_threshold_exits(bl.confidence(s.probs, "maxprob"), t)
 
     add("global_maxprob", _policy_points(ev, warm, cfg.global_thresholds, global_policy))
-    patience = cfg.patience_values if cfg.patience_values is not None else list(range(1, num_exits))
+    patience = cfg.patience_values if cfg.patience_values is not None else list(range(0, num_exits))
     add("patience", _policy_points(ev, warm, patience, lambda s, t: bl.patience_exits(s.probs.argmax(-1), t)))
     exit_of_layer = {layer: exit_ for exit_, layer in enumerate(layers)}  # param = 1-based backbone layer
 
@@ -347,7 +391,9 @@ def evaluate_run(
         return bl.static_exits(len(s.labels), exit_of_layer[layer])
 
     add("static", _policy_points(ev, warm, list(layers), static_policy))
-    add("oracle", _policy_points(ev, warm, [None], lambda s, _: bl.oracle_exits(s.probs.argmax(-1), s.labels)))
+    add(
+        "oracle", _policy_points(ev, warm, [None], lambda s, _: bl.oracle_exits(s.probs.argmax(-1), s.labels))
+    )
     methods["oracle"]["upper_bound"] = True
 
     # JEI-DNN: learned gates on the JEI-DNN-trained IMs, and the same IMs with thresholds.
@@ -364,7 +410,10 @@ def evaluate_run(
             temperatures["jeidnn_ims"].append(jei_t.tolist())
             ev_ims = _PointEvaluator(jei, costs, gflops_full, cfg, jei_t)
             tag = lambda p, lam=lam: {"lambda": lam, "p": p}  # noqa: E731
-            add("jeidnn_ims_threshold_maxprob", _threshold_points(ev_ims, jei, "maxprob", cfg.threshold_ps, tag))
+            add(
+                "jeidnn_ims_threshold_maxprob",
+                _threshold_points(ev_ims, jei, "maxprob", cfg.threshold_ps, tag),
+            )
 
     methods = {name: methods[name] for name in METHODS if name in methods}
     summary = _summary(methods, cfg.alphas)
@@ -387,5 +436,7 @@ def evaluate_run(
         os.replace(tmp, report_path)  # atomic on POSIX: readers see the old or the new file, never half
         from jeidnn.report import write_report
 
-        write_report(run_dir, report, reliability=_reliability_panels(methods, diagrams, summary["best_baseline"]))
+        write_report(
+            run_dir, report, reliability=_reliability_panels(methods, diagrams, summary["best_baseline"])
+        )
     return report

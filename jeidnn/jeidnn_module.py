@@ -35,7 +35,7 @@ class ExitPrediction(NamedTuple):
 def predict_exits(heads: nn.Module, gates: Gates, features: Tensor, batch_size: int = 4096) -> ExitPrediction:
     """Per-exit logits, gate probabilities and the deterministic exit of every sample.
 
-    Both modules are evaluated in eval mode; their previous modes are restored afterwards.
+    Both modules are evaluated in eval mode; the mode of every submodule is restored afterwards.
 
     Args:
         heads: maps features ``(B, L, H)`` to per-exit logits ``(B, L, C)``.
@@ -46,7 +46,8 @@ def predict_exits(heads: nn.Module, gates: Gates, features: Tensor, batch_size: 
     Returns:
         :class:`ExitPrediction` ``(logits (N, L, C), gate_probs (N, L-1), exit_index (N,))``.
     """
-    modes = (heads.training, gates.training)
+    # Per-submodule modes: a plain .train() afterwards would also wake a frozen head kept in eval mode.
+    modes = {module: module.training for root in (heads, gates) for module in root.modules()}
     heads.eval()
     gates.eval()
     try:
@@ -59,8 +60,8 @@ def predict_exits(heads: nn.Module, gates: Gates, features: Tensor, batch_size: 
         all_probs = torch.cat(probs)
         return ExitPrediction(torch.cat(logits), all_probs, exit_decision(all_probs))
     finally:
-        heads.train(modes[0])
-        gates.train(modes[1])
+        for module, training in modes.items():
+            module.training = training
 
 
 class JeiDnnModule(pl.LightningModule):
@@ -98,6 +99,8 @@ class JeiDnnModule(pl.LightningModule):
         if costs.shape != (num_exits,):
             raise ValueError(f"costs must have shape ({num_exits},) like the heads, got {tuple(costs.shape)}")
         self.heads.heads[-1].requires_grad_(False)
+        # Lightning records each submodule's mode when fit starts and restores it afterwards.
+        self.heads.heads[-1].eval()
         self.gates = Gates(num_exits)
         self.lam = float(lam)
         self.cfg = cfg
@@ -289,7 +292,8 @@ def train_jeidnn(
         logger: a Lightning logger, or False.
         enable_progress_bar: show Lightning's progress bar.
         accelerator: Lightning accelerator.
-        seed: seeds the gate initialisation and the shuffling.
+        seed: seeds the gate initialisation (through ``pl.seed_everything``, which also seeds the
+            global Python, NumPy and torch generators) and the shuffling.
 
     Returns:
         :class:`JeiDnnResult` with heads and gates on CPU in eval mode and the training history.
@@ -321,6 +325,8 @@ def train_jeidnn(
     with warnings.catch_warnings():
         # The data are in-memory tensors: worker processes would only add start-up time.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # The frozen final head is kept in eval mode on purpose.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         trainer.fit(module, train_loader, val_loader)
 
     module.cpu().eval()

@@ -285,3 +285,41 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         (run_dir / "FAILED").write_text("this run did not finish; its outputs are incomplete\n")
         raise
     return report
+
+
+def export_model(p: Prepared, lambdas: list[dict], costs: ExitCosts, run_dir: Path) -> dict:
+    """Write the chosen λ's early-exit model to `runs/<name>/model/` with its conformal quantiles."""
+    from safetensors.torch import load_file
+
+    from jeidnn.conformal import fit_conformal
+    from jeidnn.early_exit import EarlyExitModel
+    from jeidnn.gates import exit_decision
+
+    cfg = p.cfg
+    if cfg.export.lam is not None:
+        index = min(range(len(lambdas)), key=lambda i: abs(lambdas[i]["lambda"] - cfg.export.lam))
+        reason = f"export.lam = {cfg.export.lam}"
+    else:
+        index = min(range(len(lambdas)), key=lambda i: abs(lambdas[i]["val_cost"] - cfg.export.cost_budget))
+        reason = f"val cost closest to export.cost_budget = {cfg.export.cost_budget}"
+    chosen = lambdas[index]
+    calib = load_file(str(run_dir / "predictions" / f"jeidnn_{index}.safetensors"))
+    exits = exit_decision(calib["calib_gates"])  # (N,)
+    probs = calib["calib_logits"].softmax(-1)[torch.arange(len(exits)), exits]  # (N, C) at the exit taken
+    quantiles, fallbacks = {}, {}
+    for alpha in sorted(set(cfg.eval.alphas) | {cfg.export.alpha}):
+        fitted = fit_conformal(
+            probs, calib["calib_labels"], exits, p.heads.num_exits, alpha, cfg.eval.conformal_min_samples
+        )
+        quantiles[str(alpha)] = fitted.quantiles.tolist()
+        fallbacks[str(alpha)] = fitted.fallback_exits
+    model = EarlyExitModel(
+        p.backbone, chosen["heads"], chosen["gates"], p.dm.preprocessor,
+        labels=p.raw.label_names, costs=costs.cost_with_gates, conformal_quantiles=quantiles,
+        max_length=cfg.model.max_length,
+        metadata={"lambda": chosen["lambda"], "val_cost": chosen["val_cost"], "gflops_full": costs.gflops_full,
+                  "run": cfg.name, "default_alpha": cfg.export.alpha, "chosen_by": reason},
+    )
+    model.save_pretrained(run_dir / "model")
+    return {"path": "model", "lambda": chosen["lambda"], "lambda_index": index, "val_cost": chosen["val_cost"],
+            "chosen_by": reason, "conformal_fallback_exits": fallbacks}

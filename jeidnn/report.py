@@ -49,6 +49,10 @@ def _fmt(value: Any, pct: bool = False, digits: int = 3) -> str:
     return f"{100 * value:.1f}" if pct else f"{value:.{digits}f}"
 
 
+def _pct(value: Any) -> str:
+    return _fmt(value, pct=True)
+
+
 def _param(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v:g}" for k, v in value.items())
@@ -87,13 +91,21 @@ def _plot_accuracy(report: dict, path: Path) -> None:
     for name, method in _curves(report):
         pts = method["points"]
         st = _style(name)
-        ax.scatter([p["cost"] for p in pts], [100 * p["accuracy"] for p in pts], color=st["color"], s=10, alpha=0.3)
+        ax.scatter(
+            [p["cost"] for p in pts], [100 * p["accuracy"] for p in pts], color=st["color"], s=10, alpha=0.3
+        )
         env = _envelope(pts)
         ax.plot([p["cost"] for p in env], [100 * p["accuracy"] for p in env], label=method["label"], **st)
     oracle = report["methods"].get("oracle", {}).get("points")
     if oracle:
         o = oracle[0]
-        ax.axhline(100 * o["accuracy"], color="black", ls="--", lw=1.2, label=f"oracle, upper bound (cost {o['cost']:.2f})")
+        ax.axhline(
+            100 * o["accuracy"],
+            color="black",
+            ls="--",
+            lw=1.2,
+            label=f"oracle, upper bound (cost {o['cost']:.2f})",
+        )
         ax.plot([o["cost"]], [100 * o["accuracy"]], "k*", ms=12)
     ax.set_xlabel("normalised cost (1.0 = original model)")
     ax.set_ylabel("test accuracy (%)")
@@ -108,7 +120,10 @@ def _plot_accuracy(report: dict, path: Path) -> None:
 def _plot_ece(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, key, title in zip(
-        axes, ("ece", "ece_temperature_scaled"), ("raw probabilities", "baselines temperature-scaled (JEI-DNN raw)"), strict=True
+        axes,
+        ("ece", "ece_temperature_scaled"),
+        ("raw probabilities", "baselines temperature-scaled (JEI-DNN raw)"),
+        strict=True,
     ):
         for name, method in _curves(report):
             env = _envelope(method["points"])
@@ -134,9 +149,13 @@ def _plot_conformal(report: dict, path: Path, alphas: list[str]) -> None:
         for name, method in _curves(report):
             env = [p for p in _envelope(method["points"]) if a in p["conformal"]]
             xs = [p["cost"] for p in env]
-            axes[0, col].plot(xs, [100 * p["conformal"][a]["coverage"] for p in env], label=method["label"], **_style(name))
+            axes[0, col].plot(
+                xs, [100 * p["conformal"][a]["coverage"] for p in env], label=method["label"], **_style(name)
+            )
             axes[1, col].plot(xs, [p["conformal"][a]["mean_set_size"] for p in env], **_style(name))
-        axes[0, col].axhline(100 * (1 - float(a)), color="black", ls="--", lw=1, label=f"1 − α = {1 - float(a):g}")
+        axes[0, col].axhline(
+            100 * (1 - float(a)), color="black", ls="--", lw=1, label=f"1 − α = {1 - float(a):g}"
+        )
         axes[0, col].set_title(f"coverage, α = {a}")
         axes[1, col].set_title(f"mean set size, α = {a}")
         axes[0, col].set_ylabel("test coverage (%)")
@@ -158,9 +177,12 @@ def _plot_reliability(panels: list[dict], path: Path) -> None:
             keep = diag.bin_counts > 0
             colour = _STYLE["jeidnn"][0] if label.startswith("JEI-DNN (") else f"C{i}"
             ax.plot(
-                diag.bin_confidence[keep], diag.bin_accuracy[keep], marker="o", color=colour,
+                diag.bin_confidence[keep],
+                diag.bin_accuracy[keep],
+                marker="o",
+                color=colour,
                 label=f"{label}: ECE {100 * diag.ece:.1f}%",
-            )  # fmt: skip
+            )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence (mean of bin)")
@@ -194,9 +216,12 @@ def _plot_exits(report: dict, path: Path, layers: list[int]) -> float:
     x = np.arange(len(layers))
     for i, (name, method, point) in enumerate(chosen):
         ax.bar(
-            x + (i - (len(chosen) - 1) / 2) * width, 100 * np.asarray(point["exit_fractions"]), width,
-            color=_STYLE.get(name, ("C0",))[0], label=f"{method['label']} (cost {point['cost']:.2f})",
-        )  # fmt: skip
+            x + (i - (len(chosen) - 1) / 2) * width,
+            100 * np.asarray(point["exit_fractions"]),
+            width,
+            color=_STYLE.get(name, ("C0",))[0],
+            label=f"{method['label']} (cost {point['cost']:.2f})",
+        )
     ax.set_xticks(x, [str(la) for la in layers])
     ax.set_xlabel("exit (backbone layer)")
     ax.set_ylabel("test samples exiting (%)")
@@ -210,90 +235,151 @@ def _plot_exits(report: dict, path: Path, layers: list[int]) -> float:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
 
 
-def _markdown(report: dict, plots: dict[str, str], ref_cost: float) -> str:
-    s, methods = report["summary"], report["methods"]
-    ex, bb, ds = report["exits"], report.get("backbone", {}), report.get("dataset", {})
+def _headline(report: dict, ref_cost: float) -> list[str]:
+    s, methods, ex = report["summary"], report["methods"], report["exits"]
+    bb, ds = report.get("backbone", {}), report.get("dataset", {})
     auc, best = s["auc"], s.get("best_baseline")
-    alphas = list(report.get("evaluation", {}).get("alphas", []))
     lo, hi = s["cost_range"]
-    out = [f"# jeidnn report: {bb.get('name', '?')} on {ds.get('name', '?')}", "", "## Headline", ""]
-    out.append(
-        f"- Backbone {bb.get('name', '?')}: {bb.get('num_layers', '?')} layers, {_fmt(bb.get('gflops_full'))} "
-        f"GFLOPs per sample; {ds.get('num_classes', '?')} classes; splits {ds.get('splits', {})}."
-    )
-    out.append(f"- Final classifier test accuracy: {_fmt(ex.get('test_accuracy', [None])[-1], pct=True)} % (cost 1.0).")
+    out = [
+        f"- Backbone {bb.get('name', '?')}: {bb.get('num_layers', '?')} layers, "
+        f"{_fmt(bb.get('gflops_full'))} GFLOPs per sample; {ds.get('num_classes', '?')} classes; "
+        f"splits {ds.get('splits', {})}.",
+        f"- Final classifier test accuracy: {_pct((ex.get('test_accuracy') or [None])[-1])} % "
+        "(the original model).",
+    ]
     if "jeidnn" in auc and best:
         out.append(
             f"- Mean accuracy over the common cost range [{_fmt(lo)}, {_fmt(hi)}] (AUC / width): JEI-DNN "
-            f"{_fmt(auc['jeidnn'], pct=True)} % vs best baseline {methods[best]['label']} {_fmt(auc[best], pct=True)} %."
+            f"{_pct(auc['jeidnn'])} % vs best baseline {methods[best]['label']} {_pct(auc[best])} %."
         )
     if s["matched_cost"] and best:
         row = min(s["matched_cost"], key=lambda r: abs(r["cost"] - ref_cost))
-        set_key = next((k for k in row["jeidnn"] if k.startswith("set_size_")), None)
-        b = row.get(best, {})
+        key = next((k for k in row["jeidnn"] if k.startswith("set_size_")), None)
+        j, b = row["jeidnn"], row.get(best, {})
+        j_set = f", {_set_label(key)} {_fmt(j[key], digits=2)}" if key else ""
+        b_set = f", {_set_label(key)} {_fmt(b.get(key), digits=2)}" if key else ""
         out.append(
             f"- At cost {_fmt(row['cost'])} (λ = {_param(row['lambda'])}): JEI-DNN accuracy "
-            f"{_fmt(row['jeidnn']['accuracy'], pct=True)} %, ECE {_fmt(row['jeidnn']['ece'], pct=True)} %"
-            + (f", {_set_label(set_key)} {_fmt(row['jeidnn'][set_key], digits=2)}" if set_key else "")
-            + f"; {methods[best]['label']} at the same cost {_fmt(b.get('accuracy'), pct=True)} %, ECE (better of "
-            f"raw / temperature-scaled) {_fmt(b.get('ece_best'), pct=True)} %"
-            + (f", {_set_label(set_key)} {_fmt(b.get(set_key), digits=2)}." if set_key else ".")
+            f"{_pct(j['accuracy'])} %, ECE {_pct(j['ece'])} %{j_set}; {methods[best]['label']} at the same "
+            f"cost {_pct(b.get('accuracy'))} %, ECE (better of raw / temperature-scaled) "
+            f"{_pct(b.get('ece_best'))} %{b_set}."
         )
     if "oracle" in methods:
         o = methods["oracle"]["points"][0]
-        out.append(f"- Oracle (first correct exit, an upper bound): {_fmt(o['accuracy'], pct=True)} % at cost {_fmt(o['cost'])}.")
-    out += ["", "## Exits", ""]
+        out.append(
+            f"- Oracle (first correct exit, an upper bound): {_pct(o['accuracy'])} % at cost "
+            f"{_fmt(o['cost'])}."
+        )
+    return out
+
+
+def _exits_table(ex: dict) -> list[str]:
+    n = len(ex["cost"])
+    gflops, acc = ex.get("gflops") or [None] * n, ex.get("test_accuracy") or [None] * n
     rows = [
-        [str(i + 1), str(layer), _fmt(ex["cost"][i]), _fmt(ex["cost_with_gates"][i]),
-         _fmt(ex.get("gflops", [None] * len(ex["cost"]))[i]), _fmt(ex.get("test_accuracy", [None] * len(ex["cost"]))[i], pct=True)]
-        for i, layer in enumerate(ex.get("layers", range(1, len(ex["cost"]) + 1)))
-    ]  # fmt: skip
-    out += _table(["exit", "layer", "cost (IMs)", "cost (IMs + gates)", "GFLOPs", "test acc. (%)"], rows)
-    if s["matched_cost"]:
-        baselines = [n for n in s["matched_cost"][0] if n not in ("cost", "lambda", "jeidnn")]
-        set_key = next((k for k in s["matched_cost"][0]["jeidnn"] if k.startswith("set_size_")), "set_size")
-        out += ["", "## Matched cost", "",
-                "Each baseline's upper envelope linearly interpolated at the cost of each JEI-DNN point "
-                "(acc. and ECE in %, ECE of a baseline = better of raw / temperature-scaled; "
-                f"set = mean conformal {set_key.replace('set_size_', 'set size at α = ')}; – = outside that "
-                "baseline's cost range).", ""]  # fmt: skip
-        header = ["λ", "cost", "JEI-DNN acc.", "ECE", "set"]
-        for n in baselines:
-            header += [f"{_SHORT.get(n, n)} acc.", "ECE", "set"]
-        rows = []
-        for r in s["matched_cost"]:
-            row = [_param(r["lambda"]), _fmt(r["cost"]), _fmt(r["jeidnn"]["accuracy"], pct=True),
-                   _fmt(r["jeidnn"]["ece"], pct=True), _fmt(r["jeidnn"].get(set_key), digits=2)]  # fmt: skip
-            for n in baselines:
-                row += [_fmt(r[n]["accuracy"], pct=True), _fmt(r[n]["ece_best"], pct=True), _fmt(r[n].get(set_key), digits=2)]
-            rows.append(row)
-        out += _table(header, rows)
-    out += ["", "## AUC", "", f"Mean test accuracy of each upper envelope over costs [{_fmt(lo)}, {_fmt(hi)}], the "
-            "range all methods cover (the oracle is an upper bound and not compared).", ""]  # fmt: skip
-    ref = auc.get("jeidnn")
-    rows = [
-        [methods[n]["label"], methods[n]["kind"], _fmt(v, pct=True),
-         _fmt(None if ref is None or v is None else 100 * (v - ref), digits=2)]
-        for n, v in sorted(auc.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1))
-    ]  # fmt: skip
-    out += _table(["method", "kind", "AUC (mean acc. %)", "Δ vs JEI-DNN (points)"], rows)
-    out += ["", "## Conformal prediction sets", "",
-            "Per-exit split conformal (quantiles on calib, at the exit each sample takes); test coverage must be "
-            "≥ 1 − α. Over all operating points of each method: worst and mean coverage, mean set size; "
-            "'fallback' = points where some exit had too few calib samples and used the pooled quantile.", ""]  # fmt: skip
+        [
+            str(i + 1),
+            str(layer),
+            _fmt(ex["cost"][i]),
+            _fmt(ex["cost_with_gates"][i]),
+            _fmt(gflops[i]),
+            _pct(acc[i]),
+        ]
+        for i, layer in enumerate(ex.get("layers") or range(1, n + 1))
+    ]
+    return _table(["exit", "layer", "cost (IMs)", "cost (IMs + gates)", "GFLOPs", "test acc. (%)"], rows)
+
+
+def _matched_table(matched: list[dict]) -> list[str]:
+    baselines = [n for n in matched[0] if n not in ("cost", "lambda", "jeidnn")]
+    key = next((k for k in matched[0]["jeidnn"] if k.startswith("set_size_")), "set_size")
+    out = [
+        "Each baseline's upper envelope linearly interpolated at the cost of each JEI-DNN point "
+        "(acc. and ECE in %; a baseline's ECE is the better of raw and temperature-scaled; set = mean "
+        f"conformal {key.replace('set_size_', 'set size at α = ')}; – = outside that baseline's cost range).",
+        "",
+    ]
+    header = ["λ", "cost", "JEI-DNN acc.", "ECE", "set"]
+    for n in baselines:
+        header += [f"{_SHORT.get(n, n)} acc.", "ECE", "set"]
     rows = []
-    for n, m in methods.items():
-        for a in alphas:
-            k = format(a, "g")
-            cov = [p["conformal"][k]["coverage"] for p in m["points"] if p["conformal"][k]["coverage"] is not None]
-            size = [p["conformal"][k]["mean_set_size"] for p in m["points"] if p["conformal"][k]["mean_set_size"] is not None]
-            fb = sum(bool(p["conformal"][k]["fallback_exits"]) for p in m["points"])
-            rows.append([m["label"], k, _fmt(min(cov) if cov else None, pct=True), _fmt(float(np.mean(cov)) if cov else None, pct=True),
-                         _fmt(float(np.mean(size)) if size else None, digits=2), f"{fb}/{len(m['points'])}"])  # fmt: skip
-    out += _table(["method", "α", "min coverage (%)", "mean coverage (%)", "mean set size", "fallback"], rows)
+    for r in matched:
+        j = r["jeidnn"]
+        row = [
+            _param(r["lambda"]),
+            _fmt(r["cost"]),
+            _pct(j["accuracy"]),
+            _pct(j["ece"]),
+            _fmt(j.get(key), digits=2),
+        ]
+        for n in baselines:
+            row += [_pct(r[n]["accuracy"]), _pct(r[n]["ece_best"]), _fmt(r[n].get(key), digits=2)]
+        rows.append(row)
+    return out + _table(header, rows)
+
+
+def _auc_table(report: dict) -> list[str]:
+    auc, methods = report["summary"]["auc"], report["methods"]
+    ref = auc.get("jeidnn")
+    rows = []
+    for name, value in sorted(auc.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1)):
+        delta = None if ref is None or value is None else 100 * (value - ref)
+        rows.append([methods[name]["label"], methods[name]["kind"], _pct(value), _fmt(delta, digits=2)])
+    return _table(["method", "kind", "AUC (mean acc. %)", "Δ vs JEI-DNN (points)"], rows)
+
+
+def _conformal_table(report: dict) -> list[str]:
+    rows = []
+    for method in report["methods"].values():
+        for alpha in report.get("evaluation", {}).get("alphas", []):
+            results = [p["conformal"][format(alpha, "g")] for p in method["points"]]
+            cov = [r["coverage"] for r in results if r["coverage"] is not None]
+            size = [r["mean_set_size"] for r in results if r["mean_set_size"] is not None]
+            fallback = sum(bool(r["fallback_exits"]) for r in results)
+            rows.append(
+                [
+                    method["label"],
+                    format(alpha, "g"),
+                    _pct(min(cov) if cov else None),
+                    _pct(float(np.mean(cov)) if cov else None),
+                    _fmt(float(np.mean(size)) if size else None, digits=2),
+                    f"{fallback}/{len(results)}",
+                ]
+            )
+    return _table(["method", "α", "min coverage (%)", "mean coverage (%)", "mean set size", "fallback"], rows)
+
+
+def _markdown(report: dict, plots: dict[str, str], ref_cost: float) -> str:
+    s = report["summary"]
+    lo, hi = s["cost_range"]
+    bb, ds = report.get("backbone", {}), report.get("dataset", {})
+    out = [f"# jeidnn report: {bb.get('name', '?')} on {ds.get('name', '?')}", "", "## Headline", ""]
+    out += _headline(report, ref_cost)
+    out += ["", "## Exits", ""] + _exits_table(report["exits"])
+    if s["matched_cost"]:
+        out += ["", "## Matched cost", ""] + _matched_table(s["matched_cost"])
+    out += [
+        "",
+        "## AUC",
+        "",
+        f"Mean test accuracy of each upper envelope over costs [{_fmt(lo)}, {_fmt(hi)}], the range all "
+        "methods cover (the oracle is an upper bound and not compared; – = the ranges do not overlap).",
+        "",
+    ] + _auc_table(report)
+    out += [
+        "",
+        "## Conformal prediction sets",
+        "",
+        "Per-exit split conformal (quantiles on calib, at the exit each sample takes); test coverage "
+        "should be ≥ 1 − α. Over all operating points of each method: worst and mean coverage, mean set "
+        "size; 'fallback' = points where some exit had too few calib samples and used the pooled quantile.",
+        "",
+    ] + _conformal_table(report)
     out += ["", "## Plots", ""]
     for title, rel in plots.items():
         out += [f"### {title}", "", f"![{title}]({rel})", ""]
@@ -328,7 +414,9 @@ def write_report(run_dir: str | Path, report: dict, reliability: list[dict] | No
     present = [format(a, "g") for a in report.get("evaluation", {}).get("alphas", [])]
     alphas = [a for a in ("0.05", "0.1") if a in present] or present[:2]
     if alphas:
-        _plot_conformal(report, target("conformal_vs_cost", "Conformal coverage and set size vs. cost"), alphas)
+        _plot_conformal(
+            report, target("conformal_vs_cost", "Conformal coverage and set size vs. cost"), alphas
+        )
     if reliability:
         _plot_reliability(reliability, target("reliability", "Reliability diagrams"))
     layers = report["exits"].get("layers") or list(range(1, len(report["exits"]["cost"]) + 1))

@@ -130,8 +130,11 @@ class WarmupModule(pl.LightningModule):
         return accs
 
     def restore_best(self) -> None:
+        """Load each IM's best weights and make the IMs trainable again (stage 2 trains them)."""
         for i, state in enumerate(self.best_state):
             self.heads.heads[i].load_state_dict(state)
+            for p in self.heads.heads[i].parameters():
+                p.requires_grad_(True)
 
     def configure_optimizers(self):
         params = [p for h in self.heads.heads[:-1] for p in h.parameters()]

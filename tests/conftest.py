@@ -10,6 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Test tensors are tiny: one thread avoids the overhead (and contention) of two.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -32,7 +32,8 @@ def _numpy_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
 def _random_probs(n: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     probs = (3 * torch.randn(n, c, generator=gen)).softmax(dim=1)
-    labels = torch.randint(0, c, (n,), generator=gen)
+    # Labels drawn from a slightly sharpened version of probs: mildly miscalibrated, like a real model.
+    labels = torch.multinomial(probs.pow(1.5), 1, generator=gen).squeeze(1)
     return probs, labels
 
 
@@ -47,9 +48,10 @@ def test_ece_matches_numpy_reference_and_is_whole_set(n_bins):
     for chunk_p, chunk_l in zip(probs.split(700), labels.split(700), strict=True):
         metric.update(chunk_p, chunk_l)
     assert float(metric.compute()) == pytest.approx(expected, abs=1e-5)
-    # ...which is not the mean of per-batch ECEs (what a batch-averaging logger would report).
-    per_batch = np.mean([ece(p, y, n_bins) for p, y in zip(probs.split(300), labels.split(300), strict=True)])
-    assert abs(per_batch - expected) > 1e-3
+    # ...which is not the mean of per-batch ECEs (what a batch-averaging logger would report: small
+    # batches inflate it).
+    per_batch = np.mean([ece(p, y, n_bins) for p, y in zip(probs.split(40), labels.split(40), strict=True)])
+    assert per_batch - expected > 0.01
 
 
 def test_ece_hand_example_and_input_check():
@@ -80,7 +82,7 @@ def test_temperature_scaling_recovers_known_temperatures():
     # Labels drawn from softmax(z): the calibrated logits are z, so logits z * T have optimal temperature T.
     gen = torch.Generator().manual_seed(0)
     true_t = torch.tensor([0.5, 1.0, 2.5, 6.0])
-    z = 1.5 * torch.randn(20000, 1, 6, generator=gen)  # (N, 1, C) shared by all exits
+    z = 1.5 * torch.randn(8000, 1, 6, generator=gen)  # (N, 1, C) shared by all exits
     labels = torch.multinomial(z[:, 0].softmax(-1), 1, generator=gen).squeeze(1)
     logits = z * true_t[None, :, None]  # (N, L, C)
     fitted = fit_temperatures(logits, labels)

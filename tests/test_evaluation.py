@@ -16,8 +16,24 @@ from jeidnn.evaluation import evaluate_run
 NUM_EXITS, NUM_CLASSES = 4, 3
 SIZES = {"val": 200, "calib": 300, "test": 400}
 LAMBDAS = [0.05, 0.5]
-POINT_KEYS = {"param", "accuracy", "cost", "gflops", "exit_fractions", "ece", "ece_temperature_scaled", "conformal"}
-BASELINES = ["threshold_maxprob", "threshold_entropy", "threshold_margin", "global_maxprob", "patience", "static"]
+POINT_KEYS = {
+    "param",
+    "accuracy",
+    "cost",
+    "gflops",
+    "exit_fractions",
+    "ece",
+    "ece_temperature_scaled",
+    "conformal",
+}
+BASELINES = [
+    "threshold_maxprob",
+    "threshold_entropy",
+    "threshold_margin",
+    "global_maxprob",
+    "patience",
+    "static",
+]
 
 
 def _logits(n: int, gen: torch.Generator, sharpness: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +54,12 @@ def make_run(root: Path, lambdas: list[float] | None = LAMBDAS) -> Path:
     cost = [0.3, 0.55, 0.8, 1.02]
     report = {
         "backbone": {"name": "tiny-bert", "num_layers": NUM_EXITS, "gflops_full": 2.0},
-        "dataset": {"name": "synthetic", "num_classes": NUM_CLASSES, "labels": ["a", "b", "c"], "splits": SIZES},
+        "dataset": {
+            "name": "synthetic",
+            "num_classes": NUM_CLASSES,
+            "labels": ["a", "b", "c"],
+            "splits": SIZES,
+        },
         "exits": {
             "layers": [1, 2, 3, 4],
             "cost": cost,
@@ -50,7 +71,9 @@ def make_run(root: Path, lambdas: list[float] | None = LAMBDAS) -> Path:
         "jeidnn_lambdas": lambdas or [],
     }
     (run / "report.json").write_text(json.dumps(report))
-    (run / "config.yaml").write_text(yaml.safe_dump({"name": "synthetic", "eval": {"threshold_ps": [0.5, 1.0, 2.0]}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"name": "synthetic", "eval": {"threshold_ps": [0.5, 1.0, 2.0]}})
+    )
     tensors = {}
     for split, n in SIZES.items():
         tensors[f"{split}_logits"], tensors[f"{split}_labels"] = _logits(n, gen, sharpness=1.5)
@@ -114,7 +137,9 @@ def test_evaluate_run_full_schema_and_files(tmp_path):
     assert last["cost"] == pytest.approx(1.02) and last["exit_fractions"][-1] == 1.0
     # JEI-DNN costs use cost_with_gates: a sample leaving at exit 0 costs 0.301, not 0.3.
     jp = methods["jeidnn"]["points"][0]
-    expected = sum(f * c for f, c in zip(jp["exit_fractions"], on_disk["exits"]["cost_with_gates"], strict=True))
+    expected = sum(
+        f * c for f, c in zip(jp["exit_fractions"], on_disk["exits"]["cost_with_gates"], strict=True)
+    )
     assert jp["cost"] == pytest.approx(expected)
     # The oracle is at least as accurate as the full model.
     assert methods["oracle"]["points"][0]["accuracy"] >= last["accuracy"]

@@ -58,6 +58,16 @@ def warm_heads() -> Heads:
     return heads
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tensors here are tiny: on a busy 2-core machine intra-op threads only wait on each other
+    # (a (64, 8) @ (8, 4) matmul took milliseconds), so run this module single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data():
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +103,7 @@ def test_moderate_lambda_saves_cost_without_losing_accuracy(data, results):
     _, (val_x, val_y) = data
     full_accuracy = (warm_heads()(val_x)[:, -1].argmax(dim=-1) == val_y).float().mean().item()
     accuracy, cost = accuracy_and_cost(results[0.5], val_x, val_y)
-    # ideal: easy, medium, hard exit at 0, 1, 2 -> cost (0.35 + 0.7 + 1.05) / 3 = 0.7 vs 1.05 for the last exit
+    # ideal: easy, medium, hard exit at 0, 1, 2 -> cost (0.35 + 0.7 + 1.05) / 3 = 0.7, the last exit 1.05
     assert cost < 0.8
     assert accuracy >= full_accuracy - 0.03
     assert results[0.5].history["val_cost"][-1] == pytest.approx(cost, abs=1e-6)
@@ -138,6 +148,13 @@ def test_training_is_deterministic_given_the_seed(data):
         assert torch.equal(a, b)
 
 
+def test_sum_ablation_and_zero_epochs_run(data):
+    result = train(data, 0.5, epochs=1, im_loss="sum")
+    assert all(torch.isfinite(p).all() for p in result.gates.parameters())
+    untrained = train(data, 0.5, epochs=0)
+    assert untrained.history["val_cost"] == [] and len(untrained.history["initial_pos_weight"]) == 2
+
+
 def test_gate_phase_leaves_the_ims_fixed(data):
     # 10 batches per epoch, K = 1000: every step is a gate step
     result = train(data, 0.5, epochs=1, alternate_steps=1000)
@@ -147,11 +164,14 @@ def test_gate_phase_leaves_the_ims_fixed(data):
     assert result.history["im_loss"][0] != result.history["im_loss"][0]  # NaN: no IM step this epoch
 
 
+@pytest.mark.filterwarnings("ignore:Found 1 module\\(s\\) in eval mode")  # the frozen final head
 def test_phase_schedule_and_cosine_learning_rate(data):
     (train_x, train_y), (val_x, val_y) = data
     module = JeiDnnModule(warm_heads(), COSTS, 0.5, cfg(epochs=2, alternate_steps=3))
     assert [module.phase(step) for step in range(8)] == ["gate"] * 3 + ["im"] * 3 + ["gate"] * 2
     module.set_positive_weights(val_x, val_y)
+    modes_seen = []
+    module.heads.heads[-1].register_forward_pre_hook(lambda head, _: modes_seen.append(head.training))
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
@@ -162,7 +182,8 @@ def test_phase_schedule_and_cosine_learning_rate(data):
     )
     assert trainer.global_step == 20  # one optimizer step per batch: 2 epochs × 10 batches
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)  # cosine reached min_lr
-    assert module.heads.heads[-1].training is False  # the frozen head never left eval mode
+    assert modes_seen and not any(modes_seen)  # the frozen head never left eval mode
+    assert not module.heads.heads[-1].training and module.heads.heads[0].training
 
 
 def test_predict_exits_shapes_and_restores_modes(data):
@@ -174,3 +195,6 @@ def test_predict_exits_shapes_and_restores_modes(data):
     assert exit_index.shape == (300,) and exit_index.dtype == torch.long
     assert not logits.requires_grad
     assert heads.training and gates.training
+    heads.heads[-1].eval()
+    predict_exits(heads, gates, val_x)
+    assert heads.training and not heads.heads[-1].training  # submodule modes restored one by one

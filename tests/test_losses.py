@@ -46,8 +46,8 @@ def test_pi_of_toy_gates():
 
 
 def test_im_loss_values():
-    # weighted: r(x) · Σ π CE = Σ CE in value, so both modes give mean(ln 2 + ln 4/3 + ln 10/9, ln 4 + ln 2 + ln 5/4)
-    # = mean(ln(80/27), ln 10) = (1.08619 + 2.30259) / 2
+    # weighted: r(x) · Σ π CE = Σ CE in value, so both modes give
+    # mean(ln 2 + ln 4/3 + ln 10/9, ln 4 + ln 2 + ln 5/4) = mean(ln(80/27), ln 10) = (1.08619 + 2.30259) / 2
     expected = (LN(80 / 27) + LN(10)) / 2
     pi = torch.tensor(PI)
     assert im_loss(toy_logits(), LABELS, pi, "weighted").item() == pytest.approx(expected, abs=1e-5)

@@ -1,0 +1,118 @@
+"""Exit policies of the baselines: budgeted-batch thresholds, confidence measures, patience, oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from jeidnn.baselines import (
+    apply_thresholds,
+    confidence,
+    fit_budgeted_thresholds,
+    geometric_exit_distribution,
+    global_threshold_exits,
+    oracle_exits,
+    patience_exits,
+    select_exit,
+    static_exits,
+)
+
+
+def test_geometric_exit_distribution():
+    q = geometric_exit_distribution(0.5, 4)
+    torch.testing.assert_close(q, torch.tensor([8, 4, 2, 1], dtype=torch.float64) / 15)
+    torch.testing.assert_close(
+        geometric_exit_distribution(1.0, 5), torch.full((5,), 0.2, dtype=torch.float64)
+    )
+    assert torch.isfinite(geometric_exit_distribution(50.0, 24)).all()  # no overflow for large p
+
+
+@pytest.mark.parametrize("p", [0.3, 0.8, 1.0, 1.5, 3.0])
+def test_budgeted_thresholds_realise_target_fractions_on_calib(p):
+    gen = torch.Generator().manual_seed(0)
+    n, num_exits = 1001, 6
+    conf = torch.rand(n, num_exits, generator=gen)  # continuous: no ties
+    target = geometric_exit_distribution(p, num_exits)
+    thresholds = fit_budgeted_thresholds(conf, target)
+    exits = apply_thresholds(conf, thresholds)
+    realised = torch.bincount(exits, minlength=num_exits).double() / n
+    # Cumulative rounding: every cumulative fraction is within half a sample of its target.
+    assert (realised.cumsum(0) - target.cumsum(0)).abs().max() <= 0.5 / n + 1e-12
+    assert (realised - target).abs().max() <= 1 / n + 1e-12
+    # Independent check of the rule: the samples exiting at k are the most confident still running.
+    running = torch.ones(n, dtype=torch.bool)
+    for k in range(num_exits - 1):
+        here = exits == k
+        if here.any() and (running & ~here).any():
+            assert conf[here, k].min() > conf[running & ~here, k].max()
+        running &= ~here
+
+
+def test_budgeted_thresholds_with_ties_overshoot_only_by_the_ties():
+    # 10 samples, exit 0 confidences with a 4-way tie at the 3rd-largest value.
+    conf0 = torch.tensor([0.9, 0.8, 0.5, 0.5, 0.5, 0.5, 0.3, 0.2, 0.1, 0.0])
+    conf = torch.stack([conf0, torch.linspace(1, 0, 10), torch.zeros(10)], dim=1)  # (10, 3)
+    target = torch.tensor([0.3, 0.4, 0.3], dtype=torch.float64)
+    thresholds = fit_budgeted_thresholds(conf, target)
+    exits = apply_thresholds(conf, thresholds)
+    counts = torch.bincount(exits, minlength=3).tolist()
+    # Target 3 at exit 0, but the 3rd place is tied with 3 more samples: all 4 exit (6 in total).
+    assert thresholds[0] == 0.5 and counts[0] == 6
+    # Exit 1 only tops the cumulative count up to round(10 * 0.7) = 7; the rest goes to the last exit.
+    assert counts == [6, 1, 3]
+
+
+def test_threshold_edge_cases():
+    conf = torch.rand(20, 3)
+    assert (apply_thresholds(conf, fit_budgeted_thresholds(conf, torch.tensor([1.0, 0, 0]))) == 0).all()
+    assert (apply_thresholds(conf, fit_budgeted_thresholds(conf, torch.tensor([0.0, 0, 1]))) == 2).all()
+    assert apply_thresholds(conf, torch.tensor([2.0, -1.0])).tolist() == [1] * 20
+    assert apply_thresholds(torch.rand(5, 1), torch.zeros(0)).tolist() == [0] * 5  # a single exit
+    assert global_threshold_exits(
+        torch.tensor([[0.2, 0.7, 0.9], [0.95, 0.1, 0.1], [0.1, 0.1, 0.1]]), 0.7
+    ).tolist() == [
+        1,
+        0,
+        2,
+    ]
+
+
+def test_confidence_measures():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    torch.testing.assert_close(confidence(probs, "maxprob"), torch.tensor([0.7, 1.0, 1 / 3]))
+    torch.testing.assert_close(confidence(probs, "margin"), torch.tensor([0.5, 1.0, 0.0]))
+    entropy = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
+    torch.testing.assert_close(confidence(probs, "entropy"), torch.tensor([-entropy, 0.0, -math.log(3)]))
+    assert confidence(probs[None], "maxprob").shape == (1, 3)  # works on (N, L, C)
+    with pytest.raises(ValueError, match="measure"):
+        confidence(probs, "variance")
+
+
+def test_patience_rule_hand_cases():
+    preds = torch.tensor(
+        [
+            [1, 1, 1, 1, 1],  # stable from the start
+            [0, 1, 1, 2, 2],  # agrees at exit 2 (once) and exit 4 (once)
+            [0, 1, 1, 1, 2],  # agrees at exits 2 and 3: a run of 2 ending at exit 3
+            [0, 1, 2, 3, 4],  # never agrees
+        ]
+    )
+    assert patience_exits(preds, 0).tolist() == [0, 0, 0, 0]
+    assert patience_exits(preds, 1).tolist() == [1, 2, 2, 4]
+    assert patience_exits(preds, 2).tolist() == [2, 4, 3, 4]
+    assert patience_exits(preds, 3).tolist() == [3, 4, 4, 4]
+    assert patience_exits(preds, 4).tolist() == [4, 4, 4, 4]
+    with pytest.raises(ValueError, match="patience"):
+        patience_exits(preds, -1)
+
+
+def test_static_oracle_and_select():
+    preds = torch.tensor([[0, 1, 2], [2, 2, 2], [1, 1, 1]])
+    labels = torch.tensor([1, 2, 0])
+    assert oracle_exits(preds, labels).tolist() == [1, 0, 2]  # the last sample is never right: last exit
+    assert static_exits(3, 1).tolist() == [1, 1, 1]
+    values = torch.arange(3 * 3 * 2).view(3, 3, 2)
+    assert select_exit(values, torch.tensor([2, 0, 1])).tolist() == [[4, 5], [6, 7], [14, 15]]
+    assert select_exit(values[..., 0], torch.tensor([2, 0, 1])).tolist() == [4, 6, 14]
