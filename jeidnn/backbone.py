@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,6 +95,22 @@ def check_architecture(config: PretrainedConfig) -> ArchSpec:
     return ARCHITECTURES[model_type]
 
 
+def sentence_transformers_pooling(folder: Path) -> str:
+    """`mean` when a sentence-transformers model folder says its embedding is the token mean.
+
+    Such models (all-MiniLM-L6-v2 among them) are trained for mean pooling: their CLS token is
+    almost constant across inputs in the early layers (std ≈ 1e-3), useless to an exit head.
+    """
+    config = folder / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return "cls"
+    try:
+        modes = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "cls"
+    return "mean" if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token") else "cls"
+
+
 def _find_layers(model: nn.Module, paths: tuple[str, ...]) -> nn.ModuleList:
     for path in paths:
         node: nn.Module | None = model
@@ -115,9 +132,14 @@ def _first_line(exc: BaseException) -> str:
 class Backbone(nn.Module):
     """A Hugging Face encoder viewed as embeddings -> L layers -> pooled representation per layer."""
 
-    def __init__(self, model: PreTrainedModel, source: str = "random") -> None:
+    def __init__(self, model: PreTrainedModel, source: str = "random", pooling: str = "cls") -> None:
         super().__init__()
         self.spec = check_architecture(model.config)
+        if pooling not in ("cls", "mean"):
+            raise JeidnnError(f"model.pooling must be cls or mean, got {pooling!r}")
+        if pooling == "mean" and self.spec.modality != "text":
+            raise JeidnnError(f"model.pooling 'mean' is for text models; {model.config.model_type} uses cls")
+        self.pooling = pooling
         self.model = model
         self.source = source
         self.arch: str = model.config.model_type
@@ -141,7 +163,7 @@ class Backbone(nn.Module):
                 model = AutoModel.from_config(config)
             except (TypeError, ValueError) as exc:
                 raise JeidnnError(f"model.random_config is not a valid {model_type} config: {_first_line(exc)}")
-            return cls(model, source=f"random:{model_type}")
+            return cls(model, source=f"random:{model_type}", pooling="cls" if cfg.pooling == "auto" else cfg.pooling)
         path = resolve_model_path(cfg.name_or_path)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -155,7 +177,8 @@ class Backbone(nn.Module):
             model = AutoModel.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise JeidnnError(f"cannot load weights of {cfg.name_or_path!r}: {_first_line(exc)}") from None
-        return cls(model, source=cfg.name_or_path)
+        pooling = cfg.pooling if cfg.pooling != "auto" else sentence_transformers_pooling(Path(path))
+        return cls(model, source=cfg.name_or_path, pooling=pooling)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -207,8 +230,14 @@ class Backbone(nn.Module):
         # Some versions return a tuple (hidden, attentions, ...).
         return out[0] if isinstance(out, tuple) else out
 
-    def pool(self, hidden: Tensor) -> Tensor:
-        """(B, T, H) -> (B, H): the CLS token, after the final norm for pre-LN models."""
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, T, H) -> (B, H): the CLS token (after the final norm for pre-LN models), or the
+        mean over real tokens when `pooling == "mean"` (`attention_mask` (B, T) marks them)."""
+        if self.pooling == "mean":
+            if attention_mask is None:
+                return hidden.mean(dim=1)
+            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         cls = hidden[:, 0]
         return self.final_norm(cls) if self.final_norm is not None else cls
 
@@ -229,8 +258,9 @@ class Backbone(nn.Module):
         last = max(wanted)
         hidden, mask = self.embed(inputs)
         pooled = []
+        attention_mask = inputs.get("attention_mask")
         for i in range(last):
             hidden = self.run_layer(i, hidden, mask)
             if i + 1 in wanted:
-                pooled.append(self.pool(hidden))
+                pooled.append(self.pool(hidden, attention_mask))
         return torch.stack(pooled, dim=1)  # (B, L, H)

@@ -34,6 +34,13 @@ class ModelConfig:
     exit_layers: list[int] | None = None
     """1-based layers that get an intermediate classifier (IM). None = every layer.
     The last layer always carries the final classifier."""
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    """Representation each exit reads: `cls` token, or `mean` over real tokens (text only).
+    `auto` = the model's own sentence-transformers pooling config when it ships one
+    (1_Pooling/config.json, e.g. all-MiniLM-L6-v2 -> mean), else `cls`."""
+    im_head: Literal["linear", "mlp"] = "linear"
+    """IM architecture: `linear` (dropout + linear) or `mlp` (dense + activation + linear, like
+    the final classifier). The final exit is always the model family's own classifier head."""
 
 
 @dataclass

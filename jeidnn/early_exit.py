@@ -16,40 +16,45 @@ Two forwards that must agree (the tests check it on every architecture):
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from jeidnn.backbone import Backbone
+from jeidnn.baselines import ConfidenceMeasure, apply_thresholds, confidence
 from jeidnn.errors import JeidnnError
 from jeidnn.gates import Gates, SequentialExitRule, exit_decision
 from jeidnn.heads import ExitHeads
+from jeidnn.predict import Prediction, make_batches, to_predictions
+
+__all__ = ["EarlyExitModel", "EarlyExitOutput", "Prediction", "ThresholdGates"]
 
 FORMAT_VERSION = 1
 """Version of the folder layout written by :meth:`EarlyExitModel.save_pretrained`."""
 
-Measure = Literal["maxprob", "entropy", "margin"]
 MEASURES: tuple[str, ...] = ("maxprob", "entropy", "margin")
 
 
-def confidence(probs: Tensor, measure: Measure) -> Tensor:
-    """Confidence of class probabilities ``(..., C)`` -> ``(...)``; higher = more confident.
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" / "Writing model shards" bars, which clutter `jeidnn predict`."""
+    from transformers.utils import logging as hf_logging
 
-    ``entropy`` returns the *negative* entropy so that one rule (``confidence >= threshold``)
-    serves all three measures.
-    """
-    if measure == "maxprob":
-        return probs.amax(dim=-1)
-    if measure == "entropy":
-        return torch.special.xlogy(probs, probs).sum(dim=-1)
-    top = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # (..., 2)
-    return top[..., 0] - top[..., 1] if top.shape[-1] > 1 else top[..., 0]
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class ThresholdGates(nn.Module):
@@ -61,16 +66,16 @@ class ThresholdGates(nn.Module):
 
     Example:
         >>> gates = ThresholdGates([0.9, 0.8], measure="maxprob")
-        >>> conf = gates(torch.randn(4, 3, 5))  # per-exit logits (N, L, C) -> (N, L-1)
+        >>> conf = gates(torch.randn(4, 3, 5))  # per-exit logits (N, L, C) -> confidences (N, L)
         >>> gates.exit_decision(conf).shape
         torch.Size([4])
     """
 
-    def __init__(self, thresholds: Sequence[float] | Tensor, measure: Measure = "maxprob") -> None:
+    def __init__(self, thresholds: Sequence[float] | Tensor, measure: ConfidenceMeasure = "maxprob") -> None:
         super().__init__()
         if measure not in MEASURES:
             raise JeidnnError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
-        self.measure: Measure = measure
+        self.measure: ConfidenceMeasure = measure
         # Not persistent: the thresholds live in jeidnn.json, readable by a person.
         self.register_buffer(
             "thresholds", torch.as_tensor(thresholds, dtype=torch.float32).flatten(), persistent=False
@@ -81,14 +86,12 @@ class ThresholdGates(nn.Module):
         return self.thresholds.numel() + 1
 
     def forward(self, logits: Tensor) -> Tensor:
-        """Per-exit logits ``(N, L, C)`` -> confidence at each intermediate exit ``(N, L-1)``."""
-        return confidence(logits[:, :-1].softmax(dim=-1), self.measure)
+        """Per-exit logits ``(N, L, C)`` -> confidence at every exit ``(N, L)``."""
+        return confidence(logits.softmax(dim=-1), self.measure)
 
     def exit_decision(self, conf: Tensor) -> Tensor:
-        """Confidences ``(N, L-1)`` -> ``(N,)`` 0-based exit: the first one at or above its threshold, else L-1."""
-        hit = conf >= self.thresholds  # (N, L-1)
-        hit = torch.cat([hit, hit.new_ones(hit.shape[0], 1)], dim=1)  # (N, L): the last exit always takes
-        return hit.int().argmax(dim=1)  # argmax returns the first maximum
+        """Confidences ``(N, L)`` -> ``(N,)`` 0-based exit: the first at or above its threshold, else L-1."""
+        return apply_thresholds(conf, self.thresholds)
 
     def stops(self, index: int, exit_logits: Tensor) -> Tensor:
         """Whether each running sample exits at intermediate exit ``index``: ``(B, C)`` -> ``(B,)`` bool."""
@@ -116,28 +119,6 @@ class EarlyExitOutput:
     cost: Tensor  # (B,)
     exit_logits: Tensor | None = None  # (B, L, C)
     gate_probs: Tensor | None = None  # (B, L-1)
-
-
-@dataclass
-class Prediction:
-    """One input's prediction. ``prediction_set`` is the conformal set at the exit taken (None without α)."""
-
-    label: str
-    probability: float
-    exit_layer: int
-    cost: float
-    prediction_set: list[str] | None
-    probabilities: dict[str, float]
-
-    def to_json(self) -> dict[str, Any]:
-        """The five fields written by ``jeidnn predict``."""
-        return {
-            "label": self.label,
-            "probability": self.probability,
-            "exit_layer": self.exit_layer,
-            "cost": self.cost,
-            "prediction_set": self.prediction_set,
-        }
 
 
 class EarlyExitModel(nn.Module):
@@ -191,7 +172,9 @@ class EarlyExitModel(nn.Module):
         quantiles = {str(a): [float(q) for q in qs] for a, qs in (conformal_quantiles or {}).items()}
         for alpha, qs in quantiles.items():
             if len(qs) != num_exits:
-                raise JeidnnError(f"conformal quantiles for alpha {alpha} have {len(qs)} values, need {num_exits}")
+                raise JeidnnError(
+                    f"conformal quantiles for alpha {alpha} have {len(qs)} values, need {num_exits}"
+                )
         self.backbone, self.heads, self.gates = backbone, heads, gates
         self.preprocessor = preprocessor
         self.labels, self.costs, self.conformal_quantiles = labels, costs, quantiles
@@ -242,6 +225,8 @@ class EarlyExitModel(nn.Module):
         backbone, heads, gates = self.backbone, self.heads.heads, self.gates
         last = self.num_exits - 1
         hidden, mask = backbone.embed(dict(inputs))  # (B, T, H), mask (B, 1, T, T) or None
+        # Mean pooling needs the (B, T) padding mask of the rows still running.
+        token_mask = inputs.get("attention_mask") if backbone.pooling == "mean" else None
         batch = hidden.shape[0]
         out_logits = hidden.new_empty(batch, self.num_classes)  # (B, C)
         out_exit = torch.full((batch,), last, dtype=torch.long, device=hidden.device)  # (B,)
@@ -252,7 +237,7 @@ class EarlyExitModel(nn.Module):
             hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
             if k is None or (k < last and gates is None):
                 continue
-            logits = heads[k](backbone.pool(hidden))  # (b, C)
+            logits = heads[k](backbone.pool(hidden, token_mask))  # (b, C)
             if k == last:  # everyone still running exits here
                 out_logits[rows if rows is not None else slice(None)] = logits
                 break
@@ -275,13 +260,19 @@ class EarlyExitModel(nn.Module):
             # Only the per-sample tensors shrink: hidden states, the padding mask, the gate state.
             hidden = hidden.index_select(0, keep)
             mask = Backbone.select_rows(mask, keep)
+            if token_mask is not None:
+                token_mask = token_mask.index_select(0, keep)
             rows = rows[keep] if rows is not None else keep
             if state is not None:
                 state = state[keep]
         return self._output(out_logits, out_exit)
 
     def _output(
-        self, logits: Tensor, exit_index: Tensor, exit_logits: Tensor | None = None, gate_probs: Tensor | None = None
+        self,
+        logits: Tensor,
+        exit_index: Tensor,
+        exit_logits: Tensor | None = None,
+        gate_probs: Tensor | None = None,
     ) -> EarlyExitOutput:
         return EarlyExitOutput(
             logits=logits,
@@ -321,8 +312,6 @@ class EarlyExitModel(nn.Module):
         Returns:
             One :class:`Prediction` per input, in input order.
         """
-        from jeidnn.predict import make_batches  # the input handling lives with the CLI
-
         quantiles = None if alpha is None else self.quantiles_for(alpha)
         if batch_size < 1:
             raise JeidnnError(f"batch size must be a positive integer, got {batch_size}")
@@ -334,49 +323,35 @@ class EarlyExitModel(nn.Module):
             with torch.inference_mode():
                 for positions, batch in make_batches(self, inputs, batch_size):
                     out = self.forward_dynamic({k: v.to(device) for k, v in batch.items()})
-                    predictions.extend(zip(positions, self._predictions(out, quantiles)))
+                    predictions.extend(zip(positions, to_predictions(self, out, quantiles)))
         finally:
             self.train(was_training)
         return [p for _, p in sorted(predictions, key=lambda item: item[0])]
-
-    def _predictions(self, out: EarlyExitOutput, quantiles: Tensor | None) -> list[Prediction]:
-        from jeidnn.conformal import prediction_sets
-
-        probs = out.probs.float().cpu()  # (B, C)
-        exits = out.exit_index.cpu()  # (B,)
-        members = None if quantiles is None else prediction_sets(probs, exits, quantiles).tolist()  # (B, C)
-        top = probs.argmax(dim=1).tolist()
-        result = []
-        for b, (p, layer, cost) in enumerate(zip(probs.tolist(), out.exit_layer.tolist(), out.cost.tolist())):
-            result.append(
-                Prediction(
-                    label=self.labels[top[b]],
-                    probability=p[top[b]],
-                    exit_layer=int(layer),
-                    cost=float(cost),
-                    prediction_set=None if members is None else [y for y, m in zip(self.labels, members[b]) if m],
-                    probabilities=dict(zip(self.labels, p)),
-                )
-            )
-        return result
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the model to ``folder`` (backbone/, exits.safetensors, jeidnn.json); no pickle anywhere."""
         folder = Path(folder)
         (folder / "backbone").mkdir(parents=True, exist_ok=True)
-        self.backbone.model.save_pretrained(folder / "backbone")
+        with _no_progress_bars():
+            self.backbone.model.save_pretrained(folder / "backbone")
         if self.preprocessor is not None:
             self.preprocessor.save_pretrained(folder / "backbone")
         state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
         if isinstance(self.gates, Gates):
             state.update({f"gates.{k}": v for k, v in self.gates.state_dict().items()})
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "exits.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "exits.safetensors")
+        )
         gates: dict[str, Any] = {"type": "none"}
         if isinstance(self.gates, Gates):
             gates = {"type": "jeidnn"}
         elif isinstance(self.gates, ThresholdGates):
-            gates = {"type": "threshold", "measure": self.gates.measure, "thresholds": self.gates.thresholds.tolist()}
+            gates = {
+                "type": "threshold",
+                "measure": self.gates.measure,
+                "thresholds": self.gates.thresholds.tolist(),
+            }
         config = {
             "format_version": FORMAT_VERSION,
             "arch": self.backbone.arch,
@@ -386,6 +361,8 @@ class EarlyExitModel(nn.Module):
             "hidden_size": self.backbone.hidden_size,
             "num_classes": self.num_classes,
             "head_activation": self.backbone.spec.head_activation,
+            "im_head": self.heads.im_head,
+            "pooling": self.backbone.pooling,
             "gates": gates,
             "labels": self.labels,
             "costs": self.costs,
@@ -399,8 +376,6 @@ class EarlyExitModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> EarlyExitModel:
         """Load a folder written by :meth:`save_pretrained`; the model comes back in eval mode."""
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise JeidnnError(f"model folder not found: {folder}")
@@ -414,36 +389,57 @@ class EarlyExitModel(nn.Module):
         version = config.get("format_version") if isinstance(config, dict) else None
         if version != FORMAT_VERSION:
             raise JeidnnError(
-                f"{folder / 'jeidnn.json'} has format version {version!r}; this jeidnn reads version {FORMAT_VERSION}"
+                f"{folder / 'jeidnn.json'} has format version {version!r}; "
+                f"this jeidnn reads version {FORMAT_VERSION}"
             )
         try:
-            backbone = Backbone(AutoModel.from_pretrained(folder / "backbone"), source=str(folder))
-            heads = ExitHeads(
-                config["exit_layers"], config["hidden_size"], config["num_classes"], config["head_activation"]
-            )
-            gate_cfg = config["gates"]
-            gates: Gates | ThresholdGates | None = None
-            if gate_cfg["type"] == "jeidnn":
-                gates = Gates(len(heads.layers))
-            elif gate_cfg["type"] == "threshold":
-                gates = ThresholdGates(gate_cfg["thresholds"], gate_cfg["measure"])
-            elif gate_cfg["type"] != "none":
-                raise JeidnnError(f"{folder / 'jeidnn.json'}: unknown gate type {gate_cfg['type']!r}")
-            state = load_file(str(folder / "exits.safetensors"))
-            heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
-            if isinstance(gates, Gates):
-                gates.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("gates.")})
-            preprocessor = None
-            if config["preprocessor"] is not None:
-                loader = AutoTokenizer if backbone.modality == "text" else AutoImageProcessor
-                preprocessor = loader.from_pretrained(folder / "backbone")
-            model = cls(
-                backbone, heads, gates, preprocessor, config["labels"], config["costs"],
-                config["conformal_quantiles"], config["max_length"], config.get("metadata"),
-            )
+            with _no_progress_bars():
+                model = cls._build(folder, config)
         except KeyError as exc:
             raise JeidnnError(f"{folder / 'jeidnn.json'} lacks the key {exc}; re-export the model") from None
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise JeidnnError(f"cannot load the jeidnn model in {folder}: {first}") from None
         return model.eval()
+
+    @classmethod
+    def _build(cls, folder: Path, config: dict[str, Any]) -> EarlyExitModel:
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        backbone = Backbone(
+            AutoModel.from_pretrained(folder / "backbone"), source=str(folder), pooling=config["pooling"]
+        )
+        heads = ExitHeads(
+            config["exit_layers"],
+            config["hidden_size"],
+            config["num_classes"],
+            config["head_activation"],
+            im_head=config["im_head"],
+        )
+        gate_cfg = config["gates"]
+        gates: Gates | ThresholdGates | None = None
+        if gate_cfg["type"] == "jeidnn":
+            gates = Gates(len(heads.layers))
+        elif gate_cfg["type"] == "threshold":
+            gates = ThresholdGates(gate_cfg["thresholds"], gate_cfg["measure"])
+        elif gate_cfg["type"] != "none":
+            raise JeidnnError(f"{folder / 'jeidnn.json'}: unknown gate type {gate_cfg['type']!r}")
+        state = load_file(str(folder / "exits.safetensors"))
+        heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
+        if isinstance(gates, Gates):
+            gates.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("gates.")})
+        preprocessor = None
+        if config["preprocessor"] is not None:
+            loader = AutoTokenizer if backbone.modality == "text" else AutoImageProcessor
+            preprocessor = loader.from_pretrained(folder / "backbone")
+        return cls(
+            backbone,
+            heads,
+            gates,
+            preprocessor,
+            config["labels"],
+            config["costs"],
+            config["conformal_quantiles"],
+            config["max_length"],
+            config.get("metadata"),
+        )

@@ -11,8 +11,9 @@ Choices worth knowing:
   calib for the IMs in question) only changes the reported confidences, so
   ``ece_temperature_scaled`` is the same exits and accuracy with recalibrated probabilities.
   Conformal sets use the raw probabilities.
-* ``jeidnn_ims_threshold_maxprob`` holds one point per (λ, p) pair, ``param = {"lambda", "p"}``;
-  its envelope is the best the JEI-DNN-trained IMs reach with max-prob thresholds.
+* ``jeidnn_ims_threshold_maxprob`` puts max-prob thresholds on the IMs of ONE λ, the one the
+  export picks on val (:func:`choose_lambda`), one point per p, ``param = {"lambda", "p"}``.
+  Taking the envelope over every λ's IMs would pick the best of several models on test.
 * GFLOPs per sample = mean normalised cost × ``backbone.gflops_full`` (the definition of the cost).
 * ``fallback_exits`` are 0-based exit indices (the column in ``exits.layers``).
 """
@@ -35,12 +36,19 @@ from torch import Tensor
 
 from jeidnn import baselines as bl
 from jeidnn.calibration import ReliabilityDiagram, apply_temperatures, fit_temperatures, reliability_diagram
-from jeidnn.config import EvalConfig, config_from_dict
+from jeidnn.config import EvalConfig, ExportConfig, config_from_dict
 from jeidnn.conformal import evaluate_sets
 from jeidnn.errors import JeidnnError
 from jeidnn.metrics import ExitHistogram, ExpectedCost, common_cost_range, envelope_auc, interpolate_envelope
 
-__all__ = ["METHODS", "NOTES", "alpha_key", "evaluate_run"]
+__all__ = ["METHODS", "NOTES", "alpha_key", "choose_lambda", "evaluate_run"]
+
+
+def choose_lambda(lambdas: list[float], val_costs: list[float], lam: float | None, budget: float) -> int:
+    """Index of the λ to export: `lam` when given, else the λ whose val cost is closest to `budget`."""
+    if lam is not None:
+        return min(range(len(lambdas)), key=lambda i: abs(lambdas[i] - lam))
+    return min(range(len(lambdas)), key=lambda i: abs(val_costs[i] - budget))
 
 NOTES = [
     "Exit decisions use raw probabilities; ece_temperature_scaled keeps the same exits and rescales the "
@@ -48,7 +56,8 @@ NOTES = [
     "probabilities.",
     "Conformal quantiles, baseline thresholds and temperatures are fitted on calib; every number is on test.",
     "jeidnn points use exits.cost_with_gates; all other methods use exits.cost (IMs only).",
-    "jeidnn_ims_threshold_maxprob has one point per (lambda, p) pair; its envelope is over all of them.",
+    "jeidnn_ims_threshold_maxprob uses the IMs of one lambda, chosen on val like the exported model "
+    "(val cost closest to export.cost_budget, or export.lam), with one point per p.",
     "fallback_exits are 0-based exits with fewer calib samples than conformal_min_samples that some test "
     "samples take; they use the pooled quantile.",
     "gflops = mean normalised cost x backbone.gflops_full.",
@@ -234,6 +243,14 @@ def _eval_config(run_dir: Path, alphas: list[float] | None, ece_bins: int | None
     return config_from_dict({"eval": section}).eval
 
 
+def _export_section(run_dir: Path) -> ExportConfig:
+    """The run's export settings (which λ the exported model uses); defaults when absent."""
+    config_path = run_dir / "config.yaml"
+    loaded = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    sections = {k: loaded[k] for k in ("export", "jeidnn") if isinstance(loaded, dict) and k in loaded}
+    return config_from_dict(sections).export
+
+
 def _matched_baseline(points: list[dict], cost: float, set_key: str, set_size: Callable) -> dict:
     """A baseline's envelope (by accuracy) interpolated at `cost`, carrying ECE and set size along."""
     costs, accs = [p["cost"] for p in points], [p["accuracy"] for p in points]
@@ -402,12 +419,18 @@ def evaluate_run(
     if lambdas:
         from jeidnn.gates import exit_decision  # lazy: the evaluation of baselines needs no gates
 
+        export = _export_section(run_dir)
+        val_costs = report.get("jeidnn_val_cost") or [0.0] * len(lambdas)
+        chosen = choose_lambda(lambdas, val_costs, export.lam, export.cost_budget)
+
         for i, lam in enumerate(lambdas):
             jei = _load_predictions(pred_dir / f"jeidnn_{i}.safetensors", True, num_exits)
             ev_gated = _PointEvaluator(jei, costs_gated, gflops_full, cfg, None)
             add("jeidnn", _policy_points(ev_gated, jei, [lam], lambda s, _: exit_decision(s.gates)))
             jei_t = fit_temperatures(jei["calib"].logits, jei["calib"].labels)
             temperatures["jeidnn_ims"].append(jei_t.tolist())
+            if i != chosen:
+                continue
             ev_ims = _PointEvaluator(jei, costs, gflops_full, cfg, jei_t)
             tag = lambda p, lam=lam: {"lambda": lam, "p": p}  # noqa: E731
             add(

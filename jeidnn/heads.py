@@ -44,16 +44,29 @@ class ExitHeads(nn.Module):
 
     Args:
         layers: 1-based backbone layers carrying an exit, ascending, last = final layer.
+        activation: the model family's head activation (`none` = a linear head).
+        im_head: `linear` IMs (dropout + linear) or `mlp` IMs shaped like the final head.
+            The final head always mirrors the model family's own classifier.
     """
 
     def __init__(
-        self, layers: list[int], hidden_size: int, num_classes: int, activation: str, dropout: float = 0.1
+        self,
+        layers: list[int],
+        hidden_size: int,
+        num_classes: int,
+        activation: str,
+        dropout: float = 0.1,
+        im_head: str = "mlp",
     ) -> None:
         super().__init__()
         self.layers = list(layers)
         self.num_classes = num_classes
+        self.activation = activation
+        self.im_head = im_head
+        im_activation = activation if im_head == "mlp" else "none"
         self.heads = nn.ModuleList(
-            ExitHead(hidden_size, num_classes, activation, dropout) for _ in self.layers
+            ExitHead(hidden_size, num_classes, im_activation if i < len(self.layers) - 1 else activation, dropout)
+            for i in range(len(self.layers))
         )
 
     @property

@@ -62,8 +62,11 @@ def prepare(cfg: RunConfig) -> Prepared:
     preprocessor = build_preprocessor(cfg.model, backbone, train_inputs if backbone.modality == "text" else None)
     dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
     layers = exit_layers_of(cfg, backbone.num_layers)
-    heads = ExitHeads(layers, backbone.hidden_size, len(raw.label_names), backbone.spec.head_activation)
-    _init_final_head_from_pooler(backbone, heads)
+    heads = ExitHeads(
+        layers, backbone.hidden_size, len(raw.label_names), backbone.spec.head_activation, im_head=cfg.model.im_head
+    )
+    if backbone.pooling == "cls":
+        _init_final_head_from_pooler(backbone, heads)
     return Prepared(cfg, backbone, raw, splits, dm, heads, layers)
 
 
@@ -141,6 +144,9 @@ def finetune(p: Prepared, run_dir: Path, progress: bool) -> None:
         mode="max", save_top_k=1, save_weights_only=True,
     )
     trainer = make_trainer(p.cfg, run_dir, "finetune", cfg.epochs, progress, callbacks=[ckpt])
+    # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as found:
+    # without this the backbone would fine-tune with dropout off.
+    module.train()
     trainer.fit(module, train, p.dm.val_dataloader())
     if ckpt.best_model_path:
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -185,6 +191,8 @@ def base_report(p: Prepared, costs: ExitCosts, test_logits: torch.Tensor, test_l
             "architecture": p.backbone.arch,
             "num_layers": p.backbone.num_layers,
             "hidden_size": p.backbone.hidden_size,
+            "pooling": p.backbone.pooling,
+            "im_head": p.heads.im_head,
             "gflops_full": costs.gflops_full,
         },
         "dataset": {
@@ -216,7 +224,7 @@ def train_lambdas(p: Prepared, cache: dict[str, FeatureSplit], costs: ExitCosts,
         result = train_jeidnn(
             cache["train"].features, cache["train"].labels, cache["val"].features, cache["val"].labels,
             p.heads, cost_g, lam, p.cfg.jeidnn, default_root_dir=str(run_dir), enable_progress_bar=progress,
-            seed=p.cfg.seed,
+            seed=p.cfg.seed, logger=pl.loggers.CSVLogger(str(run_dir / "logs"), name=f"jeidnn_lambda_{i}"),
         )
         tensors = {}
         for split in ("val", "calib", "test"):
@@ -251,7 +259,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         cache: dict[str, FeatureSplit] = {}
         with timer.stage("feature cache"):
             for split in ("train", "val", "calib", "test"):
-                cache[split] = extract_features(p.backbone, p.dm, split, p.exit_layers, progress)
+                with timer.stage(f"feature cache [{split}]", quiet=True):
+                    cache[split] = extract_features(p.backbone, p.dm, split, p.exit_layers, progress)
         with timer.stage("stage 1: IM warm-up"):
             warmup(p, cache, run_dir, progress)
         with timer.stage("cost counting"):
@@ -293,14 +302,16 @@ def export_model(p: Prepared, lambdas: list[dict], costs: ExitCosts, run_dir: Pa
 
     from jeidnn.conformal import fit_conformal
     from jeidnn.early_exit import EarlyExitModel
+    from jeidnn.evaluation import choose_lambda
     from jeidnn.gates import exit_decision
 
     cfg = p.cfg
+    index = choose_lambda(
+        [x["lambda"] for x in lambdas], [x["val_cost"] for x in lambdas], cfg.export.lam, cfg.export.cost_budget
+    )
     if cfg.export.lam is not None:
-        index = min(range(len(lambdas)), key=lambda i: abs(lambdas[i]["lambda"] - cfg.export.lam))
         reason = f"export.lam = {cfg.export.lam}"
     else:
-        index = min(range(len(lambdas)), key=lambda i: abs(lambdas[i]["val_cost"] - cfg.export.cost_budget))
         reason = f"val cost closest to export.cost_budget = {cfg.export.cost_budget}"
     chosen = lambdas[index]
     calib = load_file(str(run_dir / "predictions" / f"jeidnn_{index}.safetensors"))

@@ -1,7 +1,8 @@
 """`jeidnn predict`: run a saved early-exit model on texts and print one JSON line per input.
 
-Also home of the input handling behind :meth:`EarlyExitModel.predict` (texts, PIL images or tensors
--> model-ready batches), so that the CLI and the Python API validate inputs the same way.
+Also home of what :meth:`EarlyExitModel.predict` does around the forward: texts, PIL images or
+tensors -> model-ready batches, and outputs -> :class:`Prediction`, so that the CLI and the Python
+API validate inputs and report results the same way.
 
 Example:
     $ jeidnn predict runs/tweets/model --text "what a day" --alpha 0.1
@@ -10,21 +11,67 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from jeidnn.conformal import prediction_sets
 from jeidnn.errors import JeidnnError
 
 if TYPE_CHECKING:
-    from jeidnn.early_exit import EarlyExitModel
+    from jeidnn.early_exit import EarlyExitModel, EarlyExitOutput
+
+
+@dataclass
+class Prediction:
+    """One input's prediction. ``prediction_set`` is the conformal set at the exit taken (None without α)."""
+
+    label: str
+    probability: float
+    exit_layer: int
+    cost: float
+    prediction_set: list[str] | None
+    probabilities: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """The five fields written by ``jeidnn predict``."""
+        return {
+            "label": self.label,
+            "probability": self.probability,
+            "exit_layer": self.exit_layer,
+            "cost": self.cost,
+            "prediction_set": self.prediction_set,
+        }
+
+
+def to_predictions(model: EarlyExitModel, out: EarlyExitOutput, quantiles: Tensor | None) -> list[Prediction]:
+    """One :class:`Prediction` per row of a forward's output; conformal sets if `quantiles` (L,) is given."""
+    probs = out.probs.float().cpu()  # (B, C)
+    exits = out.exit_index.cpu()  # (B,)
+    members = None if quantiles is None else prediction_sets(probs, exits, quantiles).tolist()  # (B, C)
+    labels = model.labels
+    result = []
+    for b, (p, exit_) in enumerate(zip(probs.tolist(), exits.tolist())):
+        top = max(range(len(p)), key=p.__getitem__)
+        result.append(
+            Prediction(
+                label=labels[top],
+                probability=p[top],
+                exit_layer=model.heads.layers[exit_],
+                cost=model.costs[exit_],  # the exact configured value, not its float32 copy
+                prediction_set=None if members is None else [y for y, m in zip(labels, members[b]) if m],
+                probabilities=dict(zip(labels, p)),
+            )
+        )
+    return result
+
 
 Batch = tuple[list[int], dict[str, Tensor]]
 """Positions of the batch's samples in the input list, and the model-ready tensors."""
@@ -44,7 +91,9 @@ def make_batches(model: EarlyExitModel, inputs: Any, batch_size: int) -> Iterato
     if not items:
         return
     if model.preprocessor is None:
-        raise JeidnnError("this model was saved without a tokenizer or image processor; pass a dict of tensors")
+        raise JeidnnError(
+            "this model was saved without a tokenizer or image processor; pass a dict of tensors"
+        )
     if model.backbone.modality == "text":
         yield from _text_batches(model, check_texts(items, "input {}"), batch_size)
     else:
@@ -99,7 +148,9 @@ def _image_batches(model: EarlyExitModel, images: list[Any], batch_size: int) ->
 
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
-            raise JeidnnError(f"input {i + 1} is a {type(image).__name__}, not a PIL image (this is a vision model)")
+            raise JeidnnError(
+                f"input {i + 1} is a {type(image).__name__}, not a PIL image (this is a vision model)"
+            )
     for start in range(0, len(images), batch_size):
         chunk = [im.convert("RGB") for im in images[start : start + batch_size]]
         pixels = model.preprocessor(images=chunk, return_tensors="pt")["pixel_values"]  # (b, 3, H, W)
@@ -107,8 +158,11 @@ def _image_batches(model: EarlyExitModel, images: list[Any], batch_size: int) ->
 
 
 # ---------------------------------------------------------------------- files
-def read_texts(path: str | Path, column: str = "text") -> list[str]:
-    """Texts of `column` in a CSV (header row; UTF-8, else latin-1) or JSON-lines file."""
+def read_texts(path: str | Path, column: str = "text", skip_empty: bool = False) -> list[str]:
+    """Texts of `column` in a CSV (header row; UTF-8, else latin-1) or JSON-lines file.
+
+    Empty texts are an error unless `skip_empty` (then they are dropped).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise JeidnnError(f"input file not found: {path}")
@@ -119,6 +173,8 @@ def read_texts(path: str | Path, column: str = "text") -> list[str]:
         texts = _read_jsonl(path, column)
     else:
         raise JeidnnError(f"unsupported input file {path}: give a .csv or .jsonl file")
+    if skip_empty:
+        texts = [t for t in texts if not isinstance(t, str) or t.strip()]
     if not texts:
         raise JeidnnError(f"input file {path} has no rows")
     return check_texts(texts, f"row {{}} of {path}")
@@ -161,7 +217,7 @@ def predict_cli(
     output: str | None = None,
     batch_size: int = 64,
 ) -> int:
-    """Predict `texts` (``--text``) or the `column` of `input_path` and write JSON lines to `output` or stdout.
+    """Predict `texts` (``--text``) or the `column` of `input_path`; write JSON lines to `output` or stdout.
 
     Returns:
         The exit status (0). User mistakes raise :class:`JeidnnError`.
@@ -175,7 +231,9 @@ def predict_cli(
     elif input_path:
         items = read_texts(input_path, column)
     else:
-        raise JeidnnError("nothing to predict: give --text TEXT (repeatable) or --input FILE (.csv or .jsonl)")
+        raise JeidnnError(
+            "nothing to predict: give --text TEXT (repeatable) or --input FILE (.csv or .jsonl)"
+        )
     if batch_size < 1:
         raise JeidnnError(f"--batch-size must be a positive integer, got {batch_size}")
     model = EarlyExitModel.from_pretrained(model_dir)
@@ -190,47 +248,3 @@ def predict_cli(
         except OSError as exc:
             raise JeidnnError(f"cannot write --output {output}: {exc.strerror}") from None
     return 0
-
-
-def build_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``predict`` subcommand to `subparsers` (from ``parser.add_subparsers()``).
-
-    The parsed namespace carries ``handler``: call ``args.handler(args)`` to run it.
-    """
-    parser = subparsers.add_parser("predict", help="predict texts with a saved early-exit model")
-    add_arguments(parser)
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="folder written by EarlyExitModel.save_pretrained")
-    parser.add_argument("--text", action="append", dest="texts", metavar="TEXT", help="a text (repeatable)")
-    parser.add_argument("--input", dest="input_path", metavar="FILE", help="a .csv or .jsonl file of texts")
-    parser.add_argument("--column", default="text", help="column of --input holding the text (default: text)")
-    parser.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage level (default: 0.1)")
-    parser.add_argument("--output", metavar="FILE", help="write JSON lines here (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=64, help="inputs per forward (default: 64)")
-    parser.set_defaults(handler=run_args)
-
-
-def run_args(args: argparse.Namespace) -> int:
-    """Run ``predict`` from a namespace parsed by :func:`build_parser`."""
-    return predict_cli(
-        args.model_dir, args.texts, args.input_path, args.column, args.alpha, args.output, args.batch_size
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jeidnn.predict MODEL_DIR ...``: same as ``jeidnn predict``."""
-    parser = argparse.ArgumentParser(prog="jeidnn predict", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_args(args)
-    except JeidnnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer, ViTImageProcessor
+from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer
 
 from jeidnn.backbone import Backbone, resolve_model_path
 from jeidnn.config import ModelConfig
@@ -49,8 +49,10 @@ def build_preprocessor(cfg: ModelConfig, backbone: Backbone, train_texts: list[A
             raise ValueError("a random text backbone needs training texts to build its vocabulary")
         return build_word_tokenizer(train_texts, int(backbone.config.vocab_size))
     size = int(backbone.config.image_size)
-    try:  # transformers >= 5 splits the PIL backend out (the default one wants torchvision)
+    # transformers >= 5 splits the PIL backend out (the default one wants torchvision); importing
+    # the plain name there prints a fallback warning, so ask for the PIL one first.
+    try:
         from transformers import ViTImageProcessorPil as processor_cls
     except ImportError:
-        processor_cls = ViTImageProcessor
+        from transformers import ViTImageProcessor as processor_cls
     return processor_cls(size={"height": size, "width": size})

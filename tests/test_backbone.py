@@ -111,3 +111,33 @@ def test_saved_folder_loads_back(tmp_path):
     inputs = batch_for(backbone)
     with torch.no_grad():
         torch.testing.assert_close(again(inputs), backbone(inputs))
+
+
+def test_mean_pooling_ignores_padding():
+    cfg = ModelConfig(random_config=TINY_CONFIGS["bert"], pooling="mean")
+    backbone = Backbone.load(cfg).eval()
+    ids = torch.randint(5, 99, (1, 6))
+    short = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    padded_ids = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        a = backbone(short)
+        b = backbone({"input_ids": padded_ids, "attention_mask": mask})
+        hidden = backbone.model(**short, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[:, 0], hidden[1].mean(dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_sentence_transformers_folder_selects_mean_pooling(tmp_path):
+    backbone = tiny("bert")
+    folder = tmp_path / "st"
+    backbone.model.save_pretrained(folder)
+    assert Backbone.load(ModelConfig(name_or_path=str(folder))).pooling == "cls"
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True})
+    )
+    assert Backbone.load(ModelConfig(name_or_path=str(folder))).pooling == "mean"
+    assert Backbone.load(ModelConfig(name_or_path=str(folder), pooling="cls")).pooling == "cls"
+    with pytest.raises(JeidnnError, match="mean' is for text"):
+        Backbone.load(ModelConfig(random_config=TINY_CONFIGS["vit"], pooling="mean"))

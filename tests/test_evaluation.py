@@ -69,6 +69,8 @@ def make_run(root: Path, lambdas: list[float] | None = LAMBDAS) -> Path:
         },
         "timings_s": {"warmup": 1.0},
         "jeidnn_lambdas": lambdas or [],
+        # val cost of each λ: the second is closest to the default export budget 0.6
+        "jeidnn_val_cost": [0.9, 0.55][: len(lambdas or [])],
     }
     (run / "report.json").write_text(json.dumps(report))
     (run / "config.yaml").write_text(
@@ -128,9 +130,11 @@ def test_evaluate_run_full_schema_and_files(tmp_path):
     assert all(p["ece_temperature_scaled"] is not None for p in methods["threshold_maxprob"]["points"])
     assert [p["param"] for p in methods["threshold_maxprob"]["points"]] == [0.5, 1.0, 2.0]
     assert [p["param"] for p in methods["static"]["points"]] == [1, 2, 3, 4]
-    assert [p["param"] for p in methods["patience"]["points"]] == [1, 2, 3]
-    assert len(methods["jeidnn_ims_threshold_maxprob"]["points"]) == 2 * 3
-    assert methods["jeidnn_ims_threshold_maxprob"]["points"][0]["param"] == {"lambda": 0.05, "p": 0.5}
+    assert [p["param"] for p in methods["patience"]["points"]] == [0, 1, 2, 3]
+    # thresholds on the IMs of the one λ chosen on val, like the exported model
+    assert [p["param"] for p in methods["jeidnn_ims_threshold_maxprob"]["points"]] == [
+        {"lambda": 0.5, "p": p} for p in (0.5, 1.0, 2.0)
+    ]
 
     # Static depth at the last exit is the full model: cost of that exit, accuracy of the final head.
     last = methods["static"]["points"][-1]

@@ -1,0 +1,119 @@
+"""`jeidnn predict` on a tiny saved text model with an offline tokenizer."""
+
+import csv
+import json
+
+import pytest
+import torch
+from test_early_exit import TEXTS, split_on_texts, tiny_tokenizer
+from tiny_models import TINY_CONFIGS
+
+from jeidnn.backbone import Backbone
+from jeidnn.config import ModelConfig
+from jeidnn.early_exit import EarlyExitModel
+from jeidnn.errors import JeidnnError
+from jeidnn.gates import Gates
+from jeidnn.heads import ExitHeads
+from jeidnn.predict import predict_cli
+
+LABELS = ["negative", "neutral", "positive"]
+KEYS = {"label", "probability", "exit_layer", "cost", "prediction_set"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(0)
+    backbone = Backbone.load(ModelConfig(random_config=TINY_CONFIGS["bert"]))
+    heads = ExitHeads([1, 2, 3], backbone.hidden_size, len(LABELS), "tanh")
+    with torch.no_grad():
+        for head in heads.heads:
+            head.net[-1].weight.mul_(5)
+    model = EarlyExitModel(
+        backbone,
+        heads,
+        Gates(3),
+        tiny_tokenizer(folder),
+        LABELS,
+        costs=[0.4, 0.7, 1.01],
+        conformal_quantiles={"0.1": [0.5, 0.6, 0.7], "0.05": [0.9, 0.95, 1.0]},
+        max_length=16,
+    ).eval()
+    split_on_texts(model, TEXTS)  # exit layers 1 and 3 both occur
+    model.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def read_lines(text: str) -> list[dict]:
+    rows = [json.loads(line) for line in text.splitlines()]
+    for row in rows:
+        assert set(row) == KEYS
+        assert row["label"] in LABELS and set(row["prediction_set"]) <= set(LABELS)
+        assert 0 < row["probability"] <= 1 and row["exit_layer"] in (1, 2, 3)
+        assert row["cost"] == {1: 0.4, 2: 0.7, 3: 1.01}[row["exit_layer"]]
+    return rows
+
+
+def test_predict_texts_to_stdout(model_dir, capsys):
+    assert predict_cli(str(model_dir), TEXTS, None, "text", 0.1, None, 4) == 0
+    rows = read_lines(capsys.readouterr().out)
+    assert len(rows) == len(TEXTS)
+    expected = EarlyExitModel.from_pretrained(model_dir).predict(TEXTS, alpha=0.1)
+    assert [r["label"] for r in rows] == [p.label for p in expected]
+    assert [r["exit_layer"] for r in rows] == [p.exit_layer for p in expected]
+    assert {r["exit_layer"] for r in rows} == {1, 3}
+    # α = 0.05 has larger quantiles: its sets contain those of α = 0.1.
+    predict_cli(str(model_dir), TEXTS, None, "text", 0.05, None, 64)
+    wider = read_lines(capsys.readouterr().out)
+    assert all(set(a["prediction_set"]) <= set(b["prediction_set"]) for a, b in zip(rows, wider))
+
+
+def test_predict_csv_and_jsonl_to_file(model_dir, tmp_path):
+    csv_path = tmp_path / "inputs.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "tweet"])
+        writer.writerows(enumerate(TEXTS))
+    out = tmp_path / "out.jsonl"
+    assert predict_cli(str(model_dir), None, str(csv_path), "tweet", 0.1, str(out), 2) == 0
+    from_csv = read_lines(out.read_text())
+    assert len(from_csv) == len(TEXTS)
+
+    jsonl_path = tmp_path / "inputs.jsonl"
+    jsonl_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    predict_cli(str(model_dir), None, str(jsonl_path), "text", 0.1, str(out), 64)
+    from_jsonl = read_lines(out.read_text())
+    # Other batch sizes change float rounding only.
+    assert [{**r, "probability": pytest.approx(r["probability"], abs=1e-5)} for r in from_csv] == from_jsonl
+
+
+def test_bad_inputs_name_the_value(model_dir, tmp_path):
+    def fails(match, texts=None, path=None, column="text", alpha=0.1, model=str(model_dir)):
+        with pytest.raises(JeidnnError, match=match) as info:
+            predict_cli(model, texts, path, column, alpha, None, 8)
+        assert "\n" not in str(info.value)
+
+    fails("nothing to predict")
+    fails(r"missing\.csv", path=str(tmp_path / "missing.csv"))
+    (tmp_path / "data.txt").write_text("hello\n")
+    fails(r"data\.txt", path=str(tmp_path / "data.txt"))
+    (tmp_path / "data.csv").write_text("id,text\n1,hello\n2,\n")
+    fails("column 'tweet' not found.*columns: id, text", path=str(tmp_path / "data.csv"), column="tweet")
+    fails(r"row 2 of .*data\.csv is an empty text", path=str(tmp_path / "data.csv"))
+    (tmp_path / "header.csv").write_text("id,text\n")
+    fails("has no rows", path=str(tmp_path / "header.csv"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "hi"}\n{oops\n')
+    fails(r"line 2 of .*bad\.jsonl is not valid JSON", path=str(tmp_path / "bad.jsonl"))
+    fails("--text #2 is an empty text", texts=["fine", ""])
+    fails(r"alpha 0\.3 was not calibrated.*0\.05, 0\.1", texts=["fine"], alpha=0.3)
+    fails("model folder not found", texts=["fine"], model=str(tmp_path / "no_model"))
+
+
+def test_jeidnn_predict_command(model_dir, tmp_path, capsys):
+    from jeidnn.cli import main
+
+    assert main(["predict", str(model_dir), "--text", "good", "--text", "bad", "--alpha", "0.05"]) == 0
+    assert len(read_lines(capsys.readouterr().out)) == 2
+    assert main(["predict", str(model_dir), "--input", str(tmp_path / "nope.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope.csv" in err and "\n" not in err
