@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(run_dir / "config.yaml")
     # The fine-tuned backbone as exported; pooling as the run used it.
     cfg.model = dataclasses.replace(
-        cfg.model, name_or_path=str(run_dir / "model" / "backbone"), random_config=None,
+        cfg.model,
+        name_or_path=str(run_dir / "model" / "backbone"),
+        random_config=None,
         pooling=report["backbone"]["pooling"],
     )
     p = prepare(cfg)
@@ -59,8 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         jcfg = dataclasses.replace(cfg.jeidnn, im_loss=mode)
         start = time.perf_counter()
         result = train_jeidnn(
-            cache["train"].features, cache["train"].labels, cache["val"].features, cache["val"].labels,
-            p.heads, costs, args.lam, jcfg, enable_progress_bar=False, seed=cfg.seed,
+            cache["train"].features,
+            cache["train"].labels,
+            cache["val"].features,
+            cache["val"].labels,
+            p.heads,
+            costs,
+            args.lam,
+            jcfg,
+            enable_progress_bar=False,
+            seed=cfg.seed,
         )
         train_s = time.perf_counter() - start
         logits, _, exits = predict_exits(result.heads, result.gates, cache["test"].features)

@@ -79,7 +79,9 @@ def resolve_model_path(name_or_path: str) -> str:
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if path.exists():
         if not (path / "config.json").is_file():
-            raise JeidnnError(f"model folder {path} has no config.json; point model.name_or_path at a saved model")
+            raise JeidnnError(
+                f"model folder {path} has no config.json; point model.name_or_path at a saved model"
+            )
         return str(path)
     if looks_local:
         raise JeidnnError(f"model folder not found: {name_or_path}; check model.name_or_path")
@@ -108,7 +110,9 @@ def sentence_transformers_pooling(folder: Path) -> str:
         modes = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return "cls"
-    return "mean" if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token") else "cls"
+    return (
+        "mean" if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token") else "cls"
+    )
 
 
 def _find_layers(model: nn.Module, paths: tuple[str, ...]) -> nn.ModuleList:
@@ -149,7 +153,7 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(cls, cfg: ModelConfig) -> Backbone:
-        """Load pretrained weights (hub name, folder, embedded) or build a random model from `random_config`."""
+        """Load pretrained weights (hub name, folder, embedded) or build a random one from `random_config`."""
         if cfg.random_config is not None:
             kwargs = dict(cfg.random_config)
             model_type = kwargs.pop("model_type")
@@ -162,8 +166,12 @@ class Backbone(nn.Module):
                 config = AutoConfig.for_model(model_type, **kwargs)
                 model = AutoModel.from_config(config)
             except (TypeError, ValueError) as exc:
-                raise JeidnnError(f"model.random_config is not a valid {model_type} config: {_first_line(exc)}")
-            return cls(model, source=f"random:{model_type}", pooling="cls" if cfg.pooling == "auto" else cfg.pooling)
+                raise JeidnnError(
+                    f"model.random_config is not a valid {model_type} config: {_first_line(exc)}"
+                ) from None
+            return cls(
+                model, source=f"random:{model_type}", pooling="cls" if cfg.pooling == "auto" else cfg.pooling
+            )
         path = resolve_model_path(cfg.name_or_path)
         try:
             config = AutoConfig.from_pretrained(path)

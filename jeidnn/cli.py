@@ -68,9 +68,13 @@ def train_main(argv: list[str]) -> int:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jeidnn evaluate", description="Recompute the evaluation of a finished run.")
+    parser = argparse.ArgumentParser(
+        prog="jeidnn evaluate", description="Recompute the evaluation of a finished run."
+    )
     parser.add_argument("run_dir")
-    parser.add_argument("--alphas", type=float, nargs="+", default=None, help="conformal levels, e.g. 0.05 0.1")
+    parser.add_argument(
+        "--alphas", type=float, nargs="+", default=None, help="conformal levels, e.g. 0.05 0.1"
+    )
     parser.add_argument("--ece-bins", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -85,7 +89,9 @@ def evaluate_main(argv: list[str]) -> int:
 
 
 def predict_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jeidnn predict", description="Early-exit predictions as JSON lines.")
+    parser = argparse.ArgumentParser(
+        prog="jeidnn predict", description="Early-exit predictions as JSON lines."
+    )
     parser.add_argument("model_dir")
     parser.add_argument("--text", action="append", default=None, help="a text to classify (repeatable)")
     parser.add_argument("--input", default=None, help="CSV or JSONL file of inputs")
@@ -98,7 +104,9 @@ def predict_main(argv: list[str]) -> int:
     def go() -> int:
         from jeidnn.predict import predict_cli
 
-        return predict_cli(args.model_dir, args.text, args.input, args.column, args.alpha, args.output, args.batch_size)
+        return predict_cli(
+            args.model_dir, args.text, args.input, args.column, args.alpha, args.output, args.batch_size
+        )
 
     return guarded(go)
 

@@ -67,6 +67,9 @@ class DataConfig:
     val_fraction: float = 0.1
     calib_fraction: float = 0.1
     test_fraction: float = 0.2
+    drop_duplicates: bool = True
+    """Drop exact duplicate texts (the first one stays) so no text lands in two splits; the
+    embedded tweet corpus repeats some retweets hundreds of times."""
     max_train_samples: int | None = None
     """Keep at most this many training samples (a deterministic subset)."""
     max_eval_samples: int | None = None
@@ -264,9 +267,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise JeidnnError(
-                f"unknown config key `{full}`; valid keys here: {', '.join(sorted(names))}"
-            )
+            raise JeidnnError(f"unknown config key `{full}`; valid keys here: {', '.join(sorted(names))}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, full)
@@ -289,18 +290,21 @@ def _set_override(data: dict, dotted: str, raw: str) -> None:
         names = {f.name: f for f in dataclasses.fields(cls)}
         if part not in names:
             where = ".".join(parts[:i]) or "top level"
-            raise JeidnnError(
-                f"unknown config key `{dotted}` (no `{part}` in {where}); valid keys: {', '.join(sorted(names))}"
-            )
+            valid = ", ".join(sorted(names))
+            raise JeidnnError(f"unknown config key `{dotted}` (no `{part}` in {where}); valid keys: {valid}")
         tp = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise JeidnnError(f"`--{dotted}` names a section; override one of its keys, e.g. --{dotted}.<key>")
+                raise JeidnnError(
+                    f"`--{dotted}` names a section; override one of its keys, e.g. --{dotted}.<key>"
+                )
             node[part] = yaml.safe_load(raw) if raw != "" else ""
         else:
             if not dataclasses.is_dataclass(tp):
                 raise JeidnnError(f"`{'.'.join(parts[: i + 1])}` is not a section; cannot set `{dotted}`")
-            node = node.setdefault(part, {}) if isinstance(node.get(part), dict) else node.setdefault(part, {})
+            node = (
+                node.setdefault(part, {}) if isinstance(node.get(part), dict) else node.setdefault(part, {})
+            )
             cls = tp
 
 

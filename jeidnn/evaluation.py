@@ -50,6 +50,7 @@ def choose_lambda(lambdas: list[float], val_costs: list[float], lam: float | Non
         return min(range(len(lambdas)), key=lambda i: abs(lambdas[i] - lam))
     return min(range(len(lambdas)), key=lambda i: abs(val_costs[i] - budget))
 
+
 NOTES = [
     "Exit decisions use raw probabilities; ece_temperature_scaled keeps the same exits and rescales the "
     "reported probabilities with per-exit temperatures fitted on calib. Conformal sets use raw "

@@ -31,7 +31,7 @@ class FeatureSplit:
 def extract_features(
     backbone: Backbone, dm: JeidnnDataModule, split: str, exit_layers: list[int], progress: bool = True
 ) -> FeatureSplit:
-    """Run the backbone once over `split` (length-bucketed batches) and keep the exit layers' pooled output."""
+    """Run the backbone once over `split` (length-bucketed batches); keep the exit layers' pooled output."""
     backbone.eval()
     n = len(dm.datasets[split])
     features = torch.empty(n, len(exit_layers), backbone.hidden_size)  # (N, L, H)

@@ -65,7 +65,9 @@ class ExitHeads(nn.Module):
         self.im_head = im_head
         im_activation = activation if im_head == "mlp" else "none"
         self.heads = nn.ModuleList(
-            ExitHead(hidden_size, num_classes, im_activation if i < len(self.layers) - 1 else activation, dropout)
+            ExitHead(
+                hidden_size, num_classes, im_activation if i < len(self.layers) - 1 else activation, dropout
+            )
             for i in range(len(self.layers))
         )
 

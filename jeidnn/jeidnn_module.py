@@ -64,6 +64,60 @@ def predict_exits(heads: nn.Module, gates: Gates, features: Tensor, batch_size: 
             module.training = training
 
 
+def alternation_phase(step: int, alternate_steps: int) -> str:
+    """``"gate"`` or ``"im"``: the phase of optimizer step ``step`` (0-based); gate phase first."""
+    return "gate" if (step // alternate_steps) % 2 == 0 else "im"
+
+
+def sgd_with_cosine(
+    params: list[Tensor], cfg: JeidnnConfig, total_steps: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR]:
+    """Stage 2's optimizer: SGD with momentum and weight decay, cosine from ``cfg.lr`` to ``cfg.min_lr``.
+
+    Args:
+        params: the trainable parameters.
+        cfg: stage-2 settings.
+        total_steps: optimizer steps of the whole run (the cosine's length; at least 1 is used).
+    """
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, total_steps), eta_min=cfg.min_lr
+    )
+    return optimizer, scheduler
+
+
+def fit_on_cached_features(
+    module: pl.LightningModule,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    epochs: int,
+    *,
+    default_root_dir: str | None,
+    logger: Any,
+    enable_progress_bar: bool,
+    accelerator: str,
+) -> None:
+    """Fit a stage-2 module for ``epochs`` epochs with the Lightning settings stage 2 shares."""
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=enable_progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, len(train_loader))),
+        default_root_dir=default_root_dir,
+    )
+    with warnings.catch_warnings():
+        # The data are in-memory tensors: worker processes would only add start-up time.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # The frozen final head is kept in eval mode on purpose.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        trainer.fit(module, train_loader, val_loader)
+
+
 class JeiDnnModule(pl.LightningModule):
     """Alternating JEI-DNN training of the gates and the IMs, with manual optimisation.
 
@@ -130,7 +184,7 @@ class JeiDnnModule(pl.LightningModule):
 
     def phase(self, step: int) -> str:
         """``"gate"`` or ``"im"``: the phase of optimizer step ``step`` (0-based)."""
-        return "gate" if (step // self.cfg.alternate_steps) % 2 == 0 else "im"
+        return alternation_phase(step, self.cfg.alternate_steps)
 
     def _val_targets(self, features: Tensor, labels: Tensor) -> Tensor:
         logits = predict_exits(self.heads, self.gates, features).logits
@@ -162,13 +216,7 @@ class JeiDnnModule(pl.LightningModule):
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         params = list(self.gates.parameters()) + self.im_parameters()
-        optimizer = torch.optim.SGD(
-            params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
-        )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=total_steps, eta_min=self.cfg.min_lr
-        )
+        optimizer, scheduler = sgd_with_cosine(params, self.cfg, int(self.trainer.estimated_stepping_batches))
         # Manual optimisation: training_step steps the scheduler after every optimizer step.
         return [optimizer], [scheduler]
 
@@ -310,24 +358,16 @@ def train_jeidnn(
     train_set = TensorDataset(train_features, train_labels)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator)
     val_loader = DataLoader(TensorDataset(val_features, val_labels), batch_size=max(cfg.batch_size, 512))
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs,
-        accelerator=accelerator,
-        devices=1,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=enable_progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, len(train_loader))),
+    fit_on_cached_features(
+        module,
+        train_loader,
+        val_loader,
+        cfg.epochs,
         default_root_dir=default_root_dir,
+        logger=logger,
+        enable_progress_bar=enable_progress_bar,
+        accelerator=accelerator,
     )
-    with warnings.catch_warnings():
-        # The data are in-memory tensors: worker processes would only add start-up time.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        # The frozen final head is kept in eval mode on purpose.
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-        trainer.fit(module, train_loader, val_loader)
 
     module.cpu().eval()
     history = {key: list(values) for key, values in module.history.items()}

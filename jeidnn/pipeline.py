@@ -59,11 +59,17 @@ def prepare(cfg: RunConfig) -> Prepared:
     raw = load_raw(cfg.data, backbone.modality)
     splits = make_splits(len(raw.labels), cfg.data, cfg.seed)
     train_inputs = [raw.inputs[i] for i in splits.indices["train"]]
-    preprocessor = build_preprocessor(cfg.model, backbone, train_inputs if backbone.modality == "text" else None)
+    preprocessor = build_preprocessor(
+        cfg.model, backbone, train_inputs if backbone.modality == "text" else None
+    )
     dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
     layers = exit_layers_of(cfg, backbone.num_layers)
     heads = ExitHeads(
-        layers, backbone.hidden_size, len(raw.label_names), backbone.spec.head_activation, im_head=cfg.model.im_head
+        layers,
+        backbone.hidden_size,
+        len(raw.label_names),
+        backbone.spec.head_activation,
+        im_head=cfg.model.im_head,
     )
     if backbone.pooling == "cls":
         _init_final_head_from_pooler(backbone, heads)
@@ -76,7 +82,11 @@ def _init_final_head_from_pooler(backbone: Backbone, heads: ExitHeads) -> None:
     pooler = getattr(backbone.model, "pooler", None)
     dense = getattr(pooler, "dense", None)
     first = heads.final.net[0]
-    if backbone.spec.head_activation == "tanh" and isinstance(dense, torch.nn.Linear) and dense.weight.shape == first.weight.shape:
+    if (
+        backbone.spec.head_activation == "tanh"
+        and isinstance(dense, torch.nn.Linear)
+        and dense.weight.shape == first.weight.shape
+    ):
         first.load_state_dict(dense.state_dict())
 
 
@@ -115,7 +125,9 @@ class Timer:
             print(f"[jeidnn] {name} done in {self.timings[name]:.1f} s", flush=True)
 
 
-def make_trainer(cfg: RunConfig, run_dir: Path, stage: str, max_epochs: int, progress: bool, **kwargs) -> pl.Trainer:
+def make_trainer(
+    cfg: RunConfig, run_dir: Path, stage: str, max_epochs: int, progress: bool, **kwargs
+) -> pl.Trainer:
     if cfg.logger == "tensorboard":
         logger = pl.loggers.TensorBoardLogger(save_dir=str(run_dir / "logs"), name=stage)
     else:
@@ -140,8 +152,12 @@ def finetune(p: Prepared, run_dir: Path, progress: bool) -> None:
     train = p.dm.loader("train", cfg.batch_size, shuffle=True, limit=cfg.max_samples)
     module = FinetuneModule(p.backbone, p.heads.final, cfg, total_steps=len(train) * cfg.epochs)
     ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"), filename="finetune-best", monitor="finetune/val_acc",
-        mode="max", save_top_k=1, save_weights_only=True,
+        dirpath=str(run_dir / "checkpoints"),
+        filename="finetune-best",
+        monitor="finetune/val_acc",
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
     )
     trainer = make_trainer(p.cfg, run_dir, "finetune", cfg.epochs, progress, callbacks=[ckpt])
     # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as found:
@@ -162,7 +178,10 @@ def warmup(p: Prepared, cache: dict[str, FeatureSplit], run_dir: Path, progress:
         trainer.fit(module, feature_loader(cache["train"], cfg.batch_size, True, p.cfg.seed))
         module.restore_best()
     p.heads.eval()
-    save_file({k: v.contiguous() for k, v in p.heads.state_dict().items()}, str(run_dir / "checkpoints" / "warmup_heads.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in p.heads.state_dict().items()},
+        str(run_dir / "checkpoints" / "warmup_heads.safetensors"),
+    )
     return module.best_epoch
 
 
@@ -200,6 +219,7 @@ def base_report(p: Prepared, costs: ExitCosts, test_logits: torch.Tensor, test_l
             "num_classes": len(p.raw.label_names),
             "labels": p.raw.label_names,
             "splits": dict(p.splits.sizes),
+            "duplicates_dropped": p.raw.duplicates_dropped,
         },
         "exits": {
             "layers": p.exit_layers,
@@ -212,20 +232,35 @@ def base_report(p: Prepared, costs: ExitCosts, test_logits: torch.Tensor, test_l
     }
 
 
-def train_lambdas(p: Prepared, cache: dict[str, FeatureSplit], costs: ExitCosts, run_dir: Path, progress: bool) -> list[dict]:
-    """Stage 2 for every λ: returns per-λ summaries (val cost etc.) and writes predictions + weights."""
+def train_lambdas(
+    p: Prepared, cache: dict[str, FeatureSplit], costs: ExitCosts, run_dir: Path, progress: bool
+) -> list[dict]:
+    """Stage 2 for every λ at once (one model per λ, trained side by side on the same batches);
+    writes each λ's predictions and weights, returns per-λ summaries (val cost etc.)."""
     from jeidnn.gates import exit_decision
-    from jeidnn.jeidnn_module import predict_exits, train_jeidnn
+    from jeidnn.jeidnn_module import predict_exits
+    from jeidnn.sweep import train_jeidnn_sweep
 
     cost_g = torch.tensor(costs.cost_with_gates)
+    lambdas = list(p.cfg.jeidnn.lambdas)
+    print(f"[jeidnn] training {len(lambdas)} JEI-DNN models side by side, λ = {lambdas}", flush=True)
+    results = train_jeidnn_sweep(
+        cache["train"].features,
+        cache["train"].labels,
+        cache["val"].features,
+        cache["val"].labels,
+        p.heads,
+        cost_g,
+        lambdas,
+        p.cfg.jeidnn,
+        default_root_dir=str(run_dir),
+        enable_progress_bar=progress,
+        seed=p.cfg.seed,
+        logger=pl.loggers.CSVLogger(str(run_dir / "logs"), name="jeidnn"),
+        accelerator="cpu" if p.cfg.accelerator == "auto" else p.cfg.accelerator,
+    )
     out = []
-    for i, lam in enumerate(p.cfg.jeidnn.lambdas):
-        print(f"[jeidnn] λ = {lam} ({i + 1}/{len(p.cfg.jeidnn.lambdas)})", flush=True)
-        result = train_jeidnn(
-            cache["train"].features, cache["train"].labels, cache["val"].features, cache["val"].labels,
-            p.heads, cost_g, lam, p.cfg.jeidnn, default_root_dir=str(run_dir), enable_progress_bar=progress,
-            seed=p.cfg.seed, logger=pl.loggers.CSVLogger(str(run_dir / "logs"), name=f"jeidnn_lambda_{i}"),
-        )
+    for i, (lam, result) in enumerate(zip(lambdas, results)):
         tensors = {}
         for split in ("val", "calib", "test"):
             logits, gates, _ = predict_exits(result.heads, result.gates, cache[split].features)
@@ -237,7 +272,14 @@ def train_lambdas(p: Prepared, cache: dict[str, FeatureSplit], costs: ExitCosts,
         weights.update({f"gates.{k}": v for k, v in result.gates.state_dict().items()})
         save_predictions(run_dir / "checkpoints" / f"jeidnn_{i}.safetensors", weights)
         val_exit = exit_decision(tensors["val_gates"])
-        out.append({"lambda": lam, "val_cost": cost_g[val_exit].mean().item(), "heads": result.heads, "gates": result.gates})
+        out.append(
+            {
+                "lambda": lam,
+                "val_cost": cost_g[val_exit].mean().item(),
+                "heads": result.heads,
+                "gates": result.gates,
+            }
+        )
     return out
 
 
@@ -268,7 +310,10 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         logits = {s: exit_logits(p.heads, cache[s]) for s in ("val", "calib", "test")}
         save_predictions(
             run_dir / "predictions" / "warmup.safetensors",
-            {**{f"{s}_logits": logits[s] for s in logits}, **{f"{s}_labels": cache[s].labels for s in logits}},
+            {
+                **{f"{s}_logits": logits[s] for s in logits},
+                **{f"{s}_labels": cache[s].labels for s in logits},
+            },
         )
         report = base_report(p, costs, logits["test"], cache["test"].labels)
         lambdas: list[dict] = []
@@ -307,7 +352,10 @@ def export_model(p: Prepared, lambdas: list[dict], costs: ExitCosts, run_dir: Pa
 
     cfg = p.cfg
     index = choose_lambda(
-        [x["lambda"] for x in lambdas], [x["val_cost"] for x in lambdas], cfg.export.lam, cfg.export.cost_budget
+        [x["lambda"] for x in lambdas],
+        [x["val_cost"] for x in lambdas],
+        cfg.export.lam,
+        cfg.export.cost_budget,
     )
     if cfg.export.lam is not None:
         reason = f"export.lam = {cfg.export.lam}"
@@ -325,12 +373,29 @@ def export_model(p: Prepared, lambdas: list[dict], costs: ExitCosts, run_dir: Pa
         quantiles[str(alpha)] = fitted.quantiles.tolist()
         fallbacks[str(alpha)] = fitted.fallback_exits
     model = EarlyExitModel(
-        p.backbone, chosen["heads"], chosen["gates"], p.dm.preprocessor,
-        labels=p.raw.label_names, costs=costs.cost_with_gates, conformal_quantiles=quantiles,
+        p.backbone,
+        chosen["heads"],
+        chosen["gates"],
+        p.dm.preprocessor,
+        labels=p.raw.label_names,
+        costs=costs.cost_with_gates,
+        conformal_quantiles=quantiles,
         max_length=cfg.model.max_length,
-        metadata={"lambda": chosen["lambda"], "val_cost": chosen["val_cost"], "gflops_full": costs.gflops_full,
-                  "run": cfg.name, "default_alpha": cfg.export.alpha, "chosen_by": reason},
+        metadata={
+            "lambda": chosen["lambda"],
+            "val_cost": chosen["val_cost"],
+            "gflops_full": costs.gflops_full,
+            "run": cfg.name,
+            "default_alpha": cfg.export.alpha,
+            "chosen_by": reason,
+        },
     )
     model.save_pretrained(run_dir / "model")
-    return {"path": "model", "lambda": chosen["lambda"], "lambda_index": index, "val_cost": chosen["val_cost"],
-            "chosen_by": reason, "conformal_fallback_exits": fallbacks}
+    return {
+        "path": "model",
+        "lambda": chosen["lambda"],
+        "lambda_index": index,
+        "val_cost": chosen["val_cost"],
+        "chosen_by": reason,
+        "conformal_fallback_exits": fallbacks,
+    }

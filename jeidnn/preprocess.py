@@ -43,7 +43,9 @@ def build_preprocessor(cfg: ModelConfig, backbone: Backbone, train_texts: list[A
             return AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise JeidnnError(f"cannot load the tokenizer/processor of {cfg.name_or_path!r}: {first}") from None
+            raise JeidnnError(
+                f"cannot load the tokenizer/processor of {cfg.name_or_path!r}: {first}"
+            ) from None
     if backbone.modality == "text":
         if train_texts is None:
             raise ValueError("a random text backbone needs training texts to build its vocabulary")

@@ -1,4 +1,7 @@
-"""Stage 0 (fine-tune backbone + final head) and stage 1 (IM warm-up on cached features) as LightningModules."""
+"""Stage 0 (fine-tune backbone + final head) and stage 1 (IM warm-up on cached features).
+
+Both are LightningModules driven by `pl.Trainer` from :mod:`jeidnn.pipeline`.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ class FinetuneModule(pl.LightningModule):
         self.total_steps = max(total_steps, 1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        pooled = self.backbone(model_inputs(batch, self.backbone.input_names), layers=[self.backbone.num_layers])
+        pooled = self.backbone(
+            model_inputs(batch, self.backbone.input_names), layers=[self.backbone.num_layers]
+        )
         return self.head(pooled[:, 0])  # (B, C)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -144,7 +149,10 @@ class WarmupModule(pl.LightningModule):
 def feature_loader(split: FeatureSplit, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
-        TensorDataset(split.features, split.labels), batch_size=batch_size, shuffle=shuffle, generator=generator
+        TensorDataset(split.features, split.labels),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
     )
 
 

@@ -33,7 +33,10 @@ def run_train(args, capsys):
         (["--data.labels", "[good, bad]"], "not one of data.labels"),
         (["--data.test_fraction", "0.001"], "split 'test' is empty"),
         (["--model.random_config", "{model_type: gpt2}"], "unsupported architecture 'gpt2'"),
-        (["--model.random_config", "null", "--model.name_or_path", "/no/such/model"], "model folder not found"),
+        (
+            ["--model.random_config", "null", "--model.name_or_path", "/no/such/model"],
+            "model folder not found",
+        ),
         (["--data.max_train_sampls", "3"], "unknown config key `data.max_train_sampls`"),
         (["--finetune.epochs", "two"], "`finetune.epochs` expects int"),
     ],
@@ -60,12 +63,26 @@ def test_unknown_command(capsys):
 
 def test_console_script_exit_code(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--config", SMOKE, "--data.source", "csv", "--data.path",
-         str(tmp_path / "missing.csv"), "--output_dir", str(tmp_path)],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config",
+            SMOKE,
+            "--data.source",
+            "csv",
+            "--data.path",
+            str(tmp_path / "missing.csv"),
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: data file not found: {tmp_path / 'missing.csv'}; check data.path"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: data file not found: {tmp_path / 'missing.csv'}; check data.path"
+    ]
 
 
 def test_existing_run_is_not_overwritten(corpus, tmp_path, capsys):

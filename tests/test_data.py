@@ -37,7 +37,7 @@ def test_empty_split_is_refused():
 
 
 def test_csv_with_named_labels(tmp_path):
-    path = write_csv(tmp_path / "d.csv", ["good movie,pos", "bad movie,neg", "\"so, so\",neg"])
+    path = write_csv(tmp_path / "d.csv", ["good movie,pos", "bad movie,neg", '"so, so",neg'])
     raw = load_raw(DataConfig(source="csv", path=str(path)), "text")
     assert raw.label_names == ["neg", "pos"]
     assert raw.labels == [1, 0, 0]
@@ -53,7 +53,9 @@ def test_csv_integer_labels_and_given_names(tmp_path):
 def test_jsonl_source(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"sentence": t, "y": y}) for t, y in [("a", "p"), ("b", "q")]))
-    raw = load_raw(DataConfig(source="jsonl", path=str(path), text_column="sentence", label_column="y"), "text")
+    raw = load_raw(
+        DataConfig(source="jsonl", path=str(path), text_column="sentence", label_column="y"), "text"
+    )
     assert raw.inputs == ["a", "b"] and raw.labels == [0, 1]
 
 
@@ -83,3 +85,12 @@ def test_bad_data_inputs(tmp_path):
 def test_encode_labels_sorted_names():
     labels, names = encode_labels(["b", "a", "c", "a"], None, "x")
     assert names == ["a", "b", "c"] and labels == [1, 0, 2, 0]
+
+
+def test_duplicate_texts_are_dropped_before_splitting(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ["same,pos", "other,neg", "same,neg", "third,pos"])
+    raw = load_raw(DataConfig(source="csv", path=str(path)), "text")
+    assert raw.inputs == ["same", "other", "third"] and raw.labels == [1, 0, 1]
+    assert raw.duplicates_dropped == 1
+    kept = load_raw(DataConfig(source="csv", path=str(path), drop_duplicates=False), "text")
+    assert len(kept.inputs) == 4 and kept.duplicates_dropped == 0

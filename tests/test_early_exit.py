@@ -365,7 +365,9 @@ def test_mean_pooling_and_linear_ims_dynamic_matches_full(arch, tmp_path):
     # Mean pooling reads the padding mask, which must shrink with the rows that keep running.
     torch.manual_seed(0)
     backbone = Backbone.load(ModelConfig(random_config=TINY_CONFIGS[arch], pooling="mean")).eval()
-    heads = ExitHeads([1, 2, 3], backbone.hidden_size, NUM_CLASSES, backbone.spec.head_activation, im_head="linear")
+    heads = ExitHeads(
+        [1, 2, 3], backbone.hidden_size, NUM_CLASSES, backbone.spec.head_activation, im_head="linear"
+    )
     with torch.no_grad():
         for head in heads.heads:
             head.net[-1].weight.mul_(5)

@@ -11,15 +11,24 @@ from jeidnn.cli import evaluate_main, main, train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = [
-    "jeidnn", "threshold_maxprob", "threshold_entropy", "threshold_margin", "global_maxprob", "patience",
-    "static", "oracle", "jeidnn_ims_threshold_maxprob",
+    "jeidnn",
+    "threshold_maxprob",
+    "threshold_entropy",
+    "threshold_margin",
+    "global_maxprob",
+    "patience",
+    "static",
+    "oracle",
+    "jeidnn_ims_threshold_maxprob",
 ]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    code = train_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(out), "--no-progress"])
+    code = train_main(
+        ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(out), "--no-progress"]
+    )
     assert code == 0
     return out / "smoke"
 
@@ -50,8 +59,14 @@ def test_report_has_the_promised_schema(smoke_run):
 
 
 def test_run_folder_contents(smoke_run):
-    for name in ("config.yaml", "report.md", "model/jeidnn.json", "predictions/warmup.safetensors",
-                 "predictions/jeidnn_0.safetensors", "checkpoints/warmup_heads.safetensors"):
+    for name in (
+        "config.yaml",
+        "report.md",
+        "model/jeidnn.json",
+        "predictions/warmup.safetensors",
+        "predictions/jeidnn_0.safetensors",
+        "checkpoints/warmup_heads.safetensors",
+    ):
         assert (smoke_run / name).is_file(), name
     assert list(smoke_run.glob("*.png")) or list(smoke_run.glob("plots/*.png"))
     assert not (smoke_run / "FAILED").exists()
@@ -73,8 +88,18 @@ def test_evaluate_reproduces_the_report(smoke_run, tmp_path):
 
 def test_predict_cli_on_the_smoke_model(smoke_run, tmp_path, capsys):
     out = tmp_path / "p.jsonl"
-    code = main(["predict", str(smoke_run / "model"), "--text", "what a great day", "--text", "meh",
-                 "--output", str(out)])
+    code = main(
+        [
+            "predict",
+            str(smoke_run / "model"),
+            "--text",
+            "what a great day",
+            "--text",
+            "meh",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2
@@ -86,7 +111,9 @@ def test_predict_cli_on_the_smoke_model(smoke_run, tmp_path, capsys):
 
 
 def test_reusing_the_name_is_refused(smoke_run, capsys):
-    code = train_main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(smoke_run.parent)])
+    code = train_main(
+        ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(smoke_run.parent)]
+    )
     assert code == 2
     assert "already holds a finished run" in capsys.readouterr().err
     assert copy.deepcopy(json.loads((smoke_run / "report.json").read_text()))["methods"]

@@ -3,18 +3,60 @@
 TEXT_COMMON = {"vocab_size": 99, "max_position_embeddings": 64}
 
 TINY_CONFIGS: dict[str, dict] = {
-    "bert": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
-             "intermediate_size": 37, **TEXT_COMMON},
-    "roberta": {"model_type": "roberta", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
-                "intermediate_size": 37, "pad_token_id": 1, **TEXT_COMMON},
-    "electra": {"model_type": "electra", "hidden_size": 32, "embedding_size": 16, "num_hidden_layers": 3,
-                "num_attention_heads": 2, "intermediate_size": 37, **TEXT_COMMON},
-    "distilbert": {"model_type": "distilbert", "dim": 32, "n_layers": 3, "n_heads": 2, "hidden_dim": 37,
-                   **TEXT_COMMON},
-    "vit": {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
-            "intermediate_size": 37, "image_size": 16, "patch_size": 4, "num_channels": 3},
-    "deit": {"model_type": "deit", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
-             "intermediate_size": 37, "image_size": 16, "patch_size": 4, "num_channels": 3},
+    "bert": {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        **TEXT_COMMON,
+    },
+    "roberta": {
+        "model_type": "roberta",
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        "pad_token_id": 1,
+        **TEXT_COMMON,
+    },
+    "electra": {
+        "model_type": "electra",
+        "hidden_size": 32,
+        "embedding_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        **TEXT_COMMON,
+    },
+    "distilbert": {
+        "model_type": "distilbert",
+        "dim": 32,
+        "n_layers": 3,
+        "n_heads": 2,
+        "hidden_dim": 37,
+        **TEXT_COMMON,
+    },
+    "vit": {
+        "model_type": "vit",
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        "image_size": 16,
+        "patch_size": 4,
+        "num_channels": 3,
+    },
+    "deit": {
+        "model_type": "deit",
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        "image_size": 16,
+        "patch_size": 4,
+        "num_channels": 3,
+    },
 }
 TEXT_ARCHS = ["bert", "roberta", "electra", "distilbert"]
 VISION_ARCHS = ["vit", "deit"]
@@ -25,11 +67,14 @@ def write_sentiment_csv(path, n: int = 400, seed: int = 0):
     import random
 
     rng = random.Random(seed)
-    cues = {"negative": ["bad", "awful", "terrible"], "neutral": ["okay", "fine", "average"],
-            "positive": ["good", "great", "lovely"]}
+    cues = {
+        "negative": ["bad", "awful", "terrible"],
+        "neutral": ["okay", "fine", "average"],
+        "positive": ["good", "great", "lovely"],
+    }
     fillers = "the a day car road drive phone today it was this my very really".split()
     lines = ["text,label"]
-    for i in range(n):
+    for _ in range(n):
         label = rng.choice(sorted(cues))
         words = rng.choices(fillers, k=rng.randint(3, 12))
         if rng.random() < 0.85:  # some samples carry no cue: the hard ones
@@ -41,4 +86,13 @@ def write_sentiment_csv(path, n: int = 400, seed: int = 0):
 
 def tiny_run_overrides(csv_path, out_dir, name="t"):
     """CLI overrides that point configs/smoke.yaml at a generated CSV in a temp folder."""
-    return ["--data.source", "csv", "--data.path", str(csv_path), "--output_dir", str(out_dir), "--name", name]
+    return [
+        "--data.source",
+        "csv",
+        "--data.path",
+        str(csv_path),
+        "--output_dir",
+        str(out_dir),
+        "--name",
+        name,
+    ]
