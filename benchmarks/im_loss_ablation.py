@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from jeidnn.calibration import ece
 from jeidnn.cli import _quiet_libraries
 from jeidnn.config import load_config
-from jeidnn.features import extract_features
+from jeidnn.features import FeatureSplit, extract_features
 from jeidnn.jeidnn_module import predict_exits, train_jeidnn
 from jeidnn.pipeline import prepare
 
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--lam", type=float, default=0.2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cache", type=Path, default=None, help="save/reuse the feature cache in this file")
     args = parser.parse_args(argv)
     _quiet_libraries()
     run_dir = args.run_dir
@@ -51,10 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     p.heads.load_state_dict(load_file(str(run_dir / "checkpoints" / "warmup_heads.safetensors")))
     p.backbone.eval()
     cache, seconds = {}, {}
-    for split in ("train", "val", "test"):
-        start = time.perf_counter()
-        cache[split] = extract_features(p.backbone, p.dm, split, p.exit_layers, progress=True)
-        seconds[split] = time.perf_counter() - start
+    if args.cache is not None and args.cache.is_file():
+        tensors = load_file(str(args.cache))
+        cache = {s: FeatureSplit(tensors[f"{s}_features"], tensors[f"{s}_labels"]) for s in ("train", "val", "test")}
+    else:
+        for split in ("train", "val", "test"):
+            start = time.perf_counter()
+            cache[split] = extract_features(p.backbone, p.dm, split, p.exit_layers, progress=True)
+            seconds[split] = time.perf_counter() - start
+        if args.cache is not None:
+            tensors = {f"{s}_features": cache[s].features for s in cache}
+            tensors.update({f"{s}_labels": cache[s].labels for s in cache})
+            save_file(tensors, str(args.cache))
     costs = torch.tensor(report["exits"]["cost_with_gates"])
     rows = {}
     for mode in ("weighted", "sum"):
@@ -84,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             "train_s": train_s,
         }
     out = {"lambda": args.lam, "backbone_pass_s": seconds, "results": rows}
-    print(f"λ = {args.lam}; backbone pass over train: {seconds['train']:.1f} s")
+    if seconds:
+        print(f"backbone pass over train: {seconds['train']:.1f} s")
+    print(f"λ = {args.lam}")
     print(f"{'im_loss':<10}{'accuracy':>10}{'cost':>8}{'ECE':>8}  exit fractions")
     for mode, r in rows.items():
         fractions = " ".join(f"{f:.2f}" for f in r["exit_fractions"])

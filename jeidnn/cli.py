@@ -96,7 +96,12 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--text", action="append", default=None, help="a text to classify (repeatable)")
     parser.add_argument("--input", default=None, help="CSV or JSONL file of inputs")
     parser.add_argument("--column", default="text", help="column of --input holding the text")
-    parser.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage level")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="conformal miscoverage level (default: the run's export.alpha)",
+    )
     parser.add_argument("--output", default=None, help="JSON lines file (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)

@@ -129,7 +129,10 @@ class JeidnnConfig:
     """`weighted` = expected CE under the exit distribution with detached normaliser;
     `sum` = plain sum of per-exit CE (ablation)."""
     max_positive_weight: float = 5.0
-    """Clip for the gate-target positive class weight."""
+    """Upper clip of the gates' positive-class weight min(#zeros / #ones, ·) (DESIGN.md §4)."""
+    min_positive_weight: float = 0.0
+    """Lower clip of that weight (0 = DESIGN.md §4). An ablation: with both clips at 1 the gate
+    loss is an unweighted BCE (see README, "JEI-DNN on the default data")."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ def extract_features(
 ) -> FeatureSplit:
     """Run the backbone once over `split` (length-bucketed batches); keep the exit layers' pooled output."""
     backbone.eval()
+    dm.setup()
     n = len(dm.datasets[split])
     features = torch.empty(n, len(exit_layers), backbone.hidden_size)  # (N, L, H)
     labels = torch.empty(n, dtype=torch.long)

@@ -201,7 +201,9 @@ class JeiDnnModule(pl.LightningModule):
         Returns:
             The new ``(L-1,)`` weights.
         """
-        weights = positive_weights(self._val_targets(features, labels), self.cfg.max_positive_weight)
+        weights = positive_weights(
+            self._val_targets(features, labels), self.cfg.max_positive_weight, self.cfg.min_positive_weight
+        )
         self.pos_weight.copy_(weights)
         return self.pos_weight
 
@@ -284,7 +286,9 @@ class JeiDnnModule(pl.LightningModule):
             return  # a partial pass over val must not change the weights
         # §4: the gate class weights are recounted on val after every epoch.
         targets = torch.cat(self._val_targets_seen)  # (N_val, L-1)
-        self.pos_weight.copy_(positive_weights(targets, self.cfg.max_positive_weight))
+        self.pos_weight.copy_(
+            positive_weights(targets, self.cfg.max_positive_weight, self.cfg.min_positive_weight)
+        )
         for i, weight in enumerate(self.pos_weight.tolist()):
             self.log(f"val/pos_weight_{i}", weight)
         self.history["val_accuracy"].append(accuracy)

@@ -87,8 +87,12 @@ def gate_targets(ce: Tensor, costs: Tensor, lam: float) -> Tensor:
     return (exits[None, :] >= best[:, None]).to(ce.dtype)  # (N, L-1)
 
 
-def positive_weights(targets: Tensor, max_weight: float = 5.0) -> Tensor:
+def positive_weights(targets: Tensor, max_weight: float = 5.0, min_weight: float = 0.0) -> Tensor:
     """Weight of the positive (exit) class of each gate: ``min(#zeros / #ones, max_weight)``.
+
+    ``min_weight`` (default 0, DESIGN.md §4: no lower clip) is an ablation switch: the balanced
+    weight falls below 1 when most targets are 1 (large λ) and then pulls the gate back towards
+    0.5; ``min_weight = max_weight = 1`` gives the unweighted BCE.
 
     The weight balances the two classes of each gate's targets. Degenerate gates:
 
@@ -100,6 +104,7 @@ def positive_weights(targets: Tensor, max_weight: float = 5.0) -> Tensor:
     Args:
         targets: gate targets, shape ``(N, L-1)``.
         max_weight: upper clip.
+        min_weight: lower clip.
 
     Returns:
         ``(L-1,)`` positive-class weights.
@@ -109,7 +114,8 @@ def positive_weights(targets: Tensor, max_weight: float = 5.0) -> Tensor:
     ratio = zeros / ones.clamp_min(1)
     weights = ratio.clamp_max(max_weight)
     weights = torch.where(ones == 0, torch.full_like(weights, max_weight), weights)
-    return torch.where((zeros == 0) & (ones > 0), torch.ones_like(weights), weights)
+    weights = torch.where((zeros == 0) & (ones > 0), torch.ones_like(weights), weights)
+    return weights.clamp(min=min_weight, max=max(max_weight, min_weight))
 
 
 def gate_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor) -> Tensor:

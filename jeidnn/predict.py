@@ -213,11 +213,13 @@ def predict_cli(
     texts: list[str] | None,
     input_path: str | None,
     column: str = "text",
-    alpha: float = 0.1,
+    alpha: float | None = None,
     output: str | None = None,
     batch_size: int = 64,
 ) -> int:
     """Predict `texts` (``--text``) or the `column` of `input_path`; write JSON lines to `output` or stdout.
+
+    `alpha` None uses the model's exported default level (``metadata["default_alpha"]``, else 0.1).
 
     Returns:
         The exit status (0). User mistakes raise :class:`JeidnnError`.
@@ -237,6 +239,8 @@ def predict_cli(
     if batch_size < 1:
         raise JeidnnError(f"--batch-size must be a positive integer, got {batch_size}")
     model = EarlyExitModel.from_pretrained(model_dir)
+    if alpha is None:  # the level the run exported the model for (export.alpha)
+        alpha = float(model.metadata.get("default_alpha", 0.1))
     model.quantiles_for(alpha)  # fail on an uncalibrated alpha before any work
     predictions = model.predict(items, alpha=alpha, batch_size=batch_size)
     lines = "".join(json.dumps(p.to_json()) + "\n" for p in predictions)

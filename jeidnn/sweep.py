@@ -38,7 +38,7 @@ _ELEMENTWISE = (nn.Identity, nn.Tanh, nn.GELU, nn.ReLU)
 _gate_targets = vmap(gate_targets, in_dims=(0, None, 0))  # ce (K, N, L), costs (L,), λ (K,) -> (K, N, L-1)
 _gate_loss = vmap(gate_loss)  # (K, N, L-1), (K, N, L-1), (K, L-1) -> (K,)
 _im_loss = vmap(im_loss, in_dims=(0, None, 0, None))  # (K, N, L, C), (N,), (K, N, L), mode -> (K,)
-_positive_weights = vmap(positive_weights, in_dims=(0, None))  # (K, N, L-1), max -> (K, L-1)
+_positive_weights = vmap(positive_weights, in_dims=(0, None, None))  # (K, N, L-1), max, min -> (K, L-1)
 
 
 def _leaf_layers(module: nn.Module) -> list[nn.Module]:
@@ -240,7 +240,9 @@ class JeiDnnSweepModule(pl.LightningModule):
         """
         logits = logits.to(self.costs.device)
         targets = self.targets(logits.expand(self.num_models, *logits.shape), labels.to(logits.device))
-        self.pos_weight.copy_(_positive_weights(targets, self.cfg.max_positive_weight))
+        self.pos_weight.copy_(
+            _positive_weights(targets, self.cfg.max_positive_weight, self.cfg.min_positive_weight)
+        )
         return self.pos_weight
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -321,7 +323,9 @@ class JeiDnnSweepModule(pl.LightningModule):
         cost = [cost / count for cost in torch.stack(self._val_cost).double().sum(dim=0).tolist()]
         # §4: each λ's gate class weights are recounted on val after every epoch.
         targets = torch.cat(self._val_targets, dim=1)  # (K, N_val, L-1)
-        self.pos_weight.copy_(_positive_weights(targets, self.cfg.max_positive_weight))
+        self.pos_weight.copy_(
+            _positive_weights(targets, self.cfg.max_positive_weight, self.cfg.min_positive_weight)
+        )
         pos_weight = self.pos_weight.tolist()
         for k, history in enumerate(self.history):
             history["val_accuracy"].append(accuracy[k])

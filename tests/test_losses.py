@@ -148,3 +148,11 @@ def test_warmup_loss_by_hand():
     sample0 = 3 * LN(2) + 2 * LN(4 / 3) + LN(10 / 9)
     sample1 = 3 * LN(4) + 2 * LN(2) + LN(5 / 4)
     assert warmup_loss(toy_logits(), LABELS).item() == pytest.approx((sample0 + sample1) / 2, abs=1e-5)
+
+
+def test_positive_weight_lower_clip_ablation():
+    # gate 0: 4 ones, 1 zero -> balanced weight 1/4; gate 1: 1 one, 4 zeros -> 4
+    targets = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    torch.testing.assert_close(positive_weights(targets, 5.0), torch.tensor([0.25, 4.0]))
+    torch.testing.assert_close(positive_weights(targets, 5.0, min_weight=1.0), torch.tensor([1.0, 4.0]))
+    torch.testing.assert_close(positive_weights(targets, 1.0, min_weight=1.0), torch.tensor([1.0, 1.0]))
