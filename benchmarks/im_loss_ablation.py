@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     cache, seconds = {}, {}
     if args.cache is not None and args.cache.is_file():
         tensors = load_file(str(args.cache))
-        cache = {s: FeatureSplit(tensors[f"{s}_features"], tensors[f"{s}_labels"]) for s in ("train", "val", "test")}
+        cache = {
+            s: FeatureSplit(tensors[f"{s}_features"], tensors[f"{s}_labels"])
+            for s in ("train", "val", "test")
+        }
     else:
         for split in ("train", "val", "test"):
             start = time.perf_counter()
