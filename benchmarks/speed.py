@@ -49,6 +49,17 @@ COLUMNS = [  # (title, key, width, decimals) of the printed table
 ]
 
 
+def run_test_texts(run_dir: Path, num: int) -> tuple[list[str], str]:
+    """The first `num` texts of the run's own test split (rebuilt from its config: splits are seeded)."""
+    from jeidnn.config import load_config
+    from jeidnn.data import load_raw, make_splits
+
+    cfg = load_config(run_dir / "config.yaml")
+    raw = load_raw(cfg.data, "text")
+    test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"][:num]
+    return [raw.inputs[i] for i in test], f"first {len(test)} texts of the test split of {run_dir}"
+
+
 def default_texts(num: int) -> tuple[list[str], str]:
     """The last `num` tweets of the embedded corpus (which split they fell in during training is unknown)."""
     try:
@@ -99,7 +110,11 @@ def sides(model: EarlyExitModel) -> dict[str, Callable[[dict[str, Tensor]], obje
     def plain(inputs: dict[str, Tensor]) -> Tensor:
         hidden = backbone.model(**inputs).last_hidden_state  # (B, T, H)
         # The HF model already applied the final norm of pre-LN models to last_hidden_state.
-        cls = hidden[:, 0] if backbone.final_norm is not None else backbone.pool(hidden)
+        cls = (
+            hidden[:, 0]
+            if backbone.final_norm is not None
+            else backbone.pool(hidden, inputs.get("attention_mask"))
+        )
         return final(cls)  # (B, C)
 
     return {"plain": plain, "all_layers": model.forward_full, "dynamic": model.forward_dynamic}
@@ -173,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", help="folder written by EarlyExitModel.save_pretrained")
     parser.add_argument("--out", help="JSON results (default: MODEL_DIR/../speed.json)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--inputs", help="CSV or JSONL file of texts (default: the embedded tweet corpus)")
+    parser.add_argument(
+        "--inputs",
+        help="CSV or JSONL file of texts (default: the test split of the run MODEL_DIR belongs to, "
+        "else the embedded tweet corpus)",
+    )
     parser.add_argument("--column", default="text", help="column of --inputs holding the text")
     parser.add_argument("--num-inputs", type=int, default=1024, help="use the last this many texts")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per side and batch size")
@@ -192,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.inputs:
             texts = read_texts(args.inputs, args.column, skip_empty=True)[-args.num_inputs :]
             source = f"last {len(texts)} non-empty rows of {args.inputs}"
+        elif (Path(args.model_dir).parent / "config.yaml").is_file():
+            texts, source = run_test_texts(Path(args.model_dir).parent, args.num_inputs)
         else:
             texts, source = default_texts(args.num_inputs)
     except JeidnnError as exc:

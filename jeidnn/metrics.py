@@ -4,9 +4,10 @@ The **upper envelope** of a method's (cost, accuracy) operating points is the pi
 linear curve through its Pareto-optimal points (sorted by cost, each strictly more accurate
 than every cheaper-or-equal point). Between two neighbouring Pareto points it is linear
 because that trade-off is achievable: send each sample to one policy or the other at
-random in the right proportion. It is monotone non-decreasing by construction and is
-defined only on [cheapest point, most expensive Pareto point]; outside it is NaN, since no
-operating point of the method covers those costs.
+random in the right proportion. It is monotone non-decreasing by construction. It is
+defined on [cheapest point, most expensive point]: past the last Pareto point it stays flat,
+since a budget that affords a dominated, costlier point also affords that Pareto point
+("best accuracy at cost ≤ c"). Outside that range it is NaN: no operating point covers it.
 
 The **AUC** of an envelope over [lo, hi] is divided by (hi - lo), so it reads as the mean
 accuracy over that cost range. [lo, hi] is the range every compared method covers.
@@ -74,12 +75,14 @@ def interpolate_envelope(
     at_arr = np.atleast_1d(np.asarray(at, dtype=np.float64))
     if not idx:
         return np.full(at_arr.shape, np.nan)
-    x = np.asarray(costs, dtype=np.float64)[idx]
+    all_costs = np.asarray(costs, dtype=np.float64)
+    x = all_costs[idx]
     y = np.asarray(accuracies if values is None else values, dtype=np.float64)[idx]
-    out = np.interp(at_arr, x, y)
+    out = np.interp(at_arr, x, y)  # flat past the last Pareto point
     # A tolerance so a point that lies on the envelope's end (same cost up to rounding) matches.
     tol = 1e-9
-    out[(at_arr < x[0] - tol) | (at_arr > x[-1] + tol)] = np.nan
+    top = np.nanmax(all_costs[~np.isnan(np.asarray(accuracies, dtype=np.float64))])
+    out[(at_arr < x[0] - tol) | (at_arr > top + tol)] = np.nan
     return out
 
 
@@ -98,7 +101,7 @@ def envelope_auc(costs: Sequence[float], accuracies: Sequence[float], lo: float,
     idx = upper_envelope(costs, accuracies)
     if not idx:
         return float("nan")
-    x = np.asarray(costs, dtype=np.float64)[idx]
+    x = np.asarray(costs, dtype=np.float64)[idx]  # kinks of the envelope (it is flat after the last)
     if hi - lo < 1e-12:
         return float(interpolate_envelope(costs, accuracies, [lo])[0])
     grid = np.unique(np.concatenate([[lo, hi], x[(x > lo) & (x < hi)]]))

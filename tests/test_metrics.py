@@ -72,3 +72,12 @@ def test_expected_cost_and_exit_histogram_accumulate():
     cost.reset()
     with pytest.warns(UserWarning, match="before the ``update``"):
         assert math.isnan(float(cost.compute()))
+
+
+def test_envelope_stays_flat_up_to_a_dominated_costlier_point():
+    costs, accs = [0.2, 0.5, 0.8], [0.6, 0.7, 0.65]  # the last point is dominated
+    out = interpolate_envelope(costs, accs, [0.1, 0.35, 0.8, 0.9])
+    assert math.isnan(out[0]) and math.isnan(out[3])
+    assert out[1] == pytest.approx(0.65) and out[2] == pytest.approx(0.7)
+    # trapezoid 0.2..0.5 (mean 0.65) + flat 0.5..0.8 at 0.7, over a width of 0.6
+    assert envelope_auc(costs, accs, 0.2, 0.8) == pytest.approx((0.3 * 0.65 + 0.3 * 0.7) / 0.6)
