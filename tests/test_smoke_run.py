@@ -117,3 +117,13 @@ def test_reusing_the_name_is_refused(smoke_run, capsys):
     assert code == 2
     assert "already holds a finished run" in capsys.readouterr().err
     assert copy.deepcopy(json.loads((smoke_run / "report.json").read_text()))["methods"]
+
+
+def test_python_api_on_the_smoke_model(smoke_run):
+    from jeidnn import EarlyExitModel
+
+    model = EarlyExitModel.from_pretrained(smoke_run / "model")
+    out = model.predict(["what a great day", "meh"])
+    assert [p.label in ("negative", "neutral", "positive") for p in out] == [True, True]
+    assert all(p.exit_layer in (1, 2, 3) and p.prediction_set is not None for p in out)
+    assert out[0].cost == model.costs[model.heads.layers.index(out[0].exit_layer)]
