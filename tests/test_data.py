@@ -94,3 +94,30 @@ def test_duplicate_texts_are_dropped_before_splitting(tmp_path):
     assert raw.duplicates_dropped == 1
     kept = load_raw(DataConfig(source="csv", path=str(path), drop_duplicates=False), "text")
     assert len(kept.inputs) == 4 and kept.duplicates_dropped == 0
+
+
+def test_images_go_through_the_image_processor():
+    import torch
+    from PIL import Image
+    from tiny_models import TINY_CONFIGS
+
+    from jeidnn.backbone import Backbone
+    from jeidnn.config import ModelConfig
+    from jeidnn.data import JeidnnDataModule, RawData
+    from jeidnn.features import extract_features
+    from jeidnn.preprocess import build_preprocessor
+
+    model_cfg = ModelConfig(random_config=TINY_CONFIGS["vit"])
+    backbone = Backbone.load(model_cfg).eval()
+    rng = torch.Generator().manual_seed(0)
+    images = [
+        Image.fromarray(torch.randint(0, 255, (24, 20, 3), generator=rng, dtype=torch.uint8).numpy())
+        for _ in range(20)
+    ]
+    raw = RawData(images, [i % 2 for i in range(20)], ["a", "b"], "tiny-images", "image")
+    cfg = DataConfig(eval_batch_size=8)
+    dm = JeidnnDataModule(cfg, raw, make_splits(20, cfg, seed=0), build_preprocessor(model_cfg, backbone), 64, 0)
+    batch = next(iter(dm.loader("train", batch_size=4)))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)  # resized to the model's image_size
+    feats = extract_features(backbone, dm, "test", [1, 2, 3], progress=False)
+    assert feats.features.shape == (4, 3, 32) and torch.isfinite(feats.features).all()
