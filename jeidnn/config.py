@@ -305,9 +305,11 @@ def _set_override(data: dict, dotted: str, raw: str) -> None:
         else:
             if not dataclasses.is_dataclass(tp):
                 raise JeidnnError(f"`{'.'.join(parts[: i + 1])}` is not a section; cannot set `{dotted}`")
-            node = (
-                node.setdefault(part, {}) if isinstance(node.get(part), dict) else node.setdefault(part, {})
-            )
+            if node.get(part) is None:  # absent, or `section:` with nothing under it
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise JeidnnError(f"config section `{part}` must be a mapping, got {node[part]!r}")
+            node = node[part]
             cls = tp
 
 

@@ -65,3 +65,13 @@ def test_bad_override_and_missing_file(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(JeidnnError, match="mapping"):
         load_config(bad)
+
+
+def test_override_into_an_empty_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\nname: x\n")  # `data:` with nothing under it is YAML null
+    cfg = load_config(path, ["--data.max_eval_samples", "7"])
+    assert cfg.data.max_eval_samples == 7 and cfg.name == "x"
+    path.write_text("data: 5\n")
+    with pytest.raises(JeidnnError, match="`data` must be a mapping"):
+        load_config(path, ["--data.max_eval_samples", "7"])
