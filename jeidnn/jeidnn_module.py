@@ -228,9 +228,12 @@ class JeiDnnModule(pl.LightningModule):
         scheduler = self.lr_schedulers()
         phase = self.phase(self.global_step)
         if phase == "gate":
-            # IMs fixed: their logits only feed the gate features and the targets.
+            # IMs fixed: their logits only feed the gate features and the targets. Eval mode (no
+            # dropout), so the gates learn from the same IM outputs they will see at inference.
             with torch.no_grad():
+                self.heads.eval()
                 logits = self.heads(features)  # (B, L, C)
+                self.train(True)
                 targets = gate_targets(per_exit_ce(logits, labels), self.costs, self.lam)  # (B, L-1)
             loss = gate_loss(self.gates(logits).logits, targets, self.pos_weight)
         else:

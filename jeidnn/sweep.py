@@ -263,8 +263,12 @@ class JeiDnnSweepModule(pl.LightningModule):
         scheduler = self.lr_schedulers()
         phase = alternation_phase(self.global_step, self.cfg.alternate_steps)
         if phase == "gate":
-            with torch.no_grad():  # IMs fixed
+            # IMs fixed, and in eval mode (no dropout): the gates learn from the IM outputs they will
+            # see at inference.
+            with torch.no_grad():
+                self.ims.eval()
                 logits = self.exit_logits(features, final_logits)  # (K, B, L, C)
+                self.ims.train()
                 targets = self.targets(logits, labels)  # (K, B, L-1)
             losses = _gate_loss(self.gates(logits), targets, self.pos_weight)  # (K,)
         else:

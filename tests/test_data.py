@@ -116,7 +116,8 @@ def test_images_go_through_the_image_processor():
     ]
     raw = RawData(images, [i % 2 for i in range(20)], ["a", "b"], "tiny-images", "image")
     cfg = DataConfig(eval_batch_size=8)
-    dm = JeidnnDataModule(cfg, raw, make_splits(20, cfg, seed=0), build_preprocessor(model_cfg, backbone), 64, 0)
+    processor = build_preprocessor(model_cfg, backbone)
+    dm = JeidnnDataModule(cfg, raw, make_splits(20, cfg, seed=0), processor, 64, 0)
     batch = next(iter(dm.loader("train", batch_size=4)))
     assert batch["pixel_values"].shape == (4, 3, 16, 16)  # resized to the model's image_size
     feats = extract_features(backbone, dm, "test", [1, 2, 3], progress=False)

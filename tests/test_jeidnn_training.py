@@ -198,3 +198,25 @@ def test_predict_exits_shapes_and_restores_modes(data):
     heads.heads[-1].eval()
     predict_exits(heads, gates, val_x)
     assert heads.training and not heads.heads[-1].training  # submodule modes restored one by one
+
+
+def test_gate_phase_reads_the_ims_in_eval_mode(data):
+    # Gates must learn from the dropout-free IM outputs they see at inference.
+    heads = warm_heads()
+    heads.heads[0] = nn.Sequential(nn.Dropout(0.5), heads.heads[0])
+    modes: list[bool] = []
+    heads.heads[0].register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    (train_x, train_y), (val_x, val_y) = data
+    # K = 1000: every step of this epoch is a gate step
+    train_jeidnn(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        heads,
+        COSTS,
+        0.5,
+        cfg(epochs=1, alternate_steps=1000),
+        enable_progress_bar=False,
+    )
+    assert modes and not any(modes)
