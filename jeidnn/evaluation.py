@@ -226,8 +226,11 @@ def _policy_points(
     return points, diagrams
 
 
-def _eval_config(run_dir: Path, alphas: list[float] | None, ece_bins: int | None) -> EvalConfig:
-    section: dict = {}
+def _run_settings(
+    run_dir: Path, alphas: list[float] | None, ece_bins: int | None
+) -> tuple[EvalConfig, ExportConfig]:
+    """The run's eval settings (with the caller's overrides) and export settings, from config.yaml."""
+    loaded: Any = {}
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         try:
@@ -235,21 +238,17 @@ def _eval_config(run_dir: Path, alphas: list[float] | None, ece_bins: int | None
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0]
             raise JeidnnError(f"{config_path} is not valid YAML ({first}); fix or delete it") from None
-        section = dict(loaded.get("eval") or {}) if isinstance(loaded, dict) else {}
+    if not isinstance(loaded, dict):
+        loaded = {}
+    sections = {k: loaded[k] for k in ("export", "jeidnn") if k in loaded}
+    sections["eval"] = dict(loaded.get("eval") or {})
     if alphas is not None:
-        section["alphas"] = list(alphas)
+        sections["eval"]["alphas"] = list(alphas)
     if ece_bins is not None:
-        section["ece_bins"] = ece_bins
-    # Reuse the config loader's type checks and messages for the eval section.
-    return config_from_dict({"eval": section}).eval
-
-
-def _export_section(run_dir: Path) -> ExportConfig:
-    """The run's export settings (which λ the exported model uses); defaults when absent."""
-    config_path = run_dir / "config.yaml"
-    loaded = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-    sections = {k: loaded[k] for k in ("export", "jeidnn") if isinstance(loaded, dict) and k in loaded}
-    return config_from_dict(sections).export
+        sections["eval"]["ece_bins"] = ece_bins
+    # Reuse the config loader's type checks and messages.
+    cfg = config_from_dict(sections)
+    return cfg.eval, cfg.export
 
 
 def _matched_baseline(points: list[dict], cost: float, set_key: str, set_size: Callable) -> dict:
@@ -373,7 +372,7 @@ def evaluate_run(
         raise JeidnnError(
             f"{report_path} is malformed ({exc!r}); re-run training for this run folder"
         ) from None
-    cfg = _eval_config(run_dir, alphas, ece_bins)
+    cfg, export = _run_settings(run_dir, alphas, ece_bins)
     num_exits = len(costs)
     layers = report["exits"].get("layers") or list(range(1, num_exits + 1))
     gflops_full = report.get("backbone", {}).get("gflops_full")
@@ -420,7 +419,6 @@ def evaluate_run(
     if lambdas:
         from jeidnn.gates import exit_decision  # lazy: the evaluation of baselines needs no gates
 
-        export = _export_section(run_dir)
         val_costs = report.get("jeidnn_val_cost") or [0.0] * len(lambdas)
         chosen = choose_lambda(lambdas, val_costs, export.lam, export.cost_budget)
 

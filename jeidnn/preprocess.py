@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer
 
 from jeidnn.backbone import Backbone, resolve_model_path
 from jeidnn.config import ModelConfig
-from jeidnn.errors import JeidnnError
+from jeidnn.errors import JeidnnError, first_line
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -42,7 +42,7 @@ def build_preprocessor(cfg: ModelConfig, backbone: Backbone, train_texts: list[A
                 return AutoTokenizer.from_pretrained(path)
             return AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise JeidnnError(
                 f"cannot load the tokenizer/processor of {cfg.name_or_path!r}: {first}"
             ) from None

@@ -47,17 +47,8 @@ TINY_CONFIGS: dict[str, dict] = {
         "patch_size": 4,
         "num_channels": 3,
     },
-    "deit": {
-        "model_type": "deit",
-        "hidden_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 2,
-        "intermediate_size": 37,
-        "image_size": 16,
-        "patch_size": 4,
-        "num_channels": 3,
-    },
 }
+TINY_CONFIGS["deit"] = {**TINY_CONFIGS["vit"], "model_type": "deit"}
 TEXT_ARCHS = ["bert", "roberta", "electra", "distilbert"]
 VISION_ARCHS = ["vit", "deit"]
 
