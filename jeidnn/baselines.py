@@ -1,4 +1,4 @@
-"""Exit policies of the baselines (DESIGN.md §5).
+"""Exit policies: the baselines' and the one rule every learned model shares (docs/evaluation.md).
 
 Every policy maps per-exit predictions of N samples at L exits to a 0-based exit index
 per sample, shape (N,) int64. The last exit (index L - 1) is the final classifier and
@@ -21,6 +21,8 @@ __all__ = [
     "global_threshold_exits",
     "oracle_exits",
     "patience_exits",
+    "score_exits",
+    "search_thresholds",
     "select_exit",
     "static_exits",
 ]
@@ -179,3 +181,123 @@ def oracle_exits(preds: Tensor, labels: Tensor) -> Tensor:
     correct = preds == labels[:, None]  # (N, L)
     correct[:, -1] = True  # never-correct samples run to the end
     return correct.int().argmax(dim=1)
+
+
+def score_exits(scores: Tensor, tau: float) -> Tensor:
+    """The exit rule of every learned model: the first ``l < L - 1`` with ``scores[:, l] >= tau``, else L - 1.
+
+    Args:
+        scores: (N, L - 1) per-exit exit scores in [0, 1] (e.g. gate probabilities).
+        tau: score threshold; 0.5 is the native rule, ``inf`` sends every sample to the last exit.
+
+    Returns:
+        (N,) int64 0-based exits.
+
+    Example:
+        >>> score_exits(torch.tensor([[0.2, 0.7], [0.9, 0.1], [0.1, 0.1]]), 0.5).tolist()
+        [1, 0, 2]
+    """
+    passed = scores >= tau  # (N, L - 1)
+    last = torch.ones(scores.shape[0], 1, dtype=torch.bool, device=scores.device)
+    return torch.cat([passed, last], dim=1).int().argmax(dim=1)  # the first exit that passes
+
+
+def _threshold_batch_stats(
+    conf: Tensor, correct: Tensor, costs: Tensor, thresholds: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Accuracy and mean cost of G threshold vectors at once: thresholds (G, L - 1) -> (G,), (G,)."""
+    n, num_exits = conf.shape
+    passed = conf[None, :, :-1] >= thresholds[:, None, :]  # (G, N, L - 1)
+    last = torch.ones(*passed.shape[:2], 1, dtype=torch.bool)
+    exits = torch.cat([passed, last], dim=2).int().argmax(dim=2)  # (G, N)
+    acc = correct.gather(1, exits.T).double().mean(dim=0)  # (G,)
+    cost = costs.double()[exits].mean(dim=1)  # (G,)
+    return acc, cost
+
+
+def _coordinate_ascent(
+    conf: Tensor,
+    correct: Tensor,
+    costs: Tensor,
+    budget: float,
+    thresholds: Tensor,
+    accuracy: float,
+    grids: list[Tensor],
+    passes: int,
+) -> tuple[Tensor, float, float]:
+    tol = 1e-12
+    cost = float("nan")
+    for _ in range(passes):
+        changed = False
+        for k, grid in enumerate(grids):
+            trial = thresholds[None, :].repeat(len(grid), 1)  # (G, L - 1)
+            trial[:, k] = grid
+            acc, trial_cost = _threshold_batch_stats(conf, correct, costs, trial)
+            better = [
+                g for g in range(len(grid)) if trial_cost[g] <= budget + tol and acc[g] > accuracy + tol
+            ]
+            if better:
+                g = min(better, key=lambda i: (-float(acc[i]), float(trial_cost[i]), i))
+                thresholds, accuracy, cost = trial[g].clone(), float(acc[g]), float(trial_cost[g])
+                changed = True
+        if not changed:
+            break
+    if cost != cost:  # never moved: measure the start
+        cost = float(_threshold_batch_stats(conf, correct, costs, thresholds[None])[1][0])
+    return thresholds, accuracy, cost
+
+
+def search_thresholds(
+    conf: Tensor,
+    correct: Tensor,
+    costs: Tensor,
+    budget: float,
+    start_grid: list[float],
+    num_quantiles: int = 20,
+    passes: int = 4,
+    starts: int = 3,
+) -> Tensor | None:
+    """Per-exit thresholds that maximise accuracy subject to mean cost <= budget, searched on one split.
+
+    Deterministic coordinate ascent from several starts. The starts are the ``starts`` best global
+    thresholds of ``start_grid`` that meet the budget (by accuracy, then lower cost, then grid order).
+    From each, for up to ``passes`` rounds, visit exits 0 .. L - 2 in order; for each, try every value of
+    that exit's grid (the split's confidences at that exit at the quantile levels 0, 1/Q, ..., 1, plus
+    ``inf``) with the other thresholds fixed, and move to the most accurate value that keeps cost <=
+    budget if it is strictly more accurate (ties: lower cost, then the smaller value). A round without a
+    move ends the search. The best result over the starts wins (accuracy, then cost, then start order).
+    More than one start matters: from a start where every sample leaves at exit 0, no single exit's
+    threshold can change anything.
+
+    Args:
+        conf: (N, L) confidences (higher = more confident) on the selection split.
+        correct: (N, L) bool, prediction at each exit is right.
+        costs: (L,) normalised cost of each exit.
+        budget: the largest allowed mean cost.
+        start_grid: global thresholds to start from.
+        num_quantiles: Q, the grid resolution per exit.
+        passes: most rounds over the exits per start.
+        starts: how many global thresholds to start from.
+
+    Returns:
+        (L - 1,) thresholds, or None when no global threshold of ``start_grid`` meets the budget.
+    """
+    num_exits = conf.shape[1]
+    conf, costs = conf.double(), torch.as_tensor(costs, dtype=torch.float64)
+    global_ = torch.tensor(start_grid, dtype=torch.float64)[:, None].expand(-1, num_exits - 1)
+    acc, cost = _threshold_batch_stats(conf, correct, costs, global_)
+    ok = [i for i in range(len(start_grid)) if cost[i] <= budget + 1e-12]
+    if not ok:
+        return None
+    ok.sort(key=lambda i: (-float(acc[i]), float(cost[i]), i))
+    levels = torch.linspace(0, 1, num_quantiles + 1, dtype=torch.float64)
+    grids = [
+        torch.cat([torch.quantile(conf[:, k], levels, interpolation="lower"), torch.tensor([float("inf")])])
+        for k in range(num_exits - 1)
+    ]
+    results = [
+        _coordinate_ascent(conf, correct, costs, budget, global_[i].clone(), float(acc[i]), grids, passes)
+        for i in ok[:starts]
+    ]
+    best = min(range(len(results)), key=lambda r: (-results[r][1], results[r][2], r))
+    return results[best][0]

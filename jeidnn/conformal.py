@@ -1,21 +1,26 @@
-"""Per-exit split conformal prediction sets (DESIGN.md §6).
+"""Per-exit split conformal prediction sets, small exits merged into groups (docs/evaluation.md).
 
-Each sample is scored at the exit it takes: ``s = 1 - p_y``. For exit ``l`` the
-quantile ``q_l`` is the ``ceil((n_l + 1)(1 - alpha))``-th smallest calibration score among
-the ``n_l`` calibration samples that exit at ``l``; when that rank exceeds ``n_l`` the
-quantile is 1 (the full label set). Exits with fewer than ``min_samples`` calibration
-samples use the pooled quantile (same rule over all calibration samples) and are reported
-in ``fallback_exits``. The set is ``{y : p_y >= 1 - q_l}``.
+Each sample is scored at the exit it takes: ``s = 1 - p_y``. The exits are partitioned into
+groups of consecutive exits (:func:`group_exits`): an exit with enough calibration samples is a
+group of its own, smaller ones are merged with their neighbours. For group ``g`` the quantile
+``q_g`` is the ``ceil((n_g + 1)(1 - alpha))``-th smallest calibration score among the ``n_g``
+calibration samples whose exit lies in ``g``; when that rank exceeds ``n_g`` the quantile is 1
+(the full label set). Every exit of a group uses the group's quantile. The set is
+``{y : p_y >= 1 - q_g}``.
 
-Conditioning the quantile on the exit keeps the marginal guarantee
-``P(y in set) >= 1 - alpha``: the exit decision does not look at the label, so within each
-exit the calib and test samples stay exchangeable. The pooled fallback gives up the
-per-exit guarantee for that exit only (it is the standard split-conformal quantile there).
+Why this is valid: the exit taken is a function of the input alone (never of the label), and so
+is the group of that exit, provided the partition itself does not depend on the calibration or
+test labels. Within each group the calibration and test scores are then exchangeable, and the
+rank rule gives ``P(y in set | group) >= 1 - alpha`` for every group, hence also marginally.
+A pooled quantile used only for the small exits (while large exits keep their own) has no such
+guarantee: it is calibrated for the mixture of all exits, and under-covers an exit whose samples
+are harder than average.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +31,19 @@ __all__ = [
     "ConformalCoverage",
     "ConformalQuantiles",
     "ConformalSetSize",
+    "alpha_key",
     "conformal_quantile",
     "evaluate_sets",
     "fit_conformal",
+    "group_exits",
     "prediction_sets",
+    "resplit_miss",
 ]
+
+
+def alpha_key(alpha: float) -> str:
+    """JSON key of a conformal level: 0.05 -> "0.05", 0.1 -> "0.1"."""
+    return format(alpha, "g")
 
 
 def conformal_quantile(scores: Tensor, alpha: float) -> float:
@@ -53,21 +66,79 @@ def conformal_quantile(scores: Tensor, alpha: float) -> float:
     return float(scores.double().sort().values[rank - 1])
 
 
+def group_exits(counts: Sequence[int] | Tensor, min_samples: int) -> list[list[int]]:
+    """Partition exits 0 .. L - 1 into runs of consecutive exits with >= ``min_samples`` samples each.
+
+    Walk the exits in order and accumulate them into the current group until it holds at least
+    ``min_samples`` samples, then start a new one. A short tail (fewer samples) joins the previous
+    group; if there is none, everything is one group.
+
+    Example:
+        >>> group_exits([0, 0, 50, 3, 40, 5], min_samples=30)
+        [[0, 1, 2], [3, 4, 5]]
+    """
+    counts = [int(c) for c in counts]
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for exit_, count in enumerate(counts):
+        current.append(exit_)
+        total += count
+        if total >= min_samples:
+            groups.append(current)
+            current, total = [], 0
+    if current:
+        if groups:
+            groups[-1].extend(current)
+        else:
+            groups.append(current)
+    return groups
+
+
 @dataclass
 class ConformalQuantiles:
-    """Per-exit quantiles fitted on the calibration split."""
+    """Per-exit quantiles fitted on the calibration split (exits of one group share a quantile)."""
 
     alpha: float
-    quantiles: Tensor  # (L,) float64 q_l
+    quantiles: Tensor  # (L,) float64 q of each exit's group
     calib_counts: Tensor  # (L,) int64 calibration samples exiting at each exit
-    fallback_exits: list[int]  # 0-based exits that use the pooled quantile
-    pooled_quantile: float
+    groups: list[list[int]]  # partition of the 0-based exits
+
+    @property
+    def merged_groups(self) -> list[list[int]]:
+        """The groups of more than one exit."""
+        return [g for g in self.groups if len(g) > 1]
+
+
+def _group_quantiles(
+    scores: Tensor, exits: Tensor, groups: list[list[int]], num_exits: int, alpha: float
+) -> Tensor:
+    group_of = torch.empty(num_exits, dtype=torch.long)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    sample_group = group_of[exits.long()]  # (N,)
+    quantiles = torch.empty(num_exits, dtype=torch.float64)
+    for g, members in enumerate(groups):
+        quantiles[members] = conformal_quantile(scores[sample_group == g], alpha)
+    return quantiles
+
+
+def _check_groups(groups: list[list[int]], num_exits: int) -> None:
+    flat = sorted(e for g in groups for e in g)
+    if flat != list(range(num_exits)):
+        raise ValueError(f"Expected `groups` to partition the exits 0 .. {num_exits - 1} but got {groups}")
 
 
 def fit_conformal(
-    probs: Tensor, labels: Tensor, exits: Tensor, num_exits: int, alpha: float, min_samples: int = 30
+    probs: Tensor,
+    labels: Tensor,
+    exits: Tensor,
+    num_exits: int,
+    alpha: float,
+    min_samples: int = 30,
+    groups: list[list[int]] | None = None,
 ) -> ConformalQuantiles:
-    """Fit per-exit quantiles on calibration data.
+    """Fit per-group quantiles on calibration data.
 
     Args:
         probs: (N, C) probabilities at the exit each calibration sample takes.
@@ -75,25 +146,23 @@ def fit_conformal(
         exits: (N,) 0-based exit taken.
         num_exits: L.
         alpha: miscoverage level.
-        min_samples: an exit with fewer calibration samples uses the pooled quantile.
+        min_samples: with ``groups=None``, exits are grouped by :func:`group_exits` on these
+            calibration counts.
+        groups: a fixed partition of the exits, e.g. from the exit counts of an independent split
+            (the evaluation uses calib half A), which keeps the guarantee exact.
 
     Returns:
-        The quantiles and which exits fell back to the pooled one.
+        The quantiles and the partition used.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"Expected argument `alpha` to lie in (0, 1) but got {alpha}")
     scores = 1 - probs.double().gather(1, labels.long()[:, None]).squeeze(1)  # (N,)
-    pooled = conformal_quantile(scores, alpha)
     counts = torch.bincount(exits.long(), minlength=num_exits)[:num_exits]
-    quantiles = torch.empty(num_exits, dtype=torch.float64)
-    fallback: list[int] = []
-    for exit_ in range(num_exits):
-        if counts[exit_] < min_samples:
-            quantiles[exit_] = pooled
-            fallback.append(exit_)
-        else:
-            quantiles[exit_] = conformal_quantile(scores[exits == exit_], alpha)
-    return ConformalQuantiles(alpha, quantiles, counts, fallback, pooled)
+    if groups is None:
+        groups = group_exits(counts, min_samples)
+    _check_groups(groups, num_exits)
+    quantiles = _group_quantiles(scores, exits, groups, num_exits, alpha)
+    return ConformalQuantiles(alpha, quantiles, counts, groups)
 
 
 def prediction_sets(probs: Tensor, exits: Tensor, quantiles: Tensor) -> Tensor:
@@ -188,17 +257,17 @@ def evaluate_sets(
     num_exits: int,
     alpha: float,
     min_samples: int = 30,
+    groups: list[list[int]] | None = None,
 ) -> dict:
     """Fit quantiles on calib and report test coverage and mean set size.
 
     All probabilities are (N, C) at the exit each sample takes; exits are 0-based.
 
     Returns:
-        ``{"coverage", "mean_set_size", "fallback_exits", "quantiles"}`` (plain Python values).
-        ``fallback_exits`` lists the exits whose pooled quantile was actually used, i.e. those
-        with fewer than ``min_samples`` calib samples that at least one test sample takes.
+        ``{"coverage", "mean_set_size", "merged_groups", "quantiles"}`` (plain Python values);
+        ``merged_groups`` lists the groups of more than one exit.
     """
-    fitted = fit_conformal(calib_probs, calib_labels, calib_exits, num_exits, alpha, min_samples)
+    fitted = fit_conformal(calib_probs, calib_labels, calib_exits, num_exits, alpha, min_samples, groups)
     coverage = ConformalCoverage(fitted.quantiles)
     size = ConformalSetSize(fitted.quantiles)
     coverage.update(test_probs, test_exits, test_labels)
@@ -206,6 +275,59 @@ def evaluate_sets(
     return {
         "coverage": float(coverage.compute()),
         "mean_set_size": float(size.compute()),
-        "fallback_exits": [e for e in fitted.fallback_exits if bool((test_exits == e).any())],
+        "merged_groups": fitted.merged_groups,
         "quantiles": fitted.quantiles.tolist(),
+    }
+
+
+def resplit_miss(
+    probs: Tensor,
+    labels: Tensor,
+    exits: Tensor,
+    num_exits: int,
+    groups: list[list[int]],
+    num_calib: int,
+    alphas: Sequence[float],
+    resplits: int,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """Miss rate (1 - coverage) over random re-splits of a pool into calibration and test parts.
+
+    Each re-split permutes the pool, fits the group quantiles on the first ``num_calib`` samples and
+    measures the miss rate on the rest. Valid conformal sets have mean miss rate <= alpha up to the
+    re-split noise.
+
+    Args:
+        probs: (N, C) probabilities at the exit each pooled sample takes.
+        labels: (N,) true classes.
+        exits: (N,) 0-based exits (label-free).
+        num_exits: L.
+        groups: fixed partition of the exits.
+        num_calib: size of the calibration part.
+        alphas: miscoverage levels.
+        resplits: number of re-splits.
+        seed: seeds the permutations.
+
+    Returns:
+        ``{alpha_key: {"mean", "std", "min", "max"}}`` of the miss rates.
+    """
+    _check_groups(groups, num_exits)
+    scores = 1 - probs.double().gather(1, labels.long()[:, None]).squeeze(1)  # (N,)
+    gen = torch.Generator().manual_seed(seed)
+    misses = torch.empty(len(alphas), resplits, dtype=torch.float64)
+    for r in range(resplits):
+        perm = torch.randperm(len(labels), generator=gen)
+        cal, test = perm[:num_calib], perm[num_calib:]
+        for i, alpha in enumerate(alphas):
+            q = _group_quantiles(scores[cal], exits[cal], groups, num_exits, alpha)
+            covered = scores[test] <= q[exits[test].long()]  # same expression as prediction_sets
+            misses[i, r] = 1 - covered.double().mean()
+    return {
+        alpha_key(a): {
+            "mean": float(m.mean()),
+            "std": float(m.std(unbiased=False)),
+            "min": float(m.min()),
+            "max": float(m.max()),
+        }
+        for a, m in zip(alphas, misses, strict=True)
     }

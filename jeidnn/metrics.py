@@ -28,6 +28,7 @@ __all__ = [
     "common_cost_range",
     "envelope_auc",
     "interpolate_envelope",
+    "paired_bootstrap",
     "upper_envelope",
 ]
 
@@ -125,6 +126,35 @@ def common_cost_range(method_costs: Mapping[str, Sequence[float]]) -> tuple[floa
     lo = max(min(v) for v in finite.values())
     hi = min(max(v) for v in finite.values())
     return float(lo), float(hi)
+
+
+def paired_bootstrap(diffs: Tensor, resamples: int, seed: int, chunk: int = 100) -> Tensor:
+    """Percentile bootstrap of the mean of paired per-sample differences, many columns at once.
+
+    Every column is resampled with the same test indices (paired across methods and budgets).
+
+    Args:
+        diffs: (N, M) per-sample differences, e.g. correct(method) - correct(best baseline).
+        resamples: bootstrap resamples of the N indices.
+        seed: seeds the resamples.
+
+    Returns:
+        (M, 3) float64: observed mean, 2.5 % and 97.5 % percentiles of the resampled means.
+    """
+    n, m = diffs.shape
+    gen = torch.Generator().manual_seed(seed)
+    diffs = diffs.double()
+    means = []
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        idx = torch.randint(0, n, (size, n), generator=gen)
+        weights = torch.zeros(size, n, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones(size, n, dtype=torch.float64)
+        )  # (size, N) how often each sample is drawn
+        means.append(weights @ diffs / n)  # (size, M)
+    boot = torch.cat(means) if means else torch.zeros(0, m, dtype=torch.float64)
+    ci = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0).T  # (M, 2)
+    return torch.cat([diffs.mean(dim=0)[:, None], ci], dim=1)
 
 
 # --------------------------------------------------------------------------- torchmetrics classes

@@ -15,6 +15,8 @@ from jeidnn.baselines import (
     global_threshold_exits,
     oracle_exits,
     patience_exits,
+    score_exits,
+    search_thresholds,
     select_exit,
     static_exits,
 )
@@ -116,3 +118,66 @@ def test_static_oracle_and_select():
     values = torch.arange(3 * 3 * 2).view(3, 3, 2)
     assert select_exit(values, torch.tensor([2, 0, 1])).tolist() == [[4, 5], [6, 7], [14, 15]]
     assert select_exit(values[..., 0], torch.tensor([2, 0, 1])).tolist() == [4, 6, 14]
+
+
+def test_score_exits_is_the_first_score_at_or_above_tau():
+    scores = torch.tensor([[0.2, 0.7, 0.1], [0.5, 0.1, 0.9], [0.1, 0.1, 0.1], [0.49, 0.5, 1.0]])
+    assert score_exits(scores, 0.5).tolist() == [1, 0, 3, 1]  # >= tau exits; nobody passing -> last exit
+    assert score_exits(scores, 0.8).tolist() == [3, 2, 3, 2]
+    assert score_exits(scores, float("inf")).tolist() == [3, 3, 3, 3]  # nobody exits early
+    assert score_exits(scores, 0.0).tolist() == [0, 0, 0, 0]
+    assert score_exits(torch.zeros(2, 0), 0.5).tolist() == [0, 0]  # a single exit
+    assert score_exits(scores, 0.5).dtype == torch.long
+
+
+def _search_case() -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    conf = torch.tensor(
+        [[0.9, 0.9, 1.0], [0.8, 0.95, 1.0], [0.6, 0.7, 1.0], [0.3, 0.6, 1.0]], dtype=torch.float64
+    )
+    correct = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 0, 1], [0, 0, 1]]).bool()
+    return conf, correct, [0.2, 0.5, 1.0]
+
+
+def test_search_thresholds_hand_case():
+    """Worked by hand (costs 0.2, 0.5, 1.0; global grid 0, 0.5, 0.85, inf).
+
+    Global thresholds: t=0 -> acc 0.5, cost 0.2; t=0.5 -> 0.5, 0.275; t=0.85 -> 1.0, 0.675; inf -> 1.0, 1.0.
+    Budget 0.5: starts t=0 and t=0.5. From t=0 everyone leaves at exit 0 and no single threshold helps.
+    From t=0.5, raising exit 1's threshold to 0.7 (the smallest grid value that works) sends the last
+    sample to the final exit: accuracy 0.75 at cost 0.4. Nothing else beats it within the budget.
+    """
+    conf, correct, costs = _search_case()
+    grid = [0.0, 0.5, 0.85, float("inf")]
+    found = search_thresholds(conf, correct, costs, 0.5, grid, num_quantiles=4)
+    assert found.tolist() == [0.5, 0.7]
+    exits = apply_thresholds(conf, found)
+    assert exits.tolist() == [0, 0, 0, 2]
+    assert correct[torch.arange(4), exits].double().mean() == 0.75
+    assert torch.tensor(costs)[exits].mean() == pytest.approx(0.4)
+    # One start (t=0) is stuck at the global optimum's accuracy of 0.5.
+    assert search_thresholds(conf, correct, costs, 0.5, grid, num_quantiles=4, starts=1).tolist() == [0, 0]
+    # A budget that affords the best global threshold keeps it; one below every start gives None.
+    assert search_thresholds(conf, correct, costs, 0.7, grid, num_quantiles=4).tolist() == [0.85, 0.85]
+    assert search_thresholds(conf, correct, costs, 0.1, grid) is None
+
+
+@pytest.mark.parametrize("budget", [0.35, 0.5, 0.7])
+def test_search_thresholds_never_exceeds_budget_and_beats_the_global_threshold(budget):
+    gen = torch.Generator().manual_seed(0)
+    n, num_exits = 600, 5
+    conf = torch.rand(n, num_exits, generator=gen)
+    # correctness more likely with confidence and depth
+    correct = torch.rand(n, num_exits, generator=gen) < (0.3 + 0.4 * conf + 0.05 * torch.arange(num_exits))
+    costs = torch.linspace(0.2, 1.0, num_exits)
+    grid = [i / 20 for i in range(21)] + [float("inf")]
+    found = search_thresholds(conf, correct, costs, budget, grid)
+    exits = apply_thresholds(conf, found)
+    acc = correct[torch.arange(n), exits].double().mean()
+    assert costs.double()[exits].mean() <= budget + 1e-9
+    best_global = max(
+        correct[torch.arange(n), e].double().mean()
+        for e in (global_threshold_exits(conf, t) for t in grid)
+        if costs.double()[e].mean() <= budget + 1e-9
+    )
+    assert acc > best_global  # strictly: the per-exit search finds something the global grid cannot
+    assert torch.equal(found, search_thresholds(conf, correct, costs, budget, grid))  # deterministic

@@ -1,4 +1,4 @@
-"""Per-exit split conformal: the quantile rule by hand, and coverage >= 1 - alpha over random splits."""
+"""Per-exit split conformal: the quantile and grouping rules by hand, coverage >= 1 - alpha over re-splits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from jeidnn.conformal import (
     conformal_quantile,
     evaluate_sets,
     fit_conformal,
+    group_exits,
     prediction_sets,
+    resplit_miss,
 )
 
 
@@ -36,30 +38,48 @@ def test_conformal_quantile_rank_rule():
     assert conformal_quantile(nineteen[:18], 0.05) == 1.0  # rank ceil(18.05) = 19 > 18
 
 
-def test_fit_conformal_hand_example_with_full_set_and_pooled_fallback():
-    # exit 0: scores 0.1 .. 0.4; exit 1: two scores; exit 2: one score (below min_samples -> pooled).
+def test_group_exits_hand_cases():
+    assert group_exits([40, 35, 31], 30) == [[0], [1], [2]]  # every exit large enough: no merging
+    assert group_exits([0, 0, 50, 3, 40, 5], 30) == [[0, 1, 2], [3, 4, 5]]  # short tail joins the previous
+    assert group_exits([10, 10, 10, 40], 30) == [[0, 1, 2], [3]]
+    assert group_exits([50, 10, 10], 30) == [[0, 1, 2]]  # the short tail [1, 2] joins [0]
+    assert group_exits([5, 5], 30) == [[0, 1]]  # too few in total: one pooled group
+    assert group_exits([3, 0, 2], 0) == [[0], [1], [2]]
+
+
+def test_fit_conformal_hand_example_with_full_set_and_merged_group():
+    # exit 0: scores 0.1 .. 0.4; exit 1: scores 0.05, 0.5; exit 2: score 0.25; exit 3: none.
     probs, labels = _probs_with_true_prob([0.9, 0.8, 0.7, 0.6, 0.95, 0.5, 0.75])
     exits = torch.tensor([0, 0, 0, 0, 1, 1, 2])
-    fitted = fit_conformal(probs, labels, exits, num_exits=4, alpha=0.2, min_samples=2)
-    # exit 0: rank ceil(5 * 0.8) = 4 -> 0.4; exit 1: rank ceil(3 * 0.8) = 3 > 2 -> 1 (full set);
-    # pooled over 7 scores {0.05, .1, .2, .25, .3, .4, .5}: rank ceil(8 * 0.8) = 7 -> 0.5 for exits 2 and 3.
-    torch.testing.assert_close(fitted.quantiles, torch.tensor([0.4, 1.0, 0.5, 0.5], dtype=torch.float64))
-    assert fitted.fallback_exits == [2, 3]
+    fitted = fit_conformal(probs, labels, exits, num_exits=4, alpha=0.5, min_samples=3)
+    # Groups [0] (4 samples) and [1, 2] (3 samples); exit 3 (none) is a short tail and joins [1, 2].
+    assert fitted.groups == [[0], [1, 2, 3]] and fitted.merged_groups == [[1, 2, 3]]
+    # exit 0: rank ceil(5 * 0.5) = 3 -> 0.3; group {0.05, 0.5, 0.25}: rank ceil(4 * 0.5) = 2 -> 0.25.
+    torch.testing.assert_close(fitted.quantiles, torch.tensor([0.3, 0.25, 0.25, 0.25], dtype=torch.float64))
     assert fitted.calib_counts.tolist() == [4, 2, 1, 0]
-    assert fitted.pooled_quantile == pytest.approx(0.5)
+    # alpha 0.2: the group's rank ceil(4 * 0.8) = 4 > 3: the full label set for exits 1 .. 3.
+    strict = fit_conformal(probs, labels, exits, num_exits=4, alpha=0.2, min_samples=3)
+    assert strict.quantiles[1:].tolist() == [1.0, 1.0, 1.0]
+    # A partition given from outside (e.g. from another split's counts) is used as is.
+    given = fit_conformal(probs, labels, exits, 4, 0.5, groups=[[0, 1], [2, 3]])
+    # [0, 1]: six scores, rank ceil(7 * 0.5) = 4 -> 0.3; [2, 3]: one score, rank ceil(2 * 0.5) = 1 -> 0.25.
+    assert given.groups == [[0, 1], [2, 3]]
+    torch.testing.assert_close(given.quantiles, torch.tensor([0.3, 0.3, 0.25, 0.25], dtype=torch.float64))
+    with pytest.raises(ValueError, match="partition"):
+        fit_conformal(probs, labels, exits, 4, 0.5, groups=[[0, 1], [3]])
 
     test = torch.tensor(
-        [[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.5, 0.45, 0.05], [0.5, 0.45, 0.05]], dtype=torch.float64
+        [[0.75, 0.2, 0.05], [0.8, 0.15, 0.05], [0.5, 0.45, 0.05], [0.6, 0.3, 0.1]], dtype=torch.float64
     )
-    sets = prediction_sets(test, torch.tensor([0, 1, 2, 0]), fitted.quantiles)
+    sets = prediction_sets(test, torch.tensor([0, 1, 3, 0]), fitted.quantiles)
     assert sets.tolist() == [
-        [True, False, False],  # p >= 0.6
-        [True, True, True],  # q = 1: every label
-        [True, False, False],  # p >= 0.5
-        [False, False, False],  # p >= 0.6: empty set
+        [True, False, False],  # p >= 0.7
+        [True, False, False],  # p >= 0.75
+        [False, False, False],  # p >= 0.75: empty set
+        [False, False, False],  # p >= 0.7: empty set
     ]
     # A calibration sample whose score is exactly q is in its own set despite 1 - (1 - p) != p in floats.
-    assert prediction_sets(probs, exits, fitted.quantiles)[3, 0]
+    assert prediction_sets(probs, exits, fitted.quantiles)[2, 0]
 
 
 def test_evaluate_sets_and_metric_classes_accumulate_over_batches():
@@ -80,7 +100,7 @@ def test_evaluate_sets_and_metric_classes_accumulate_over_batches():
     assert out["coverage"] == pytest.approx(sets[torch.arange(300), labels[200:]].double().mean().item())
     assert float(size.compute()) == pytest.approx(out["mean_set_size"])
     assert out["mean_set_size"] == pytest.approx(sets.sum(1).double().mean().item())
-    assert out["fallback_exits"] == []
+    assert out["merged_groups"] == []
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.1])
@@ -104,7 +124,7 @@ def test_per_exit_coverage_holds_on_average_over_random_splits(alpha):
         perm = torch.randperm(n, generator=gen)
         cal, test = perm[:100], perm[100:]
         fitted = fit_conformal(taken[cal], labels[cal], exits[cal], num_exits, alpha, min_samples=5)
-        assert not fitted.fallback_exits
+        assert not fitted.merged_groups
         sets = prediction_sets(taken[test], exits[test], fitted.quantiles)
         covered = sets[torch.arange(len(test)), labels[test]]
         coverages.append(covered.double().mean().item())
@@ -115,3 +135,61 @@ def test_per_exit_coverage_holds_on_average_over_random_splits(alpha):
     assert coverages.mean() <= 1 - alpha + 0.06  # and not trivially conservative
     # The guarantee holds per exit, not just pooled.
     assert (np.mean(per_exit_miss, axis=0) <= alpha + 0.01).all()
+
+
+def _pooled_fallback_quantiles(scores, exits, num_exits, alpha, min_samples):
+    """The rule this module used to have: small exits take the pooled quantile, large ones their own."""
+    pooled = conformal_quantile(scores, alpha)
+    return torch.tensor(
+        [
+            conformal_quantile(scores[exits == e], alpha) if (exits == e).sum() >= min_samples else pooled
+            for e in range(num_exits)
+        ],
+        dtype=torch.float64,
+    )
+
+
+def test_merged_groups_cover_where_a_pooled_fallback_for_hard_small_exits_does_not():
+    """Exits 1 and 2 are rare and hard. A pooled quantile, dominated by the easy exits, is far too small
+    for them; merging them into one group with its own quantile restores coverage."""
+    gen = torch.Generator().manual_seed(0)
+    n, num_exits, num_classes, alpha, min_samples = 20000, 4, 10, 0.05, 30
+    exits = torch.multinomial(torch.tensor([0.6, 0.02, 0.02, 0.36]), n, replacement=True, generator=gen)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    signal = torch.tensor([4.0, 0.5, 0.5, 3.0])[exits]  # hard exits: little signal
+    logits = signal[:, None] * torch.nn.functional.one_hot(labels, num_classes) + torch.randn(
+        n, num_classes, generator=gen
+    )
+    probs = logits.softmax(-1).double()
+    scores = 1 - probs[torch.arange(n), labels]
+    old, new = [], []
+    for _ in range(100):
+        perm = torch.randperm(n, generator=gen)
+        cal, test = perm[:1000], perm[1000:]
+        q_old = _pooled_fallback_quantiles(scores[cal], exits[cal], num_exits, alpha, min_samples)
+        fitted = fit_conformal(probs[cal], labels[cal], exits[cal], num_exits, alpha, min_samples)
+        for q, out in ((q_old, old), (fitted.quantiles, new)):
+            out.append((scores[test] > q[exits[test]]).double().mean().item())
+    assert np.mean(old) > alpha + 0.02  # the old rule under-covers badly
+    assert np.mean(new) <= alpha + 0.005  # merged groups do not
+
+
+def test_resplit_miss_matches_a_manual_resplit_and_is_valid():
+    gen = torch.Generator().manual_seed(2)
+    n, num_exits = 3000, 3
+    probs = (2 * torch.randn(n, 4, generator=gen)).softmax(-1).double()
+    labels = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    exits = torch.randint(0, num_exits, (n,), generator=gen)
+    groups = [[0], [1, 2]]
+    one = resplit_miss(probs, labels, exits, num_exits, groups, 500, [0.1], resplits=1, seed=7)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    cal, test = perm[:500], perm[500:]
+    fitted = fit_conformal(probs[cal], labels[cal], exits[cal], num_exits, 0.1, groups=groups)
+    sets = prediction_sets(probs[test], exits[test], fitted.quantiles)
+    manual = 1 - sets[torch.arange(len(test)), labels[test]].double().mean().item()
+    assert one["0.1"]["mean"] == pytest.approx(manual) and one["0.1"]["std"] == 0
+    many = resplit_miss(probs, labels, exits, num_exits, groups, 500, [0.05, 0.1], resplits=100, seed=0)
+    for alpha in (0.05, 0.1):
+        stats = many[format(alpha, "g")]
+        assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] > 0
+        assert stats["mean"] <= alpha + 0.005
