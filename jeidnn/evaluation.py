@@ -1,119 +1,298 @@
-"""Stage 3-4: evaluate a finished run folder (DESIGN.md §5-6) and write its report.
+"""Stages 3-4: evaluate a run's methods on test and write its report (docs/evaluation.md).
 
-:func:`evaluate_run` reads ``runs/<name>/report.json``, ``config.yaml`` and the cached
-per-exit predictions in ``predictions/``, fits everything that needs fitting (baseline
-thresholds, temperatures, conformal quantiles) on the ``calib`` split, reports every
-operating point on ``test``, and adds ``methods`` / ``summary`` / ``evaluation`` to report.json.
+:func:`evaluate` takes the report dict the training run built (``exits``, ``backbone``,
+``learned``...) and the cached per-exit predictions in ``predictions/``, and adds ``methods``
+(every operating point of every method on test), ``summary`` and ``evaluation``.
+:func:`evaluate_run` does the same for a finished run folder and writes report.json back.
+
+Headline: ``summary.budgeted``, the test-blind budgeted protocol of :mod:`jeidnn.budgeted`.
+The ``methods`` points and the AUC / matched-cost views are the envelope on test, which picks
+the best point per cost with test labels: optimistic, and labelled so.
 
 Choices worth knowing:
 
-* Exit decisions always use raw probabilities; temperature scaling (per exit, fitted on
-  calib for the IMs in question) only changes the reported confidences, so
-  ``ece_temperature_scaled`` is the same exits and accuracy with recalibrated probabilities.
-  Conformal sets use the raw probabilities.
-* ``jeidnn_ims_threshold_maxprob`` puts max-prob thresholds on the IMs of ONE λ, the one the
-  export picks on val (:func:`choose_lambda`), one point per p, ``param = {"lambda", "p"}``.
-  Taking the envelope over every λ's IMs would pick the best of several models on test.
+* Exit decisions always use raw probabilities (or a learned model's exit scores); temperature
+  scaling only changes the reported confidences, so ``ece_temperature_scaled`` keeps the same exits
+  and accuracy. Conformal sets use the raw probabilities.
+* Baseline thresholds are fitted on calib half A only; temperatures and conformal quantiles on half B.
 * GFLOPs per sample = mean normalised cost × ``backbone.gflops_full`` (the definition of the cost).
-* ``fallback_exits`` are 0-based exit indices (the column in ``exits.layers``).
+* ``merged_groups`` hold 0-based exit indices (the column in ``exits.layers``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import Tensor
 
 from jeidnn import baselines as bl
-from jeidnn.calibration import ReliabilityDiagram, apply_temperatures, fit_temperatures, reliability_diagram
-from jeidnn.config import EvalConfig, ExportConfig, config_from_dict
-from jeidnn.conformal import evaluate_sets
+from jeidnn.budgeted import (
+    DEFAULT_BUDGETS,
+    TAU_GRID,
+    CalibSplit,
+    Candidate,
+    Method,
+    Settings,
+    Source,
+    budgeted_rows,
+    evaluate_config,
+    learned_candidates,
+    load_learned_sources,
+    load_source,
+    make_candidate,
+    split_calib,
+)
+from jeidnn.config import EvalConfig, config_from_dict
+from jeidnn.conformal import alpha_key
 from jeidnn.errors import JeidnnError
-from jeidnn.metrics import ExitHistogram, ExpectedCost, common_cost_range, envelope_auc, interpolate_envelope
+from jeidnn.metrics import common_cost_range, envelope_auc, interpolate_envelope
 
-__all__ = ["METHODS", "NOTES", "alpha_key", "choose_lambda", "evaluate_run"]
-
-
-def choose_lambda(lambdas: list[float], val_costs: list[float], lam: float | None, budget: float) -> int:
-    """Index of the λ to export: `lam` when given, else the λ whose val cost is closest to `budget`."""
-    if lam is not None:
-        return min(range(len(lambdas)), key=lambda i: abs(lambdas[i] - lam))
-    return min(range(len(lambdas)), key=lambda i: abs(val_costs[i] - budget))
-
-
-NOTES = [
-    "Exit decisions use raw probabilities; ece_temperature_scaled keeps the same exits and rescales the "
-    "reported probabilities with per-exit temperatures fitted on calib. Conformal sets use raw "
-    "probabilities.",
-    "Conformal quantiles, baseline thresholds and temperatures are fitted on calib; every number is on test.",
-    "jeidnn points use exits.cost_with_gates; all other methods use exits.cost (IMs only).",
-    "jeidnn_ims_threshold_maxprob uses the IMs of one lambda, chosen on val like the exported model "
-    "(val cost closest to export.cost_budget, or export.lam), with one point per p.",
-    "fallback_exits are 0-based exits with fewer calib samples than conformal_min_samples that some test "
-    "samples take; they use the pooled quantile.",
-    "gflops = mean normalised cost x backbone.gflops_full.",
-    "The oracle (first correct exit) is an upper bound, excluded from the AUC cost range and comparisons.",
-]
+__all__ = ["GLOBAL_GRID", "METHODS", "NOTES", "alpha_key", "evaluate", "evaluate_run"]
 
 METHODS: dict[str, tuple[str, str]] = {
-    "jeidnn": ("learned", "JEI-DNN (learned gates)"),
     "threshold_maxprob": ("threshold", "max-prob thresholds"),
     "threshold_entropy": ("threshold", "entropy thresholds"),
     "threshold_margin": ("threshold", "margin thresholds"),
     "global_maxprob": ("threshold", "global max-prob threshold"),
+    "threshold_search": ("threshold", "per-exit max-prob thresholds searched on calib"),
     "patience": ("patience", "patience (PABEE)"),
     "static": ("static", "static depth"),
     "oracle": ("oracle", "oracle (upper bound)"),
-    "jeidnn_ims_threshold_maxprob": ("threshold", "JEI-DNN IMs + max-prob thresholds"),
+    "jeidnn_ims_threshold_maxprob": ("threshold", "learned IMs + max-prob thresholds"),
 }
-"""name -> (kind, label). Order = order in report.json and the plots."""
+"""Non-learned methods: name -> (kind, label), in report order (learned methods come first)."""
 
-_SPLIT_KEYS = ("calib", "test")
+GLOBAL_GRID: list[float] = [round(0.01 * i, 2) for i in range(101)] + [0.995, 0.999, math.inf]
+"""Global thresholds always tried besides ``eval.global_thresholds``: 0 sends everyone to the first
+exit, ``inf`` nobody exits early, so the grid spans every budget."""
+
+ENVELOPE_NOTE = (
+    "envelope on test (optimistic): `methods` points, `auc` and `matched_cost` take each method's best "
+    "points per cost as measured on test; the test-blind comparison is `budgeted`."
+)
+
+NOTES = [
+    "Headline: summary.budgeted. For each budget every method plays the configuration with the best "
+    "calib-A accuracy among those with calib-A cost <= budget; temperatures and conformal quantiles are "
+    "fitted on calib B; every number is on test. See docs/evaluation.md.",
+    "best_baseline at a budget is the non-learned method with the highest test accuracy there: a "
+    "conservative reference for a learned method. delta_vs_best_baseline is a paired bootstrap 95 % "
+    "percentile interval; the best baseline's own row has delta 0 [0, 0].",
+    "Exit decisions use raw probabilities (learned models: exit scores); ece_temperature_scaled keeps the "
+    "same exits with per-exit temperatures fitted on calib B. Conformal sets use raw probabilities.",
+    "Conformal quantiles are per group of exits; merged_groups lists groups of several exits, merged "
+    "because an exit had fewer calib-A samples than conformal_min_samples.",
+    "Thresholds and taus of null stand for infinity (JSON has none): nobody exits early there.",
+    "Learned methods use their own costs (IMs + gates); every other method uses exits.cost (IMs only).",
+    "gflops = mean normalised cost x backbone.gflops_full.",
+    "The oracle (first correct exit) is an upper bound, excluded from the budgeted rows, the AUC cost "
+    "range and comparisons.",
+]
 
 
-@dataclass
-class _Split:
-    logits: Tensor  # (N, L, C)
-    probs: Tensor  # (N, L, C)
-    labels: Tensor  # (N,)
-    gates: Tensor | None = None  # (N, L - 1)
+def _settings(cfg: Any, seed: int, gflops_full: float | None) -> Settings:
+    """Settings from an EvalConfig-like object; budgets / bootstrap / resplits default when absent."""
+    budgets = list(getattr(cfg, "budgets", None) or DEFAULT_BUDGETS)
+    bootstrap, resplits = getattr(cfg, "bootstrap", 1000), getattr(cfg, "resplits", 20)
+    if not all(isinstance(b, (int, float)) and 0 < b for b in budgets):
+        raise JeidnnError(f"Expected `eval.budgets` to be positive numbers but got {budgets}")
+    for key, value in (("bootstrap", bootstrap), ("resplits", resplits)):
+        if not isinstance(value, int) or value < 1:
+            raise JeidnnError(f"Expected `eval.{key}` to be a positive integer but got {value!r}")
+    return Settings(
+        list(cfg.alphas),
+        cfg.ece_bins,
+        cfg.conformal_min_samples,
+        budgets,
+        bootstrap,
+        resplits,
+        seed,
+        gflops_full,
+    )
 
 
-def _load_predictions(path: Path, with_gates: bool, num_exits: int) -> dict[str, _Split]:
-    if not path.is_file():
-        raise JeidnnError(
-            f"missing predictions file {path}; re-run training for this run folder (it writes predictions/)"
+def _geometric(
+    src: Source, costs: list[float], split: CalibSplit, measure: str, ps: list[float], tag: Any
+) -> list[Candidate]:
+    """Budgeted-batch thresholds fitted on calib A for each geometric target q_k ∝ p^k."""
+    conf = {s: bl.confidence(src.probs[s], measure) for s in ("calib", "test")}  # (N, L) each
+    out = []
+    for p in ps:
+        target = bl.geometric_exit_distribution(p, len(costs))
+        thresholds = bl.fit_budgeted_thresholds(conf["calib"][split.a], target)
+        exits = {s: bl.apply_thresholds(conf[s], thresholds) for s in conf}
+        out.append(make_candidate(tag(p), src, costs, exits["calib"], exits["test"], split))
+    return out
+
+
+def _policy(src: Source, costs: list[float], split: CalibSplit, params: list, policy: Any) -> list[Candidate]:
+    return [make_candidate(p, src, costs, policy("calib", p), policy("test", p), split) for p in params]
+
+
+def _baselines(
+    warm: Source, costs: list[float], layers: list[int], split: CalibSplit, cfg: Any
+) -> tuple[list[Method], dict]:
+    """The baseline methods on the warm-up IMs, and the grids they used."""
+    num_exits = len(costs)
+    ps = list(cfg.threshold_ps)
+    methods = [
+        Method(
+            f"threshold_{m}", *METHODS[f"threshold_{m}"], _geometric(warm, costs, split, m, ps, lambda p: p)
         )
-    tensors = load_file(str(path))
-    need = [
-        f"{s}_{k}" for s in _SPLIT_KEYS for k in ("logits", "labels") + (("gates",) if with_gates else ())
+        for m in ("maxprob", "entropy", "margin")
     ]
-    missing = [k for k in need if k not in tensors]
-    if missing:
-        raise JeidnnError(
-            f"predictions file {path} lacks tensors {missing}; re-run training for this run folder"
+    maxprob = {s: bl.confidence(warm.probs[s], "maxprob") for s in ("calib", "test")}
+    grid = sorted(set(cfg.global_thresholds) | set(GLOBAL_GRID))
+    methods.append(
+        Method(
+            "global_maxprob",
+            *METHODS["global_maxprob"],
+            _policy(warm, costs, split, grid, lambda s, t: bl.global_threshold_exits(maxprob[s], t)),
         )
-    splits = {}
-    for s in _SPLIT_KEYS:
-        logits = tensors[f"{s}_logits"].float()
-        if logits.ndim != 3 or logits.shape[1] != num_exits:
-            raise JeidnnError(
-                f"{path}: `{s}_logits` has shape {tuple(logits.shape)}, expected (N, {num_exits}, C) to "
-                f"match the {num_exits} exits in report.json"
+    )
+    searched: dict[float, list[Candidate]] = {}
+
+    def search(budget: float) -> list[Candidate]:
+        if budget not in searched:
+            a = split.a
+            thr = bl.search_thresholds(maxprob["calib"][a], warm.correct["calib"][a], costs, budget, grid)
+            searched[budget] = (
+                []
+                if thr is None
+                else [
+                    make_candidate(
+                        {"budget": budget, "thresholds": thr.tolist()},
+                        warm,
+                        costs,
+                        bl.apply_thresholds(maxprob["calib"], thr),
+                        bl.apply_thresholds(maxprob["test"], thr),
+                        split,
+                    )
+                ]
             )
-        gates = tensors[f"{s}_gates"].float() if with_gates else None
-        splits[s] = _Split(logits, logits.softmax(dim=-1), tensors[f"{s}_labels"].long(), gates)
-    return splits
+        return searched[budget]
+
+    methods.append(Method("threshold_search", *METHODS["threshold_search"], search))
+    patience = list(cfg.patience_values) if cfg.patience_values is not None else list(range(num_exits))
+    preds = {s: warm.probs[s].argmax(-1) for s in ("calib", "test")}
+    methods.append(
+        Method(
+            "patience",
+            *METHODS["patience"],
+            _policy(warm, costs, split, patience, lambda s, t: bl.patience_exits(preds[s], t)),
+        )
+    )
+    exit_of_layer = {layer: e for e, layer in enumerate(layers)}  # param = 1-based backbone layer
+    n = {s: len(warm.labels[s]) for s in ("calib", "test")}
+    static = _policy(warm, costs, split, list(layers), lambda s, la: bl.static_exits(n[s], exit_of_layer[la]))
+    methods.append(Method("static", *METHODS["static"], static))
+    oracle = _policy(warm, costs, split, [None], lambda s, _: bl.oracle_exits(preds[s], warm.labels[s]))
+    methods.append(Method("oracle", *METHODS["oracle"], oracle))
+    return methods, {"threshold_ps": ps, "global_thresholds": grid, "patience_values": patience}
+
+
+def _model_tag(k: int, lam: float | None) -> Any:
+    return lambda p: {"model": k, "lambda": lam, "p": p}
+
+
+def _envelope_candidates(method: Method, chosen: dict) -> list[Candidate]:
+    """Envelope points: learned methods at tau 0.5 only, threshold_search as chosen per budget."""
+    if method.kind == "learned":
+        return [c for c in method.candidates_at(0.0) if c.param["tau"] == 0.5]
+    if callable(method.candidates):
+        picked = [cand for (_, name), (cand, _) in chosen.items() if name == method.name]
+        return list({id(c): c for c in picked}.values())
+    return method.candidates
+
+
+def _matched_baseline(points: list[dict], cost: float, set_key: str, set_size: Any) -> dict:
+    """A baseline's envelope (by accuracy) interpolated at `cost`, carrying ECE and set size along."""
+    costs, accs = [p["cost"] for p in points], [p["accuracy"] for p in points]
+
+    def at(values: list) -> float:
+        values = [np.nan if v is None else v for v in values]
+        return float(interpolate_envelope(costs, accs, [cost], values)[0])
+
+    ece_raw, ece_ts = at([p["ece"] for p in points]), at([p["ece_temperature_scaled"] for p in points])
+    finite = [v for v in (ece_raw, ece_ts) if math.isfinite(v)]
+    return {
+        "accuracy": at(accs),
+        "ece": ece_raw,
+        "ece_temperature_scaled": ece_ts,
+        "ece_best": min(finite) if finite else None,  # compare with the better of raw and scaled
+        set_key: at([set_size(p) for p in points]),
+    }
+
+
+def _envelope_summary(methods: dict[str, dict], alphas: list[float]) -> dict:
+    """cost_range, AUC per method (oracle excluded) and matched-cost rows (one per learned point)."""
+    curves = {n: m["points"] for n, m in methods.items() if m["kind"] != "oracle" and m["points"]}
+    lo, hi = common_cost_range({n: [p["cost"] for p in pts] for n, pts in curves.items()})
+    auc = {
+        n: envelope_auc([p["cost"] for p in pts], [p["accuracy"] for p in pts], lo, hi)
+        for n, pts in curves.items()
+    }
+    set_alpha = alpha_key(0.05 if 0.05 in alphas else alphas[len(alphas) // 2]) if alphas else None
+    set_key = f"set_size_{set_alpha}"
+
+    def set_size(point: dict) -> float | None:
+        return point["conformal"][set_alpha]["mean_set_size"] if set_alpha else None
+
+    baselines = [n for n in curves if methods[n]["kind"] != "learned"]
+    matched = []
+    for name in (n for n in curves if methods[n]["kind"] == "learned"):
+        for p in curves[name]:
+            matched.append(
+                {
+                    "method": name,
+                    "param": p["param"],
+                    "cost": p["cost"],
+                    "accuracy": p["accuracy"],
+                    "ece": p["ece"],
+                    "ece_temperature_scaled": p["ece_temperature_scaled"],
+                    set_key: set_size(p),
+                    "baselines": {
+                        b: _matched_baseline(curves[b], p["cost"], set_key, set_size) for b in baselines
+                    },
+                }
+            )
+    baseline_auc = {n: auc[n] for n in baselines if math.isfinite(auc[n])}
+    return {
+        "envelope_note": ENVELOPE_NOTE,
+        "cost_range": [lo, hi],
+        "auc": auc,
+        "auc_note": "mean test accuracy of each method's upper envelope over cost_range; oracle excluded",
+        "envelope_best_baseline": max(baseline_auc, key=baseline_auc.get) if baseline_auc else None,
+        "matched_cost": matched,
+    }
+
+
+def _reliability_panels(budgeted: dict, chosen: dict, labels: dict[str, str]) -> list[dict]:
+    """At the budget nearest 0.5: each learned method's chosen config next to the best baseline's."""
+    budgets = [b for b in budgeted["budgets"] if any(k[0] == b for k in chosen)]
+    if not budgets:
+        return []
+    budget = min(budgets, key=lambda b: abs(b - 0.5))
+    rows = [r for r in budgeted["rows"] if r["budget"] == budget and r["accuracy"] is not None]
+    best = next((r["best_baseline"] for r in rows if r["best_baseline"]), None)
+    learned = [r["method"] for r in rows if r["kind"] == "learned"] or ([best] if best else [])
+    panels = []
+    for name in learned[:3]:
+        curves = [(labels[name], chosen[(budget, name)][1])]
+        if best and name != best:
+            curves.append((f"{labels[best]} (best baseline)", chosen[(budget, best)][1]))
+        panels.append({"title": f"budget {budget:g}: {labels[name]}", "curves": curves})
+    return panels
 
 
 def _json_safe(value: Any) -> Any:
@@ -131,105 +310,119 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def alpha_key(alpha: float) -> str:
-    """JSON key of a conformal level: 0.05 -> "0.05", 0.1 -> "0.1"."""
-    return format(alpha, "g")
+def evaluate(
+    report: dict,
+    run_dir: str | Path,
+    cfg: Any,
+    seed: int,
+    *,
+    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+    write_markdown: bool = True,
+) -> dict:
+    """Evaluate every method of a run in memory; report.json itself is left to the caller.
 
+    Args:
+        report: the training run's report dict (``exits``, ``backbone``, optional ``learned``).
+        run_dir: the run folder; prediction files are read relative to it.
+        cfg: the run's ``EvalConfig`` (``budgets``, ``bootstrap``, ``resplits`` default to 0.2..0.9,
+            1000 and 20 when the object has no such attribute).
+        seed: the run's seed; fixes the calib halves, the bootstrap and the conformal re-splits.
+        tensors: predictions already in memory, keyed by file path relative to ``run_dir``
+            (``predictions/warmup.safetensors``, each learned model's ``file``); others are read.
+        write_markdown: write report.md and the PNG plots into ``run_dir``.
 
-class _PointEvaluator:
-    """Turns calib and test exits of one policy into one report point."""
+    Returns:
+        A copy of ``report`` (JSON-safe) with ``methods``, ``summary`` and ``evaluation`` added.
 
-    def __init__(
-        self,
-        splits: dict[str, _Split],
-        costs: list[float],
-        gflops_full: float | None,
-        cfg: EvalConfig,
-        temperatures: Tensor | None,
-    ) -> None:
-        self.calib, self.test = splits["calib"], splits["test"]
-        self.costs = torch.tensor(costs, dtype=torch.float64)
-        self.num_exits = len(costs)
-        self.gflops_full = gflops_full
-        self.cfg = cfg
-        self.test_probs_ts = (
-            apply_temperatures(self.test.logits, temperatures) if temperatures is not None else None
+    Raises:
+        JeidnnError: a predictions file or a report entry is missing or malformed.
+
+    Example:
+        >>> out = evaluate(report, Path("runs/default"), cfg.eval, cfg.seed)  # doctest: +SKIP
+        >>> out["summary"]["budgeted"]["rows"][0]["accuracy"]  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    try:
+        costs = list(report["exits"]["cost"])
+    except (KeyError, TypeError):
+        raise JeidnnError("report lacks exits.cost; re-run training for this run folder") from None
+    num_exits = len(costs)
+    layers = report["exits"].get("layers") or list(range(1, num_exits + 1))
+    settings = _settings(cfg, seed, report.get("backbone", {}).get("gflops_full"))
+    warm = load_source(run_dir, "predictions/warmup.safetensors", num_exits, False, tensors)
+    split = split_calib(len(warm.labels["calib"]), seed)
+    warm.fit_temperatures_on(split)
+    baselines, grids = _baselines(warm, costs, layers, split, cfg)
+    temperatures: dict[str, Any] = {"warmup": warm.temperatures.tolist(), "learned": {}}
+    learned_methods, derived = [], []
+    for name, entry in (report.get("learned") or {}).items():
+        sources = load_learned_sources(report, run_dir, name, tensors)
+        for src in sources:
+            if not torch.equal(src.labels["calib"], warm.labels["calib"]):
+                raise JeidnnError(
+                    f"{src.name}: calib labels differ from the warm-up predictions'; re-run training"
+                )
+            src.fit_temperatures_on(split)
+        temperatures["learned"][name] = [src.temperatures.tolist() for src in sources]
+        label = entry.get("label", name)
+        learned_methods.append(
+            Method(
+                name,
+                "learned",
+                label,
+                learned_candidates(entry, sources, split),
+                extension=bool(entry.get("extension", False)),
+                settings=entry.get("settings"),
+            )
         )
+        if name == "jeidnn_paper":
+            cands = []
+            for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
+                tag = _model_tag(k, model.get("lambda"))
+                cands += _geometric(src, costs, split, "maxprob", grids["threshold_ps"], tag)
+            derived.append(
+                Method("jeidnn_ims_threshold_maxprob", *METHODS["jeidnn_ims_threshold_maxprob"], cands)
+            )
+    methods = learned_methods + baselines + derived
 
-    def __call__(
-        self, param: Any, calib_exits: Tensor, test_exits: Tensor
-    ) -> tuple[dict, ReliabilityDiagram]:
-        t = self.test
-        probs = bl.select_exit(t.probs, test_exits)  # (N, C) at the exit taken
-        cost_metric, hist = ExpectedCost(self.costs), ExitHistogram(self.num_exits)
-        cost_metric.update(test_exits)
-        hist.update(test_exits)
-        cost = float(cost_metric.compute())
-        reliability = reliability_diagram(probs, t.labels, self.cfg.ece_bins)
-        ece_ts = None
-        if self.test_probs_ts is not None:
-            ece_ts = reliability_diagram(
-                bl.select_exit(self.test_probs_ts, test_exits), t.labels, self.cfg.ece_bins
-            ).ece
-        # Quantiles from the calib exits of this same policy, coverage and set size on test.
-        calib_args = (bl.select_exit(self.calib.probs, calib_exits), self.calib.labels, calib_exits)
-        test_args = (probs, t.labels, test_exits)
-        min_samples = self.cfg.conformal_min_samples
-        conformal = {
-            alpha_key(a): evaluate_sets(*calib_args, *test_args, self.num_exits, a, min_samples)
-            for a in self.cfg.alphas
-        }
-        point = {
-            "param": param,
-            "accuracy": float((probs.argmax(dim=1) == t.labels).double().mean()),
-            "cost": cost,
-            "gflops": cost * self.gflops_full if self.gflops_full is not None else None,
-            "exit_fractions": hist.compute().tolist(),
-            "ece": reliability.ece,
-            "ece_temperature_scaled": ece_ts,
-            "conformal": conformal,
-        }
-        return point, reliability
+    budgeted, chosen = budgeted_rows(methods, split, settings)
+    out_methods: dict[str, dict] = {}
+    for m in methods:
+        points = [evaluate_config(c, split, settings)[0] for c in _envelope_candidates(m, chosen)]
+        out_methods[m.name] = {"kind": m.kind, "label": m.label, "extension": m.extension, "points": points}
+        if m.settings is not None:
+            out_methods[m.name]["settings"] = m.settings
+    out_methods["oracle"]["upper_bound"] = True
+    out = dict(report)
+    out["methods"] = out_methods
+    out["summary"] = {"budgeted": budgeted, **_envelope_summary(out_methods, settings.alphas)}
+    out["evaluation"] = {
+        "alphas": settings.alphas,
+        "ece_bins": settings.ece_bins,
+        "conformal_min_samples": settings.min_samples,
+        **grids,
+        "tau_grid": TAU_GRID,
+        "budgets": settings.budgets,
+        "bootstrap": settings.bootstrap,
+        "resplits": settings.resplits,
+        "seed": seed,
+        "temperatures": temperatures,
+        "notes": NOTES,
+    }
+    out = _json_safe(out)
+    if write_markdown:
+        from jeidnn.report import write_report
 
-
-def _threshold_points(
-    evaluate: _PointEvaluator,
-    splits: dict[str, _Split],
-    measure: bl.ConfidenceMeasure,
-    ps: list[float],
-    tag: Callable,
-) -> tuple[list[dict], list[ReliabilityDiagram]]:
-    """Budgeted-batch thresholds fitted on calib for each geometric target q_k ∝ p^k."""
-    conf = {s: bl.confidence(splits[s].probs, measure) for s in _SPLIT_KEYS}  # (N, L) each
-    num_exits = conf["calib"].shape[1]
-    points, diagrams = [], []
-    for p in ps:
-        thresholds = bl.fit_budgeted_thresholds(conf["calib"], bl.geometric_exit_distribution(p, num_exits))
-        exits = {s: bl.apply_thresholds(conf[s], thresholds) for s in _SPLIT_KEYS}
-        point, diagram = evaluate(tag(p), exits["calib"], exits["test"])
-        points.append(point)
-        diagrams.append(diagram)
-    return points, diagrams
+        panels = _reliability_panels(budgeted, chosen, {m.name: m.label for m in methods})
+        write_report(run_dir, out, reliability=panels)
+    return out
 
 
-def _policy_points(
-    evaluate: _PointEvaluator,
-    splits: dict[str, _Split],
-    params: list,
-    policy: Callable[[_Split, Any], Tensor],
-) -> tuple[list[dict], list[ReliabilityDiagram]]:
-    points, diagrams = [], []
-    for param in params:
-        point, diagram = evaluate(param, policy(splits["calib"], param), policy(splits["test"], param))
-        points.append(point)
-        diagrams.append(diagram)
-    return points, diagrams
+_NEW_EVAL_KEYS = {"budgets": None, "bootstrap": 1000, "resplits": 20}
 
 
-def _run_settings(
-    run_dir: Path, alphas: list[float] | None, ece_bins: int | None
-) -> tuple[EvalConfig, ExportConfig]:
-    """The run's eval settings (with the caller's overrides) and export settings, from config.yaml."""
+def _run_settings(run_dir: Path, alphas: list[float] | None, ece_bins: int | None) -> tuple[Any, int]:
+    """The run's eval settings (with the caller's overrides) and seed, from config.yaml."""
     loaded: Any = {}
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
@@ -240,98 +433,19 @@ def _run_settings(
             raise JeidnnError(f"{config_path} is not valid YAML ({first}); fix or delete it") from None
     if not isinstance(loaded, dict):
         loaded = {}
-    sections = {k: loaded[k] for k in ("export", "jeidnn") if k in loaded}
-    sections["eval"] = dict(loaded.get("eval") or {})
+    section = dict(loaded.get("eval") or {})
     if alphas is not None:
-        sections["eval"]["alphas"] = list(alphas)
+        section["alphas"] = list(alphas)
     if ece_bins is not None:
-        sections["eval"]["ece_bins"] = ece_bins
-    # Reuse the config loader's type checks and messages.
+        section["ece_bins"] = ece_bins
+    # Keys this EvalConfig may not know yet are read here; the rest goes through the config loader's checks.
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    extra = {k: section.pop(k) for k in list(section) if k in _NEW_EVAL_KEYS and k not in known}
+    sections = {"eval": section, **({"seed": loaded["seed"]} if "seed" in loaded else {})}
     cfg = config_from_dict(sections)
-    return cfg.eval, cfg.export
-
-
-def _matched_baseline(points: list[dict], cost: float, set_key: str, set_size: Callable) -> dict:
-    """A baseline's envelope (by accuracy) interpolated at `cost`, carrying ECE and set size along."""
-    costs, accs = [p["cost"] for p in points], [p["accuracy"] for p in points]
-
-    def at(values: list) -> float:
-        return float(
-            interpolate_envelope(costs, accs, [cost], [np.nan if v is None else v for v in values])[0]
-        )
-
-    ece_raw = at([p["ece"] for p in points])
-    ece_ts = at([p["ece_temperature_scaled"] for p in points])
-    finite = [v for v in (ece_raw, ece_ts) if math.isfinite(v)]
-    return {
-        "accuracy": at(accs),
-        "ece": ece_raw,
-        "ece_temperature_scaled": ece_ts,
-        # DESIGN.md §6: compare JEI-DNN with the better of raw and temperature-scaled.
-        "ece_best": min(finite) if finite else None,
-        set_key: at([set_size(p) for p in points]),
-    }
-
-
-def _summary(methods: dict[str, dict], alphas: list[float]) -> dict:
-    """cost_range, AUC per method (oracle excluded) and the matched-cost rows (one per JEI-DNN point).
-
-    Set sizes in the matched-cost rows are at α = 0.05, or at the middle configured α when 0.05 is absent
-    (the key, ``set_size_<α>``, says which).
-    """
-    curves = {n: m["points"] for n, m in methods.items() if n != "oracle" and m["points"]}
-    lo, hi = common_cost_range({n: [p["cost"] for p in pts] for n, pts in curves.items()})
-    auc = {
-        n: envelope_auc([p["cost"] for p in pts], [p["accuracy"] for p in pts], lo, hi)
-        for n, pts in curves.items()
-    }
-    set_alpha = alpha_key(0.05 if 0.05 in alphas else alphas[len(alphas) // 2]) if alphas else None
-    set_key = f"set_size_{set_alpha}"
-
-    def set_size(point: dict) -> float | None:
-        return point["conformal"][set_alpha]["mean_set_size"] if set_alpha else None
-
-    matched = []
-    for jp in methods.get("jeidnn", {}).get("points", []):
-        row: dict[str, Any] = {
-            "cost": jp["cost"],
-            "lambda": jp["param"],
-            "jeidnn": {"accuracy": jp["accuracy"], "ece": jp["ece"], set_key: set_size(jp)},
-        }
-        for name, pts in curves.items():
-            if name != "jeidnn":
-                row[name] = _matched_baseline(pts, jp["cost"], set_key, set_size)
-        matched.append(row)
-    baseline_auc = {n: v for n, v in auc.items() if n != "jeidnn" and math.isfinite(v)}
-    return {
-        "cost_range": [lo, hi],
-        "auc": auc,
-        "auc_note": "mean accuracy of each method's upper envelope over cost_range; oracle excluded",
-        "best_baseline": max(baseline_auc, key=baseline_auc.get) if baseline_auc else None,
-        "matched_cost": matched,
-    }
-
-
-def _reliability_panels(
-    methods: dict, diagrams: dict[str, list[ReliabilityDiagram]], best: str | None
-) -> list:
-    """Reliability curves of up to three JEI-DNN points next to the best baseline's nearest-cost point."""
-    panels = []
-    jeidnn_pts = methods.get("jeidnn", {}).get("points", [])
-    base_pts = methods[best]["points"] if best else []
-    reference = "jeidnn" if jeidnn_pts else best
-    if reference is None:
-        return panels
-    ref_pts = methods[reference]["points"]
-    order = sorted(range(len(ref_pts)), key=lambda i: ref_pts[i]["cost"])
-    chosen = sorted({order[0], order[len(order) // 2], order[-1]}, key=lambda i: ref_pts[i]["cost"])
-    for i in chosen:
-        curves = [(f"{METHODS[reference][1]}", diagrams[reference][i])]
-        if reference == "jeidnn" and base_pts:
-            j = min(range(len(base_pts)), key=lambda k: abs(base_pts[k]["cost"] - ref_pts[i]["cost"]))
-            curves.append((f"{METHODS[best][1]} (cost {base_pts[j]['cost']:.2f})", diagrams[best][j]))
-        panels.append({"title": f"cost {ref_pts[i]['cost']:.2f}", "curves": curves})
-    return panels
+    values = {**{k: v for k, v in _NEW_EVAL_KEYS.items() if k not in known}, **extra}
+    eval_cfg = SimpleNamespace(**dataclasses.asdict(cfg.eval), **values) if values else cfg.eval
+    return eval_cfg, cfg.seed
 
 
 def evaluate_run(
@@ -353,7 +467,7 @@ def evaluate_run(
 
     Example:
         >>> report = evaluate_run("runs/default")  # doctest: +SKIP
-        >>> report["summary"]["auc"]["jeidnn"]  # doctest: +SKIP
+        >>> report["summary"]["budgeted"]["rows"][0]  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -367,98 +481,15 @@ def evaluate_run(
         )
     try:
         report = json.loads(report_path.read_text())
-        costs, costs_gated = report["exits"]["cost"], report["exits"]["cost_with_gates"]
+        report["exits"]["cost"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise JeidnnError(
             f"{report_path} is malformed ({exc!r}); re-run training for this run folder"
         ) from None
-    cfg, export = _run_settings(run_dir, alphas, ece_bins)
-    num_exits = len(costs)
-    layers = report["exits"].get("layers") or list(range(1, num_exits + 1))
-    gflops_full = report.get("backbone", {}).get("gflops_full")
-    lambdas = list(report.get("jeidnn_lambdas") or [])
-    pred_dir = run_dir / "predictions"
-
-    methods: dict[str, dict] = {}
-    diagrams: dict[str, list[ReliabilityDiagram]] = {}
-
-    def add(name: str, points_and_diagrams: tuple[list, list]) -> None:
-        kind, label = METHODS[name]
-        points, diags = points_and_diagrams
-        entry = methods.setdefault(name, {"kind": kind, "label": label, "points": []})
-        entry["points"].extend(points)
-        diagrams.setdefault(name, []).extend(diags)
-
-    # Warm-up IMs: every baseline.
-    warm = _load_predictions(pred_dir / "warmup.safetensors", False, num_exits)
-    warm_t = fit_temperatures(warm["calib"].logits, warm["calib"].labels)
-    ev = _PointEvaluator(warm, costs, gflops_full, cfg, warm_t)
-    for measure in ("maxprob", "entropy", "margin"):
-        add(f"threshold_{measure}", _threshold_points(ev, warm, measure, cfg.threshold_ps, lambda p: p))
-
-    def global_policy(s: _Split, t: float) -> Tensor:
-        return bl.global_threshold_exits(bl.confidence(s.probs, "maxprob"), t)
-
-    add("global_maxprob", _policy_points(ev, warm, cfg.global_thresholds, global_policy))
-    patience = cfg.patience_values if cfg.patience_values is not None else list(range(0, num_exits))
-    add("patience", _policy_points(ev, warm, patience, lambda s, t: bl.patience_exits(s.probs.argmax(-1), t)))
-    exit_of_layer = {layer: exit_ for exit_, layer in enumerate(layers)}  # param = 1-based backbone layer
-
-    def static_policy(s: _Split, layer: int) -> Tensor:
-        return bl.static_exits(len(s.labels), exit_of_layer[layer])
-
-    add("static", _policy_points(ev, warm, list(layers), static_policy))
-    add(
-        "oracle", _policy_points(ev, warm, [None], lambda s, _: bl.oracle_exits(s.probs.argmax(-1), s.labels))
-    )
-    methods["oracle"]["upper_bound"] = True
-
-    # JEI-DNN: learned gates on the JEI-DNN-trained IMs, and the same IMs with thresholds.
-    # Per-exit temperatures: warm-up IMs, and one list per λ (same order as jeidnn_lambdas).
-    temperatures: dict[str, Any] = {"warmup": warm_t.tolist(), "jeidnn_ims": []}
-    if lambdas:
-        from jeidnn.gates import exit_decision  # lazy: the evaluation of baselines needs no gates
-
-        val_costs = report.get("jeidnn_val_cost") or [0.0] * len(lambdas)
-        chosen = choose_lambda(lambdas, val_costs, export.lam, export.cost_budget)
-
-        for i, lam in enumerate(lambdas):
-            jei = _load_predictions(pred_dir / f"jeidnn_{i}.safetensors", True, num_exits)
-            ev_gated = _PointEvaluator(jei, costs_gated, gflops_full, cfg, None)
-            add("jeidnn", _policy_points(ev_gated, jei, [lam], lambda s, _: exit_decision(s.gates)))
-            jei_t = fit_temperatures(jei["calib"].logits, jei["calib"].labels)
-            temperatures["jeidnn_ims"].append(jei_t.tolist())
-            if i != chosen:
-                continue
-            ev_ims = _PointEvaluator(jei, costs, gflops_full, cfg, jei_t)
-            tag = lambda p, lam=lam: {"lambda": lam, "p": p}  # noqa: E731
-            add(
-                "jeidnn_ims_threshold_maxprob",
-                _threshold_points(ev_ims, jei, "maxprob", cfg.threshold_ps, tag),
-            )
-
-    methods = {name: methods[name] for name in METHODS if name in methods}
-    summary = _summary(methods, cfg.alphas)
-    report["methods"] = methods
-    report["summary"] = summary
-    report["evaluation"] = {
-        "alphas": cfg.alphas,
-        "ece_bins": cfg.ece_bins,
-        "conformal_min_samples": cfg.conformal_min_samples,
-        "threshold_ps": cfg.threshold_ps,
-        "global_thresholds": cfg.global_thresholds,
-        "patience_values": patience,
-        "temperatures": temperatures,
-        "notes": NOTES,
-    }
-    report = _json_safe(report)
+    cfg, seed = _run_settings(run_dir, alphas, ece_bins)
+    report = evaluate(report, run_dir, cfg, seed, write_markdown=write)
     if write:
         tmp = report_path.with_name(report_path.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, report_path)  # atomic on POSIX: readers see the old or the new file, never half
-        from jeidnn.report import write_report
-
-        write_report(
-            run_dir, report, reliability=_reliability_panels(methods, diagrams, summary["best_baseline"])
-        )
     return report

@@ -1,4 +1,4 @@
-"""evaluate_run on a small synthetic run folder written in the training pipeline's format."""
+"""evaluate_run / evaluate on a small synthetic run folder in the training pipeline's format."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from jeidnn.budgeted import choose_learned, learned_test_exit_fractions
+from jeidnn.config import EvalConfig
 from jeidnn.errors import JeidnnError
-from jeidnn.evaluation import evaluate_run
+from jeidnn.evaluation import evaluate, evaluate_run
 
 NUM_EXITS, NUM_CLASSES = 4, 3
 SIZES = {"val": 200, "calib": 300, "test": 400}
 LAMBDAS = [0.05, 0.5]
+COST = [0.3, 0.55, 0.8, 1.02]
+GATED_COST = [c + 0.001 * (i + 1) for i, c in enumerate(COST)]
+LABELS: dict[str, torch.Tensor] = {}
 POINT_KEYS = {
     "param",
     "accuracy",
@@ -31,14 +36,41 @@ BASELINES = [
     "threshold_entropy",
     "threshold_margin",
     "global_maxprob",
+    "threshold_search",
     "patience",
     "static",
 ]
+LEARNED = ["jeidnn_paper", "gate_trajectory_expected"]
+ROW_KEYS = {
+    "budget",
+    "method",
+    "kind",
+    "label",
+    "extension",
+    "param",
+    "accuracy",
+    "cost",
+    "gflops",
+    "calib_accuracy",
+    "calib_cost",
+    "ece",
+    "ece_temperature_scaled",
+    "exit_fractions",
+    "coverage",
+    "set_size",
+    "merged_groups",
+    "resplit_miss",
+    "best_baseline",
+    "delta_vs_best_baseline",
+}
 
 
-def _logits(n: int, gen: torch.Generator, sharpness: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(
+    n: int, gen: torch.Generator, sharpness: float, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-exit logits whose accuracy grows with depth: (N, L, C) and labels (N,)."""
-    labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    if labels is None:
+        labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
     signal = torch.linspace(0.3, 2.5, NUM_EXITS)[None, :, None]  # (1, L, 1)
     onehot = torch.nn.functional.one_hot(labels, NUM_CLASSES).float()[:, None, :]  # (N, 1, C)
     # Noise shared across exits keeps predictions stable with depth, as in real networks (patience needs it).
@@ -47,11 +79,35 @@ def _logits(n: int, gen: torch.Generator, sharpness: float) -> tuple[torch.Tenso
     return sharpness * (signal * onehot + noise), labels
 
 
-def make_run(root: Path, lambdas: list[float] | None = LAMBDAS) -> Path:
+def _learned_entry(run: Path, method: str, gen: torch.Generator, native: bool, bias: float) -> dict:
+    """Two models per method; a larger λ opens the exit scores earlier (cheaper)."""
+    models = []
+    for k, lam in enumerate(LAMBDAS):
+        tensors = {}
+        for split, n in SIZES.items():
+            # every file holds the same labels: the splits are the run's, whatever the model
+            logits, labels = _logits(n, gen, sharpness=1.2, labels=LABELS[split])
+            conf = logits.softmax(-1).amax(-1)[:, :-1]  # (N, L - 1): exit scores read the IM's confidence
+            tensors[f"{split}_logits"], tensors[f"{split}_labels"] = logits, labels
+            tensors[f"{split}_scores"] = torch.sigmoid(8 * (conf - 0.75 + bias + 0.2 * lam))
+        rel = f"predictions/learned/{method}/{k}.safetensors"
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(run / rel))
+        models.append({"lambda": lam, "file": rel, "val_cost": 0.5, "val_accuracy": 0.7})
+    return {
+        "label": "JEI-DNN, paper preset" if native else "gate trajectory (expected)",
+        "extension": not native,
+        "operating_point": "native" if native else "calib_threshold",
+        "costs": GATED_COST,
+        "settings": {"preset": method},
+        "models": models,
+    }
+
+
+def make_run(root: Path, learned: bool = True, config: dict | None = None) -> Path:
     run = root / "runs" / "synthetic"
     (run / "predictions").mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
-    cost = [0.3, 0.55, 0.8, 1.02]
     report = {
         "backbone": {"name": "tiny-bert", "num_layers": NUM_EXITS, "gflops_full": 2.0},
         "dataset": {
@@ -62,33 +118,26 @@ def make_run(root: Path, lambdas: list[float] | None = LAMBDAS) -> Path:
         },
         "exits": {
             "layers": [1, 2, 3, 4],
-            "cost": cost,
-            "cost_with_gates": [c + 0.001 * (i + 1) for i, c in enumerate(cost)],
-            "gflops": [2.0 * c for c in cost],
+            "cost": COST,
+            "cost_with_gates": GATED_COST,
+            "gflops": [2.0 * c for c in COST],
             "test_accuracy": [0.5, 0.6, 0.7, 0.8],
         },
         "timings_s": {"warmup": 1.0},
-        "jeidnn_lambdas": lambdas or [],
-        # val cost of each λ: the second is closest to the default export budget 0.6
-        "jeidnn_val_cost": [0.9, 0.55][: len(lambdas or [])],
     }
-    (run / "report.json").write_text(json.dumps(report))
-    (run / "config.yaml").write_text(
-        yaml.safe_dump({"name": "synthetic", "eval": {"threshold_ps": [0.5, 1.0, 2.0]}})
-    )
     tensors = {}
     for split, n in SIZES.items():
         tensors[f"{split}_logits"], tensors[f"{split}_labels"] = _logits(n, gen, sharpness=1.5)
+        LABELS[split] = tensors[f"{split}_labels"]
     save_file(tensors, str(run / "predictions" / "warmup.safetensors"))
-    for i, lam in enumerate(lambdas or []):
-        jei = {}
-        for split, n in SIZES.items():
-            logits, labels = _logits(n, gen, sharpness=1.0)
-            conf = logits.softmax(-1).amax(-1)[:, :-1]  # (N, L - 1)
-            # Larger λ -> gates open earlier (cheaper); gates read the IM's confidence.
-            jei[f"{split}_logits"], jei[f"{split}_labels"] = logits, labels
-            jei[f"{split}_gates"] = torch.sigmoid(8 * (conf - 0.75 + 0.2 * lam))
-        save_file(jei, str(run / "predictions" / f"jeidnn_{i}.safetensors"))
+    if learned:
+        report["learned"] = {
+            "jeidnn_paper": _learned_entry(run, "jeidnn_paper", gen, native=True, bias=0.0),
+            "gate_trajectory_expected": _learned_entry(run, "gate_trajectory_expected", gen, False, 0.05),
+        }
+    (run / "report.json").write_text(json.dumps(report))
+    eval_cfg = {"threshold_ps": [0.5, 1.0, 2.0], "bootstrap": 200, "resplits": 5, **(config or {})}
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "synthetic", "seed": 3, "eval": eval_cfg}))
     return run
 
 
@@ -97,13 +146,13 @@ def _check_point(point: dict, alphas: list[str]) -> None:
     assert 0 <= point["accuracy"] <= 1 and 0.25 <= point["cost"] <= 1.1
     assert point["gflops"] == pytest.approx(2.0 * point["cost"])
     assert len(point["exit_fractions"]) == NUM_EXITS and sum(point["exit_fractions"]) == pytest.approx(1.0)
-    assert 0 <= point["ece"] <= 1
+    assert 0 <= point["ece"] <= 1 and 0 <= point["ece_temperature_scaled"] <= 1
     assert set(point["conformal"]) == set(alphas)
     for a in alphas:
         c = point["conformal"][a]
-        assert {"coverage", "mean_set_size", "fallback_exits"} <= set(c)
+        assert {"coverage", "mean_set_size", "merged_groups", "quantiles"} <= set(c)
         assert 0 <= c["mean_set_size"] <= NUM_CLASSES and 0 <= c["coverage"] <= 1
-        assert all(0 <= e < NUM_EXITS for e in c["fallback_exits"])
+        assert all(len(g) > 1 and all(0 <= e < NUM_EXITS for e in g) for g in c["merged_groups"])
 
 
 def test_evaluate_run_full_schema_and_files(tmp_path):
@@ -115,65 +164,159 @@ def test_evaluate_run_full_schema_and_files(tmp_path):
     assert on_disk == report
     assert not list(run.glob("*.tmp"))
     # Keys written by training are kept untouched.
-    assert on_disk["exits"]["cost"] == [0.3, 0.55, 0.8, 1.02] and on_disk["timings_s"] == {"warmup": 1.0}
+    assert on_disk["exits"]["cost"] == COST and on_disk["timings_s"] == {"warmup": 1.0}
+    assert on_disk["learned"]["jeidnn_paper"]["models"][0]["lambda"] == LAMBDAS[0]
 
     methods = report["methods"]
-    assert list(methods) == ["jeidnn", *BASELINES, "oracle", "jeidnn_ims_threshold_maxprob"]
+    assert list(methods) == [*LEARNED, *BASELINES, "oracle", "jeidnn_ims_threshold_maxprob"]
     for name, method in methods.items():
         assert method["kind"] in {"learned", "threshold", "patience", "static", "oracle"}
         assert method["points"], name
         for point in method["points"]:
             _check_point(point, alphas)
     assert methods["oracle"]["upper_bound"] is True
-    assert [p["param"] for p in methods["jeidnn"]["points"]] == LAMBDAS
-    assert all(p["ece_temperature_scaled"] is None for p in methods["jeidnn"]["points"])
-    assert all(p["ece_temperature_scaled"] is not None for p in methods["threshold_maxprob"]["points"])
+    assert methods["gate_trajectory_expected"]["extension"] is True
+    assert methods["gate_trajectory_expected"]["settings"] == {"preset": "gate_trajectory_expected"}
+    # Envelope points of learned methods: each model at tau 0.5 only.
+    for name in LEARNED:
+        assert [p["param"] for p in methods[name]["points"]] == [
+            {"model": k, "lambda": lam, "tau": 0.5} for k, lam in enumerate(LAMBDAS)
+        ]
     assert [p["param"] for p in methods["threshold_maxprob"]["points"]] == [0.5, 1.0, 2.0]
     assert [p["param"] for p in methods["static"]["points"]] == [1, 2, 3, 4]
     assert [p["param"] for p in methods["patience"]["points"]] == [0, 1, 2, 3]
-    # thresholds on the IMs of the one λ chosen on val, like the exported model
+    # The global grid spans everyone-at-exit-0 to nobody-exits-early (inf is null in JSON).
+    globals_ = [p["param"] for p in methods["global_maxprob"]["points"]]
+    assert globals_[0] == 0.0 and globals_[-1] is None
+    # thresholds on the IMs of every jeidnn_paper model
     assert [p["param"] for p in methods["jeidnn_ims_threshold_maxprob"]["points"]] == [
-        {"lambda": 0.5, "p": p} for p in (0.5, 1.0, 2.0)
+        {"model": k, "lambda": lam, "p": p} for k, lam in enumerate(LAMBDAS) for p in (0.5, 1.0, 2.0)
     ]
 
     # Static depth at the last exit is the full model: cost of that exit, accuracy of the final head.
     last = methods["static"]["points"][-1]
     assert last["cost"] == pytest.approx(1.02) and last["exit_fractions"][-1] == 1.0
-    # JEI-DNN costs use cost_with_gates: a sample leaving at exit 0 costs 0.301, not 0.3.
-    jp = methods["jeidnn"]["points"][0]
-    expected = sum(
-        f * c for f, c in zip(jp["exit_fractions"], on_disk["exits"]["cost_with_gates"], strict=True)
+    # Learned costs use the method's own costs: a sample leaving at exit 0 costs 0.301, not 0.3.
+    jp = methods["jeidnn_paper"]["points"][0]
+    assert jp["cost"] == pytest.approx(
+        sum(f * c for f, c in zip(jp["exit_fractions"], GATED_COST, strict=True))
     )
-    assert jp["cost"] == pytest.approx(expected)
-    # The oracle is at least as accurate as the full model.
     assert methods["oracle"]["points"][0]["accuracy"] >= last["accuracy"]
 
     summary = report["summary"]
+    assert "optimistic" in summary["envelope_note"]
     lo, hi = summary["cost_range"]
     assert lo <= hi
     assert set(summary["auc"]) == set(methods) - {"oracle"}
-    assert all(0 <= v <= 1 for v in summary["auc"].values())
-    assert len(summary["matched_cost"]) == len(LAMBDAS)
+    assert len(summary["matched_cost"]) == 2 * len(LAMBDAS)
     row = summary["matched_cost"][0]
-    assert set(row["jeidnn"]) == {"accuracy", "ece", "set_size_0.05"}
-    for name in BASELINES + ["jeidnn_ims_threshold_maxprob"]:
-        assert {"accuracy", "ece", "ece_temperature_scaled", "set_size_0.05"} <= set(row[name])
-    assert "oracle" not in row
-    assert report["evaluation"]["alphas"] == [0.01, 0.05, 0.1] and report["evaluation"]["ece_bins"] == 15
+    assert row["method"] == "jeidnn_paper" and "set_size_0.05" in row
+    assert set(row["baselines"]) == set(BASELINES) | {"jeidnn_ims_threshold_maxprob"}
+    for b in row["baselines"].values():
+        assert {"accuracy", "ece", "ece_temperature_scaled", "ece_best", "set_size_0.05"} <= set(b)
+    ev = report["evaluation"]
+    assert ev["alphas"] == [0.01, 0.05, 0.1] and ev["ece_bins"] == 15 and ev["seed"] == 3
+    assert set(ev["temperatures"]["learned"]) == set(LEARNED)
 
     md = (run / "report.md").read_text()
-    for heading in ("## Headline", "## Exits", "## Matched cost", "## AUC", "## Conformal prediction sets"):
+    assert md.index("## Budgeted comparison (test-blind)") < md.index("## Envelope on test (optimistic)")
+    assert "gate trajectory (expected) (extension)" in md
+    for heading in ("### Details of the budgeted choices", "### Exits", "### Matched cost", "### AUC"):
         assert heading in md
-    for png in ("accuracy_vs_cost", "ece_vs_cost", "conformal_vs_cost", "reliability", "exit_fractions"):
+    for png in (
+        "budgeted_accuracy",
+        "accuracy_vs_cost",
+        "ece_vs_cost",
+        "conformal_vs_cost",
+        "reliability",
+        "exit_fractions",
+    ):
         assert (run / "plots" / f"{png}.png").stat().st_size > 10_000
         assert f"](plots/{png}.png)" in md
 
 
-def test_evaluate_run_without_jeidnn_and_overrides(tmp_path):
-    run = make_run(tmp_path, lambdas=None)
+def test_budgeted_summary_format_and_selection_rules(tmp_path):
+    run = make_run(tmp_path)
+    report = evaluate_run(run, write=False)
+    b = report["summary"]["budgeted"]
+    assert b["budgets"] == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert b["calib_split"] == {"a": 150, "b": 150, "seed": 3} and b["bootstrap"] == 200
+    names = [*LEARNED, *BASELINES, "jeidnn_ims_threshold_maxprob"]  # no oracle: it reads the labels
+    assert [(r["budget"], r["method"]) for r in b["rows"]] == [(x, n) for x in b["budgets"] for n in names]
+    for row in b["rows"]:
+        assert ROW_KEYS <= set(row)
+        if row["accuracy"] is None:
+            # Nothing is cheaper than exit 0 (cost 0.3): budget 0.2 cannot be met by anyone.
+            assert "calib-A cost" in row["reason"] and row["param"] is None
+            continue
+        assert "reason" not in row
+        assert row["calib_cost"] <= row["budget"] + 1e-9  # the budget is never exceeded on calib A
+        assert row["gflops"] == pytest.approx(2.0 * row["cost"])
+        assert (
+            set(row["coverage"])
+            == set(row["set_size"])
+            == set(row["resplit_miss"])
+            == {"0.01", "0.05", "0.1"}
+        )
+        for stats in row["resplit_miss"].values():
+            assert stats["min"] <= stats["mean"] <= stats["max"]
+        d = row["delta_vs_best_baseline"]
+        assert d["ci_low"] <= d["mean"] <= d["ci_high"]
+        best = next(
+            r for r in b["rows"] if r["budget"] == row["budget"] and r["method"] == row["best_baseline"]
+        )
+        assert best["kind"] != "learned"
+        assert d["mean"] == pytest.approx(row["accuracy"] - best["accuracy"])
+        if row["method"] == row["best_baseline"]:
+            assert d == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+        if row["kind"] != "learned":  # the best baseline is the most accurate on test
+            assert row["accuracy"] <= best["accuracy"]
+    assert all(r["accuracy"] is None for r in b["rows"] if r["budget"] == 0.2)
+    # The native method plays tau 0.5 only; the calib_threshold one may pick any tau of its grid.
+    assert {r["param"]["tau"] for r in b["rows"] if r["method"] == "jeidnn_paper" and r["param"]} == {0.5}
+    # threshold_search starts from the best global threshold: never worse on calib A.
+    for budget in b["budgets"]:
+        by = {r["method"]: r for r in b["rows"] if r["budget"] == budget}
+        if by["global_maxprob"]["accuracy"] is not None:
+            assert by["threshold_search"]["calib_accuracy"] >= by["global_maxprob"]["calib_accuracy"]
+
+
+def test_choose_learned_matches_the_evaluation_and_in_memory_entry_point(tmp_path):
+    run = make_run(tmp_path)
+    report_in = json.loads((run / "report.json").read_text())
+    out = evaluate(
+        report_in, run, EvalConfig(threshold_ps=[0.5, 1.0, 2.0], bootstrap=100), 3, write_markdown=False
+    )
+    assert "methods" not in report_in  # the input is not modified
+    assert not (run / "report.md").exists()
+    rows = {(r["budget"], r["method"]): r for r in out["summary"]["budgeted"]["rows"]}
+    for budget in (0.5, 0.7, 0.9):
+        row = rows[(budget, "gate_trajectory_expected")]
+        chosen = choose_learned(report_in, run, "gate_trajectory_expected", budget, seed=3)
+        assert chosen["model_index"] == row["param"]["model"] and chosen["tau"] == row["param"]["tau"]
+        assert chosen["calib_cost"] == pytest.approx(row["calib_cost"])
+        assert chosen["calib_cost"] <= budget
+        assert (
+            chosen["file"]
+            == f"predictions/learned/gate_trajectory_expected/{chosen['model_index']}.safetensors"
+        )
+        fractions = learned_test_exit_fractions(
+            report_in, run, "gate_trajectory_expected", chosen["model_index"], chosen["tau"]
+        )
+        assert fractions == pytest.approx(row["exit_fractions"])
+    with pytest.raises(JeidnnError, match="cannot meet cost budget 0.2"):
+        choose_learned(report_in, run, "jeidnn_paper", 0.2, seed=3)
+    with pytest.raises(JeidnnError, match="no learned method 'nope'"):
+        choose_learned(report_in, run, "nope", 0.5, seed=3)
+
+
+def test_evaluate_run_without_learned_and_overrides(tmp_path):
+    run = make_run(tmp_path, learned=False, config={"budgets": [0.5, 0.8], "resplits": 2})
     report = evaluate_run(run, alphas=[0.1], ece_bins=10, write=False)
-    assert "jeidnn" not in report["methods"] and "jeidnn_ims_threshold_maxprob" not in report["methods"]
+    assert not set(LEARNED) & set(report["methods"])
+    assert "jeidnn_ims_threshold_maxprob" not in report["methods"]
     assert report["summary"]["matched_cost"] == []
+    assert report["summary"]["budgeted"]["budgets"] == [0.5, 0.8]
     assert set(report["methods"]["static"]["points"][0]["conformal"]) == {"0.1"}
     assert report["evaluation"]["ece_bins"] == 10
     assert not (run / "report.md").exists()
@@ -186,8 +329,8 @@ def test_evaluate_run_errors(tmp_path):
     with pytest.raises(JeidnnError, match="report.json"):
         evaluate_run(tmp_path)
     run = make_run(tmp_path)
-    (run / "predictions" / "jeidnn_1.safetensors").unlink()
-    with pytest.raises(JeidnnError, match="jeidnn_1.safetensors"):
+    (run / "predictions" / "learned" / "jeidnn_paper" / "1.safetensors").unlink()
+    with pytest.raises(JeidnnError, match="jeidnn_paper/1.safetensors"):
         evaluate_run(run, write=False)
     (run / "predictions" / "warmup.safetensors").unlink()
     with pytest.raises(JeidnnError, match="warmup.safetensors"):
