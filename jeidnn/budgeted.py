@@ -219,14 +219,20 @@ def conformal_groups(cand: Candidate, split: CalibSplit, num_exits: int, min_sam
 
 
 def evaluate_config(
-    cand: Candidate, split: CalibSplit, settings: Settings
+    cand: Candidate, split: CalibSplit, settings: Settings, cache: dict | None = None
 ) -> tuple[dict, ReliabilityDiagram, list[list[int]]]:
     """Test metrics of one candidate; temperatures and conformal quantiles come from calib B.
 
     Returns:
         The point (accuracy, cost, gflops, exit_fractions, ece, ece_temperature_scaled, conformal), its
-        reliability diagram on test, and the exit groups of its conformal sets.
+        reliability diagram on test, and the exit groups of its conformal sets. With ``cache``, a
+        candidate already evaluated (the same object) is not evaluated again.
     """
+    if cache is not None:
+        key = ("point", id(cand))
+        if key not in cache:
+            cache[key] = evaluate_config(cand, split, settings)
+        return cache[key]
     src, test_exits = cand.source, cand.test_exits.long()
     num_exits = len(cand.costs)
     probs = select_exit(src.probs["test"], test_exits)  # (N, C) at the exit taken
@@ -278,7 +284,7 @@ def _pool_b_and_test(cand: Candidate, split: CalibSplit) -> tuple[Tensor, Tensor
 
 
 def budgeted_rows(
-    methods: list[Method], split: CalibSplit, settings: Settings
+    methods: list[Method], split: CalibSplit, settings: Settings, cache: dict | None = None
 ) -> tuple[dict, dict[tuple[float, str], tuple[Candidate, ReliabilityDiagram]]]:
     """``summary.budgeted`` of report.json: one row per (budget, method), oracle excluded.
 
@@ -288,8 +294,10 @@ def budgeted_rows(
 
     Returns:
         The ``summary.budgeted`` dict and, per (budget, method name) with a chosen configuration, that
-        candidate and its reliability diagram on test.
+        candidate and its reliability diagram on test. ``cache`` (see :func:`evaluate_config`) lets a
+        candidate chosen at several budgets, or evaluated again later, be evaluated once.
     """
+    cache = {} if cache is None else cache
     rows: list[dict] = []
     chosen: dict[tuple[float, str], tuple[Candidate, ReliabilityDiagram]] = {}
     columns: list[tuple[dict, Tensor, Tensor]] = []  # (row, its correct vector, best baseline's)
@@ -315,8 +323,18 @@ def budgeted_rows(
                 row.update(dict.fromkeys(_NULL_KEYS), reason=f"no calib-A cost <= {budget:g} ({why})")
                 rows.append(row)
                 continue
-            point, diagram, groups = evaluate_config(cand, split, settings)
+            point, diagram, groups = evaluate_config(cand, split, settings, cache)
             conformal = point["conformal"]
+            if ("resplit", id(cand)) not in cache:
+                cache[("resplit", id(cand))] = resplit_miss(
+                    *_pool_b_and_test(cand, split),
+                    num_exits=len(cand.costs),
+                    groups=groups,
+                    num_calib=len(split.b),
+                    alphas=settings.alphas,
+                    resplits=settings.resplits,
+                    seed=settings.seed + 2,
+                )
             row.update(
                 param=cand.param,
                 accuracy=point["accuracy"],
@@ -330,15 +348,7 @@ def budgeted_rows(
                 coverage={a: c["coverage"] for a, c in conformal.items()},
                 set_size={a: c["mean_set_size"] for a, c in conformal.items()},
                 merged_groups=[g for g in groups if len(g) > 1],
-                resplit_miss=resplit_miss(
-                    *_pool_b_and_test(cand, split),
-                    num_exits=len(cand.costs),
-                    groups=groups,
-                    num_calib=len(split.b),
-                    alphas=settings.alphas,
-                    resplits=settings.resplits,
-                    seed=settings.seed + 2,
-                ),
+                resplit_miss=cache[("resplit", id(cand))],
                 best_baseline=None,
                 delta_vs_best_baseline=None,
             )

@@ -28,8 +28,8 @@ __all__ = [
 # on real networks (typically 0.8 .. 5) with a wide margin on both sides.
 _LOG_T_MIN = math.log(0.02)
 _LOG_T_MAX = math.log(50.0)
-_GRID_POINTS = 41
-_GOLDEN_STEPS = 40
+_GRID_POINTS = 21
+_GOLDEN_STEPS = 28
 
 
 def calibration_error_metric(num_classes: int, n_bins: int = 15) -> MulticlassCalibrationError:

@@ -385,10 +385,11 @@ def evaluate(
             )
     methods = learned_methods + baselines + derived
 
-    budgeted, chosen = budgeted_rows(methods, split, settings)
+    cache: dict = {}  # each candidate is evaluated on test once, whichever view asks
+    budgeted, chosen = budgeted_rows(methods, split, settings, cache)
     out_methods: dict[str, dict] = {}
     for m in methods:
-        points = [evaluate_config(c, split, settings)[0] for c in _envelope_candidates(m, chosen)]
+        points = [evaluate_config(c, split, settings, cache)[0] for c in _envelope_candidates(m, chosen)]
         out_methods[m.name] = {"kind": m.kind, "label": m.label, "extension": m.extension, "points": points}
         if m.settings is not None:
             out_methods[m.name]["settings"] = m.settings

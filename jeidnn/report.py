@@ -131,8 +131,8 @@ def _budgeted_section(report: dict, plot: str) -> list[str]:
         "### Details of the budgeted choices",
         "",
         "Cost on test; ECE (%) raw / temperature-scaled; conformal coverage (%) and mean set size on test; "
-        f"mean miss rate (%) over {b['resplits']} random re-splits of calib B ∪ test (should be ≤ α); "
-        "merged = groups of exits that share one conformal quantile.",
+        f"mean miss rate (%) over {b['resplits']} random re-splits of calib B ∪ test (should be ≤ α; (!) "
+        "marks a mean above α + 0.5 points); merged = groups of exits that share one conformal quantile.",
         "",
     ]
     header = ["budget", "method", "cost", "ECE raw / TS"]
@@ -156,7 +156,7 @@ def _budgeted_section(report: dict, plot: str) -> list[str]:
                 line += [
                     _pct(r["coverage"].get(a)),
                     _fmt(r["set_size"].get(a), digits=2),
-                    _pct(miss.get("mean")),
+                    _pct(miss.get("mean")) + (" (!)" if (miss.get("mean") or 0) > float(a) + 0.005 else ""),
                 ]
             line.append(" ".join(str(g) for g in r["merged_groups"]) or "–")
             detail.append(line)

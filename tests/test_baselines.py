@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from jeidnn.baselines import (
+    _threshold_batch_stats,
+    _vary_one_exit,
     apply_thresholds,
     confidence,
     fit_budgeted_thresholds,
@@ -181,3 +183,12 @@ def test_search_thresholds_never_exceeds_budget_and_beats_the_global_threshold(b
     )
     assert acc > best_global  # strictly: the per-exit search finds something the global grid cannot
     assert torch.equal(found, search_thresholds(conf, correct, costs, budget, grid))  # deterministic
+    # The fast one-exit update agrees with applying every trial threshold vector in full.
+    thresholds = torch.tensor([0.7, 0.2, 0.9, 0.5], dtype=torch.float64)
+    grid_k = torch.tensor([0.0, 0.3, 0.6, float("inf")], dtype=torch.float64)
+    for k in range(num_exits - 1):
+        fast = _vary_one_exit(conf.double(), correct, costs.double(), thresholds, k, grid_k)
+        trials = thresholds.repeat(len(grid_k), 1)
+        trials[:, k] = grid_k
+        full = _threshold_batch_stats(conf.double(), correct, costs.double(), trials)
+        torch.testing.assert_close(fast, full)
