@@ -1,6 +1,6 @@
 """Calibration: top-label ECE, per-exit temperature scaling and reliability-diagram data.
 
-ECE follows DESIGN.md §6: top-label, L1, 15 equal-width bins, computed on the whole
+ECE follows docs/evaluation.md: top-label, L1, 15 equal-width bins, computed on the whole
 set at once through ``torchmetrics.classification.MulticlassCalibrationError`` (its
 state keeps every confidence, so feeding it in batches gives the whole-set value, not a
 mean of per-batch ECEs). Temperatures are fitted per exit on the ``calib`` split.

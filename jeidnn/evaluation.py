@@ -55,7 +55,7 @@ from jeidnn.budgeted import (
 from jeidnn.config import EvalConfig, config_from_dict
 from jeidnn.conformal import alpha_key
 from jeidnn.errors import JeidnnError
-from jeidnn.metrics import common_cost_range, envelope_auc, interpolate_envelope
+from jeidnn.metrics import envelope_summary
 
 __all__ = ["GLOBAL_GRID", "METHODS", "NOTES", "alpha_key", "evaluate", "evaluate_run"]
 
@@ -215,68 +215,6 @@ def _envelope_candidates(method: Method, chosen: dict) -> list[Candidate]:
     return method.candidates
 
 
-def _matched_baseline(points: list[dict], cost: float, set_key: str, set_size: Any) -> dict:
-    """A baseline's envelope (by accuracy) interpolated at `cost`, carrying ECE and set size along."""
-    costs, accs = [p["cost"] for p in points], [p["accuracy"] for p in points]
-
-    def at(values: list) -> float:
-        values = [np.nan if v is None else v for v in values]
-        return float(interpolate_envelope(costs, accs, [cost], values)[0])
-
-    ece_raw, ece_ts = at([p["ece"] for p in points]), at([p["ece_temperature_scaled"] for p in points])
-    finite = [v for v in (ece_raw, ece_ts) if math.isfinite(v)]
-    return {
-        "accuracy": at(accs),
-        "ece": ece_raw,
-        "ece_temperature_scaled": ece_ts,
-        "ece_best": min(finite) if finite else None,  # compare with the better of raw and scaled
-        set_key: at([set_size(p) for p in points]),
-    }
-
-
-def _envelope_summary(methods: dict[str, dict], alphas: list[float]) -> dict:
-    """cost_range, AUC per method (oracle excluded) and matched-cost rows (one per learned point)."""
-    curves = {n: m["points"] for n, m in methods.items() if m["kind"] != "oracle" and m["points"]}
-    lo, hi = common_cost_range({n: [p["cost"] for p in pts] for n, pts in curves.items()})
-    auc = {
-        n: envelope_auc([p["cost"] for p in pts], [p["accuracy"] for p in pts], lo, hi)
-        for n, pts in curves.items()
-    }
-    set_alpha = alpha_key(0.05 if 0.05 in alphas else alphas[len(alphas) // 2]) if alphas else None
-    set_key = f"set_size_{set_alpha}"
-
-    def set_size(point: dict) -> float | None:
-        return point["conformal"][set_alpha]["mean_set_size"] if set_alpha else None
-
-    baselines = [n for n in curves if methods[n]["kind"] != "learned"]
-    matched = []
-    for name in (n for n in curves if methods[n]["kind"] == "learned"):
-        for p in curves[name]:
-            matched.append(
-                {
-                    "method": name,
-                    "param": p["param"],
-                    "cost": p["cost"],
-                    "accuracy": p["accuracy"],
-                    "ece": p["ece"],
-                    "ece_temperature_scaled": p["ece_temperature_scaled"],
-                    set_key: set_size(p),
-                    "baselines": {
-                        b: _matched_baseline(curves[b], p["cost"], set_key, set_size) for b in baselines
-                    },
-                }
-            )
-    baseline_auc = {n: auc[n] for n in baselines if math.isfinite(auc[n])}
-    return {
-        "envelope_note": ENVELOPE_NOTE,
-        "cost_range": [lo, hi],
-        "auc": auc,
-        "auc_note": "mean test accuracy of each method's upper envelope over cost_range; oracle excluded",
-        "envelope_best_baseline": max(baseline_auc, key=baseline_auc.get) if baseline_auc else None,
-        "matched_cost": matched,
-    }
-
-
 def _reliability_panels(budgeted: dict, chosen: dict, labels: dict[str, str]) -> list[dict]:
     """At the budget nearest 0.5: each learned method's chosen config next to the best baseline's."""
     budgets = [b for b in budgeted["budgets"] if any(k[0] == b for k in chosen)]
@@ -396,7 +334,8 @@ def evaluate(
     out_methods["oracle"]["upper_bound"] = True
     out = dict(report)
     out["methods"] = out_methods
-    out["summary"] = {"budgeted": budgeted, **_envelope_summary(out_methods, settings.alphas)}
+    envelope = envelope_summary(out_methods, settings.alphas)
+    out["summary"] = {"budgeted": budgeted, "envelope_note": ENVELOPE_NOTE, **envelope}
     out["evaluation"] = {
         "alphas": settings.alphas,
         "ece_bins": settings.ece_bins,

@@ -15,17 +15,22 @@ accuracy over that cost range. [lo, hi] is the range every compared method cover
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from jeidnn.conformal import alpha_key
+
 __all__ = [
     "ExitHistogram",
     "ExpectedCost",
     "common_cost_range",
+    "envelope_summary",
     "envelope_auc",
     "interpolate_envelope",
     "paired_bootstrap",
@@ -157,6 +162,77 @@ def paired_bootstrap(diffs: Tensor, resamples: int, seed: int, chunk: int = 100)
     return torch.cat([diffs.mean(dim=0)[:, None], ci], dim=1)
 
 
+def _matched_baseline(points: list[dict], cost: float, set_key: str, set_size: Any) -> dict:
+    """A baseline's envelope (by accuracy) interpolated at `cost`, carrying ECE and set size along."""
+    costs, accs = [p["cost"] for p in points], [p["accuracy"] for p in points]
+
+    def at(values: list) -> float:
+        values = [np.nan if v is None else v for v in values]
+        return float(interpolate_envelope(costs, accs, [cost], values)[0])
+
+    ece_raw, ece_ts = at([p["ece"] for p in points]), at([p["ece_temperature_scaled"] for p in points])
+    finite = [v for v in (ece_raw, ece_ts) if math.isfinite(v)]
+    return {
+        "accuracy": at(accs),
+        "ece": ece_raw,
+        "ece_temperature_scaled": ece_ts,
+        "ece_best": min(finite) if finite else None,  # compare with the better of raw and scaled
+        set_key: at([set_size(p) for p in points]),
+    }
+
+
+def envelope_summary(methods: dict[str, dict], alphas: list[float]) -> dict:
+    """The envelope views of report.json ``methods``: cost_range, AUC and matched-cost rows.
+
+    Args:
+        methods: name -> ``{"kind", "points": [{"cost", "accuracy", "ece", "ece_temperature_scaled",
+            "conformal", "param"}, ...]}``; the oracle (kind ``oracle``) is left out, and a matched-cost
+            row is made for each point of each learned method.
+        alphas: conformal levels; set sizes are carried at 0.05 (else the middle level).
+
+    Returns:
+        ``{"cost_range", "auc", "auc_note", "envelope_best_baseline", "matched_cost"}``.
+    """
+    curves = {n: m["points"] for n, m in methods.items() if m["kind"] != "oracle" and m["points"]}
+    lo, hi = common_cost_range({n: [p["cost"] for p in pts] for n, pts in curves.items()})
+    auc = {
+        n: envelope_auc([p["cost"] for p in pts], [p["accuracy"] for p in pts], lo, hi)
+        for n, pts in curves.items()
+    }
+    set_alpha = alpha_key(0.05 if 0.05 in alphas else alphas[len(alphas) // 2]) if alphas else None
+    set_key = f"set_size_{set_alpha}"
+
+    def set_size(point: dict) -> float | None:
+        return point["conformal"][set_alpha]["mean_set_size"] if set_alpha else None
+
+    baselines = [n for n in curves if methods[n]["kind"] != "learned"]
+    matched = []
+    for name in (n for n in curves if methods[n]["kind"] == "learned"):
+        for p in curves[name]:
+            matched.append(
+                {
+                    "method": name,
+                    "param": p["param"],
+                    "cost": p["cost"],
+                    "accuracy": p["accuracy"],
+                    "ece": p["ece"],
+                    "ece_temperature_scaled": p["ece_temperature_scaled"],
+                    set_key: set_size(p),
+                    "baselines": {
+                        b: _matched_baseline(curves[b], p["cost"], set_key, set_size) for b in baselines
+                    },
+                }
+            )
+    baseline_auc = {n: auc[n] for n in baselines if math.isfinite(auc[n])}
+    return {
+        "cost_range": [lo, hi],
+        "auc": auc,
+        "auc_note": "mean test accuracy of each method's upper envelope over cost_range; oracle excluded",
+        "envelope_best_baseline": max(baseline_auc, key=baseline_auc.get) if baseline_auc else None,
+        "matched_cost": matched,
+    }
+
+
 # --------------------------------------------------------------------------- torchmetrics classes
 
 
@@ -169,7 +245,7 @@ def _expected_cost_update(exits: Tensor, costs: Tensor) -> tuple[Tensor, Tensor]
 
 
 class ExpectedCost(Metric):
-    """Mean normalised cost of the exits taken (DESIGN.md §2: 1.0 = the original model).
+    """Mean normalised cost of the exits taken (1.0 = the original model; docs/evaluation.md).
 
     Example:
         >>> metric = ExpectedCost(costs=torch.tensor([0.5, 1.0]))

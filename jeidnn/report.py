@@ -51,7 +51,8 @@ def _signed(value: float) -> str:
 
 
 def _label(method: dict) -> str:
-    return method["label"] + (" (extension)" if method.get("extension") else "")
+    extension = method.get("extension") and "(extension)" not in method["label"]
+    return method["label"] + (" (extension)" if extension else "")
 
 
 def _style(report: dict, name: str) -> dict:
