@@ -183,7 +183,7 @@ def oracle_exits(preds: Tensor, labels: Tensor) -> Tensor:
     return correct.int().argmax(dim=1)
 
 
-def score_exits(scores: Tensor, tau: float) -> Tensor:
+def score_exits(scores: Tensor, tau: float = 0.5) -> Tensor:
     """The exit rule of every learned model: the first ``l < L - 1`` with ``scores[:, l] >= tau``, else L - 1.
 
     Args:

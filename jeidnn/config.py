@@ -8,6 +8,7 @@ Unknown keys and wrong types are refused with the key named.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,12 +110,80 @@ class WarmupConfig:
 
 
 @dataclass
+class GateVariant:
+    """One learned gating method of stage 2: its gates, objective and operating point (docs/method.md).
+
+    The defaults are the paper's method (JEI-DNN as published); anything else is an extension and is
+    labelled as such in the report.
+    """
+
+    name: str = "jeidnn_paper"
+    """Method name in report.json and report.md (letters, digits, `_`)."""
+    inputs: Literal["confidence", "trajectory", "hidden"] = "confidence"
+    """`confidence` = the four confidence features of the gate's own exit (paper); `trajectory` = those of
+    every exit so far, argmax agreement with earlier exits and the change of p_max; `hidden` = trajectory
+    plus a learned projection of the exit's pooled hidden state."""
+    arch: Literal["linear", "mlp"] = "linear"
+    """Gate network: `linear` (paper) or `mlp` (one hidden ReLU layer of `width` units)."""
+    width: int = 16
+    projection: int = 8
+    """Size of the learned hidden-state projection (`inputs: hidden`)."""
+    standardize: bool = False
+    """Standardise the gate inputs with training-split statistics of the warm-up IMs."""
+    objective: Literal["bce", "expected"] = "bce"
+    """`bce` = the paper's weighted BCE towards oracle targets; `expected` = E_π[loss] + λ·E_π[cost]
+    minimised through the differentiable exit distribution π."""
+    exit_rule: Literal["paper", "conditional"] = "paper"
+    """`paper` = π_l = min(g_l, 1 − Σ_{j<l} g_j); `conditional` = g_l is the probability of exiting at l
+    given the sample got there (a stopping process)."""
+    exit_loss: Literal["error", "ce"] = "error"
+    """Per-exit loss of the `expected` objective: 0-1 error (accuracy) or cross-entropy."""
+    positive_weight: Literal["exact", "cumulative", "none"] = "exact"
+    """BCE positive-class weight: n_l = samples whose best exit is exactly l (paper code), samples with
+    target 1 at gate l (cumulative), or no weighting."""
+    im_loss: Literal["weighted", "uniform"] = "weighted"
+    """IM phase: `weighted` = expected CE under π with a detached normaliser (paper); `uniform` = plain sum
+    of the per-exit CEs (what the authors' released code effectively trains)."""
+    operating_point: Literal["native", "calib_threshold"] = "native"
+    """`native` = exit once the exit score reaches 0.5 (as trained); `calib_threshold` = the threshold on
+    the exit score is also chosen on calib for each cost budget."""
+    extension: bool = False
+    """True for anything beyond the paper (reported as an extension)."""
+
+
+def _default_variants() -> list[GateVariant]:
+    return [
+        GateVariant(),
+        GateVariant(
+            name="gate_trajectory_expected",
+            inputs="trajectory",
+            arch="mlp",
+            standardize=True,
+            objective="expected",
+            exit_rule="conditional",
+            operating_point="calib_threshold",
+            extension=True,
+        ),
+    ]
+
+
+@dataclass
 class JeidnnConfig:
-    """Stage 2: JEI-DNN joint training of gates and IMs (DESIGN.md §4)."""
+    """Stage 2: learned gates and IMs trained jointly on cached features (docs/method.md)."""
 
     enabled: bool = True
-    lambdas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
-    """Accuracy/cost trade-offs; one trained model per value."""
+    variants: list[GateVariant] = field(default_factory=_default_variants)
+    """The learned methods; each trains one model per λ. The first is the exported default family."""
+    lambdas: list[float] | None = None
+    """Accuracy/cost trade-offs (one model per value and variant). None = chosen automatically per
+    variant from validation cost, starting from `lambda_grid`, so that the models span the cost range."""
+    lambda_grid: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    """Starting grid of the automatic λ choice."""
+    lambda_rounds: int = 3
+    """Automatic λ: rounds of extending / bisecting the grid until val costs run from the first exit's
+    cost to at least `target_max_cost` without gaps wider than `max_cost_gap`."""
+    target_max_cost: float = 0.9
+    max_cost_gap: float = 0.15
     epochs: int = 10
     """Passes over the cached training features."""
     alternate_steps: int = 200
@@ -125,14 +194,8 @@ class JeidnnConfig:
     weight_decay: float = 5e-4
     min_lr: float = 2e-4
     """Cosine schedule end value."""
-    im_loss: Literal["weighted", "sum"] = "weighted"
-    """`weighted` = expected CE under the exit distribution with detached normaliser;
-    `sum` = plain sum of per-exit CE (ablation)."""
     max_positive_weight: float = 5.0
-    """Upper clip of the gates' positive-class weight min(#zeros / #ones, ·) (DESIGN.md §4)."""
-    min_positive_weight: float = 0.0
-    """Lower clip of that weight (0 = DESIGN.md §4). An ablation: with both clips at 1 the gate
-    loss is an unweighted BCE (see README, "JEI-DNN on the default data")."""
+    """Upper clip of the BCE positive-class weight."""
 
 
 @dataclass
@@ -154,15 +217,24 @@ class EvalConfig:
     """One global max-probability threshold (DeeBERT style)."""
     patience_values: list[int] | None = None
     """PABEE patience values t (None = 0 .. number of exits - 1; t = 0 exits at the first exit)."""
+    budgets: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    """Cost budgets of the headline table: each method's operating point is chosen on calib half A."""
+    bootstrap: int = 1000
+    """Paired bootstrap resamples of test for the accuracy-difference intervals."""
+    resplits: int = 20
+    """Random re-splits of calib half B ∪ test for the conformal miss rate."""
 
 
 @dataclass
 class ExportConfig:
     """Which trained model goes to `runs/<name>/model/`."""
 
-    lam: float | None = None
-    """λ of the exported model. None = the λ whose val cost is closest to `cost_budget`."""
+    method: str | None = None
+    """Learned method to export. None = the most accurate learned method on calib half A within
+    `cost_budget`."""
     cost_budget: float = 0.6
+    """The exported operating point (method, λ, exit threshold) is the most accurate on calib half A
+    among those whose calib cost is at most this."""
     alpha: float = 0.1
     """Default conformal level of `predict`."""
 
@@ -234,6 +306,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         raise bad
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
             raise bad
@@ -383,12 +457,29 @@ def validate(cfg: RunConfig) -> None:
         raise JeidnnError(f"eval.ece_bins must be a positive integer, got {cfg.eval.ece_bins}")
     if not 0 < cfg.export.alpha < 1:
         raise JeidnnError(f"export.alpha must lie in (0, 1), got {cfg.export.alpha}")
-    if any(lam < 0 for lam in cfg.jeidnn.lambdas) or not cfg.jeidnn.lambdas:
-        raise JeidnnError(f"jeidnn.lambdas must be a non-empty list of values >= 0, got {cfg.jeidnn.lambdas}")
-    if cfg.export.lam is not None and not any(abs(cfg.export.lam - x) < 1e-9 for x in cfg.jeidnn.lambdas):
+    j = cfg.jeidnn
+    if j.lambdas is not None and (not j.lambdas or any(lam < 0 for lam in j.lambdas)):
+        raise JeidnnError(f"jeidnn.lambdas must be null or a non-empty list of values >= 0, got {j.lambdas}")
+    if not j.lambda_grid or any(lam <= 0 for lam in j.lambda_grid):
+        raise JeidnnError(f"jeidnn.lambda_grid must be a non-empty list of values > 0, got {j.lambda_grid}")
+    if j.enabled and not j.variants:
         raise JeidnnError(
-            f"export.lam {cfg.export.lam} is not one of jeidnn.lambdas {cfg.jeidnn.lambdas}; pick one of them"
+            "jeidnn.variants is empty; list at least one learned method or set jeidnn.enabled false"
         )
+    names = [v.name for v in j.variants]
+    for v in j.variants:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", v.name) or names.count(v.name) > 1:
+            raise JeidnnError(f"jeidnn.variants: name {v.name!r} must be unique, of letters, digits and `_`")
+        if v.width < 1 or v.projection < 1:
+            raise JeidnnError(f"jeidnn.variants[{v.name}]: width and projection must be positive integers")
+    if cfg.export.method is not None and cfg.export.method not in names:
+        raise JeidnnError(f"export.method {cfg.export.method!r} is not one of jeidnn.variants {names}")
+    if not 0 < cfg.export.cost_budget <= 2:
+        raise JeidnnError(f"export.cost_budget must lie in (0, 2], got {cfg.export.cost_budget}")
+    if any(not 0 < b <= 2 for b in cfg.eval.budgets) or not cfg.eval.budgets:
+        raise JeidnnError(f"eval.budgets must be a non-empty list of costs in (0, 2], got {cfg.eval.budgets}")
+    if cfg.eval.bootstrap < 100 or cfg.eval.resplits < 1:
+        raise JeidnnError("eval.bootstrap must be >= 100 and eval.resplits >= 1")
     if cfg.jeidnn.alternate_steps < 1:
         raise JeidnnError(f"jeidnn.alternate_steps must be >= 1, got {cfg.jeidnn.alternate_steps}")
     for section, key in (("finetune", "epochs"), ("warmup", "max_epochs"), ("jeidnn", "epochs")):

@@ -1,4 +1,4 @@
-"""Inference cost of every exit, counted with `torch.utils.flop_counter.FlopCounterMode` (DESIGN.md §2).
+"""Inference cost of every exit, counted with `torch.utils.flop_counter.FlopCounterMode` (docs/method.md).
 
 `c_l` = FLOPs of embeddings + layers 1..l + every head (and gate) evaluated at exits 1..l,
 divided by the FLOPs of the plain backbone + its final classifier.
@@ -67,6 +67,11 @@ class ExitCosts:
     counted_on: str
     """Which inputs were counted (for the report)."""
 
+    def with_gates(self, gate_flops: float) -> list[float]:
+        """Normalised cost per exit when each gated exit up to it runs a gate of ``gate_flops`` FLOPs."""
+        num_exits = len(self.cost)
+        return [c + min(e + 1, num_exits - 1) * gate_flops / self.full_flops for e, c in enumerate(self.cost)]
+
     @property
     def gflops_full(self) -> float:
         return self.full_flops / 1e9
@@ -101,7 +106,7 @@ def _component_flops(backbone: Backbone, heads: ExitHeads, inputs: dict[str, Ten
 def exit_costs(
     backbone: Backbone, heads: ExitHeads, samples: list[tuple[dict[str, Tensor], float]], counted_on: str
 ) -> ExitCosts:
-    """Count every component on weighted `samples` and normalise (DESIGN.md §2).
+    """Count every component on weighted `samples` and normalise (docs/method.md).
 
     Args:
         samples: `(inputs, weight)` pairs; inputs hold one unpadded sample (text: see

@@ -31,13 +31,13 @@ from torch import Tensor, nn
 from jeidnn.backbone import Backbone
 from jeidnn.baselines import ConfidenceMeasure, apply_thresholds, confidence
 from jeidnn.errors import JeidnnError, first_line
-from jeidnn.gates import Gates, SequentialExitRule, exit_decision
+from jeidnn.gates import DEFAULT_TAU, Gates, GateSettings, score_exits
 from jeidnn.heads import ExitHeads
 from jeidnn.predict import Prediction, make_batches, to_predictions
 
 __all__ = ["EarlyExitModel", "EarlyExitOutput", "Prediction", "ThresholdGates"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the folder layout written by :meth:`EarlyExitModel.save_pretrained`."""
 
 MEASURES: tuple[str, ...] = ("maxprob", "entropy", "margin")
@@ -109,7 +109,7 @@ class EarlyExitOutput:
         exit_layer: 1-based backbone layer of that exit, ``(B,)`` long.
         cost: normalised cost of that exit (1 = the plain backbone), ``(B,)``.
         exit_logits: logits of every exit, ``(B, L, C)`` (full path only, else None).
-        gate_probs: JEI-DNN gate probabilities ``g``, ``(B, L-1)`` (full path with JEI-DNN gates only).
+        gate_scores: learned gates' exit scores, ``(B, L-1)`` (full path with learned gates only).
     """
 
     logits: Tensor  # (B, C)
@@ -118,7 +118,7 @@ class EarlyExitOutput:
     exit_layer: Tensor  # (B,)
     cost: Tensor  # (B,)
     exit_logits: Tensor | None = None  # (B, L, C)
-    gate_probs: Tensor | None = None  # (B, L-1)
+    gate_scores: Tensor | None = None  # (B, L-1)
 
 
 class EarlyExitModel(nn.Module):
@@ -127,10 +127,12 @@ class EarlyExitModel(nn.Module):
     Args:
         backbone: the encoder.
         heads: one classifier per exit; ``heads.layers[-1]`` must be the backbone's last layer.
-        gates: JEI-DNN :class:`~jeidnn.gates.Gates`, :class:`ThresholdGates`, or None (always the last exit).
+        gates: learned :class:`~jeidnn.gates.Gates`, :class:`ThresholdGates`, or None (always the last exit).
+        exit_threshold: learned gates: a sample exits at the first exit whose score reaches it (0.5 = the
+            rule the gates were trained for; a budgeted export may pick another on calib).
         preprocessor: tokenizer (text) or image processor (images); None for tensor inputs only.
         labels: class names in class-index order (default ``"0" .. "C-1"``).
-        costs: normalised cost of each exit (DESIGN.md §2); default ``layer / num_layers``, a rough guess.
+        costs: normalised cost of each exit (docs/method.md); default ``layer / num_layers``, a rough guess.
         conformal_quantiles: ``{"0.1": [q_1 .. q_L], ...}`` per-exit conformal quantiles per α.
         max_length: text inputs are truncated to this many tokens.
         metadata: anything JSON-serialisable to keep with the model (λ, GFLOPs, training run...).
@@ -154,6 +156,7 @@ class EarlyExitModel(nn.Module):
         conformal_quantiles: Mapping[str, Sequence[float]] | None = None,
         max_length: int = 64,
         metadata: Mapping[str, Any] | None = None,
+        exit_threshold: float = DEFAULT_TAU,
     ) -> None:
         super().__init__()
         num_exits, num_layers = heads.num_exits, backbone.num_layers
@@ -185,7 +188,7 @@ class EarlyExitModel(nn.Module):
         exit_at = {layer: k for k, layer in enumerate(heads.layers)}
         # For each 0-based backbone layer: the exit after it, or None (exits may sit on a subset of layers).
         self._exit_after_layer: list[int | None] = [exit_at.get(i + 1) for i in range(num_layers)]
-        self._rule = SequentialExitRule()
+        self.exit_threshold = float(exit_threshold)
 
     @property
     def num_exits(self) -> int:
@@ -205,16 +208,16 @@ class EarlyExitModel(nn.Module):
         features = self.backbone(dict(inputs), self.heads.layers)  # (B, L, H)
         exit_logits = self.heads(features)  # (B, L, C)
         batch = exit_logits.shape[0]
-        gate_probs = None
+        gate_scores = None
         if isinstance(self.gates, Gates):
-            gate_probs = self.gates(exit_logits).probs  # (B, L-1)
-            exit_index = exit_decision(gate_probs)
+            gate_scores = self.gates.scores(exit_logits, features)  # (B, L-1)
+            exit_index = score_exits(gate_scores, self.exit_threshold)
         elif isinstance(self.gates, ThresholdGates):
             exit_index = self.gates.exit_decision(self.gates(exit_logits))
         else:
             exit_index = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=exit_logits.device)
         logits = exit_logits[torch.arange(batch, device=exit_logits.device), exit_index]  # (B, C)
-        return self._output(logits, exit_index, exit_logits, gate_probs)
+        return self._output(logits, exit_index, exit_logits, gate_scores)
 
     @torch.inference_mode()
     def forward_dynamic(self, inputs: Mapping[str, Tensor]) -> EarlyExitOutput:
@@ -231,18 +234,20 @@ class EarlyExitModel(nn.Module):
         out_logits = hidden.new_empty(batch, self.num_classes)  # (B, C)
         out_exit = torch.full((batch,), last, dtype=torch.long, device=hidden.device)  # (B,)
         rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
-        jei = isinstance(gates, Gates)
-        state = self._rule.init_state(batch, device=hidden.device, dtype=hidden.dtype) if jei else None
+        learned = isinstance(gates, Gates)
+        state = gates.init_state(batch, device=hidden.device) if learned else None
         for i, k in enumerate(self._exit_after_layer):
             hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
             if k is None or (k < last and gates is None):
                 continue
-            logits = heads[k](backbone.pool(hidden, token_mask))  # (b, C)
+            pooled = backbone.pool(hidden, token_mask)  # (b, H)
+            logits = heads[k](pooled)  # (b, C)
             if k == last:  # everyone still running exits here
                 out_logits[rows if rows is not None else slice(None)] = logits
                 break
-            if jei:
-                stop, state = self._rule.step(gates.gate_prob(k, logits), state)  # (b,) bool
+            if learned:
+                score, state = gates.step(k, logits, pooled, state)  # (b,)
+                stop = score >= self.exit_threshold
             else:
                 stop = gates.stops(k, logits)
             n_stop = int(stop.sum())  # the one host sync per exit; everything else stays lazy
@@ -272,7 +277,7 @@ class EarlyExitModel(nn.Module):
         logits: Tensor,
         exit_index: Tensor,
         exit_logits: Tensor | None = None,
-        gate_probs: Tensor | None = None,
+        gate_scores: Tensor | None = None,
     ) -> EarlyExitOutput:
         return EarlyExitOutput(
             logits=logits,
@@ -281,7 +286,7 @@ class EarlyExitModel(nn.Module):
             exit_layer=self.layer_per_exit[exit_index],
             cost=self.cost_per_exit[exit_index],
             exit_logits=exit_logits,
-            gate_probs=gate_probs,
+            gate_scores=gate_scores,
         )
 
     # ------------------------------------------------------------------ predict
@@ -345,7 +350,12 @@ class EarlyExitModel(nn.Module):
         )
         gates: dict[str, Any] = {"type": "none"}
         if isinstance(self.gates, Gates):
-            gates = {"type": "jeidnn"}
+            gates = {
+                "type": "learned",
+                "settings": self.gates.settings.to_dict(),
+                "hidden_size": self.gates.hidden_mean.shape[-1],
+                "exit_threshold": self.exit_threshold,
+            }
         elif isinstance(self.gates, ThresholdGates):
             gates = {
                 "type": "threshold",
@@ -389,8 +399,8 @@ class EarlyExitModel(nn.Module):
         version = config.get("format_version") if isinstance(config, dict) else None
         if version != FORMAT_VERSION:
             raise JeidnnError(
-                f"{folder / 'jeidnn.json'} has format version {version!r}; "
-                f"this jeidnn reads version {FORMAT_VERSION}"
+                f"{folder / 'jeidnn.json'} has format version {version!r}; this jeidnn reads version "
+                f"{FORMAT_VERSION}: re-export the model from its run with this version (retrain the run if needed)"
             )
         try:
             with _no_progress_bars():
@@ -418,8 +428,10 @@ class EarlyExitModel(nn.Module):
         )
         gate_cfg = config["gates"]
         gates: Gates | ThresholdGates | None = None
-        if gate_cfg["type"] == "jeidnn":
-            gates = Gates(len(heads.layers))
+        threshold = DEFAULT_TAU
+        if gate_cfg["type"] == "learned":
+            gates = Gates(len(heads.layers), GateSettings(**gate_cfg["settings"]), gate_cfg["hidden_size"])
+            threshold = float(gate_cfg["exit_threshold"])
         elif gate_cfg["type"] == "threshold":
             gates = ThresholdGates(gate_cfg["thresholds"], gate_cfg["measure"])
         elif gate_cfg["type"] != "none":
@@ -442,4 +454,5 @@ class EarlyExitModel(nn.Module):
             config["conformal_quantiles"],
             config["max_length"],
             config.get("metadata"),
+            threshold,
         )

@@ -1,6 +1,6 @@
 """Feature cache: the pooled per-exit representations of a frozen backbone, computed once.
 
-Stages 1-3 never need the backbone again after this pass (DESIGN.md §3); memory is
+Stages 1-3 never need the backbone again after this pass (docs/method.md); memory is
 N × L × H floats per split.
 """
 

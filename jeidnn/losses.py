@@ -1,4 +1,4 @@
-"""Losses of the IM warm-up and of JEI-DNN's alternating training (DESIGN.md §4).
+"""Losses of the IM warm-up and of stage 2's alternating training (docs/method.md).
 
 Shapes: ``N`` samples, ``L`` exits (0-based in code, the last is the frozen final classifier),
 ``C`` classes. Per-exit logits are ``(N, L, C)``; gate tensors cover the ``L-1`` gated exits.
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMLossMode = Literal["weighted", "sum"]
+IMLossMode = Literal["weighted", "uniform"]
+PositiveWeight = Literal["exact", "cumulative", "none"]
 
 # Below this expected loss a sample's exit distribution only weights IMs that are already right; the
 # normaliser r = Σ CE / Σ π·CE would then blow up, so such samples keep r = 1.
@@ -43,23 +44,24 @@ def im_loss(logits: Tensor, labels: Tensor, pi: Tensor, mode: IMLossMode = "weig
     ``r`` must be detached: attached, ``r · Σ π CE`` equals ``Σ CE`` identically and the weighting
     disappears. Samples whose expected loss is below 1e-6 keep ``r = 1``.
 
-    ``sum``: ``mean_x Σ_l CE_l(x)``, the unweighted ablation.
+    ``uniform``: ``mean_x Σ_l CE_l(x)``: what the authors' released code effectively trains (its normaliser
+    is not detached, which cancels the weighting).
 
     Args:
         logits: per-exit logits, shape ``(N, L, C)``.
         labels: class indices, shape ``(N,)``.
         pi: exit distribution, shape ``(N, L)``; treated as a constant (no gradient reaches the gates).
-        mode: ``"weighted"`` or ``"sum"``.
+        mode: ``"weighted"`` or ``"uniform"``.
 
     Returns:
         Scalar loss.
     """
     ce = per_exit_ce(logits, labels)  # (N, L)
     total = ce.sum(dim=1)  # (N,)
-    if mode == "sum":
+    if mode == "uniform":
         return total.mean()
     if mode != "weighted":
-        raise ValueError(f"im_loss mode must be 'weighted' or 'sum', got {mode!r}")
+        raise ValueError(f"im_loss mode must be 'weighted' or 'uniform', got {mode!r}")
     expected = (pi.detach() * ce).sum(dim=1)  # (N,)
     with torch.no_grad():
         ok = expected > _MIN_EXPECTED_LOSS
@@ -69,7 +71,7 @@ def im_loss(logits: Tensor, labels: Tensor, pi: Tensor, mode: IMLossMode = "weig
 
 
 def gate_targets(ce: Tensor, costs: Tensor, lam: float) -> Tensor:
-    """Gate targets from the best exit under the accuracy/cost trade-off ``λ``.
+    """Gate targets from the best exit under the accuracy/cost trade-off ``λ`` (the paper's BCE objective).
 
     ``l*(x) = argmin_l CE_l(x) + λ c_l`` over all ``L`` exits (ties go to the earlier, cheaper exit) and
     ``t_l(x) = 1`` for the gated exits ``l ≥ l*(x)``: stop at the best exit or anywhere after it.
@@ -82,40 +84,58 @@ def gate_targets(ce: Tensor, costs: Tensor, lam: float) -> Tensor:
     Returns:
         ``(N, L-1)`` float targets in {0, 1}.
     """
-    best = (ce + lam * costs.to(ce)).argmin(dim=1)  # (N,); argmin returns the first minimum
+    best = best_exit(ce, costs, lam)  # (N,); argmin returns the first minimum
     exits = torch.arange(ce.shape[1] - 1, device=ce.device)  # (L-1,)
     return (exits[None, :] >= best[:, None]).to(ce.dtype)  # (N, L-1)
 
 
-def positive_weights(targets: Tensor, max_weight: float = 5.0, min_weight: float = 0.0) -> Tensor:
-    """Weight of the positive (exit) class of each gate: ``min(#zeros / #ones, max_weight)``.
+def best_exit(ce: Tensor, costs: Tensor, lam: float) -> Tensor:
+    """``l*(x) = argmin_l CE_l(x) + λ c_l`` (ties go to the earlier exit): ``(N, L)`` -> ``(N,)`` long."""
+    return (ce + lam * costs.to(ce)).argmin(dim=1)
 
-    ``min_weight`` (default 0, DESIGN.md §4: no lower clip) is an ablation switch: the balanced
-    weight falls below 1 when most targets are 1 (large λ) and then pulls the gate back towards
-    0.5; ``min_weight = max_weight = 1`` gives the unweighted BCE.
 
-    The weight balances the two classes of each gate's targets. Degenerate gates:
+def positive_weights(
+    ce: Tensor, costs: Tensor, lam: float, mode: PositiveWeight = "exact", max_weight: float = 5.0
+) -> Tensor:
+    """Weight ``w_l(1)`` of the positive (exit) class of each gate, counted on ``ce`` (the val split).
 
-    * no positive target: ``max_weight`` (the weight multiplies nothing on these targets; the largest
-      allowed value lets the rare positives of other batches count fully);
-    * no negative target: ``1.0``. ``#zeros / #ones`` would be 0 and silence the gate although every
-      sample should exit there; with nothing to balance against, the loss stays unweighted.
+    ``exact`` (the paper's code): ``n_l`` = samples whose best exit ``l*`` is exactly ``l``;
+    ``cumulative``: ``n_l`` = samples with target 1 at gate ``l`` (``l* ≤ l``);
+    in both, ``w_l(1) = min((N - n_l) / max(n_l, 0.1), max_weight)``. ``none``: every weight is 1.
 
     Args:
-        targets: gate targets, shape ``(N, L-1)``.
+        ce: per-exit cross-entropies ``(N, L)``.
+        costs: normalised exit costs ``(L,)``.
+        lam: the trade-off λ.
+        mode: ``exact``, ``cumulative`` or ``none``.
         max_weight: upper clip.
-        min_weight: lower clip.
 
     Returns:
-        ``(L-1,)`` positive-class weights.
+        ``(L-1,)`` weights. Example: ``l* = (0, 0, 1, 2)`` over 3 exits gives exact counts ``(2, 1)`` and
+        weights ``(1, 3)``; cumulative counts ``(2, 3)`` and weights ``(1, 1/3)``.
     """
-    ones = targets.sum(dim=0)  # (L-1,)
-    zeros = targets.shape[0] - ones
-    ratio = zeros / ones.clamp_min(1)
-    weights = ratio.clamp_max(max_weight)
-    weights = torch.where(ones == 0, torch.full_like(weights, max_weight), weights)
-    weights = torch.where((zeros == 0) & (ones > 0), torch.ones_like(weights), weights)
-    return weights.clamp(min=min_weight, max=max(max_weight, min_weight))
+    n, num_exits = ce.shape
+    if mode == "none":
+        return ce.new_ones(num_exits - 1)
+    best = best_exit(ce, costs, lam)
+    counts = torch.bincount(best, minlength=num_exits)[: num_exits - 1].to(ce.dtype)  # (L-1,)
+    if mode == "cumulative":
+        counts = counts.cumsum(0)
+    elif mode != "exact":
+        raise ValueError(f"positive weight mode must be 'exact', 'cumulative' or 'none', got {mode!r}")
+    return ((n - counts) / counts.clamp_min(0.1)).clamp_max(max_weight)
+
+
+def expected_loss(pi: Tensor, exit_loss: Tensor, costs: Tensor, lam: float | Tensor) -> Tensor:
+    """``mean_x Σ_l π_l(x) (ℓ_l(x) + λ c_l)``: expected loss plus λ times expected cost.
+
+    Args:
+        pi: exit distribution ``(N, L)`` (differentiable in the gates).
+        exit_loss: per-exit loss ``(N, L)``, a constant for the gates.
+        costs: ``(L,)``.
+        lam: λ.
+    """
+    return (pi * (exit_loss + lam * costs.to(pi))).sum(dim=-1).mean()
 
 
 def gate_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor) -> Tensor:

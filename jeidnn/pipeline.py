@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from jeidnn.backbone import Backbone
-from jeidnn.config import RunConfig
+from jeidnn.config import GateVariant, RunConfig
 from jeidnn.cost import ExitCosts, exit_costs, text_cost_samples
 from jeidnn.data import JeidnnDataModule, RawData, Splits, load_raw, make_splits, model_inputs
 from jeidnn.errors import JeidnnError
@@ -232,55 +233,113 @@ def base_report(p: Prepared, costs: ExitCosts, test_logits: torch.Tensor, test_l
     }
 
 
-def train_lambdas(
-    p: Prepared, cache: dict[str, FeatureSplit], costs: ExitCosts, run_dir: Path, progress: bool
-) -> list[dict]:
-    """Stage 2 for every λ at once (one model per λ, trained side by side on the same batches);
-    writes each λ's predictions and weights, returns per-λ summaries (val cost etc.)."""
-    from jeidnn.gates import exit_decision
-    from jeidnn.jeidnn_module import predict_exits
-    from jeidnn.sweep import train_jeidnn_sweep
+def gate_flops(variant: GateVariant, num_exits: int, hidden_size: int, num_classes: int) -> float:
+    """FLOPs of one gate of ``variant`` on one sample, counted like every other component."""
+    from jeidnn.cost import count_flops
+    from jeidnn.gates import Gates
+    from jeidnn.stage2 import gate_settings
 
-    cost_g = torch.tensor(costs.cost_with_gates)
-    lambdas = list(p.cfg.jeidnn.lambdas)
-    print(f"[jeidnn] training {len(lambdas)} JEI-DNN models side by side, λ = {lambdas}", flush=True)
-    results = train_jeidnn_sweep(
+    gates = Gates(num_exits, gate_settings(variant), hidden_size).eval()
+    logits, hidden = torch.zeros(1, num_exits, num_classes), torch.zeros(1, num_exits - 1, hidden_size)
+    with torch.no_grad():
+        return count_flops(lambda: gates(logits, hidden)) / (num_exits - 1)
+
+
+LEARNED_LABELS = {
+    "jeidnn_paper": "JEI-DNN, paper preset",
+}
+
+
+def _learned_entries(variant: GateVariant, costs: list[float], models: list[dict]) -> dict[str, dict]:
+    """report.json `learned` entries of one variant: as configured, and for a `native` variant also with
+    the exit threshold chosen on calib (an extension sharing the same models)."""
+    label = LEARNED_LABELS.get(variant.name, variant.name.replace("_", " "))
+    settings = dataclasses.asdict(variant)
+    entry = {
+        "label": label + (" (extension)" if variant.extension else ""),
+        "extension": variant.extension,
+        "operating_point": variant.operating_point,
+        "costs": costs,
+        "settings": settings,
+        "models": models,
+    }
+    entries = {variant.name: entry}
+    if variant.operating_point == "native":
+        entries[f"{variant.name}_tau"] = {
+            **entry,
+            "label": f"{label} + exit threshold on calib (extension)",
+            "extension": True,
+            "operating_point": "calib_threshold",
+        }
+    return entries
+
+
+def train_stage2(
+    p: Prepared, cache: dict[str, FeatureSplit], costs: ExitCosts, run_dir: Path, progress: bool
+) -> tuple[dict[str, dict], dict[str, list], dict[str, dict]]:
+    """Stage 2 for every variant and λ; writes each model's predictions and weights.
+
+    Returns:
+        report.json's `learned` entries, the trained models per variant (for the export), and every
+        predictions file's tensors keyed by its path in the run folder.
+    """
+    from jeidnn.stage2 import fit_stage2
+
+    cfg = p.cfg
+    num_exits, hidden = p.heads.num_exits, p.backbone.hidden_size
+    variant_costs = {
+        v.name: costs.with_gates(gate_flops(v, num_exits, hidden, p.heads.num_classes))
+        for v in cfg.jeidnn.variants
+    }
+    if cfg.logger == "tensorboard":
+        logger = pl.loggers.TensorBoardLogger(save_dir=str(run_dir / "logs"), name="stage2")
+    else:
+        logger = pl.loggers.CSVLogger(save_dir=str(run_dir / "logs"), name="stage2")
+    trained = fit_stage2(
         cache["train"].features,
         cache["train"].labels,
         cache["val"].features,
         cache["val"].labels,
         p.heads,
-        cost_g,
-        lambdas,
-        p.cfg.jeidnn,
-        default_root_dir=str(run_dir),
-        enable_progress_bar=progress,
-        seed=p.cfg.seed,
-        logger=pl.loggers.CSVLogger(str(run_dir / "logs"), name="jeidnn"),
-        accelerator="cpu" if p.cfg.accelerator == "auto" else p.cfg.accelerator,
+        {name: torch.tensor(c) for name, c in variant_costs.items()},
+        cfg.jeidnn,
+        seed=cfg.seed,
+        trainer_kwargs={
+            "accelerator": "cpu" if cfg.accelerator == "auto" else cfg.accelerator,
+            "logger": logger,
+            "enable_progress_bar": progress,
+            "default_root_dir": str(run_dir),
+        },
     )
-    out = []
-    for i, (lam, result) in enumerate(zip(lambdas, results)):
-        tensors = {}
-        for split in ("val", "calib", "test"):
-            logits, gates, _ = predict_exits(result.heads, result.gates, cache[split].features)
-            tensors[f"{split}_logits"] = logits
-            tensors[f"{split}_labels"] = cache[split].labels
-            tensors[f"{split}_gates"] = gates
-        save_predictions(run_dir / "predictions" / f"jeidnn_{i}.safetensors", tensors)
-        weights = {f"heads.{k}": v for k, v in result.heads.state_dict().items()}
-        weights.update({f"gates.{k}": v for k, v in result.gates.state_dict().items()})
-        save_predictions(run_dir / "checkpoints" / f"jeidnn_{i}.safetensors", weights)
-        val_exit = exit_decision(tensors["val_gates"])
-        out.append(
-            {
-                "lambda": lam,
-                "val_cost": cost_g[val_exit].mean().item(),
-                "heads": result.heads,
-                "gates": result.gates,
-            }
-        )
-    return out
+    learned: dict[str, dict] = {}
+    predictions: dict[str, dict] = {}
+    for variant in cfg.jeidnn.variants:
+        models = []
+        for k, model in enumerate(trained[variant.name]):
+            tensors = {}
+            for split in ("val", "calib", "test"):
+                features = cache[split].features
+                with torch.no_grad():
+                    logits = model.heads(features)  # (N, L, C)
+                    tensors[f"{split}_scores"] = model.gates.scores(logits, features[:, :-1])  # (N, L-1)
+                tensors[f"{split}_logits"] = logits
+                tensors[f"{split}_labels"] = cache[split].labels
+            rel = f"predictions/learned/{variant.name}/{k}.safetensors"
+            save_predictions(run_dir / rel, tensors)
+            predictions[rel] = tensors
+            weights = {f"heads.{n}": v for n, v in model.heads.state_dict().items()}
+            weights.update({f"gates.{n}": v for n, v in model.gates.state_dict().items()})
+            save_predictions(run_dir / "checkpoints" / "learned" / variant.name / f"{k}.safetensors", weights)
+            models.append(
+                {
+                    "lambda": model.lam,
+                    "file": rel,
+                    "val_cost": model.val_cost,
+                    "val_accuracy": model.val_accuracy,
+                }
+            )
+        learned.update(_learned_entries(variant, variant_costs[variant.name], models))
+    return learned, trained, predictions
 
 
 def run(cfg: RunConfig, progress: bool = True) -> dict:
@@ -308,30 +367,33 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         with timer.stage("cost counting"):
             costs = count_costs(p)
         logits = {s: exit_logits(p.heads, cache[s]) for s in ("val", "calib", "test")}
-        save_predictions(
-            run_dir / "predictions" / "warmup.safetensors",
-            {
-                **{f"{s}_logits": logits[s] for s in logits},
-                **{f"{s}_labels": cache[s].labels for s in logits},
-            },
-        )
+        warm = {
+            f"{s}_{k}": v for s in logits for k, v in (("logits", logits[s]), ("labels", cache[s].labels))
+        }
+        save_predictions(run_dir / "predictions" / "warmup.safetensors", warm)
+        # Every prediction file also stays in memory for the evaluation (keyed by its path in the run).
+        predictions = {"predictions/warmup.safetensors": warm}
         report = base_report(p, costs, logits["test"], cache["test"].labels)
-        lambdas: list[dict] = []
+        trained: dict[str, list] = {}
         if cfg.jeidnn.enabled and p.heads.num_exits > 1:
-            with timer.stage("stage 2: JEI-DNN λ sweep"):
-                lambdas = train_lambdas(p, cache, costs, run_dir, progress)
-            report["jeidnn_lambdas"] = [x["lambda"] for x in lambdas]
-            report["jeidnn_val_cost"] = [x["val_cost"] for x in lambdas]
-        report["timings_s"] = dict(timer.timings)
-        # report.json exists from here on; if anything below fails it is removed again.
-        write_json_atomic(report_path, report)
+            with timer.stage("stage 2: learned gates, every variant and λ"):
+                report["learned"], trained, learned_predictions = train_stage2(
+                    p, cache, costs, run_dir, progress
+                )
+            predictions.update(learned_predictions)
+            train_pass = timer.timings["feature cache [train]"]
+            report["stage2_time_vs_train_pass"] = {
+                "stage2_s": timer.timings["stage 2: learned gates, every variant and λ"],
+                "train_pass_s": train_pass,
+                "ratio": timer.timings["stage 2: learned gates, every variant and λ"] / max(train_pass, 1e-9),
+            }
         with timer.stage("stages 3-4: calibrate, baselines, evaluate"):
-            from jeidnn.evaluation import evaluate_run
+            from jeidnn.evaluation import evaluate
 
-            report = evaluate_run(run_dir, write=True)
-        if lambdas:
+            report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions)
+        if trained:
             with timer.stage("export model"):
-                report["export"] = export_model(p, lambdas, costs, run_dir)
+                report["export"] = export_model(p, report, trained, cache, run_dir, predictions)
         report["timings_s"] = dict(timer.timings)
         write_json_atomic(report_path, report)
     except BaseException:
@@ -341,61 +403,97 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     return report
 
 
-def export_model(p: Prepared, lambdas: list[dict], costs: ExitCosts, run_dir: Path) -> dict:
-    """Write the chosen λ's early-exit model to `runs/<name>/model/` with its conformal quantiles."""
-    from safetensors.torch import load_file
+def export_model(
+    p: Prepared,
+    report: dict,
+    trained: dict[str, list],
+    cache: dict[str, FeatureSplit],
+    run_dir: Path,
+    predictions: dict[str, dict] | None = None,
+) -> dict:
+    """Write the chosen learned operating point to `runs/<name>/model/` with its conformal quantiles.
 
-    from jeidnn.conformal import fit_conformal
+    The operating point (method, λ, exit threshold) is the most accurate on calib half A whose calib-A cost
+    is within `export.cost_budget` (or the given `export.method`'s best there); quantiles are fitted on calib
+    half B, as in the evaluation.
+    """
+    from jeidnn.budgeted import choose_learned, split_calib
+    from jeidnn.conformal import fit_conformal, group_exits
     from jeidnn.early_exit import EarlyExitModel
-    from jeidnn.evaluation import choose_lambda
-    from jeidnn.gates import exit_decision
+    from jeidnn.gates import score_exits
 
     cfg = p.cfg
-    index = choose_lambda(
-        [x["lambda"] for x in lambdas],
-        [x["val_cost"] for x in lambdas],
-        cfg.export.lam,
-        cfg.export.cost_budget,
-    )
-    if cfg.export.lam is not None:
-        reason = f"export.lam = {cfg.export.lam}"
-    else:
-        reason = f"val cost closest to export.cost_budget = {cfg.export.cost_budget}"
-    chosen = lambdas[index]
-    calib = load_file(str(run_dir / "predictions" / f"jeidnn_{index}.safetensors"))
-    exits = exit_decision(calib["calib_gates"])  # (N,)
-    probs = calib["calib_logits"].softmax(-1)[torch.arange(len(exits)), exits]  # (N, C) at the exit taken
-    quantiles, fallbacks = {}, {}
-    for alpha in sorted(set(cfg.eval.alphas) | {cfg.export.alpha}):
-        fitted = fit_conformal(
-            probs, calib["calib_labels"], exits, p.heads.num_exits, alpha, cfg.eval.conformal_min_samples
+    budget = cfg.export.cost_budget
+    names = [cfg.export.method] if cfg.export.method else list(report["learned"])
+    choices = {}
+    for name in names:
+        try:
+            choices[name] = choose_learned(report, run_dir, name, budget, cfg.seed, tensors=predictions)
+        except JeidnnError:
+            continue  # this method cannot meet the budget on calib
+    if not choices:
+        raise JeidnnError(
+            f"no learned method reaches calib cost <= export.cost_budget {budget}; raise export.cost_budget"
         )
+    name = max(choices, key=lambda n: (choices[n]["calib_accuracy"], -choices[n]["calib_cost"]))
+    choice = choices[name]
+    entry = report["learned"][name]
+    variant_name = entry["settings"]["name"]
+    model = trained[variant_name][choice["model_index"]]
+    tau = float(choice["tau"])
+
+    def exits_of(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        features = cache[split].features
+        with torch.no_grad():
+            logits = model.heads(features)
+            exits = score_exits(model.gates.scores(logits, features[:, :-1]), tau)
+        return logits[torch.arange(len(exits)), exits].softmax(-1), exits
+
+    probs, exits = exits_of("calib")
+    # As in the evaluation: exit groups from calib-A counts, quantiles on calib half B.
+    halves = split_calib(len(exits), cfg.seed)
+    num_exits = p.heads.num_exits
+    groups = group_exits(torch.bincount(exits[halves.a], minlength=num_exits), cfg.eval.conformal_min_samples)
+    quantiles = {}
+    for alpha in sorted(set(cfg.eval.alphas) | {cfg.export.alpha}):
+        b = halves.b
+        fitted = fit_conformal(probs[b], cache["calib"].labels[b], exits[b], num_exits, alpha, groups=groups)
         quantiles[str(alpha)] = fitted.quantiles.tolist()
-        fallbacks[str(alpha)] = fitted.fallback_exits
-    model = EarlyExitModel(
+    _, test_exits = exits_of("test")
+    test_fractions = torch.bincount(test_exits, minlength=p.heads.num_exits).double() / len(test_exits)
+    reason = f"most accurate learned operating point on calib half A with calib cost <= {budget}"
+    exported = EarlyExitModel(
         p.backbone,
-        chosen["heads"],
-        chosen["gates"],
+        model.heads,
+        model.gates,
         p.dm.preprocessor,
         labels=p.raw.label_names,
-        costs=costs.cost_with_gates,
+        costs=entry["costs"],
         conformal_quantiles=quantiles,
         max_length=cfg.model.max_length,
+        exit_threshold=tau,
         metadata={
-            "lambda": chosen["lambda"],
-            "val_cost": chosen["val_cost"],
-            "gflops_full": costs.gflops_full,
+            "method": name,
+            "lambda": model.lam,
+            "exit_threshold": tau,
+            "calib_cost": choice["calib_cost"],
+            "calib_accuracy": choice["calib_accuracy"],
+            "gflops_full": report["backbone"]["gflops_full"],
             "run": cfg.name,
             "default_alpha": cfg.export.alpha,
             "chosen_by": reason,
         },
     )
-    model.save_pretrained(run_dir / "model")
+    exported.save_pretrained(run_dir / "model")
     return {
         "path": "model",
-        "lambda": chosen["lambda"],
-        "lambda_index": index,
-        "val_cost": chosen["val_cost"],
+        "method": name,
+        "lambda": model.lam,
+        "model_index": choice["model_index"],
+        "exit_threshold": tau,
+        "calib_cost": choice["calib_cost"],
+        "calib_accuracy": choice["calib_accuracy"],
         "chosen_by": reason,
-        "conformal_fallback_exits": fallbacks,
+        "test_exit_fractions": test_fractions.tolist(),
+        "conformal_groups": groups,
     }

@@ -69,7 +69,7 @@ class FinetuneModule(pl.LightningModule):
 class WarmupModule(pl.LightningModule):
     """Stage 1: train the IMs on cached features of the frozen backbone.
 
-    Loss Σ_l (L + 1 − l) · CE_l over the IMs still training (DESIGN.md §4). Each IM stops on
+    Loss Σ_l (L + 1 − l) · CE_l over the IMs still training (docs/method.md). Each IM stops on
     its own when its val accuracy has not improved for `patience` epochs, and its best
     weights are restored; training ends when every IM has stopped.
     """

@@ -1,18 +1,27 @@
-"""Gate features, the exit distribution π and the deterministic exit rule, against hand-computed values."""
+"""Gate inputs, networks, exit distributions and exit rules, against hand-computed values."""
 
 import math
 
 import pytest
 import torch
 
-from jeidnn.gates import ExitState, Gates, SequentialExitRule, exit_decision, exit_distribution, gate_features
+from jeidnn.gates import (
+    Gates,
+    GateSettings,
+    conditional_distribution,
+    confidence_features,
+    exit_inputs,
+    exit_scores,
+    paper_distribution,
+    score_exits,
+)
 
 # ----------------------------------------------------------------------------- gate features
 
 
-def test_gate_features_uniform_and_one_hot():
+def test_confidence_features_uniform_and_one_hot():
     probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 1.0, 0.0, 0.0]])
-    features = gate_features(probs)
+    features = confidence_features(probs)
     # uniform over 4: p_max 1/4, H = log 4, margin 0, p²/Σp² is uniform again so its entropy is log 4
     assert features[0].tolist() == pytest.approx([0.25, math.log(4), 0.0, math.log(4)], abs=1e-6)
     # one-hot: p_max 1, H = 0, margin 1, sharpened is the same one-hot, entropy 0
@@ -20,60 +29,120 @@ def test_gate_features_uniform_and_one_hot():
     assert not features.isnan().any()
 
 
-def test_gate_features_skewed_distribution():
-    features = gate_features(torch.tensor([0.5, 0.3, 0.2]))
+def test_confidence_features_skewed_distribution():
+    features = confidence_features(torch.tensor([0.5, 0.3, 0.2]))
     entropy = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2))  # 1.0297
     q = [0.25 / 0.38, 0.09 / 0.38, 0.04 / 0.38]  # p² = (.25, .09, .04), Σ = .38
     sharpened_entropy = -sum(x * math.log(x) for x in q)  # 0.8456
     assert features.tolist() == pytest.approx([0.5, entropy, 0.2, sharpened_entropy], abs=1e-6)
 
 
-def test_gate_features_no_nan_in_forward_or_backward_on_saturated_softmax():
+def test_confidence_features_no_nan_in_forward_or_backward_on_saturated_softmax():
     # softmax of these logits underflows to an exact one-hot in float32
     logits = torch.tensor([[200.0, 0.0, -50.0], [0.0, 0.0, 0.0]], requires_grad=True)
-    features = gate_features(logits.softmax(dim=-1))
+    features = confidence_features(logits.softmax(dim=-1))
     features.sum().backward()
     assert torch.isfinite(features).all()
     assert torch.isfinite(logits.grad).all()
 
 
-# ----------------------------------------------------------------------------- gates module
+# ----------------------------------------------------------------------------- trajectory inputs
 
 
-def test_gates_shapes_sigmoid_and_detached_features():
-    gates = Gates(num_exits=4)
-    assert len(gates.gates) == 3
-    logits = torch.randn(6, 4, 5, requires_grad=True)
-    out = gates(logits)
-    assert out.logits.shape == (6, 3) and out.probs.shape == (6, 3)
-    torch.testing.assert_close(out.probs, torch.sigmoid(out.logits))
-    out.probs.sum().backward()
-    # the gate reads detached probabilities: nothing flows back into the IM logits
-    assert logits.grad is None
+def test_trajectory_inputs_by_hand():
+    # three gated exits; exit 2 predicts class 1, as does exit 1 but not exit 0
+    conf = torch.tensor([[[0.5, 1.0, 0.1, 0.9], [0.6, 0.8, 0.3, 0.7], [0.9, 0.3, 0.8, 0.2]]])  # (1, 3, 4)
+    preds = torch.tensor([[0, 1, 1]])
+    x = exit_inputs(2, conf, preds, "trajectory", num_gates=3)
+    own, earlier = [0.9, 0.3, 0.8, 0.2], [0.5, 1.0, 0.1, 0.9, 0.6, 0.8, 0.3, 0.7]
+    # agreement: exit 1 agrees, exit 0 does not -> 1 consecutive, / 3 gates; Δp_max = 0.9 - 0.6
+    assert x[0].tolist() == pytest.approx(own + earlier + [1 / 3, 0.3], abs=1e-6)
+    # the first gate: its own features, zero padding, no agreement, no change
+    first = exit_inputs(0, conf, preds, "trajectory", num_gates=3)
+    assert first[0].tolist() == pytest.approx([0.5, 1.0, 0.1, 0.9] + [0.0] * 8 + [0.0, 0.0])
+    assert exit_inputs(1, conf, preds, "confidence", 3)[0].tolist() == pytest.approx([0.6, 0.8, 0.3, 0.7])
+
+
+# ----------------------------------------------------------------------------- gate networks
+
+SETTINGS = [
+    GateSettings(),
+    GateSettings("trajectory", "mlp", "conditional", standardize=True),
+    GateSettings("hidden", "linear", "paper", standardize=True),
+    GateSettings("hidden", "mlp", "conditional", standardize=False, width=4, projection=3),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_gates_shapes_and_detached_inputs(settings):
+    gates = Gates(num_exits=4, settings=settings, hidden_size=6)
+    logits = torch.randn(5, 4, 3, requires_grad=True)
+    hidden = torch.randn(5, 3, 6)
+    out = gates(logits, hidden)
+    assert out.shape == (5, 3)
+    out.sum().backward()
+    assert logits.grad is None  # the gate reads detached probabilities: nothing reaches the IMs
     assert all(p.grad is not None for p in gates.parameters())
+    scores = gates.scores(logits, hidden)
+    assert scores.shape == (5, 3) and (scores >= 0).all() and (scores <= 1).all()
 
 
-def test_gate_with_hand_set_weights():
+def test_paper_gate_with_hand_set_weights():
     gates = Gates(num_exits=2)
     with torch.no_grad():
-        gates.gates[0].weight.copy_(torch.tensor([[2.0, -1.0, 0.0, 0.0]]))
-        gates.gates[0].bias.fill_(0.5)
-    # logits (0, 0): uniform over 2, p_max 0.5, H = log 2 -> gate logit 2·0.5 - log 2 + 0.5
-    out = gates(torch.zeros(1, 2, 2))
-    assert out.logits.item() == pytest.approx(1.5 - math.log(2), abs=1e-6)
+        gates.w.copy_(torch.tensor([[[2.0, -1.0, 0.0, 0.0]]]))
+        gates.b.fill_(0.5)
+    logits = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])  # exit 0: uniform over 2 -> p_max 0.5, H = ln 2
+    expected = torch.sigmoid(torch.tensor(2 * 0.5 - math.log(2) + 0.5))
+    torch.testing.assert_close(gates.scores(logits)[0, 0], expected)
 
 
-def test_gate_prob_equals_forward_column():
-    gates = Gates(num_exits=3)
-    logits = torch.randn(7, 3, 4)
-    probs = gates(logits).probs
-    for index in range(2):
-        assert torch.equal(gates.gate_prob(index, logits[:, index]), probs[:, index])
-    with pytest.raises(IndexError):
-        gates.gate_prob(2, logits[:, 2])  # the last exit has no gate
+def test_standardisation_uses_training_statistics():
+    gates = Gates(3, GateSettings("trajectory", "linear", "conditional", standardize=True))
+    logits = torch.randn(200, 2, 3) * 3
+    gates.set_statistics(logits)
+    x = gates._raw_inputs(logits.softmax(-1))
+    z = (x - gates.input_mean) / gates.input_std
+    varying = x.std(0) > 1e-6
+    torch.testing.assert_close(z.mean(0)[varying], torch.zeros(int(varying.sum())), atol=1e-5, rtol=0)
+    assert (gates.input_std[~varying] == 1).all() and (gates.input_mean[~varying] == 0).all()
+    unstandardised = Gates(3)
+    unstandardised.set_statistics(logits)  # a no-op for the paper's gate
+    assert (unstandardised.input_std == 1).all()
 
 
-def test_gates_reject_a_single_exit():
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_one_exit_at_a_time_equals_the_batch_path(settings):
+    """The layer-skipping path scores only the rows still running; it must reproduce the batch scores and exits.
+
+    Scores may differ in the last bit (vectorised exp/sigmoid kernels round a tensor's tail elements
+    differently), so a score within 1e-6 of the threshold could flip; none is here."""
+    gates = Gates(5, settings, hidden_size=7, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    logits, hidden = 2 * torch.randn(64, 5, 3, generator=gen), torch.randn(64, 4, 7, generator=gen)
+    gates.set_statistics(logits[:, :4], hidden)
+    full = gates.scores(logits, hidden)
+    rows, state = torch.arange(64), gates.init_state(64)
+    exits = torch.full((64,), 4)
+    for i in range(4):
+        score, state = gates.step(i, logits[rows, i], hidden[rows, i], state)
+        torch.testing.assert_close(score, full[rows, i], rtol=0, atol=1e-6)
+        assert ((full[rows, i] - 0.5).abs() > 1e-6).all()
+        stop = score >= 0.5
+        exits[rows[stop]] = i
+        keep = (~stop).nonzero().squeeze(1)
+        rows, state = rows[keep], state[keep]
+    assert torch.equal(exits, score_exits(full))
+
+
+def test_select_copies_one_model_and_single_exit_is_refused():
+    from jeidnn.gates import StackedGates
+
+    stacked = StackedGates(GateSettings("trajectory", "mlp", "conditional"), 3, 4, num_models=3)
+    logits = torch.randn(3, 6, 3, 2)
+    one = stacked.select(1)
+    assert isinstance(one, Gates) and one.num_models == 1
+    torch.testing.assert_close(one(logits[1]), stacked(logits)[1])
     with pytest.raises(ValueError, match="at least 2 exits"):
         Gates(num_exits=1)
 
@@ -93,15 +162,20 @@ def test_gates_reject_a_single_exit():
     ],
 )
 def test_exit_distribution_hand_values(g, pi):
-    assert exit_distribution(torch.tensor([g])).squeeze(0).tolist() == pytest.approx(pi, abs=1e-6)
+    assert paper_distribution(torch.tensor([g])).squeeze(0).tolist() == pytest.approx(pi, abs=1e-6)
 
 
 def test_exit_distribution_is_a_distribution_on_random_gates():
     g = torch.rand(500, 5) ** 0.5  # skewed towards 1 so that many rows saturate early
-    pi = exit_distribution(g)
+    pi = paper_distribution(g)
     assert pi.shape == (500, 6)
     assert (pi >= 0).all()
     torch.testing.assert_close(pi.sum(dim=1), torch.ones(500))
+
+
+def test_conditional_distribution_by_hand():
+    pi = conditional_distribution(torch.tensor([[0.2, 0.5], [1.0, 0.3]]))
+    assert pi.tolist() == [pytest.approx([0.2, 0.4, 0.4]), pytest.approx([1.0, 0.0, 0.0])]
 
 
 # ----------------------------------------------------------------------------- deterministic rule
@@ -121,62 +195,13 @@ def test_exit_distribution_is_a_distribution_on_random_gates():
         ([0.1, 0.1, 0.1], 3),
     ],
 )
-def test_exit_decision_hand_values(g, expected):
-    assert exit_decision(torch.tensor([g])).tolist() == [expected]
+def test_paper_rule_hand_values(g, expected):
+    assert score_exits(exit_scores(torch.tensor([g]), "paper")).tolist() == [expected]
 
 
-def test_exit_decision_on_a_batch_is_row_independent():
-    g = torch.tensor([[0.6, 0.1], [0.2, 0.5], [0.3, 0.3]])
-    assert exit_decision(g).tolist() == [0, 1, 2]
-    assert exit_decision(g).dtype == torch.long
-
-
-def _layer_by_layer_exits(g: torch.Tensor) -> torch.Tensor:
-    """Run SequentialExitRule as the layer-skipping path does: only running rows, state subset."""
-    n, num_gates = g.shape
-    rule = SequentialExitRule()
-    exit_index = torch.full((n,), num_gates, dtype=torch.long)
-    running = torch.arange(n)
-    state = rule.init_state(n, dtype=g.dtype)
-    for k in range(num_gates):
-        exit_now, state = rule.step(g[running, k], state)
-        exit_index[running[exit_now]] = k
-        running, state = running[~exit_now], state[~exit_now]
-    return exit_index
-
-
-@pytest.mark.parametrize("num_exits", [2, 3, 6, 12])
-def test_sequential_rule_reproduces_exit_decision(num_exits):
-    generator = torch.Generator().manual_seed(num_exits)
-    for power in (0.3, 1.0, 3.0):  # gates mostly open, uniform, mostly closed
-        g = torch.rand(2000, num_exits - 1, generator=generator) ** power
-        assert torch.equal(_layer_by_layer_exits(g), exit_decision(g))
-
-
-def test_sequential_rule_with_real_gates_on_subsets():
-    gates = Gates(num_exits=4)
-    with torch.no_grad():  # g_k = sigmoid(12 (p_max - t_k)): confident samples leave early
-        for gate, threshold in zip(gates.gates, (0.9, 0.7, 0.6)):
-            gate.weight.copy_(torch.tensor([[12.0, 0.0, 0.0, 0.0]]))
-            gate.bias.fill_(-12.0 * threshold)
-    logits = torch.randn(300, 4, 3) * 3
-    expected = exit_decision(gates(logits).probs)
-    rule = SequentialExitRule()
-    exit_index = torch.full((300,), 3, dtype=torch.long)
-    running = torch.arange(300)
-    state = rule.init_state(300)
-    for k in range(3):
-        exit_now, state = rule.step(gates.gate_prob(k, logits[running, k]), state)
-        exit_index[running[exit_now]] = k
-        running, state = running[~exit_now], state[~exit_now]
-    assert torch.equal(exit_index, expected)
-    assert set(exit_index.tolist()) == {0, 1, 2, 3}
-
-
-def test_exit_state_subsetting_and_validation():
-    state = ExitState(g_sum=torch.tensor([0.1, 0.2, 0.3]), survival=torch.tensor([1.0, 0.8, 0.6]))
-    kept = state[torch.tensor([True, False, True])]
-    assert kept.g_sum.tolist() == pytest.approx([0.1, 0.3]) and len(kept) == 2
-    assert state[torch.tensor([2])].survival.tolist() == pytest.approx([0.6])
-    with pytest.raises(ValueError, match="state of 3 rows"):
-        SequentialExitRule().step(torch.tensor([0.5, 0.5]), state)
+def test_score_exits_threshold_and_last_exit():
+    scores = torch.tensor([[0.2, 0.7, 0.1], [0.1, 0.1, 0.1], [0.9, 0.0, 0.0]])
+    assert score_exits(scores).tolist() == [1, 3, 0]
+    assert score_exits(scores, tau=0.15).tolist() == [0, 3, 0]
+    assert score_exits(scores, tau=float("inf")).tolist() == [3, 3, 3]
+    assert torch.equal(exit_scores(scores, "conditional"), scores)

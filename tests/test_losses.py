@@ -15,8 +15,17 @@ import math
 import pytest
 import torch
 
-from jeidnn.gates import exit_distribution
-from jeidnn.losses import gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights, warmup_loss
+from jeidnn.gates import conditional_distribution, paper_distribution
+from jeidnn.losses import (
+    best_exit,
+    expected_loss,
+    gate_loss,
+    gate_targets,
+    im_loss,
+    per_exit_ce,
+    positive_weights,
+    warmup_loss,
+)
 
 LN = math.log
 CE = [[LN(2), LN(4 / 3), LN(10 / 9)], [LN(4), LN(2), LN(5 / 4)]]
@@ -41,7 +50,7 @@ def test_per_exit_ce_toy_batch():
 
 
 def test_pi_of_toy_gates():
-    pi = exit_distribution(torch.tensor([[0.6, 0.5], [0.2, 0.5]]))
+    pi = paper_distribution(torch.tensor([[0.6, 0.5], [0.2, 0.5]]))
     assert pi.tolist() == [pytest.approx(row, abs=1e-6) for row in PI]
 
 
@@ -51,7 +60,7 @@ def test_im_loss_values():
     expected = (LN(80 / 27) + LN(10)) / 2
     pi = torch.tensor(PI)
     assert im_loss(toy_logits(), LABELS, pi, "weighted").item() == pytest.approx(expected, abs=1e-5)
-    assert im_loss(toy_logits(), LABELS, pi, "sum").item() == pytest.approx(expected, abs=1e-5)
+    assert im_loss(toy_logits(), LABELS, pi, "uniform").item() == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="weighted"):
         im_loss(toy_logits(), LABELS, pi, "mean")
 
@@ -79,7 +88,7 @@ def test_im_loss_normaliser_is_detached():
         return logits.grad
 
     weighted = grad_of(lambda z: im_loss(z, LABELS, pi, "weighted"))
-    plain_sum = grad_of(lambda z: im_loss(z, LABELS, pi, "sum"))
+    plain_sum = grad_of(lambda z: im_loss(z, LABELS, pi, "uniform"))
 
     def attached(z):  # the authors' code: r keeps its graph, so r · Σ π CE is Σ CE identically
         ce = per_exit_ce(z, LABELS)
@@ -123,15 +132,31 @@ def test_gate_targets_ties_pick_the_earlier_exit():
     assert gate_targets(ce, torch.tensor([0.0, 0.2, 0.4]), 1.0).tolist() == [[1.0, 1.0]]
 
 
-def test_positive_weights():
-    targets = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
-    assert positive_weights(targets).tolist() == pytest.approx([3 / 1, 2 / 2])
-    rare = torch.tensor([[1.0]] + [[0.0]] * 7)  # 7 / 1 clipped to 5
-    assert positive_weights(rare).tolist() == [5.0]
-    assert positive_weights(rare, max_weight=10.0).tolist() == [7.0]
-    # degenerate gates: no positive -> max_weight; no negative -> 1 (unweighted, not 0 / n = 0)
-    assert positive_weights(torch.zeros(4, 1)).tolist() == [5.0]
-    assert positive_weights(torch.ones(4, 1)).tolist() == [1.0]
+def test_positive_weights_count_the_exact_best_exit():
+    # λ = 1.0: best exits (1, 2) (see test_gate_targets_toy_batch); exact counts n = (0, 1) of N = 2
+    ce = torch.tensor(CE)
+    assert best_exit(ce, COSTS, 1.0).tolist() == [1, 2]
+    # w = min((N - n) / max(n, 0.1), 5): gate 0: 2 / 0.1 -> clipped to 5; gate 1: 1 / 1
+    assert positive_weights(ce, COSTS, 1.0, "exact").tolist() == pytest.approx([5.0, 1.0])
+    # cumulative counts (0, 1): the same here; λ = 1.5: best (0, 1): exact (1, 1) -> (1, 1), cumulative (1, 2) -> (1, 0)
+    assert positive_weights(ce, COSTS, 1.5, "exact").tolist() == pytest.approx([1.0, 1.0])
+    assert positive_weights(ce, COSTS, 1.5, "cumulative").tolist() == pytest.approx([1.0, 0.0])
+    assert positive_weights(ce, COSTS, 1.5, "none").tolist() == [1.0, 1.0]
+    assert positive_weights(ce, COSTS, 1.0, "exact", max_weight=30).tolist() == pytest.approx([20.0, 1.0])
+    with pytest.raises(ValueError, match="exact"):
+        positive_weights(ce, COSTS, 1.0, "balanced")
+
+
+def test_expected_loss_by_hand_and_its_gradient_reaches_the_gates():
+    g = torch.tensor([[0.2, 0.5]], requires_grad=True)
+    pi = conditional_distribution(g)  # (0.2, 0.4, 0.4)
+    errors = torch.tensor([[1.0, 0.0, 0.0]])
+    # Σ π (e + λ c) with λ = 0.5: 0.2 (1 + .15) + 0.4 (0 + .3) + 0.4 (0 + .5) = 0.23 + 0.12 + 0.2
+    loss = expected_loss(pi, errors, COSTS, 0.5)
+    assert loss.item() == pytest.approx(0.55, abs=1e-6)
+    loss.backward()
+    # d/dg1: π = (g1, (1-g1) g2, (1-g1)(1-g2)) -> 1.15 - 0.5 · 0.3 - 0.5 · 0.5 = 0.75
+    assert g.grad[0, 0].item() == pytest.approx(0.75, abs=1e-6)
 
 
 def test_gate_loss_by_hand():
@@ -148,11 +173,3 @@ def test_warmup_loss_by_hand():
     sample0 = 3 * LN(2) + 2 * LN(4 / 3) + LN(10 / 9)
     sample1 = 3 * LN(4) + 2 * LN(2) + LN(5 / 4)
     assert warmup_loss(toy_logits(), LABELS).item() == pytest.approx((sample0 + sample1) / 2, abs=1e-5)
-
-
-def test_positive_weight_lower_clip_ablation():
-    # gate 0: 4 ones, 1 zero -> balanced weight 1/4; gate 1: 1 one, 4 zeros -> 4
-    targets = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
-    torch.testing.assert_close(positive_weights(targets, 5.0), torch.tensor([0.25, 4.0]))
-    torch.testing.assert_close(positive_weights(targets, 5.0, min_weight=1.0), torch.tensor([1.0, 4.0]))
-    torch.testing.assert_close(positive_weights(targets, 1.0, min_weight=1.0), torch.tensor([1.0, 1.0]))

@@ -1,0 +1,180 @@
+"""Stage 2 (every variant and λ side by side) on synthetic cached features, against a slow reference."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+from jeidnn.config import GateVariant, JeidnnConfig
+from jeidnn.gates import Gates, StackedGates, paper_distribution, score_exits
+from jeidnn.heads import ExitHeads
+from jeidnn.losses import gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
+from jeidnn.stage2 import (
+    TrainedModel,
+    _batches,
+    _CachedRows,
+    fit_stage2,
+    gate_settings,
+    next_lambdas,
+    train_models,
+)
+
+NUM_EXITS, HIDDEN, NUM_CLASSES = 4, 8, 3
+COSTS = torch.tensor([0.25, 0.5, 0.75, 1.0])
+PAPER = GateVariant()
+TRAJECTORY = GateVariant(
+    name="traj", inputs="trajectory", arch="mlp", standardize=True, objective="expected",
+    exit_rule="conditional", operating_point="calib_threshold", extension=True,
+)  # fmt: skip
+HIDDEN_GATE = dataclasses.replace(TRAJECTORY, name="hid", inputs="hidden", arch="linear", exit_loss="ce")
+
+
+def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``(N, L, H)`` whose class signal grows with depth, and labels."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    signal = torch.zeros(n, HIDDEN)
+    signal[torch.arange(n), labels] = 1.0
+    depth = torch.linspace(0.3, 1.5, NUM_EXITS)[None, :, None]
+    return depth * signal[:, None] + torch.randn(n, NUM_EXITS, HIDDEN, generator=gen), labels
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(400, 0), synthetic(200, 1)
+
+
+def warm_heads(dropout: float = 0.0) -> ExitHeads:
+    torch.manual_seed(3)
+    heads = ExitHeads([1, 2, 3, 4], HIDDEN, NUM_CLASSES, "tanh", dropout=dropout, im_head="linear")
+    heads.final.requires_grad_(False)
+    return heads.eval()
+
+
+def config(**overrides) -> JeidnnConfig:
+    return JeidnnConfig(**{"epochs": 2, "batch_size": 32, "alternate_steps": 5, **overrides})
+
+
+def reference_paper(
+    data, heads: nn.Module, lambdas: list[float], index: int, cfg: JeidnnConfig, seed: int
+) -> tuple[nn.Module, Gates]:
+    """The paper's method for ``lambdas[index]``, as a plain loop over the same batches (no stacking)."""
+    (x, y), (vx, vy) = data
+    lam = lambdas[index]
+    heads = copy.deepcopy(heads)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(PAPER.name.encode()))
+    # The initial gates train_models draws for this model.
+    gates = StackedGates(gate_settings(PAPER), NUM_EXITS, HIDDEN, len(lambdas), gen).select(index)
+    with torch.no_grad():
+        final = heads.final(x[:, -1]), heads.final(vx[:, -1])
+    ims = [p for h in heads.heads[:-1] for p in h.parameters()]
+    optimizer = torch.optim.SGD(
+        [*gates.parameters(), *ims], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    loader = _batches(_CachedRows(x, y, final[0]), cfg.batch_size, torch.Generator().manual_seed(seed))
+    total = cfg.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=cfg.min_lr)
+
+    def logits_of(features: torch.Tensor, final_logits: torch.Tensor) -> torch.Tensor:
+        ims = [head(features[:, i]) for i, head in enumerate(heads.heads[:-1])]
+        return torch.stack([*ims, final_logits], dim=1)  # (B, L, C)
+
+    with torch.no_grad():
+        weight = positive_weights(per_exit_ce(heads(vx), vy), COSTS, lam, "exact")
+    step = 0
+    for _ in range(cfg.epochs):
+        for features, labels, final_logits in loader:
+            if (step // cfg.alternate_steps) % 2 == 0:
+                with torch.no_grad():
+                    logits = logits_of(features, final_logits)
+                    targets = gate_targets(per_exit_ce(logits, labels), COSTS, lam)
+                loss = gate_loss(gates(logits, features), targets, weight)
+            else:
+                logits = logits_of(features, final_logits)
+                with torch.no_grad():
+                    pi = paper_distribution(torch.sigmoid(gates(logits, features)))
+                loss = im_loss(logits, labels, pi, "weighted")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+        with torch.no_grad():  # the weights are recounted on val after every epoch
+            weight = positive_weights(per_exit_ce(heads(vx), vy), COSTS, lam, "exact")
+    return heads, gates
+
+
+def test_paper_preset_matches_the_slow_reference(data):
+    cfg = config()
+    heads = warm_heads()
+    (x, y), (vx, vy) = data
+    lambdas = [0.05, 0.4]
+    [models] = train_models(x, y, vx, vy, heads, [(PAPER, COSTS, lambdas)], cfg, seed=7)
+    for index, model in enumerate(models):
+        ref_heads, ref_gates = reference_paper(data, heads, lambdas, index, cfg, seed=7)
+        for a, b in zip(model.heads.parameters(), ref_heads.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for name, param in ref_gates.named_parameters():
+            torch.testing.assert_close(getattr(model.gates, name), param, rtol=1e-4, atol=1e-5)
+
+
+def test_every_variant_trains_side_by_side_deterministically(data):
+    (x, y), (vx, vy) = data
+    heads = warm_heads(dropout=0.1)
+    plan = [(v, COSTS, [0.01, 0.3]) for v in (PAPER, TRAJECTORY, HIDDEN_GATE)]
+    first = train_models(x, y, vx, vy, heads, plan, config(), seed=0)
+    again = train_models(x, y, vx, vy, heads, plan, config(), seed=0)
+    for block, block_again in zip(first, again):
+        assert [m.lam for m in block] == [0.01, 0.3]
+        for m, m2 in zip(block, block_again):
+            assert isinstance(m, TrainedModel) and len(m.history["val_cost"]) == 2
+            for a, b in zip(m.gates.parameters(), m2.gates.parameters()):
+                assert torch.equal(a, b)
+            # final head frozen, IMs trained
+            assert torch.equal(m.heads.final.net[-1].weight, heads.final.net[-1].weight)
+            assert not torch.equal(m.heads.heads[0].net[-1].weight, heads.heads[0].net[-1].weight)
+            scores = m.gates.scores(m.heads(vx), vx[:, :-1])
+            assert scores.shape == (200, NUM_EXITS - 1) and 0 <= scores.min() and scores.max() <= 1
+            acc, cost = m.val_accuracy, m.val_cost
+            exits = score_exits(scores)
+            assert cost == pytest.approx(COSTS.double()[exits].mean().item())
+            assert 0 <= acc <= 1
+
+
+def test_expected_objective_trades_accuracy_for_cost(data):
+    """A large λ must make the expected-loss gates exit earlier than a small λ."""
+    (x, y), (vx, vy) = data
+    [models] = train_models(
+        x, y, vx, vy, warm_heads(), [(TRAJECTORY, COSTS, [0.0, 2.0])], config(epochs=4), seed=0
+    )
+    assert models[1].val_cost < models[0].val_cost
+
+
+def _model(lam: float, cost: float) -> TrainedModel:
+    return TrainedModel(PAPER, lam, nn.Identity(), None, {"val_cost": [cost], "val_accuracy": [0.5]})
+
+
+def test_next_lambdas_extends_and_bisects():
+    cfg = JeidnnConfig()
+    # costs fall with λ; too cheap everywhere -> smaller λ; gap 0.9 -> 0.4 between 0.01 and 0.1 -> bisect
+    models = [_model(0.01, 0.85), _model(0.1, 0.4), _model(1.0, 0.3)]
+    assert next_lambdas(models, 0.25, cfg) == pytest.approx(sorted([0.001, 10.0, math.sqrt(0.01 * 0.1)]))
+    covered = [_model(0.01, 0.95), _model(0.1, 0.85), _model(0.3, 0.72), _model(1.0, 0.6), _model(2, 0.5)]
+    covered += [_model(4, 0.4), _model(8, 0.26)]
+    assert next_lambdas(covered, 0.25, cfg) == []
+
+
+def test_automatic_lambdas_add_rounds(data):
+    (x, y), (vx, vy) = data
+    cfg = config(variants=[PAPER], lambdas=None, lambda_grid=[0.3], lambda_rounds=1, epochs=1)
+    lines = []
+    trained = fit_stage2(x, y, vx, vy, warm_heads(), {"jeidnn_paper": COSTS}, cfg, log=lines.append)
+    lams = [m.lam for m in trained["jeidnn_paper"]]
+    assert 0.3 in lams and len(lams) > 1 and lams == sorted(lams)
+    assert len(lines) == 2 and "round 2" in lines[1]
