@@ -322,12 +322,12 @@ class StackedGates(nn.Module):
         Training, evaluation and layer-by-layer inference all go through here, exit by exit, so they
         compute every gate with the same operations.
         """
-        # Products and sums rather than matmuls: a matmul's rounding may depend on the number of rows, and the
-        # layer-skipping path, which scores fewer rows, must reproduce these values exactly.
+        # The small gate layers as products and sums rather than matmuls, whose rounding may depend on the
+        # number of rows: the layer-skipping path scores fewer rows and should reproduce these values.
         x = (x - self.input_mean[index]) / self.input_std[index]
         if self.settings.inputs == "hidden":
             h = (hidden - self.hidden_mean[index]) / self.hidden_std[index]  # (K, N, H)
-            x = torch.cat([x, (h[..., None] * self.proj[:, index, None]).sum(-2)], dim=-1)  # (K, N, F)
+            x = torch.cat([x, torch.bmm(h, self.proj[:, index])], dim=-1)  # (K, N, F)
         if self.settings.arch == "mlp":
             x = (x[..., None] * self.w1[:, index, None]).sum(-2) + self.b1[:, index, None]  # (K, N, width)
             x = torch.relu(x)

@@ -1,7 +1,9 @@
 """Losses of the IM warm-up and of stage 2's alternating training (docs/method.md).
 
 Shapes: ``N`` samples, ``L`` exits (0-based in code, the last is the frozen final classifier),
-``C`` classes. Per-exit logits are ``(N, L, C)``; gate tensors cover the ``L-1`` gated exits.
+``C`` classes. Per-exit logits are ``(N, L, C)``; gate tensors cover the ``L-1`` gated exits. Every loss also
+takes a leading model dim ``(K, N, ...)`` (stage 2 trains K models side by side; λ is then ``(K,)``) and
+returns one value per model.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ def per_exit_ce(logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         ``(N, L)`` unreduced cross-entropies.
     """
-    n, num_exits, _ = logits.shape
-    # cross_entropy wants the class dim second: (N, C, L) against (N, L) targets.
-    return F.cross_entropy(logits.transpose(1, 2), labels[:, None].expand(n, num_exits), reduction="none")
+    log_probs = logits.log_softmax(dim=-1)  # (..., N, L, C)
+    index = labels[:, None, None].expand(*log_probs.shape[:-1], 1)
+    return -log_probs.gather(-1, index).squeeze(-1)  # (..., N, L)
 
 
 def im_loss(logits: Tensor, labels: Tensor, pi: Tensor, mode: IMLossMode = "weighted") -> Tensor:
@@ -56,21 +58,27 @@ def im_loss(logits: Tensor, labels: Tensor, pi: Tensor, mode: IMLossMode = "weig
     Returns:
         Scalar loss.
     """
-    ce = per_exit_ce(logits, labels)  # (N, L)
-    total = ce.sum(dim=1)  # (N,)
+    ce = per_exit_ce(logits, labels)  # (..., N, L)
+    total = ce.sum(dim=-1)  # (..., N)
     if mode == "uniform":
-        return total.mean()
+        return total.mean(dim=-1)
     if mode != "weighted":
         raise ValueError(f"im_loss mode must be 'weighted' or 'uniform', got {mode!r}")
-    expected = (pi.detach() * ce).sum(dim=1)  # (N,)
+    expected = (pi.detach() * ce).sum(dim=-1)  # (..., N)
     with torch.no_grad():
         ok = expected > _MIN_EXPECTED_LOSS
         ones = torch.ones_like(total)
         r = torch.where(ok, total / torch.where(ok, expected, ones), ones)  # (N,)
-    return (r * expected).mean()
+    return (r * expected).mean(dim=-1)
 
 
-def gate_targets(ce: Tensor, costs: Tensor, lam: float) -> Tensor:
+def _per_model(lam: float | Tensor, like: Tensor) -> Tensor:
+    """λ as a tensor that broadcasts over ``like``'s last two dims: a float, or ``(K,)`` for ``(K, N, L)``."""
+    lam = torch.as_tensor(lam, dtype=like.dtype, device=like.device)
+    return lam[..., None, None]
+
+
+def gate_targets(ce: Tensor, costs: Tensor, lam: float | Tensor) -> Tensor:
     """Gate targets from the best exit under the accuracy/cost trade-off ``λ`` (the paper's BCE objective).
 
     ``l*(x) = argmin_l CE_l(x) + λ c_l`` over all ``L`` exits (ties go to the earlier, cheaper exit) and
@@ -84,14 +92,14 @@ def gate_targets(ce: Tensor, costs: Tensor, lam: float) -> Tensor:
     Returns:
         ``(N, L-1)`` float targets in {0, 1}.
     """
-    best = best_exit(ce, costs, lam)  # (N,); argmin returns the first minimum
-    exits = torch.arange(ce.shape[1] - 1, device=ce.device)  # (L-1,)
-    return (exits[None, :] >= best[:, None]).to(ce.dtype)  # (N, L-1)
+    best = best_exit(ce, costs, lam)  # (..., N); argmin returns the first minimum
+    exits = torch.arange(ce.shape[-1] - 1, device=ce.device)  # (L-1,)
+    return (exits >= best[..., None]).to(ce.dtype)  # (..., N, L-1)
 
 
-def best_exit(ce: Tensor, costs: Tensor, lam: float) -> Tensor:
-    """``l*(x) = argmin_l CE_l(x) + λ c_l`` (ties go to the earlier exit): ``(N, L)`` -> ``(N,)`` long."""
-    return (ce + lam * costs.to(ce)).argmin(dim=1)
+def best_exit(ce: Tensor, costs: Tensor, lam: float | Tensor) -> Tensor:
+    """``l*(x) = argmin_l CE_l(x) + λ c_l`` (ties go to the earlier exit): ``(..., N, L)`` -> ``(..., N)``."""
+    return (ce + _per_model(lam, ce) * costs.to(ce)).argmin(dim=-1)
 
 
 def positive_weights(
@@ -135,7 +143,7 @@ def expected_loss(pi: Tensor, exit_loss: Tensor, costs: Tensor, lam: float | Ten
         costs: ``(L,)``.
         lam: λ.
     """
-    return (pi * (exit_loss + lam * costs.to(pi))).sum(dim=-1).mean()
+    return (pi * (exit_loss + _per_model(lam, pi) * costs.to(pi))).sum(dim=-1).mean(dim=-1)
 
 
 def gate_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor) -> Tensor:
@@ -152,8 +160,10 @@ def gate_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor) -> Tenso
     Returns:
         Scalar loss.
     """
-    # BCE-with-logits' pos_weight multiplies exactly the t = 1 term, broadcast over the last dim.
-    return F.binary_cross_entropy_with_logits(gate_logits, targets, pos_weight=pos_weight.to(gate_logits))
+    # BCE-with-logits' pos_weight multiplies exactly the t = 1 term, broadcast over the samples.
+    weight = pos_weight.to(gate_logits)[..., None, :]  # (..., 1, L-1)
+    bce = F.binary_cross_entropy_with_logits(gate_logits, targets, pos_weight=weight, reduction="none")
+    return bce.mean(dim=(-2, -1))
 
 
 def warmup_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -26,18 +26,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from jeidnn.config import GateVariant, JeidnnConfig
 from jeidnn.gates import GateSettings, StackedGates, exit_distribution, score_exits
 from jeidnn.losses import expected_loss, gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
-
-# The one-model losses, mapped over the leading model dim.
-_gate_targets = vmap(gate_targets, in_dims=(0, None, 0))  # ce (K, N, L), costs (L,), λ (K,) -> (K, N, L-1)
-_gate_loss = vmap(gate_loss)  # (K, N, L-1), (K, N, L-1), (K, L-1) -> (K,)
-_im_loss = vmap(im_loss, in_dims=(0, None, 0, None))  # (K, N, L, C), (N,), (K, N, L), mode -> (K,)
-_expected_loss = vmap(expected_loss, in_dims=(0, 0, None, 0))  # (K, N, L), (K, N, L), (L,), (K,) -> (K,)
 
 # IM layers that act on each element alike, so one call covers all K models.
 _ELEMENTWISE = (nn.Identity, nn.Tanh, nn.GELU, nn.ReLU)
@@ -175,8 +168,7 @@ class VariantBlock(nn.Module):
 
     def ce(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Per-exit CE ``(K, B, L)`` of logits ``(K, B, L, C)``."""
-        k, b, num_exits, _ = logits.shape
-        return per_exit_ce(logits.reshape(k * b, num_exits, -1), labels.repeat(k)).view(k, b, num_exits)
+        return per_exit_ce(logits, labels)
 
     def gate_phase_loss(self, features: Tensor, labels: Tensor, final_logits: Tensor) -> Tensor:
         """``(K,)`` gate losses with the IMs fixed and in eval mode (the outputs the gates see at inference)."""
@@ -188,20 +180,20 @@ class VariantBlock(nn.Module):
         gate_logits = self.gates(logits, features)  # (K, B, L-1)
         v = self.variant
         if v.objective == "bce":
-            return _gate_loss(gate_logits, _gate_targets(ce, self.costs, self.lambdas), self.pos_weight)
+            return gate_loss(gate_logits, gate_targets(ce, self.costs, self.lambdas), self.pos_weight)
         pi = exit_distribution(torch.sigmoid(gate_logits), v.exit_rule)  # (K, B, L)
         if v.exit_loss == "error":
             loss = (logits.argmax(dim=-1) != labels[None, :, None]).to(pi.dtype)  # (K, B, L)
         else:
             loss = ce
-        return _expected_loss(pi, loss, self.costs, self.lambdas)
+        return expected_loss(pi, loss, self.costs, self.lambdas)
 
     def im_phase_loss(self, features: Tensor, labels: Tensor, final_logits: Tensor) -> Tensor:
         """``(K,)`` IM losses with the gates fixed."""
         logits = self.exit_logits(features, final_logits)  # (K, B, L, C)
         with torch.no_grad():
             pi = exit_distribution(torch.sigmoid(self.gates(logits, features)), self.variant.exit_rule)
-        return _im_loss(logits, labels, pi, self.variant.im_loss)
+        return im_loss(logits, labels, pi, self.variant.im_loss)
 
     @torch.no_grad()
     def predict(self, features: Tensor, final_logits: Tensor) -> tuple[Tensor, Tensor]:
