@@ -1,27 +1,28 @@
 """Learned gates: what each gate reads, the gate network, and the rules that turn gate outputs into exits.
 
-An early-exit model has ``L`` exits (0-based ``0 .. L-1`` in code); exits ``0 .. L-2`` carry a gate, the last
-exit (the backbone's final classifier) has none. Every gate reads *detached* probabilities of the IMs, so a gate
-loss never trains an IM (docs/method.md).
+An early-exit model has ``L`` exits (0-based ``0 .. L-1`` in code); exits ``0 .. L-2`` carry a gate, the
+last exit (the backbone's final classifier) has none. Every gate reads *detached* probabilities of the IMs,
+so a gate loss never trains an IM (docs/method.md).
 
 Gate **inputs** (``GateSettings.inputs``):
 
-* ``confidence`` (the paper): four confidence features of the gate's own exit, see :func:`confidence_features`;
-* ``trajectory`` (extension): the confidence features of every exit so far, the number of consecutive earlier
-  exits whose argmax agrees with this exit's (PABEE's patience counter) and the change of ``p_max`` since the
-  previous exit;
+* ``confidence`` (the paper): four confidence features of the gate's own exit, see
+  :func:`confidence_features`;
+* ``trajectory`` (extension): the confidence features of every exit so far, the number of consecutive
+  earlier exits whose argmax agrees with this exit's (PABEE's patience counter) and the change of ``p_max``
+  since the previous exit;
 * ``hidden`` (extension): ``trajectory`` plus a learned projection of the exit's pooled hidden state.
 
-**Exit rules** (``GateSettings.exit_rule``), both giving a per-exit *exit score* in ``[0, 1]``; a sample leaves
-at the first exit whose score reaches the threshold ``tau`` (0.5 = the rule each was trained for):
+**Exit rules** (``GateSettings.exit_rule``), both giving a per-exit *exit score* in ``[0, 1]``; a sample
+leaves at the first exit whose score reaches the threshold ``tau`` (0.5 = the rule each was trained for):
 
-* ``paper``: JEI-DNN's ``π_l = max(0, min(g_l, 1 - Σ_{j<l} g_j))`` and the score
-  ``a_l = clip(π_l / Π_{j<l}(1 - a_j), 0, 1)``, the probability of exiting at ``l`` given the sample got there;
-* ``conditional`` (extension): the gate output *is* that conditional probability, ``a_l = g_l``, so
-  ``π_l = g_l Π_{j<l}(1 - g_j)`` (a stopping process, differentiable everywhere).
+* ``paper``: JEI-DNN's ``π_l = max(0, min(g_l, 1 - Σ_{j<l} g_j))`` and the score ``a_l = clip(π_l /
+  Π_{j<l}(1 - a_j), 0, 1)``, the probability of exiting at ``l`` given the sample got there;
+* ``conditional`` (extension): the gate output *is* that conditional probability, ``a_l = g_l``, so ``π_l =
+  g_l Π_{j<l}(1 - g_j)`` (a stopping process, differentiable everywhere).
 
-:class:`StackedGates` holds ``K`` gate sets of one kind side by side (stage 2 trains every λ at once);
-a deployed model uses ``K = 1``. :meth:`StackedGates.forward` scores all exits of a batch at once;
+:class:`StackedGates` holds ``K`` gate sets of one kind side by side (stage 2 trains every λ at once); a
+deployed model uses ``K = 1``. :meth:`StackedGates.forward` scores all exits of a batch at once;
 :meth:`StackedGates.step` scores one exit for the rows still running (layer-skipping inference) through the
 same functions, so both paths give the same exits.
 """
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 DEFAULT_TAU = 0.5
-"""The exit threshold of both rules as trained: exit once the conditional exit probability reaches one half."""
+"""The exit threshold of both rules as trained: exit once the conditional exit probability reaches 1/2."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,9 @@ def confidence_features(probs: Tensor) -> Tensor:
         probs: class probabilities, shape ``(..., C)``, rows summing to 1.
 
     Returns:
-        ``(..., 4)``: max probability, entropy ``H(p)``, margin ``p(1) - p(2)`` and the entropy of the sharpened
-        distribution ``p² / Σ p²``. Uniform over ``C`` classes gives ``(1/C, log C, 0, log C)``; one-hot gives
-        ``(1, 0, 1, 0)``.
+        ``(..., 4)``: max probability, entropy ``H(p)``, margin ``p(1) - p(2)`` and the entropy of the
+        sharpened distribution ``p² / Σ p²``. Uniform over ``C`` classes gives ``(1/C, log C, 0, log C)``;
+        one-hot gives ``(1, 0, 1, 0)``.
     """
     top = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # (..., 2)
     p_max = top[..., 0]
@@ -195,7 +196,8 @@ def _conditional_exit(pi_l: Tensor, survival: Tensor) -> Tensor:
 
 @dataclass
 class RuleState:
-    """Per-sample state of the paper rule between exits: ``Σ_{j<l} g_j`` and ``Π_{j<l}(1 - a_j)``, ``(B,)``."""
+    """Per-sample state of the paper rule between exits: ``Σ_{j<l} g_j`` and ``Π_{j<l}(1 - a_j)``, each
+    ``(B,)``."""
 
     g_sum: Tensor
     survival: Tensor
@@ -239,8 +241,9 @@ class StackedGates(nn.Module):
     """``K`` gate sets of one kind, one gate per intermediate exit, evaluated in one batched pass.
 
     Parameters per model ``k`` and exit ``l``: ``linear`` gates ``w (F,)``, ``b``; ``mlp`` gates
-    ``W1 (F, width)``, ``b1``, ``w2 (width,)``, ``b2``; ``hidden`` inputs add a projection ``P (H, projection)``
-    of the standardised pooled hidden state, whose output joins the ``F - projection`` other inputs.
+    ``W1 (F, width)``, ``b1``, ``w2 (width,)``, ``b2``; ``hidden`` inputs add a projection
+    ``P (H, projection)`` of the standardised pooled hidden state, whose output joins the
+    ``F - projection`` other inputs.
 
     Args:
         settings: the gate kind.

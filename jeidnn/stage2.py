@@ -1,16 +1,17 @@
 """Stage 2: learned gates and IMs trained jointly on cached features, every variant and every λ at once.
 
 One implementation for the paper's method and its extensions (docs/method.md). A *variant*
-(:class:`~jeidnn.config.GateVariant`) fixes the gates (inputs, network, exit rule), the gate objective and the IM
-loss; each variant trains one model per λ. All models live side by side in stacked parameters and share every
-data batch: one optimizer step is one step of every model. The models share no parameter, so the gradient of the
-summed loss is each model's own gradient, and SGD (momentum, weight decay) acts element by element: one optimizer
-over the stacked parameters is ``M`` separate optimizers, at the per-step overhead of one.
+(:class:`~jeidnn.config.GateVariant`) fixes the gates (inputs, network, exit rule), the gate objective and
+the IM loss; each variant trains one model per λ. All models live side by side in stacked parameters and
+share every data batch: one optimizer step is one step of every model. The models share no parameter, so the
+gradient of the summed loss is each model's own gradient, and SGD (momentum, weight decay) acts element by
+element: one optimizer over the stacked parameters is ``M`` separate optimizers, at the per-step overhead of
+one.
 
 Phases alternate every ``alternate_steps`` optimizer steps, gates first. Gate phase (IMs fixed, read in eval
-mode as at inference): the paper's weighted BCE towards oracle targets, or the expected loss
-``E_π[ℓ] + λ E_π[c]`` through the differentiable exit distribution. IM phase (gates fixed): the expected CE
-with a detached normaliser (paper) or the plain sum of per-exit CEs.
+mode as at inference): the paper's weighted BCE towards oracle targets, or the expected loss ``E_π[ℓ] + λ
+E_π[c]`` through the differentiable exit distribution. IM phase (gates fixed): the expected CE with a
+detached normaliser (paper) or the plain sum of per-exit CEs.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class StackedIMs(nn.Module):
     """``K`` copies of the ``L-1`` IMs, evaluated in one batched pass.
 
     Each IM must be a chain of ``nn.Linear``, ``nn.Dropout`` and elementwise activations (both IM kinds of
-    :class:`~jeidnn.heads.ExitHeads`). A linear layer's weight becomes a ``(L-1, K, out, in)`` parameter and its
-    bias ``(L-1, K, out)``. Dropout masks are drawn once per IM and shared by the ``K`` models.
+    :class:`~jeidnn.heads.ExitHeads`). A linear layer's weight becomes a ``(L-1, K, out, in)`` parameter and
+    its bias ``(L-1, K, out)``. Dropout masks are drawn once per IM and shared by the ``K`` models.
 
     Args:
         ims: the ``L-1`` IMs (copied, never modified).
@@ -74,7 +75,8 @@ class StackedIMs(nn.Module):
             for layer in layers:
                 if not isinstance(layer, (nn.Linear, nn.Dropout, *_ELEMENTWISE)):
                     raise ValueError(
-                        f"stage 2 batches IMs made of Linear, Dropout and elementwise activations; IM {index} "
+                        "stage 2 batches IMs made of Linear, Dropout and elementwise activations; "
+                        f"IM {index} "
                         f"contains a {type(layer).__name__}"
                     )
             if [repr(layer) for layer in layers] != [repr(layer) for layer in template]:
@@ -171,7 +173,7 @@ class VariantBlock(nn.Module):
         return per_exit_ce(logits, labels)
 
     def gate_phase_loss(self, features: Tensor, labels: Tensor, final_logits: Tensor) -> Tensor:
-        """``(K,)`` gate losses with the IMs fixed and in eval mode (the outputs the gates see at inference)."""
+        """``(K,)`` gate losses, the IMs fixed and in eval mode (the outputs the gates see at inference)."""
         with torch.no_grad():
             self.ims.eval()
             logits = self.exit_logits(features, final_logits)  # (K, B, L, C)

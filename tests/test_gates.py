@@ -113,7 +113,7 @@ def test_standardisation_uses_training_statistics():
 
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_one_exit_at_a_time_equals_the_batch_path(settings):
-    """The layer-skipping path scores only the rows still running; it must reproduce the batch scores and exits.
+    """The layer-skipping path scores only the rows still running; it must reproduce the batch's exits.
 
     Scores may differ in the last bit (vectorised exp/sigmoid kernels round a tensor's tail elements
     differently), so a score within 1e-6 of the threshold could flip; none is here."""

@@ -138,7 +138,8 @@ def test_positive_weights_count_the_exact_best_exit():
     assert best_exit(ce, COSTS, 1.0).tolist() == [1, 2]
     # w = min((N - n) / max(n, 0.1), 5): gate 0: 2 / 0.1 -> clipped to 5; gate 1: 1 / 1
     assert positive_weights(ce, COSTS, 1.0, "exact").tolist() == pytest.approx([5.0, 1.0])
-    # cumulative counts (0, 1): the same here; λ = 1.5: best (0, 1): exact (1, 1) -> (1, 1), cumulative (1, 2) -> (1, 0)
+    # cumulative counts (0, 1): the same here; λ = 1.5: best (0, 1): exact counts (1, 1) -> weights (1, 1),
+    # cumulative counts (1, 2) -> weights (1, 0)
     assert positive_weights(ce, COSTS, 1.5, "exact").tolist() == pytest.approx([1.0, 1.0])
     assert positive_weights(ce, COSTS, 1.5, "cumulative").tolist() == pytest.approx([1.0, 0.0])
     assert positive_weights(ce, COSTS, 1.5, "none").tolist() == [1.0, 1.0]
