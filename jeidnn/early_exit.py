@@ -400,7 +400,8 @@ class EarlyExitModel(nn.Module):
         if version != FORMAT_VERSION:
             raise JeidnnError(
                 f"{folder / 'jeidnn.json'} has format version {version!r}; this jeidnn reads version "
-                f"{FORMAT_VERSION}: re-export the model from its run with this version (retrain the run if needed)"
+                f"{FORMAT_VERSION}: re-export the model from its run with this version (retrain the run if "
+                "needed)"
             )
         try:
             with _no_progress_bars():

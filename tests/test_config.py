@@ -28,6 +28,17 @@ def test_round_trip_through_yaml(tmp_path):
     assert yaml.safe_load(path.read_text())["data"]["max_train_samples"] == 123
 
 
+def test_variants_and_automatic_lambdas():
+    cfg = load_config(None)
+    assert cfg.jeidnn.lambdas is None  # automatic
+    assert cfg.jeidnn.variants[0].name == "jeidnn_paper" and not cfg.jeidnn.variants[0].extension
+    assert load_config(None, ["--jeidnn.lambdas", "null"]).jeidnn.lambdas is None
+    cfg = config_from_dict({"jeidnn": {"variants": [{"name": "g", "inputs": "hidden", "arch": "mlp"}]}})
+    (variant,) = cfg.jeidnn.variants
+    assert (variant.name, variant.inputs, variant.arch, variant.exit_rule) == ("g", "hidden", "mlp", "paper")
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
 def test_override_forms():
     cfg = load_config(None, ["--name=abc", "--finetune.enabled", "false", "--model.exit_layers", "[1, 3]"])
     assert (cfg.name, cfg.finetune.enabled, cfg.model.exit_layers) == ("abc", False, [1, 3])
@@ -40,8 +51,18 @@ def test_override_forms():
         ({"data": {"max_train_sampels": 3}}, "`data.max_train_sampels`"),
         ({"data": {"max_train_samples": "many"}}, "`data.max_train_samples`"),
         ({"finetune": {"enabled": "yes"}}, "`finetune.enabled`"),
-        ({"jeidnn": {"im_loss": "mean"}}, "`jeidnn.im_loss`"),
-        ({"jeidnn": {"lambdas": [0.1, "x"]}}, "`jeidnn.lambdas[1]`"),
+        ({"jeidnn": {"variants": [{"im_loss": "mean"}]}}, "`jeidnn.variants[0].im_loss`"),
+        ({"jeidnn": {"variants": [{"nme": "x"}]}}, "`jeidnn.variants[0].nme`"),
+        ({"jeidnn": {"variants": []}}, "jeidnn.variants"),
+        ({"jeidnn": {"variants": [{"name": "a"}, {"name": "a"}]}}, "'a' must be unique"),
+        ({"jeidnn": {"lambdas": [0.1, "x"]}}, "jeidnn.lambdas"),
+        ({"jeidnn": {"lambdas": []}}, "jeidnn.lambdas"),
+        ({"export": {"method": "nope"}}, "export.method 'nope'"),
+        ({"export": {"cost_budget": 0}}, "export.cost_budget"),
+        # removed keys are refused by name, not silently ignored
+        ({"jeidnn": {"im_loss": "weighted"}}, "`jeidnn.im_loss`"),
+        ({"jeidnn": {"min_positive_weight": 1.0}}, "`jeidnn.min_positive_weight`"),
+        ({"export": {"lam": 0.1}}, "`export.lam`"),
         ({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "val_fraction"),
         ({"data": {"source": "csv"}}, "data.path"),
         ({"model": {"random_config": {"hidden_size": 3}}}, "model_type"),

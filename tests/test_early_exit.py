@@ -1,4 +1,4 @@
-"""The layer-skipping forward against the full forward, on every architecture; save / load."""
+"""The layer-skipping forward against the full forward, on every architecture and gate kind; save / load."""
 
 import functools
 import json
@@ -13,30 +13,31 @@ from jeidnn.baselines import confidence
 from jeidnn.config import ModelConfig
 from jeidnn.early_exit import EarlyExitModel, ThresholdGates
 from jeidnn.errors import JeidnnError
-from jeidnn.gates import Gates
+from jeidnn.gates import Gates, GateSettings, score_exits
 from jeidnn.heads import ExitHeads
 
 ARCHS = list(TINY_CONFIGS)
 NUM_CLASSES = 3
 BATCH = 8
 
+GATE_KINDS = {
+    "paper": GateSettings(),
+    "trajectory_mlp_conditional": GateSettings("trajectory", "mlp", "conditional", standardize=True),
+    # Reads nothing but the hidden state (tiny_model zeroes its other inputs' weights), so a dynamic path
+    # that passed the gate anything but the exit's pooled hidden state would change its exits.
+    "hidden_linear": GateSettings("hidden", "linear", "paper"),
+    "hidden_mlp": GateSettings("hidden", "mlp", "paper", standardize=True, width=6, projection=4),
+}
+MARGIN = 1e-4
+"""Every test keeps each exit score at least this far from tau: the batch and layer-by-layer paths may differ
+in the last float bit, and a score within that of tau is a tie either way (docs/method.md)."""
+
 
 @functools.cache
-def tiny_backbone(arch: str) -> Backbone:
+def tiny_backbone(arch: str, pooling: str = "cls") -> Backbone:
     """One backbone per architecture, shared by the tests (none of them changes its weights)."""
     torch.manual_seed(0)
-    return Backbone.load(ModelConfig(random_config=TINY_CONFIGS[arch])).eval()
-
-
-def tiny_model(arch: str, gates: str = "jeidnn", layers: list[int] | None = None, **kwargs) -> EarlyExitModel:
-    backbone = tiny_backbone(arch)
-    layers = layers or list(range(1, backbone.num_layers + 1))
-    heads = ExitHeads(layers, backbone.hidden_size, NUM_CLASSES, backbone.spec.head_activation)
-    with torch.no_grad():  # larger logits than the default init, so the exits disagree visibly
-        for head in heads.heads:
-            head.net[-1].weight.mul_(5)
-    gate = Gates(len(layers)) if gates == "jeidnn" else ThresholdGates([2.0] * (len(layers) - 1))
-    return EarlyExitModel(backbone, heads, gate, labels=["neg", "neu", "pos"], **kwargs).eval()
+    return Backbone.load(ModelConfig(random_config=TINY_CONFIGS[arch], pooling=pooling)).eval()
 
 
 def tiny_inputs(arch: str, batch: int = BATCH) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ def tiny_inputs(arch: str, batch: int = BATCH) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.randn(batch, cfg["num_channels"], cfg["image_size"], cfg["image_size"])}
     length = 10
     ids = torch.randint(5, cfg["vocab_size"], (batch, length))
-    lengths = torch.tensor([length, 4, 7, length, 3, 9, 6, length][:batch])
+    lengths = torch.tensor([length, 4, 7, length, 3, 9, 6, length] * (batch // 8 + 1))[:batch]
     mask = (torch.arange(length)[None, :] < lengths[:, None]).long()  # (B, T)
     ids[mask == 0] = cfg.get("pad_token_id", 0)
     inputs = {"input_ids": ids, "attention_mask": mask}
@@ -55,28 +56,106 @@ def tiny_inputs(arch: str, batch: int = BATCH) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def set_gate(gate: torch.nn.Linear, bias: float, pmax_weight: float = 0.0) -> None:
-    """g = sigmoid(pmax_weight * p_max + bias): a constant (±20) or a split on p_max."""
+def tiny_model(
+    arch: str,
+    gates: str = "paper",
+    layers: list[int] | None = None,
+    pooling: str = "cls",
+    im_head: str = "mlp",
+    **kwargs,
+) -> EarlyExitModel:
+    """A tiny early-exit model; `gates` is a key of GATE_KINDS, ``threshold`` or ``none``.
+
+    Weights come from fixed seeds, so a test sees the same model whichever tests ran before it.
+    """
+    backbone = tiny_backbone(arch, pooling)
+    layers = layers or list(range(1, backbone.num_layers + 1))
+    torch.manual_seed(0)
+    heads = ExitHeads(
+        layers, backbone.hidden_size, NUM_CLASSES, backbone.spec.head_activation, im_head=im_head
+    )
+    with torch.no_grad():  # larger logits than the default init, so the exits disagree visibly
+        for head in heads.heads:
+            head.net[-1].weight.mul_(5)
+    gate: Gates | ThresholdGates | None = None
+    if gates == "threshold":
+        gate = ThresholdGates([2.0] * (len(layers) - 1))
+    elif gates != "none":
+        settings = GATE_KINDS[gates]
+        gate = Gates(len(layers), settings, backbone.hidden_size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            if gates == "hidden_linear":
+                gate.w[..., : gate.num_inputs - settings.projection] = 0
+            # Standardisation statistics from other inputs than the tests', as training would set them.
+            features = backbone(tiny_inputs(arch, 16), layers)  # (16, L, H)
+            gate.set_statistics(heads(features)[:, :-1], features[:, :-1])
+    return EarlyExitModel(backbone, heads, gate, labels=["neg", "neu", "pos"], **kwargs).eval()
+
+
+def features_of(model: EarlyExitModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Pooled features of every exit layer, (B, L, H)."""
     with torch.no_grad():
-        gate.weight.zero_()
-        gate.weight[0, 0] = pmax_weight  # feature 0 is p_max
-        gate.bias.fill_(bias)
+        return model.backbone(dict(inputs), model.heads.layers)
 
 
-def split_value(values: torch.Tensor) -> tuple[float, float]:
-    """Middle of the widest gap between sorted `values` (some lie on each side), and that gap."""
+def gate_logits(model: EarlyExitModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The learned gates' logits on `inputs`, (B, L-1)."""
+    features = features_of(model, inputs)
+    with torch.no_grad():
+        return model.gates(model.heads(features), features)
+
+
+def split_value(values: torch.Tensor, min_side: int = 1) -> tuple[float, float]:
+    """Middle of the widest gap between sorted `values` with at least `min_side` values on each side."""
     v = values.sort().values.double()
     gaps = v[1:] - v[:-1]
+    gaps[: min_side - 1] = -1
+    gaps[len(gaps) - min_side + 1 :] = -1
     i = int(gaps.argmax())
-    assert gaps[i] > 1e-5, f"tiny model produced near-identical confidences {v.tolist()}"
+    assert gaps[i] > 1e-5, f"tiny model produced near-identical values {v.tolist()}"
     return float(v[i] + v[i + 1]) / 2, float(gaps[i])
 
 
-def split_gate(gate: torch.nn.Linear, pmax: torch.Tensor) -> None:
-    """Gate that is ~1 above and ~0 below a split of `pmax` (B,): g = sigmoid(w (p_max - split))."""
-    split, gap = split_value(pmax)
-    weight = 40 / gap  # ±20 in logit at the nearest samples
-    set_gate(gate, bias=-weight * split, pmax_weight=weight)
+def set_constant(gates: Gates, index: int, logit: float) -> None:
+    """Gate `index` outputs `logit` whatever its inputs (±20: everybody or nobody stops there)."""
+    with torch.no_grad():
+        gates.w[:, index] = 0
+        gates.b[:, index] = logit
+
+
+def split_gate(gates: Gates, index: int, logits: torch.Tensor, min_side: int = 1) -> None:
+    """Rescale gate `index`'s output layer so that its logit is beyond ±20 on either side of a split of
+    `logits` (its current logits on some rows, (n,)): the gate probability is then ~0 or ~1."""
+    split, gap = split_value(logits, min_side)
+    scale = 40 / gap
+    with torch.no_grad():  # the output layer is linear in both archs: s (z - split) = (s w) x + s (b - split)
+        gates.w[:, index] *= scale
+        gates.b[:, index] = (gates.b[:, index] - split) * scale
+
+
+def spread_gates(gates: Gates, logits: torch.Tensor) -> None:
+    """Rescale every gate's output layer so that its logits on some rows (`logits`, (n, L-1)) have mean 0 and
+    standard deviation 2: exit scores spread over (0, 1), so the exit threshold matters."""
+    mean, std = logits.mean(0), logits.std(0)
+    with torch.no_grad():
+        gates.w.mul_((2 / std)[:, None])
+        gates.b.sub_(mean).mul_(2 / std)
+
+
+def spread_threshold(scores: torch.Tensor) -> float:
+    """A threshold away from 0.5 giving other exits than 0.5 and more than one exit, far from any score."""
+    values = scores.flatten().double().unique()  # sorted
+    native = score_exits(scores, 0.5)
+    best, best_key = None, None
+    for tau in ((values[1:] + values[:-1]) / 2).tolist():
+        if abs(tau - 0.5) < 0.05:
+            continue
+        exits = score_exits(scores, tau)
+        key = (not torch.equal(exits, native), len(set(exits.tolist())), float((scores - tau).abs().min()))
+        if best_key is None or key > best_key:
+            best, best_key = tau, key
+    assert best_key is not None and best_key[0] and best_key[1] > 1 and best_key[2] > MARGIN, best_key
+    return best
 
 
 def assert_same(dynamic, full) -> None:
@@ -88,36 +167,79 @@ def assert_same(dynamic, full) -> None:
     torch.testing.assert_close(dynamic.logits, full.logits, atol=1e-5, rtol=1e-5)
 
 
+def assert_clear_of_threshold(model: EarlyExitModel, full) -> None:
+    assert (full.gate_scores - model.exit_threshold).abs().min() > MARGIN
+
+
 # ---------------------------------------------------------------------- dynamic == full
-JEI_PATTERNS = {
-    # scenario: (bias of gate 0 or "split", bias of gate 1 or "split", exits expected)
-    "nobody": (-20.0, -20.0, {2}),
-    "everybody_first": (20.0, -20.0, {0}),
-    "everybody_second": (-20.0, 20.0, {1}),
-    "split_first": ("split", -20.0, {0, 2}),
-    "split_second": (-20.0, "split", {1, 2}),
-    "split_first_then_all": ("split", 20.0, {0, 1}),
+LEARNED_SCENARIOS = {
+    # scenario: (exit threshold, exits expected); the gates are shaped by `shape_gates`
+    "nobody": (0.5, {2}),
+    "everybody_first": (0.5, {0}),
+    "everybody_second": (0.3, {1}),
+    "somebody": (0.5, {0, 1, 2}),
+    "somebody_other_tau": (None, None),  # tau picked from the random gates' scores
 }
 
 
+def shape_gates(model: EarlyExitModel, inputs: dict[str, torch.Tensor], scenario: str) -> None:
+    gates = model.gates
+    if scenario == "nobody":
+        set_constant(gates, 0, -20.0)
+        set_constant(gates, 1, -20.0)
+    elif scenario == "everybody_first":
+        set_constant(gates, 0, 20.0)
+    elif scenario == "everybody_second":
+        set_constant(gates, 0, -20.0)
+        set_constant(gates, 1, 20.0)
+    elif scenario == "somebody":
+        split_gate(gates, 0, gate_logits(model, inputs)[:, 0], min_side=3)
+        with torch.no_grad():
+            running = model.forward_full(inputs).exit_index > 0
+        split_gate(gates, 1, gate_logits(model, inputs)[running, 1])
+    else:
+        spread_gates(gates, gate_logits(model, inputs))
+        with torch.no_grad():
+            model.exit_threshold = spread_threshold(model.forward_full(inputs).gate_scores)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("scenario", list(JEI_PATTERNS))
-def test_dynamic_matches_full_jeidnn_gates(arch, scenario):
-    model = tiny_model(arch)
+@pytest.mark.parametrize("kind", list(GATE_KINDS))
+@pytest.mark.parametrize("scenario", list(LEARNED_SCENARIOS))
+def test_dynamic_matches_full_learned_gates(arch, kind, scenario):
+    model = tiny_model(arch, kind)
     inputs = tiny_inputs(arch)
-    with torch.no_grad():
-        reference = model.forward_full(inputs)
-    pmax = reference.exit_logits.softmax(-1).amax(-1)  # (B, L)
-    for k, bias in enumerate(JEI_PATTERNS[scenario][:2]):
-        if bias == "split":
-            split_gate(model.gates.gates[k], pmax[:, k])
-        else:
-            set_gate(model.gates.gates[k], bias=bias)
+    tau, expected = LEARNED_SCENARIOS[scenario]
+    if tau is not None:
+        model.exit_threshold = tau
+    shape_gates(model, inputs, scenario)
     with torch.no_grad():
         full = model.forward_full(inputs)
-    assert set(full.exit_index.tolist()) == JEI_PATTERNS[scenario][2]
-    assert full.gate_probs.shape == (BATCH, 2)
+    assert full.gate_scores.shape == (BATCH, 2)
+    assert_clear_of_threshold(model, full)
+    if expected is not None:
+        assert set(full.exit_index.tolist()) == expected
+    else:
+        assert model.exit_threshold != 0.5 and len(set(full.exit_index.tolist())) > 1
     assert_same(model.forward_dynamic(inputs), full)
+
+
+@pytest.mark.parametrize("kind", list(GATE_KINDS))
+@pytest.mark.parametrize("arch", ["bert", "vit"])
+def test_layer_by_layer_scores_match_the_batch_scores(kind, arch):
+    """What forward_dynamic does with the gates: step exit by exit, dropping the rows that stopped."""
+    model = tiny_model(arch, kind)
+    inputs = tiny_inputs(arch)
+    features = features_of(model, inputs)  # (B, L, H)
+    with torch.no_grad():
+        logits = model.heads(features)  # (B, L, C)
+        reference = model.gates.scores(logits, features)  # (B, L-1)
+        state = model.gates.init_state(BATCH)
+        first, state = model.gates.step(0, logits[:, 0], features[:, 0], state)
+        keep = torch.tensor([0, 2, 3, 6])
+        second, _ = model.gates.step(1, logits[keep, 1], features[keep, 1], state[keep])
+    torch.testing.assert_close(first, reference[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(second, reference[keep, 1], atol=1e-6, rtol=0)
 
 
 THRESHOLD_CASES = [
@@ -146,17 +268,17 @@ def test_dynamic_matches_full_threshold_gates(arch, scenario, measure):
     with torch.no_grad():
         full = model.forward_full(inputs)
     assert set(full.exit_index.tolist()) == expected
-    assert full.gate_probs is None
+    assert full.gate_scores is None
     assert_same(model.forward_dynamic(inputs), full)
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "vit"])
-def test_exits_on_a_subset_of_layers(arch):
-    model = tiny_model(arch, layers=[1, 3], costs=[0.4, 1.02])
+@pytest.mark.parametrize("kind", ["paper", "hidden_mlp"])
+def test_exits_on_a_subset_of_layers(arch, kind):
+    model = tiny_model(arch, kind, layers=[1, 3], costs=[0.4, 1.02])
     inputs = tiny_inputs(arch)
+    split_gate(model.gates, 0, gate_logits(model, inputs)[:, 0])
     with torch.no_grad():
-        pmax = model.forward_full(inputs).exit_logits.softmax(-1).amax(-1)  # (B, 2)
-        split_gate(model.gates.gates[0], pmax[:, 0])
         full = model.forward_full(inputs)
     assert full.exit_logits.shape == (BATCH, 2, NUM_CLASSES)
     assert set(full.exit_layer.tolist()) == {1, 3}
@@ -166,8 +288,7 @@ def test_exits_on_a_subset_of_layers(arch):
 
 @pytest.mark.parametrize("arch", ["bert", "vit"])
 def test_without_gates_everyone_takes_the_last_exit(arch):
-    model = tiny_model(arch)
-    model.gates = None
+    model = tiny_model(arch, gates="none")
     inputs = tiny_inputs(arch)
     with torch.no_grad():
         full = model.forward_full(inputs)
@@ -194,6 +315,43 @@ def test_full_path_matches_heads_on_hf_hidden_states(arch):
     torch.testing.assert_close(full.logits, by_hand[rows, full.exit_index])
 
 
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+@pytest.mark.parametrize("kind", ["paper", "hidden_linear"])
+def test_single_row_batches(arch, kind):
+    """Batch 1 takes the fast paths (nobody / everybody exits) of the dynamic loop."""
+    model = tiny_model(arch, kind)
+    inputs = tiny_inputs(arch)
+    split_gate(model.gates, 0, gate_logits(model, inputs)[:, 0])
+    with torch.no_grad():
+        full = model.forward_full(inputs)
+    assert len(set(full.exit_index.tolist())) > 1
+    for i in range(BATCH):
+        row = {k: v[i : i + 1, : int(inputs["attention_mask"][i].sum())] for k, v in inputs.items()}
+        one = model.forward_dynamic(row)
+        assert one.exit_index.item() == full.exit_index[i].item()
+        torch.testing.assert_close(one.probs[0], full.probs[i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+@pytest.mark.parametrize("kind", ["paper", "hidden_mlp"])
+def test_mean_pooling_and_linear_ims_dynamic_matches_full(arch, kind, tmp_path):
+    # Mean pooling reads the padding mask, which must shrink with the rows that keep running; hidden gates
+    # read the mean-pooled state.
+    model = tiny_model(arch, kind, pooling="mean", im_head="linear")
+    inputs = tiny_inputs(arch)
+    split_gate(model.gates, 0, gate_logits(model, inputs)[:, 0], min_side=2)
+    set_constant(model.gates, 1, -20.0)
+    with torch.no_grad():
+        full = model.forward_full(inputs)
+    assert set(full.exit_index.tolist()) == {0, 2}
+    assert_same(model.forward_dynamic(inputs), full)
+    model.save_pretrained(tmp_path / "m")
+    loaded = EarlyExitModel.from_pretrained(tmp_path / "m")
+    assert loaded.backbone.pooling == "mean" and loaded.heads.im_head == "linear"
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_dynamic(inputs).logits, model.forward_dynamic(inputs).logits)
+
+
 # ---------------------------------------------------------------------- save / load
 def tiny_tokenizer(folder):
     from transformers import BertTokenizer
@@ -210,20 +368,20 @@ TEXTS = ["good morning!", "what a terrible, awful day", "ok", "fine. fine? fine!
 
 def split_on_texts(model: EarlyExitModel, texts: list[str]) -> None:
     """Make gate 1 send some of `texts` to exit 1 and the rest to the last exit."""
+    encoded = dict(model.preprocessor(texts, padding=True, return_tensors="pt"))
+    split_gate(model.gates, 0, gate_logits(model, encoded)[:, 0])
+    set_constant(model.gates, 1, -20.0)
     with torch.no_grad():
-        encoded = dict(model.preprocessor(texts, padding=True, return_tensors="pt"))
-        split_gate(model.gates.gates[0], model.forward_full(encoded).exit_logits[:, 0].softmax(-1).amax(-1))
-        set_gate(model.gates.gates[1], bias=-20.0)
         exits = model.forward_full(encoded).exit_index
     assert set(exits.tolist()) == {0, 2}
 
 
-def text_model(tmp_path, gates: str = "jeidnn") -> EarlyExitModel:
-    model = tiny_model("bert", gates=gates, costs=[0.4, 0.7, 1.01])
+def text_model(tmp_path, gates: str = "paper", exit_threshold: float = 0.5) -> EarlyExitModel:
+    model = tiny_model("bert", gates, costs=[0.4, 0.7, 1.01], exit_threshold=exit_threshold)
     model.preprocessor = tiny_tokenizer(tmp_path)
     model.conformal_quantiles = {"0.05": [0.9, 0.8, 0.95], "0.1": [0.5, 0.6, 0.7]}
     model.metadata = {"lambda": 0.5, "gflops_full": 0.001}
-    if gates == "jeidnn":
+    if gates in GATE_KINDS:
         split_on_texts(model, TEXTS)
     return model
 
@@ -236,9 +394,12 @@ def no_pickles(folder) -> None:
             assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle / torch.save file"
 
 
-@pytest.mark.parametrize("gates", ["jeidnn", "threshold"])
-def test_text_model_round_trip(tmp_path, gates):
-    model = text_model(tmp_path, gates)
+@pytest.mark.parametrize(
+    ("gates", "tau"),
+    [("paper", 0.5), ("trajectory_mlp_conditional", 0.35), ("hidden_mlp", 0.7), ("threshold", 0.5)],
+)
+def test_text_model_round_trip(tmp_path, gates, tau):
+    model = text_model(tmp_path, gates, exit_threshold=tau)
     if gates == "threshold":
         model.gates = ThresholdGates([0.7, 0.6], "margin")
     model.save_pretrained(tmp_path / "model")
@@ -252,11 +413,20 @@ def test_text_model_round_trip(tmp_path, gates):
         model.metadata,
     )
     assert type(loaded.gates) is type(model.gates)
+    if gates == "threshold":
+        assert loaded.gates.measure == "margin"
+        assert loaded.gates.thresholds.tolist() == pytest.approx([0.7, 0.6])
+    else:
+        assert loaded.gates.settings == GATE_KINDS[gates] and loaded.exit_threshold == tau
+        before, after = model.gates.state_dict(), loaded.gates.state_dict()
+        assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
     inputs = tiny_inputs("bert")
     for forward in ("forward_full", "forward_dynamic"):
         with torch.no_grad():
             before, after = getattr(model, forward)(inputs), getattr(loaded, forward)(inputs)
         assert torch.equal(before.logits, after.logits) and torch.equal(before.exit_index, after.exit_index)
+        if forward == "forward_full" and gates != "threshold":
+            assert torch.equal(before.gate_scores, after.gate_scores)
     assert model.predict(TEXTS) == loaded.predict(TEXTS)
 
 
@@ -265,7 +435,7 @@ def test_vision_model_round_trip(tmp_path):
     from PIL import Image
     from transformers import ViTImageProcessor
 
-    model = tiny_model("vit", costs=[0.4, 0.7, 1.01])
+    model = tiny_model("vit", "hidden_linear", costs=[0.4, 0.7, 1.01])
     model.preprocessor = ViTImageProcessor(size={"height": 16, "width": 16})
     model.save_pretrained(tmp_path / "model")
     no_pickles(tmp_path / "model")
@@ -277,28 +447,44 @@ def test_vision_model_round_trip(tmp_path):
     assert len(before) == 5 and all(p.prediction_set is None for p in before)
 
 
+def refused(folder, match: str) -> str:
+    with pytest.raises(JeidnnError, match=match) as info:
+        EarlyExitModel.from_pretrained(folder)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
 def test_bad_model_folders(tmp_path):
-    with pytest.raises(JeidnnError, match="nowhere"):
-        EarlyExitModel.from_pretrained(tmp_path / "nowhere")
+    refused(tmp_path / "nowhere", "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(JeidnnError, match="jeidnn.json"):
-        EarlyExitModel.from_pretrained(tmp_path / "empty")
+    refused(tmp_path / "empty", "jeidnn.json")
     folder = tmp_path / "model"
     text_model(tmp_path).save_pretrained(folder)
     config = json.loads((folder / "jeidnn.json").read_text())
     (folder / "jeidnn.json").write_text(json.dumps({**config, "format_version": 99}))
-    with pytest.raises(JeidnnError, match="format version 99"):
-        EarlyExitModel.from_pretrained(folder)
+    refused(folder, "format version 99")
     (folder / "jeidnn.json").write_text("{not json")
-    with pytest.raises(JeidnnError, match="not valid JSON"):
-        EarlyExitModel.from_pretrained(folder)
+    refused(folder, "not valid JSON")
     (folder / "jeidnn.json").write_text(json.dumps({k: v for k, v in config.items() if k != "labels"}))
-    with pytest.raises(JeidnnError, match="labels"):
-        EarlyExitModel.from_pretrained(folder)
+    refused(folder, "labels")
+    learned = {k: v for k, v in config["gates"].items() if k != "exit_threshold"}
+    (folder / "jeidnn.json").write_text(json.dumps({**config, "gates": learned}))
+    refused(folder, "exit_threshold")
     (folder / "jeidnn.json").write_text(json.dumps(config))
     (folder / "exits.safetensors").unlink()
-    with pytest.raises(JeidnnError, match="exits.safetensors"):
-        EarlyExitModel.from_pretrained(folder)
+    refused(folder, "exits.safetensors")
+
+
+def test_format_version_1_folders_ask_for_a_re_export(tmp_path):
+    """Version 1 saved the paper gates as `{"type": "jeidnn"}`, without settings or exit threshold."""
+    folder = tmp_path / "model"
+    text_model(tmp_path).save_pretrained(folder)
+    config = json.loads((folder / "jeidnn.json").read_text())
+    (folder / "jeidnn.json").write_text(
+        json.dumps({**config, "format_version": 1, "gates": {"type": "jeidnn"}})
+    )
+    message = refused(folder, "format version 1")
+    assert "re-export" in message
 
 
 # ---------------------------------------------------------------------- predict
@@ -342,47 +528,3 @@ def test_inconsistent_parts_are_refused():
         EarlyExitModel(backbone, heads, Gates(3), labels=["a", "b"])
     with pytest.raises(JeidnnError, match="last layer"):
         EarlyExitModel(backbone, ExitHeads([1, 2], backbone.hidden_size, NUM_CLASSES, "tanh"), Gates(2))
-
-
-@pytest.mark.parametrize("arch", TEXT_ARCHS)
-def test_single_row_batches(arch):
-    """Batch 1 takes the fast paths (nobody / everybody exits) of the dynamic loop."""
-    model = tiny_model(arch)
-    inputs = tiny_inputs(arch)
-    with torch.no_grad():
-        split_gate(model.gates.gates[0], model.forward_full(inputs).exit_logits[:, 0].softmax(-1).amax(-1))
-        full = model.forward_full(inputs)
-    assert len(set(full.exit_index.tolist())) > 1
-    for i in range(BATCH):
-        row = {k: v[i : i + 1, : int(inputs["attention_mask"][i].sum())] for k, v in inputs.items()}
-        one = model.forward_dynamic(row)
-        assert one.exit_index.item() == full.exit_index[i].item()
-        torch.testing.assert_close(one.probs[0], full.probs[i], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("arch", TEXT_ARCHS)
-def test_mean_pooling_and_linear_ims_dynamic_matches_full(arch, tmp_path):
-    # Mean pooling reads the padding mask, which must shrink with the rows that keep running.
-    torch.manual_seed(0)
-    backbone = Backbone.load(ModelConfig(random_config=TINY_CONFIGS[arch], pooling="mean")).eval()
-    heads = ExitHeads(
-        [1, 2, 3], backbone.hidden_size, NUM_CLASSES, backbone.spec.head_activation, im_head="linear"
-    )
-    with torch.no_grad():
-        for head in heads.heads:
-            head.net[-1].weight.mul_(5)
-    model = EarlyExitModel(backbone, heads, Gates(3), labels=["neg", "neu", "pos"]).eval()
-    inputs = tiny_inputs(arch)
-    with torch.no_grad():
-        pmax = model.forward_full(inputs).exit_logits.softmax(-1).amax(-1)  # (B, L)
-    split_gate(model.gates.gates[0], pmax[:, 0])
-    set_gate(model.gates.gates[1], bias=-20.0)
-    with torch.no_grad():
-        full = model.forward_full(inputs)
-    assert set(full.exit_index.tolist()) == {0, 2}
-    assert_same(model.forward_dynamic(inputs), full)
-    model.save_pretrained(tmp_path / "m")
-    loaded = EarlyExitModel.from_pretrained(tmp_path / "m")
-    assert loaded.backbone.pooling == "mean" and loaded.heads.im_head == "linear"
-    with torch.no_grad():
-        assert torch.equal(loaded.forward_dynamic(inputs).logits, model.forward_dynamic(inputs).logits)

@@ -12,7 +12,7 @@ from jeidnn.backbone import Backbone
 from jeidnn.config import ModelConfig
 from jeidnn.early_exit import EarlyExitModel
 from jeidnn.errors import JeidnnError
-from jeidnn.gates import Gates
+from jeidnn.gates import Gates, GateSettings
 from jeidnn.heads import ExitHeads
 from jeidnn.predict import predict_cli
 
@@ -32,12 +32,13 @@ def model_dir(tmp_path_factory):
     model = EarlyExitModel(
         backbone,
         heads,
-        Gates(3),
+        Gates(3, GateSettings("trajectory", "mlp", "conditional"), backbone.hidden_size),
         tiny_tokenizer(folder),
         LABELS,
         costs=[0.4, 0.7, 1.01],
         conformal_quantiles={"0.1": [0.5, 0.6, 0.7], "0.05": [0.9, 0.95, 1.0]},
         max_length=16,
+        exit_threshold=0.4,
     ).eval()
     split_on_texts(model, TEXTS)  # exit layers 1 and 3 both occur
     model.save_pretrained(folder / "model")

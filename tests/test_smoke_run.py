@@ -8,19 +8,30 @@ from pathlib import Path
 import pytest
 
 from jeidnn.cli import evaluate_main, main, train_main
+from jeidnn.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = [
-    "jeidnn",
+CFG = load_config(ROOT / "configs" / "smoke.yaml")
+# Each configured learned variant; a `native` one also as `<name>_tau` (its threshold chosen on calib).
+LEARNED = [
+    name
+    for v in CFG.jeidnn.variants
+    for name in ([v.name, f"{v.name}_tau"] if v.operating_point == "native" else [v.name])
+]
+BASELINES = [
     "threshold_maxprob",
     "threshold_entropy",
     "threshold_margin",
     "global_maxprob",
+    "threshold_search",
     "patience",
     "static",
     "oracle",
     "jeidnn_ims_threshold_maxprob",
 ]
+METHODS = [*LEARNED, *BASELINES]
+LAMBDAS = CFG.jeidnn.lambdas
+BUDGETS = CFG.eval.budgets
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +44,12 @@ def smoke_run(tmp_path_factory):
     return out / "smoke"
 
 
-def test_report_has_the_promised_schema(smoke_run):
-    report = json.loads((smoke_run / "report.json").read_text())
+@pytest.fixture(scope="module")
+def report(smoke_run):
+    return json.loads((smoke_run / "report.json").read_text())
+
+
+def test_report_has_the_promised_schema(report):
     assert {"name", "num_layers", "gflops_full"} <= set(report["backbone"])
     assert report["backbone"]["num_layers"] == 3
     ds = report["dataset"]
@@ -47,15 +62,82 @@ def test_report_has_the_promised_schema(smoke_run):
     assert all(0 <= a <= 1 for a in exits["test_accuracy"])
     assert set(report["timings_s"]) >= {"stage 0: fine-tune backbone + final head", "stage 1: IM warm-up"}
     assert set(report["methods"]) == set(METHODS)
-    jei = report["methods"]["jeidnn"]
-    assert jei["kind"] == "learned" and [pt["param"] for pt in jei["points"]] == [0.01, 0.5]
-    for pt in jei["points"]:
-        assert {"accuracy", "cost", "gflops", "exit_fractions", "ece", "conformal"} <= set(pt)
-        assert math.isclose(sum(pt["exit_fractions"]), 1.0, abs_tol=1e-6)
-        assert set(pt["conformal"]) == {"0.01", "0.05", "0.1"}
     assert report["methods"]["oracle"]["kind"] == "oracle"
-    assert set(report["summary"]) >= {"cost_range", "auc", "matched_cost"}
-    assert report["export"]["lambda"] in (0.01, 0.5)
+    assert set(report["summary"]) >= {"budgeted", "cost_range", "auc", "matched_cost"}
+
+
+def test_learned_methods(report, smoke_run):
+    assert "jeidnn_paper" in LEARNED and "jeidnn_paper_tau" in LEARNED and len(LEARNED) > 2
+    assert list(report["learned"]) == LEARNED
+    for name in LEARNED:
+        entry = report["learned"][name]
+        assert entry["extension"] == (name != "jeidnn_paper")
+        assert len(entry["costs"]) == 3 and entry["costs"] == sorted(entry["costs"])
+        assert [m["lambda"] for m in entry["models"]] == LAMBDAS
+        assert all((smoke_run / m["file"]).is_file() for m in entry["models"])
+        method = report["methods"][name]
+        assert method["kind"] == "learned"
+        assert sorted({pt["param"]["lambda"] for pt in method["points"]}) == LAMBDAS
+        for pt in method["points"]:
+            assert set(pt["param"]) == {"model", "lambda", "tau"}
+            assert {"accuracy", "cost", "gflops", "exit_fractions", "ece", "conformal"} <= set(pt)
+            assert math.isclose(sum(pt["exit_fractions"]), 1.0, abs_tol=1e-6)
+            assert set(pt["conformal"]) == {"0.01", "0.05", "0.1"}
+    # The paper's method plays its native rule; its `_tau` twin shares the models.
+    assert {pt["param"]["tau"] for pt in report["methods"]["jeidnn_paper"]["points"]} == {0.5}
+    assert report["learned"]["jeidnn_paper_tau"]["models"] == report["learned"]["jeidnn_paper"]["models"]
+    assert report["learned"]["jeidnn_paper_tau"]["operating_point"] == "calib_threshold"
+
+
+def test_budgeted_summary(report):
+    budgeted = report["summary"]["budgeted"]
+    assert budgeted["budgets"] == BUDGETS
+    rows = budgeted["rows"]
+    played = [m for m in METHODS if m != "oracle"]
+    assert sorted((r["budget"], r["method"]) for r in rows) == sorted((b, m) for b in BUDGETS for m in played)
+    chosen = [r for r in rows if r["accuracy"] is not None]
+    assert chosen, "no method met any budget"
+    for row in rows:
+        if row["accuracy"] is None:
+            assert row["reason"]  # why this method has no configuration within the budget
+            continue
+        assert row["calib_cost"] <= row["budget"] + 1e-9  # chosen on calib half A within the budget
+        assert 0 <= row["accuracy"] <= 1 and row["cost"] > 0
+        assert math.isclose(sum(row["exit_fractions"]), 1.0, abs_tol=1e-6)
+        if row["kind"] == "learned":
+            assert set(row["param"]) == {"model", "lambda", "tau"}
+
+
+def test_export(report, smoke_run):
+    export = report["export"]
+    assert export["method"] in LEARNED and export["lambda"] in LAMBDAS
+    assert export["calib_cost"] <= CFG.export.cost_budget
+    assert 0 < export["exit_threshold"] <= 1
+    assert len(export["test_exit_fractions"]) == 3
+    assert math.isclose(sum(export["test_exit_fractions"]), 1.0, abs_tol=1e-6)
+    saved = json.loads((smoke_run / "model" / "jeidnn.json").read_text())
+    assert saved["format_version"] == 2
+    gates = saved["gates"]
+    assert gates["type"] == "learned" and gates["exit_threshold"] == export["exit_threshold"]
+    settings = report["learned"][export["method"]]["settings"]
+    assert gates["settings"] == {k: settings[k] for k in gates["settings"]}
+    assert saved["costs"] == report["learned"][export["method"]]["costs"]
+
+
+def test_exported_model_takes_the_reported_exits_on_test(report, smoke_run):
+    """The saved model, fed the test texts, leaves where the report says its operating point leaves."""
+    from jeidnn import EarlyExitModel
+    from jeidnn.config import load_config
+    from jeidnn.data import load_raw, make_splits
+
+    cfg = load_config(smoke_run / "config.yaml")
+    raw = load_raw(cfg.data, "text")
+    test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"]
+    model = EarlyExitModel.from_pretrained(smoke_run / "model")
+    predictions = model.predict([raw.inputs[i] for i in test], alpha=None)
+    layers = [p.exit_layer for p in predictions]
+    fractions = [layers.count(layer) / len(layers) for layer in model.heads.layers]
+    assert fractions == pytest.approx(report["export"]["test_exit_fractions"], abs=1.5 / len(layers))
 
 
 def test_run_folder_contents(smoke_run):
@@ -63,9 +145,12 @@ def test_run_folder_contents(smoke_run):
         "config.yaml",
         "report.md",
         "model/jeidnn.json",
+        "model/exits.safetensors",
         "predictions/warmup.safetensors",
-        "predictions/jeidnn_0.safetensors",
+        "predictions/learned/jeidnn_paper/0.safetensors",
+        f"predictions/learned/{CFG.jeidnn.variants[-1].name}/1.safetensors",
         "checkpoints/warmup_heads.safetensors",
+        "checkpoints/learned/jeidnn_paper/1.safetensors",
     ):
         assert (smoke_run / name).is_file(), name
     assert list(smoke_run.glob("*.png")) or list(smoke_run.glob("plots/*.png"))
