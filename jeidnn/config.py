@@ -141,9 +141,10 @@ class GateVariant:
     positive_weight: Literal["exact", "cumulative", "none"] = "exact"
     """BCE positive-class weight: n_l = samples whose best exit is exactly l (paper code), samples with
     target 1 at gate l (cumulative), or no weighting."""
-    im_loss: Literal["weighted", "uniform"] = "weighted"
+    im_loss: Literal["weighted", "uniform", "frozen"] = "weighted"
     """IM phase: `weighted` = expected CE under π with a detached normaliser (paper); `uniform` = plain sum
-    of the per-exit CEs (what the authors' released code effectively trains)."""
+    of the per-exit CEs (what the authors' released code effectively trains); `frozen` = no IM phase, the
+    gates learn on the warm-up IMs (which the threshold baselines also use)."""
     operating_point: Literal["native", "calib_threshold"] = "native"
     """`native` = exit once the exit score reaches 0.5 (as trained); `calib_threshold` = the threshold on
     the exit score is also chosen on calib for each cost budget."""

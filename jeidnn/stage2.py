@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,7 @@ class Stage2Module(pl.LightningModule):
     def __init__(self, blocks: Sequence[VariantBlock], cfg: JeidnnConfig) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self._steps = 0
         self.blocks = nn.ModuleList(blocks)
         self.cfg = cfg
         self.history: list[list[dict[str, list[float]]]] = [
@@ -258,16 +260,30 @@ class Stage2Module(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         features, labels, final_logits = batch  # (B, L-1, H), (B,), (B, C)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        phase = alternation_phase(self.global_step, self.cfg.alternate_steps)
-        losses = [
-            (b.gate_phase_loss if phase == "gate" else b.im_phase_loss)(features, labels, final_logits)
+        # Own step count: Lightning's global_step counts optimizer steps, and a phase with every variant's
+        # IMs frozen takes none.
+        phase = alternation_phase(self._steps, self.cfg.alternate_steps)
+        self._steps += 1
+        losses: list[Tensor | None] = [
+            b.gate_phase_loss(features, labels, final_logits)
+            if phase == "gate"
+            else None
+            if b.variant.im_loss == "frozen"  # no IM phase: these gates learn on the warm-up IMs
+            else b.im_phase_loss(features, labels, final_logits)
             for b in self.blocks
         ]  # one (K_v,) per block
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(torch.cat(losses).sum())
-        optimizer.step()
+        trained = [loss for loss in losses if loss is not None]
+        if trained:
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(torch.cat(trained).sum())
+            optimizer.step()
         scheduler.step()
-        self._losses[phase].append([loss.detach() for loss in losses])
+        self._losses[phase].append(
+            [
+                loss.detach() if loss is not None else torch.full((b.num_models,), math.nan)
+                for loss, b in zip(losses, self.blocks)
+            ]
+        )
 
     def on_train_epoch_end(self) -> None:
         for phase in ("gate", "im"):
@@ -434,15 +450,22 @@ def train_models(
         log_every_n_steps=50,
         **{"accelerator": "cpu", "logger": False, "enable_progress_bar": False, **(trainer_kwargs or {})},
     )
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(
-            module,
-            _batches(train_rows, cfg.batch_size, torch.Generator().manual_seed(seed)),
-            _batches(val_rows, max(cfg.batch_size, 1024)),
-        )
+    threads = torch.get_num_threads()
+    on_cpu = trainer_kwargs is None or trainer_kwargs.get("accelerator", "cpu") == "cpu"
+    if on_cpu:
+        # Every tensor of a step is tiny: intra-op threads only add hand-offs, and on a busy machine their
+        # spin-waits made a step several times slower.
+        torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            trainer.fit(
+                module,
+                _batches(train_rows, cfg.batch_size, torch.Generator().manual_seed(seed)),
+                _batches(val_rows, max(cfg.batch_size, 1024)),
+            )
+    finally:
+        torch.set_num_threads(threads)
     module.cpu().eval()
     results = []
     for block, histories in zip(module.blocks, module.history):
