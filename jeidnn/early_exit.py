@@ -224,18 +224,23 @@ class EarlyExitModel(nn.Module):
         """Layer-skipping inference: each layer runs only on the rows that have not exited yet.
 
         Inference only (runs under ``torch.inference_mode``); call ``eval()`` first so dropout is off.
+        Each gated exit costs one host synchronisation (how many rows stop there); an exit where nobody
+        stops costs nothing else but the exit head and the gate on the running rows.
         """
         backbone, heads, gates = self.backbone, self.heads.heads, self.gates
         last = self.num_exits - 1
         hidden, mask = backbone.embed(dict(inputs))  # (B, T, H), mask (B, 1, T, T) or None
-        # Mean pooling needs the (B, T) padding mask of the rows still running.
+        # Mean pooling needs the (B, T) padding mask of the rows still running; cast once, not per exit.
         token_mask = inputs.get("attention_mask") if backbone.pooling == "mean" else None
+        if token_mask is not None:
+            token_mask = token_mask.to(hidden.dtype)
         batch = hidden.shape[0]
-        out_logits = hidden.new_empty(batch, self.num_classes)  # (B, C)
-        out_exit = torch.full((batch,), last, dtype=torch.long, device=hidden.device)  # (B,)
-        rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
         learned = isinstance(gates, Gates)
         state = gates.init_state(batch, device=hidden.device) if learned else None
+        tau = self.exit_threshold
+        rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
+        # (rows, logits (b, C), exit) of each group of samples that left, in the order they left.
+        left: list[tuple[Tensor | None, Tensor, int]] = []
         for i, k in enumerate(self._exit_after_layer):
             hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
             if k is None or (k < last and gates is None):
@@ -243,26 +248,25 @@ class EarlyExitModel(nn.Module):
             pooled = backbone.pool(hidden, token_mask)  # (b, H)
             logits = heads[k](pooled)  # (b, C)
             if k == last:  # everyone still running exits here
-                out_logits[rows if rows is not None else slice(None)] = logits
+                left.append((rows, logits, k))
                 break
             if learned:
                 score, state = gates.step(k, logits, pooled, state)  # (b,)
-                stop = score >= self.exit_threshold
+                stop = score >= tau
             else:
                 stop = gates.stops(k, logits)
-            n_stop = int(stop.sum())  # the one host sync per exit; everything else stays lazy
+            n_stop = int(stop.sum())  # the one host sync of this exit
             if n_stop == 0:
                 continue
-            running = hidden.shape[0]
+            running = stop.shape[0]
             if n_stop == running:
-                dest = rows if rows is not None else slice(None)
-                out_logits[dest], out_exit[dest] = logits, k
+                left.append((rows, logits, k))
                 break
-            idx = stop.nonzero().squeeze(1)  # (n_stop,)
-            dest = rows[idx] if rows is not None else idx
-            out_logits[dest], out_exit[dest] = logits[idx], k
-            keep = (~stop).nonzero().squeeze(1)  # (b - n_stop,)
-            # Only the per-sample tensors shrink: hidden states, the padding mask, the gate state.
+            # A stable sort puts the continuing rows first, in order, without a second sync (nonzero syncs).
+            order = torch.argsort(stop, stable=True)  # (b,)
+            keep, leave = order[: running - n_stop], order[running - n_stop :]
+            left.append((rows[leave] if rows is not None else leave, logits.index_select(0, leave), k))
+            # Only the per-sample tensors shrink: hidden states, the padding masks, the gate state.
             hidden = hidden.index_select(0, keep)
             mask = Backbone.select_rows(mask, keep)
             if token_mask is not None:
@@ -270,6 +274,13 @@ class EarlyExitModel(nn.Module):
             rows = rows[keep] if rows is not None else keep
             if state is not None:
                 state = state[keep]
+        if len(left) == 1:  # everyone left at the same exit: no scatter
+            _, logits, k = left[0]
+            return self._output(logits, torch.full((batch,), k, dtype=torch.long, device=logits.device))
+        out_logits = hidden.new_empty(batch, self.num_classes)  # (B, C)
+        out_exit = hidden.new_empty(batch, dtype=torch.long)  # (B,)
+        for dest, logits, k in left:
+            out_logits[dest], out_exit[dest] = logits, k
         return self._output(out_logits, out_exit)
 
     def _output(

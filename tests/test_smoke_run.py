@@ -212,3 +212,46 @@ def test_python_api_on_the_smoke_model(smoke_run):
     assert [p.label in ("negative", "neutral", "positive") for p in out] == [True, True]
     assert all(p.exit_layer in (1, 2, 3) and p.prediction_set is not None for p in out)
     assert out[0].cost == model.costs[model.heads.layers.index(out[0].exit_layer)]
+
+
+def run_speed_benchmark(args: list[str]) -> dict:
+    """benchmarks/speed.py (not a package module) on a few inputs; returns its speed.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_benchmark", ROOT / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    out = Path(args[args.index("--out") + 1])
+    assert speed.main([*args, "--batch-sizes", "1", "7", "--repeats", "1", "--threads", "1"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_speed_benchmark_at_another_operating_point(report, smoke_run, tmp_path):
+    """--method/--budget rebuilds the evaluation's choice from the stage-2 checkpoints: on the test split
+    the layer-skipping path leaves where report.json says that operating point leaves."""
+    row = next(r for r in report["summary"]["budgeted"]["rows"] if r["kind"] == "learned" and r["accuracy"])
+    out = tmp_path / "speed.json"
+    point = ["--method", row["method"], "--budget", str(row["budget"])]
+    result = run_speed_benchmark(["--run", str(smoke_run), *point, "--out", str(out)])
+    assert result["operating_point"]["method"] == row["method"]
+    assert result["operating_point"]["exit_threshold"] == row["param"]["tau"]
+    (timed,) = result["input_sets"]
+    assert "test split" in timed["inputs"]
+    for speed_row in timed["rows"]:
+        assert sum(speed_row["exit_counts"]) == 120  # the whole test split
+        assert speed_row["exit_fractions"] == pytest.approx(row["exit_fractions"], abs=1.5 / 120)
+        assert speed_row["ratio"] > 0
+
+
+def test_speed_benchmark_exit_threshold_and_other_inputs(smoke_run, tmp_path):
+    texts = tmp_path / "reviews.csv"
+    texts.write_text("id,review\n1,what a great day\n2,meh\n3,awful awful service\n")
+    out = tmp_path / "speed.json"
+    common = ["--inputs", str(texts), "--column", "review", "--out", str(out)]
+    result = run_speed_benchmark([str(smoke_run / "model"), "--exit-threshold", "inf", *common])
+    test_split, reviews = result["input_sets"]
+    assert "test split" in test_split["inputs"] and "review" in reviews["inputs"]
+    assert all(row["exit_counts"] == [0, 0, 3] for row in reviews["rows"])  # nobody reaches tau = inf
+    model = str(smoke_run / "model")
+    result = run_speed_benchmark([model, "--exit-threshold", "0", "--no-test-split", *common])
+    assert [s["rows"][0]["exit_counts"] for s in result["input_sets"]] == [[3, 0, 0]]  # every score >= 0
