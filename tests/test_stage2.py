@@ -178,3 +178,17 @@ def test_automatic_lambdas_add_rounds(data):
     lams = [m.lam for m in trained["jeidnn_paper"]]
     assert 0.3 in lams and len(lams) > 1 and lams == sorted(lams)
     assert len(lines) == 2 and "round 2" in lines[1]
+
+
+def test_frozen_ims_keep_the_warm_up_weights_and_the_phases_still_alternate(data):
+    (x, y), (vx, vy) = data
+    heads = warm_heads()
+    frozen = dataclasses.replace(TRAJECTORY, name="frozen", im_loss="frozen")
+    [models] = train_models(x, y, vx, vy, heads, [(frozen, COSTS, [0.01, 0.3])], config(), seed=0)
+    for model in models:
+        for a, b in zip(model.heads.parameters(), heads.parameters()):
+            assert torch.equal(a, b)
+        # gate phases ran in both epochs (steps 0-4, 10-14 of 13 per epoch), IM phases trained nothing
+        assert all(math.isfinite(v) for v in model.history["gate_loss"])
+        assert all(math.isnan(v) for v in model.history["im_loss"])
+    assert models[0].val_cost != models[1].val_cost
