@@ -88,26 +88,27 @@ def best_learned(report: dict) -> str | None:
     return max(learned, key=calib_mean) if learned else None
 
 
-def diagnostics(report: dict, run_dir: Path, method: str) -> dict:
-    """Ranking quality per gated exit on test: AUROC of p_max (warm-up IMs) and of the method's exit score
-    (its model chosen at budget 0.5) for "this exit's prediction is correct"."""
+def diagnostics(report: dict, run_dir: Path) -> dict:
+    """Ranking quality per gated exit on test: AUROC for "this exit's prediction is correct" of the warm-up
+    IM's max probability, and of each learned method's exit score (its model chosen at budget 0.5)."""
     warm = load_file(str(run_dir / "predictions" / "warmup.safetensors"))
     labels = warm["test_labels"]
     probs = warm["test_logits"].softmax(-1)
-    row = rows_by(report)[method].get(0.5) or {}
-    param = row.get("param") or {}
-    model = report["learned"][method]["models"][param.get("model", 0)]
-    learned = load_file(str(run_dir / model["file"]))
-    l_correct = learned["test_logits"].argmax(-1) == labels[:, None]
     w_correct = probs.argmax(-1) == labels[:, None]
-    out = {"model": param, "exits": []}
-    for exit_ in range(learned["test_scores"].shape[1]):
-        out["exits"].append(
-            {
-                "pmax_auroc": auroc(probs[:, exit_].amax(-1), w_correct[:, exit_]),
-                "score_auroc": auroc(learned["test_scores"][:, exit_], l_correct[:, exit_]),
-            }
-        )
+    num_gates = probs.shape[1] - 1
+    out = {"pmax": [auroc(probs[:, e].amax(-1), w_correct[:, e]) for e in range(num_gates)], "learned": {}}
+    by = rows_by(report)
+    for method, entry in (report.get("learned") or {}).items():
+        param = (by.get(method, {}).get(0.5) or {}).get("param") or {}
+        if "model" not in param:
+            continue
+        learned = load_file(str(run_dir / entry["models"][param["model"]]["file"]))
+        correct = learned["test_logits"].argmax(-1) == labels[:, None]
+        out["learned"][method] = {
+            "label": entry["label"],
+            "param": param,
+            "auroc": [auroc(learned["test_scores"][:, e], correct[:, e]) for e in range(num_gates)],
+        }
     oracle = report["methods"]["oracle"]["points"][0]
     out["oracle"] = {"accuracy": oracle["accuracy"], "cost": oracle["cost"]}
     return out
@@ -204,20 +205,21 @@ def task_section(task: str, report: dict, run_dir: Path) -> tuple[list[str], dic
                 f"- Conformal: largest |mean re-split miss − α| at these budgets: "
                 f"{100 * summary['worst_miss_gap']:.2f} points (goal ≤ 1)."
             )
-        diag = diagnostics(report, run_dir, chosen)
+        diag = diagnostics(report, run_dir)
         summary["diagnostics"] = diag
         lines += [
             "",
             f"Oracle (first correct exit, an upper bound): {pct(diag['oracle']['accuracy'])} % at cost "
-            f'{diag["oracle"]["cost"]:.2f}. Ranking of "this exit is correct" on test (AUROC), per gated '
-            "exit: the warm-up IM's max probability vs the learned method's exit score (its model at budget "
-            "0.5):",
+            f'{diag["oracle"]["cost"]:.2f}. How well each score ranks "this exit is correct" on test (AUROC '
+            "per gated exit): the warm-up IM's max probability, and each learned method's exit score (its "
+            "model chosen at budget 0.5, scored against its own IMs):",
             "",
-            "| exit | " + " | ".join(str(i + 1) for i in range(len(diag["exits"]))) + " |",
-            "|" + "---|" * (len(diag["exits"]) + 1),
-            "| p_max | " + " | ".join(f"{e['pmax_auroc']:.3f}" for e in diag["exits"]) + " |",
-            "| exit score | " + " | ".join(f"{e['score_auroc']:.3f}" for e in diag["exits"]) + " |",
+            "| score | " + " | ".join(f"exit {i + 1}" for i in range(len(diag["pmax"]))) + " |",
+            "|" + "---|" * (len(diag["pmax"]) + 1),
+            "| max probability (warm-up IMs) | " + " | ".join(f"{a:.3f}" for a in diag["pmax"]) + " |",
         ]
+        for entry in diag["learned"].values():
+            lines.append(f"| {entry['label']} | " + " | ".join(f"{a:.3f}" for a in entry["auroc"]) + " |")
     return lines + [""], summary
 
 
