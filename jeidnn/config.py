@@ -302,6 +302,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         f"config key `{key}` expects {_type_name(tp)} but got {value!r}; fix the YAML or the --{key} override"
     )
     if origin in (typing.Union, types.UnionType):
+        arms = [a for a in args if a is not type(None)]
+        if value is None and len(arms) < len(args):
+            return None
+        if len(arms) == 1:  # `X | None`: X's own error names the bad element
+            return _coerce(value, arms[0], key)
         for arg in args:
             try:
                 return _coerce(value, arg, key)

@@ -190,7 +190,7 @@ def exit_distribution(g: Tensor, rule: ExitRule) -> Tensor:
 
 def _conditional_exit(pi_l: Tensor, survival: Tensor) -> Tensor:
     """``a_l = clip(π_l / Π_{j<l}(1 - a_j), 0, 1)``; a zero survival (already exited) divides by 1 instead."""
-    safe = torch.where(survival > 0, survival, torch.ones_like(survival))
+    safe = torch.where(survival > 0, survival, 1.0)
     return (pi_l / safe).clamp(0, 1)
 
 
@@ -326,10 +326,13 @@ class StackedGates(nn.Module):
         compute every gate with the same operations.
         """
         # The small gate layers as products and sums rather than matmuls, whose rounding may depend on the
-        # number of rows: the layer-skipping path scores fewer rows and should reproduce these values.
-        x = (x - self.input_mean[index]) / self.input_std[index]
+        # number of rows: the layer-skipping path scores fewer rows and should reproduce these values. The
+        # hidden projection (H inputs) stays a matmul for speed; its scores may differ in the last bit.
+        standardize = self.settings.standardize
+        if standardize:
+            x = (x - self.input_mean[index]) / self.input_std[index]
         if self.settings.inputs == "hidden":
-            h = (hidden - self.hidden_mean[index]) / self.hidden_std[index]  # (K, N, H)
+            h = (hidden - self.hidden_mean[index]) / self.hidden_std[index] if standardize else hidden
             x = torch.cat([x, torch.bmm(h, self.proj[:, index])], dim=-1)  # (K, N, F)
         if self.settings.arch == "mlp":
             x = (x[..., None] * self.w1[:, index, None]).sum(-2) + self.b1[:, index, None]  # (K, N, width)
@@ -376,10 +379,13 @@ class StackedGates(nn.Module):
     def init_state(self, batch: int, device: torch.device | str | None = None) -> GateState:
         """State of ``batch`` samples before the first exit."""
         g = self.num_exits - 1
+        z = torch.zeros(batch, device=device)
         return GateState(
-            conf=torch.zeros(batch, g, NUM_CONFIDENCE_FEATURES, device=device),
-            preds=torch.zeros(batch, g, dtype=torch.long, device=device),
-            rule=RuleState(torch.zeros(batch, device=device), torch.ones(batch, device=device)),
+            conf=torch.zeros(batch, g * NUM_CONFIDENCE_FEATURES, device=device),
+            agree=z,
+            pred=torch.zeros(batch, dtype=torch.long, device=device),
+            p_max=z[:, None],
+            rule=RuleState(z, torch.ones(batch, device=device)),
         )
 
     def step(
@@ -397,9 +403,21 @@ class StackedGates(nn.Module):
             ``(B,)`` scores, equal to ``scores(...)[:, index]`` of the full forward, and the new state.
         """
         probs = exit_logits.float().softmax(dim=-1)  # (B, C)
-        state.conf[:, index] = confidence_features(probs)
-        state.preds[:, index] = probs.argmax(dim=-1)
-        x = exit_inputs(index, state.conf, state.preds, self.settings.inputs, self.num_exits - 1)
+        if self.settings.inputs == "confidence":  # no trajectory to keep
+            x = confidence_features(probs)
+        else:
+            own = confidence_features(probs)
+            pred = probs.argmax(dim=-1)
+            g = self.num_exits - 1
+            f = NUM_CONFIDENCE_FEATURES
+            if index > 0:
+                agree = torch.where(pred == state.pred, state.agree + 1, 0.0)
+                delta = own[:, :1] - state.p_max
+            else:
+                agree, delta = state.agree, own[:, :1] * 0
+            x = torch.cat([own, state.conf[:, : f * (g - 1)], (agree / g)[:, None], delta], dim=-1)
+            state.conf[:, f * index : f * index + f] = own
+            state.agree, state.pred, state.p_max = agree, pred, own[:, :1]
         h = hidden.float()[None] if self.settings.inputs == "hidden" else None
         g = torch.sigmoid(self._net(x[None], h, index)[0])  # (B,)
         if self.settings.exit_rule == "conditional":
@@ -422,16 +440,18 @@ class StackedGates(nn.Module):
 
 @dataclass
 class GateState:
-    """Per-sample state of layer-by-layer gating: the confidence features ``(B, L-1, 4)`` and argmax
-    ``(B, L-1)`` of the exits seen so far, and the paper rule's state."""
+    """Per-sample state of layer-by-layer gating: the confidence features of the exits seen so far, the
+    running agreement count, the last argmax and max probability, and the paper rule's state."""
 
-    conf: Tensor
-    preds: Tensor
+    conf: Tensor  # (B, 4 (L-1)): exits seen so far, zeros after
+    agree: Tensor  # (B,)
+    pred: Tensor  # (B,)
+    p_max: Tensor  # (B, 1)
     rule: RuleState
 
     def __getitem__(self, idx: Tensor) -> GateState:
         """Keep the rows ``idx`` (the samples that continue)."""
-        return GateState(self.conf[idx], self.preds[idx], self.rule[idx])
+        return GateState(self.conf[idx], self.agree[idx], self.pred[idx], self.p_max[idx], self.rule[idx])
 
 
 class Gates(StackedGates):

@@ -55,7 +55,7 @@ def test_override_forms():
         ({"jeidnn": {"variants": [{"nme": "x"}]}}, "`jeidnn.variants[0].nme`"),
         ({"jeidnn": {"variants": []}}, "jeidnn.variants"),
         ({"jeidnn": {"variants": [{"name": "a"}, {"name": "a"}]}}, "'a' must be unique"),
-        ({"jeidnn": {"lambdas": [0.1, "x"]}}, "jeidnn.lambdas"),
+        ({"jeidnn": {"lambdas": [0.1, "x"]}}, "`jeidnn.lambdas[1]`"),
         ({"jeidnn": {"lambdas": []}}, "jeidnn.lambdas"),
         ({"export": {"method": "nope"}}, "export.method 'nope'"),
         ({"export": {"cost_budget": 0}}, "export.cost_budget"),
