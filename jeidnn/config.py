@@ -145,6 +145,10 @@ class GateVariant:
     """IM phase: `weighted` = expected CE under π with a detached normaliser (paper); `uniform` = plain sum
     of the per-exit CEs (what the authors' released code effectively trains); `frozen` = no IM phase, the
     gates learn on the warm-up IMs (which the threshold baselines also use)."""
+    gate_data: Literal["train", "val"] = "train"
+    """Data the gates learn on: `train` (paper), or `val` (needs `im_loss: frozen`): the IMs were fitted
+    on train, so there their outputs are more confident and more often right than on unseen data; on val
+    the gates see the IM outputs they will meet at inference. Val then also reports the training fit."""
     operating_point: Literal["native", "calib_threshold"] = "native"
     """`native` = exit once the exit score reaches 0.5 (as trained); `calib_threshold` = the threshold on
     the exit score is also chosen on calib for each cost budget."""
@@ -485,6 +489,10 @@ def validate(cfg: RunConfig) -> None:
     for v in j.variants:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", v.name) or names.count(v.name) > 1:
             raise JeidnnError(f"jeidnn.variants: name {v.name!r} must be unique, of letters, digits and `_`")
+        if v.gate_data == "val" and v.im_loss != "frozen":
+            raise JeidnnError(
+                f"jeidnn.variants[{v.name}]: gate_data val needs im_loss frozen (the IMs train on train only)"
+            )
         if v.width < 1 or v.projection < 1:
             raise JeidnnError(f"jeidnn.variants[{v.name}]: width and projection must be positive integers")
     if cfg.export.method is not None and cfg.export.method not in names:

@@ -535,12 +535,18 @@ def fit_stage2(
             break
         count = sum(len(lams) for _, _, lams in plan)
         log(f"[jeidnn] stage 2, round {round_ + 1}: {count} models side by side ({len(plan)} variants)")
-        results = train_models(
-            train_features, train_labels, val_features, val_labels, heads, plan, cfg,
-            seed=seed + round_, trainer_kwargs=trainer_kwargs,
-        )  # fmt: skip
-        for (variant, _, _), models in zip(plan, results):
-            trained[variant.name].extend(models)
+        # Gates that learn on val (IMs frozen) train in their own fit, with val as their training data.
+        for source in ("train", "val"):
+            part = [entry for entry in plan if entry[0].gate_data == source]
+            if not part:
+                continue
+            fit_x, fit_y = (train_features, train_labels) if source == "train" else (val_features, val_labels)
+            results = train_models(
+                fit_x, fit_y, val_features, val_labels, heads, part, cfg,
+                seed=seed + round_, trainer_kwargs=trainer_kwargs,
+            )  # fmt: skip
+            for (variant, _, _), models in zip(part, results):
+                trained[variant.name].extend(models)
         todo = {
             v.name: [
                 lam

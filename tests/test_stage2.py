@@ -192,3 +192,19 @@ def test_frozen_ims_keep_the_warm_up_weights_and_the_phases_still_alternate(data
         assert all(math.isfinite(v) for v in model.history["gate_loss"])
         assert all(math.isnan(v) for v in model.history["im_loss"])
     assert models[0].val_cost != models[1].val_cost
+
+
+def test_gates_can_learn_on_val_with_frozen_ims(data):
+    (x, y), (vx, vy) = data
+    on_val = dataclasses.replace(TRAJECTORY, name="on_val", im_loss="frozen", gate_data="val")
+    cfg = config(variants=[PAPER, on_val], lambdas=[0.05])
+    trained = fit_stage2(x, y, vx, vy, warm_heads(), {"jeidnn_paper": COSTS, "on_val": COSTS}, cfg)
+    [model] = trained["on_val"]
+    for a, b in zip(model.heads.parameters(), warm_heads().parameters()):
+        assert torch.equal(a, b)
+    assert all(math.isfinite(v) for v in model.history["gate_loss"])  # its gates trained, in their own fit
+    assert len(trained["jeidnn_paper"]) == 1
+    with pytest.raises(Exception, match="gate_data val needs im_loss frozen"):
+        from jeidnn.config import config_from_dict
+
+        config_from_dict({"jeidnn": {"variants": [{"name": "v", "gate_data": "val"}]}})
