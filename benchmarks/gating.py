@@ -234,25 +234,13 @@ def plot(reports: dict[str, dict], path: Path) -> None:
             xs = [b for b, _ in pts]
             ys = [100 * r["accuracy"] for _, r in pts]
             label = next(iter(by[m].values()))["label"]
-            if by[m][pts[0][0]]["kind"] == "learned" if pts else False:
-                lo = [
-                    100
-                    * (
-                        r["accuracy"]
-                        - r["delta_vs_best_baseline"]["mean"]
-                        + r["delta_vs_best_baseline"]["ci_low"]
-                    )
-                    for _, r in pts
-                ]
-                hi = [
-                    100
-                    * (
-                        r["accuracy"]
-                        - r["delta_vs_best_baseline"]["mean"]
-                        + r["delta_vs_best_baseline"]["ci_high"]
-                    )
-                    for _, r in pts
-                ]
+            if pts and by[m][pts[0][0]]["kind"] == "learned":
+                # The interval of Δ shifted onto the method's accuracy: accuracy - Δ + bound.
+                deltas = [r["delta_vs_best_baseline"] for _, r in pts]
+                lo, hi = (
+                    [100 * (r["accuracy"] - d["mean"] + d[k]) for (_, r), d in zip(pts, deltas)]
+                    for k in ("ci_low", "ci_high")
+                )
                 ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
                             marker="o", capsize=3, label=label)  # fmt: skip
             else:
