@@ -157,27 +157,19 @@ class GateVariant:
 
 
 def _default_variants() -> list[GateVariant]:
-    return [
-        GateVariant(),
-        GateVariant(
-            name="gate_confidence_expected",
-            standardize=True,
-            objective="expected",
-            exit_rule="conditional",
-            operating_point="calib_threshold",
-            extension=True,
-        ),
-        GateVariant(
-            name="gate_trajectory_expected",
-            inputs="trajectory",
-            arch="mlp",
-            standardize=True,
-            objective="expected",
-            exit_rule="conditional",
-            operating_point="calib_threshold",
-            extension=True,
-        ),
-    ]
+    # The two extensions differ only in what the gate reads and its network.
+    confidence = GateVariant(
+        name="gate_confidence_expected",
+        standardize=True,
+        objective="expected",
+        exit_rule="conditional",
+        operating_point="calib_threshold",
+        extension=True,
+    )
+    trajectory = dataclasses.replace(
+        confidence, name="gate_trajectory_expected", inputs="trajectory", arch="mlp"
+    )
+    return [GateVariant(), confidence, trajectory]
 
 
 @dataclass

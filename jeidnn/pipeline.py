@@ -393,7 +393,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
             report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions)
         if trained:
             with timer.stage("export model"):
-                report["export"] = export_model(p, report, trained, cache, run_dir, predictions)
+                report["export"] = export_model(p, report, trained, run_dir, predictions)
         report["timings_s"] = dict(timer.timings)
         write_json_atomic(report_path, report)
     except BaseException:
@@ -404,20 +404,15 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
 
 
 def export_model(
-    p: Prepared,
-    report: dict,
-    trained: dict[str, list],
-    cache: dict[str, FeatureSplit],
-    run_dir: Path,
-    predictions: dict[str, dict] | None = None,
+    p: Prepared, report: dict, trained: dict[str, list], run_dir: Path, predictions: dict[str, dict]
 ) -> dict:
     """Write the chosen learned operating point to `runs/<name>/model/` with its conformal quantiles.
 
     The operating point (method, λ, exit threshold) is the most accurate on calib half A whose calib-A cost
     is within `export.cost_budget` (or the given `export.method`'s best there); quantiles are fitted on calib
-    half B, as in the evaluation.
+    half B, as in the evaluation. `predictions` holds every learned model's predictions, keyed by file.
     """
-    from jeidnn.budgeted import choose_learned, split_calib
+    from jeidnn.budgeted import choose_learned, learned_test_exit_fractions, split_calib
     from jeidnn.conformal import fit_conformal, group_exits
     from jeidnn.early_exit import EarlyExitModel
     from jeidnn.gates import score_exits
@@ -442,25 +437,21 @@ def export_model(
     model = trained[variant_name][choice["model_index"]]
     tau = float(choice["tau"])
 
-    def exits_of(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        features = cache[split].features
-        with torch.no_grad():
-            logits = model.heads(features)
-            exits = score_exits(model.gates.scores(logits, features[:, :-1]), tau)
-        return logits[torch.arange(len(exits)), exits].softmax(-1), exits
-
-    probs, exits = exits_of("calib")
+    calib = predictions[choice["file"]]  # this model's logits and exit scores, already computed
+    exits = score_exits(calib["calib_scores"], tau)  # (N,)
+    probs = calib["calib_logits"][torch.arange(len(exits)), exits].softmax(-1)  # (N, C) at the exit taken
     # As in the evaluation: exit groups from calib-A counts, quantiles on calib half B.
     halves = split_calib(len(exits), cfg.seed)
     num_exits = p.heads.num_exits
     groups = group_exits(torch.bincount(exits[halves.a], minlength=num_exits), cfg.eval.conformal_min_samples)
+    labels_b, b = calib["calib_labels"][halves.b], halves.b
     quantiles = {}
     for alpha in sorted(set(cfg.eval.alphas) | {cfg.export.alpha}):
-        b = halves.b
-        fitted = fit_conformal(probs[b], cache["calib"].labels[b], exits[b], num_exits, alpha, groups=groups)
+        fitted = fit_conformal(probs[b], labels_b, exits[b], num_exits, alpha, groups=groups)
         quantiles[str(alpha)] = fitted.quantiles.tolist()
-    _, test_exits = exits_of("test")
-    test_fractions = torch.bincount(test_exits, minlength=p.heads.num_exits).double() / len(test_exits)
+    test_fractions = learned_test_exit_fractions(
+        report, run_dir, name, choice["model_index"], tau, tensors=predictions
+    )
     reason = f"most accurate learned operating point on calib half A with calib cost <= {budget}"
     exported = EarlyExitModel(
         p.backbone,
@@ -494,6 +485,6 @@ def export_model(
         "calib_cost": choice["calib_cost"],
         "calib_accuracy": choice["calib_accuracy"],
         "chosen_by": reason,
-        "test_exit_fractions": test_fractions.tolist(),
+        "test_exit_fractions": test_fractions,
         "conformal_groups": groups,
     }

@@ -378,10 +378,11 @@ class TrainedModel:
         return self.history["val_accuracy"][-1] if self.history.get("val_accuracy") else math.nan
 
 
-def _final_logits(heads: nn.Module, features: Tensor) -> Tensor:
-    final = copy.deepcopy(heads.heads[-1]).eval()
+def _eval_logits(module: nn.Module, inputs: Tensor) -> Tensor:
+    """``module(inputs)`` in eval mode, 4096 rows at a time (``module`` is copied, its mode untouched)."""
+    module = copy.deepcopy(module).eval()
     with torch.no_grad():
-        return torch.cat([final(chunk) for chunk in features[:, -1].split(4096)])
+        return torch.cat([module(chunk) for chunk in inputs.split(4096)])
 
 
 def train_models(
@@ -424,15 +425,17 @@ def train_models(
         # Each variant's gates drawn from its own stream: adding a variant never changes another's start.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(variant.name.encode()))
         block = VariantBlock(variant, heads, hidden_size, costs, lambdas, generator)
-        with torch.no_grad():
-            im_logits = block.ims.eval()(train_features[:, :-1])[0]  # (N, L-1, C): the warm-up IMs
+        with torch.no_grad():  # the warm-up IMs' outputs (every model starts from them) set the statistics
+            im_logits = block.ims.eval()(train_features[:, :-1])[0]  # (N, L-1, C)
         block.ims.train()
         block.gates.set_statistics(im_logits, train_features[:, :-1])
         blocks.append(block)
     module = Stage2Module(blocks, cfg)
 
-    train_rows = _CachedRows(train_features, train_labels, _final_logits(heads, train_features))
-    val_rows = _CachedRows(val_features, val_labels, _final_logits(heads, val_features))
+    train_rows = _CachedRows(
+        train_features, train_labels, _eval_logits(heads.heads[-1], train_features[:, -1])
+    )
+    val_rows = _CachedRows(val_features, val_labels, _eval_logits(heads.heads[-1], val_features[:, -1]))
     with torch.no_grad():  # initial BCE weights from the warm-up IMs on val
         batch = val_rows[list(range(len(val_rows)))]
         for block in blocks:
