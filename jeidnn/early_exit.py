@@ -29,13 +29,20 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from jeidnn.backbone import Backbone
-from jeidnn.baselines import ConfidenceMeasure, apply_thresholds, confidence
+from jeidnn.baselines import ConfidenceMeasure, apply_thresholds, confidence, patience_exits, static_exits
 from jeidnn.errors import JeidnnError, first_line
 from jeidnn.gates import DEFAULT_TAU, Gates, GateSettings, score_exits
 from jeidnn.heads import ExitHeads
 from jeidnn.predict import Prediction, make_batches, to_predictions
 
-__all__ = ["EarlyExitModel", "EarlyExitOutput", "Prediction", "ThresholdGates"]
+__all__ = [
+    "EarlyExitModel",
+    "EarlyExitOutput",
+    "PatienceGates",
+    "Prediction",
+    "StaticGates",
+    "ThresholdGates",
+]
 
 FORMAT_VERSION = 2
 """Version of the folder layout written by :meth:`EarlyExitModel.save_pretrained`."""
@@ -60,14 +67,15 @@ def _no_progress_bars() -> Iterator[None]:
 class ThresholdGates(nn.Module):
     """Threshold gating baseline: exit at the first exit whose confidence reaches its threshold.
 
+    One threshold repeated at every exit is the global-threshold (DeeBERT-style) baseline.
+
     Args:
         thresholds: one threshold per intermediate exit, shape ``(L-1,)``.
         measure: ``maxprob``, ``entropy`` (negative entropy as confidence) or ``margin``.
 
     Example:
         >>> gates = ThresholdGates([0.9, 0.8], measure="maxprob")
-        >>> conf = gates(torch.randn(4, 3, 5))  # per-exit logits (N, L, C) -> confidences (N, L)
-        >>> gates.exit_decision(conf).shape
+        >>> gates.exits(torch.randn(4, 3, 5)).shape  # per-exit logits (N, L, C) -> 0-based exits (N,)
         torch.Size([4])
     """
 
@@ -76,7 +84,7 @@ class ThresholdGates(nn.Module):
         if measure not in MEASURES:
             raise JeidnnError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
         self.measure: ConfidenceMeasure = measure
-        # Not persistent: the thresholds live in jeidnn.json, readable by a person.
+        # Not persistent: the thresholds live in the model's config, readable by a person.
         self.register_buffer(
             "thresholds", torch.as_tensor(thresholds, dtype=torch.float32).flatten(), persistent=False
         )
@@ -89,13 +97,109 @@ class ThresholdGates(nn.Module):
         """Per-exit logits ``(N, L, C)`` -> confidence at every exit ``(N, L)``."""
         return confidence(logits.softmax(dim=-1), self.measure)
 
-    def exit_decision(self, conf: Tensor) -> Tensor:
-        """Confidences ``(N, L)`` -> ``(N,)`` 0-based exit: the first at or above its threshold, else L-1."""
-        return apply_thresholds(conf, self.thresholds)
+    def exits(self, exit_logits: Tensor) -> Tensor:
+        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exit: the first at or above its threshold."""
+        return apply_thresholds(self(exit_logits), self.thresholds)
 
-    def stops(self, index: int, exit_logits: Tensor) -> Tensor:
+    def reads_exit(self, index: int) -> bool:
+        return True
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> None:
+        return None
+
+    def step(self, index: int, exit_logits: Tensor, state: None) -> tuple[Tensor, None]:
         """Whether each running sample exits at intermediate exit ``index``: ``(B, C)`` -> ``(B,)`` bool."""
-        return confidence(exit_logits.softmax(dim=-1), self.measure) >= self.thresholds[index]
+        return confidence(exit_logits.softmax(dim=-1), self.measure) >= self.thresholds[index], None
+
+
+@dataclass
+class PatienceState:
+    """Per-sample state of :class:`PatienceGates` between exits."""
+
+    run: Tensor  # (B,) long: consecutive exits so far whose argmax equals their predecessor's
+    pred: Tensor  # (B,) long: argmax at the last exit seen
+
+    def __getitem__(self, idx: Tensor) -> PatienceState:
+        return PatienceState(self.run[idx], self.pred[idx])
+
+
+def _predictions(exit_logits: Tensor) -> Tensor:
+    """Argmax of the softmax, as the evaluation takes it (float32 softmax ties resolve the same way)."""
+    return exit_logits.float().softmax(dim=-1).argmax(dim=-1)
+
+
+class PatienceGates(nn.Module):
+    """PABEE: exit once the argmax has stayed the same for ``patience`` consecutive exits.
+
+    The rule of :func:`jeidnn.baselines.patience_exits`: a sample leaves at the first exit ``l`` whose
+    prediction equals those of exits ``l - 1 .. l - patience``; ``patience = 0`` leaves at the first exit.
+
+    Args:
+        patience: ``t >= 0``.
+
+    Example:
+        >>> PatienceGates(1).exits(torch.tensor([[[0.0, 1.0], [0.0, 2.0], [3.0, 0.0]]])).tolist()
+        [1]
+    """
+
+    def __init__(self, patience: int) -> None:
+        super().__init__()
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise JeidnnError(f"patience must be a non-negative integer, got {patience!r}")
+        self.patience = patience
+
+    def exits(self, exit_logits: Tensor) -> Tensor:
+        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exits."""
+        # The evaluation's own function (it works on the CPU): the reference path is the baseline's rule.
+        return patience_exits(_predictions(exit_logits).cpu(), self.patience).to(exit_logits.device)
+
+    def reads_exit(self, index: int) -> bool:
+        return True
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> PatienceState:
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        return PatienceState(zeros, zeros)
+
+    def step(self, index: int, exit_logits: Tensor, state: PatienceState) -> tuple[Tensor, PatienceState]:
+        """Whether each running sample exits at exit ``index`` ``(B,)`` bool, and the state after it."""
+        pred = _predictions(exit_logits)  # (B,)
+        run = torch.where(pred == state.pred, state.run + 1, 0) if index > 0 else state.run
+        return run >= self.patience, PatienceState(run, pred)
+
+
+class StaticGates(nn.Module):
+    """Static depth (layer pruning): every sample exits at the 0-based exit ``exit_index``.
+
+    The layer-skipping path never runs the layers after that exit, nor the exit heads before it.
+
+    Example:
+        >>> StaticGates(1).exits(torch.randn(4, 3, 5)).tolist()
+        [1, 1, 1, 1]
+    """
+
+    def __init__(self, exit_index: int) -> None:
+        super().__init__()
+        if isinstance(exit_index, bool) or not isinstance(exit_index, int) or exit_index < 0:
+            raise JeidnnError(f"the static exit index must be a non-negative integer, got {exit_index!r}")
+        self.exit_index = exit_index
+
+    def exits(self, exit_logits: Tensor) -> Tensor:
+        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exits, all ``exit_index``."""
+        return static_exits(exit_logits.shape[0], self.exit_index).to(exit_logits.device)
+
+    def reads_exit(self, index: int) -> bool:
+        return index == self.exit_index
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> None:
+        return None
+
+    def step(self, index: int, exit_logits: Tensor, state: None) -> tuple[Tensor, None]:
+        stop = index == self.exit_index
+        return torch.full((exit_logits.shape[0],), stop, dtype=torch.bool, device=exit_logits.device), None
+
+
+RuleGates = ThresholdGates | PatienceGates | StaticGates
+"""Gates without parameters: an exit rule on the exits' logits (the baselines of docs/evaluation.md)."""
 
 
 @dataclass
@@ -127,7 +231,8 @@ class EarlyExitModel(nn.Module):
     Args:
         backbone: the encoder.
         heads: one classifier per exit; ``heads.layers[-1]`` must be the backbone's last layer.
-        gates: learned :class:`~jeidnn.gates.Gates`, :class:`ThresholdGates`, or None (always the last exit).
+        gates: learned :class:`~jeidnn.gates.Gates`, a rule (:class:`ThresholdGates`, :class:`PatienceGates`,
+            :class:`StaticGates`), or None (always the last exit).
         exit_threshold: learned gates: a sample exits at the first exit whose score reaches it (0.5 = the
             rule the gates were trained for; a budgeted export may pick another on calib).
         preprocessor: tokenizer (text) or image processor (images); None for tensor inputs only.
@@ -149,7 +254,7 @@ class EarlyExitModel(nn.Module):
         self,
         backbone: Backbone,
         heads: ExitHeads,
-        gates: Gates | ThresholdGates | None,
+        gates: Gates | RuleGates | None,
         preprocessor: Any = None,
         labels: Sequence[str] | None = None,
         costs: Sequence[float] | None = None,
@@ -164,8 +269,13 @@ class EarlyExitModel(nn.Module):
             raise JeidnnError(
                 f"exit layers {heads.layers} must ascend within 1..{num_layers} and end at the last layer"
             )
-        if gates is not None and gates.num_exits != num_exits:
+        if isinstance(gates, (Gates, ThresholdGates)) and gates.num_exits != num_exits:
             raise JeidnnError(f"the gates expect {gates.num_exits} exits but the heads have {num_exits}")
+        if isinstance(gates, StaticGates) and gates.exit_index >= num_exits:
+            raise JeidnnError(
+                f"static exit index {gates.exit_index} is out of range for a model with {num_exits} exits "
+                f"(0-based, at most {num_exits - 1})"
+            )
         labels = [str(i) for i in range(heads.num_classes)] if labels is None else [str(x) for x in labels]
         if len(labels) != heads.num_classes:
             raise JeidnnError(f"{len(labels)} labels {labels} for a model with {heads.num_classes} classes")
@@ -212,8 +322,8 @@ class EarlyExitModel(nn.Module):
         if isinstance(self.gates, Gates):
             gate_scores = self.gates.scores(exit_logits, features)  # (B, L-1)
             exit_index = score_exits(gate_scores, self.exit_threshold)
-        elif isinstance(self.gates, ThresholdGates):
-            exit_index = self.gates.exit_decision(self.gates(exit_logits))
+        elif self.gates is not None:
+            exit_index = self.gates.exits(exit_logits)
         else:
             exit_index = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=exit_logits.device)
         logits = exit_logits[torch.arange(batch, device=exit_logits.device), exit_index]  # (B, C)
@@ -236,14 +346,14 @@ class EarlyExitModel(nn.Module):
             token_mask = token_mask.to(hidden.dtype)
         batch = hidden.shape[0]
         learned = isinstance(gates, Gates)
-        state = gates.init_state(batch, device=hidden.device) if learned else None
+        state = gates.init_state(batch, device=hidden.device) if gates is not None else None
         tau = self.exit_threshold
         rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
         # (rows, logits (b, C), exit) of each group of samples that left, in the order they left.
         left: list[tuple[Tensor | None, Tensor, int]] = []
         for i, k in enumerate(self._exit_after_layer):
             hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
-            if k is None or (k < last and gates is None):
+            if k is None or (k < last and (gates is None or not (learned or gates.reads_exit(k)))):
                 continue
             pooled = backbone.pool(hidden, token_mask)  # (b, H)
             logits = heads[k](pooled)  # (b, C)
@@ -254,7 +364,7 @@ class EarlyExitModel(nn.Module):
                 score, state = gates.step(k, logits, pooled, state)  # (b,)
                 stop = score >= tau
             else:
-                stop = gates.stops(k, logits)
+                stop, state = gates.step(k, logits, state)
             n_stop = int(stop.sum())  # the one host sync of this exit
             if n_stop == 0:
                 continue
@@ -373,6 +483,10 @@ class EarlyExitModel(nn.Module):
                 "measure": self.gates.measure,
                 "thresholds": self.gates.thresholds.tolist(),
             }
+        elif isinstance(self.gates, PatienceGates):
+            gates = {"type": "patience", "patience": self.gates.patience}
+        elif isinstance(self.gates, StaticGates):
+            gates = {"type": "static", "exit_index": self.gates.exit_index}
         config = {
             "format_version": FORMAT_VERSION,
             "arch": self.backbone.arch,
@@ -439,13 +553,17 @@ class EarlyExitModel(nn.Module):
             im_head=config["im_head"],
         )
         gate_cfg = config["gates"]
-        gates: Gates | ThresholdGates | None = None
+        gates: Gates | RuleGates | None = None
         threshold = DEFAULT_TAU
         if gate_cfg["type"] == "learned":
             gates = Gates(len(heads.layers), GateSettings(**gate_cfg["settings"]), gate_cfg["hidden_size"])
             threshold = float(gate_cfg["exit_threshold"])
         elif gate_cfg["type"] == "threshold":
             gates = ThresholdGates(gate_cfg["thresholds"], gate_cfg["measure"])
+        elif gate_cfg["type"] == "patience":
+            gates = PatienceGates(gate_cfg["patience"])
+        elif gate_cfg["type"] == "static":
+            gates = StaticGates(gate_cfg["exit_index"])
         elif gate_cfg["type"] != "none":
             raise JeidnnError(f"{folder / 'jeidnn.json'}: unknown gate type {gate_cfg['type']!r}")
         state = load_file(str(folder / "exits.safetensors"))

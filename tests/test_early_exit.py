@@ -1,5 +1,6 @@
 """The layer-skipping forward against the full forward, on every architecture and gate kind; save / load."""
 
+import copy
 import functools
 import json
 import string
@@ -9,9 +10,9 @@ import torch
 from tiny_models import TEXT_ARCHS, TINY_CONFIGS, VISION_ARCHS
 
 from jeidnn.backbone import Backbone
-from jeidnn.baselines import confidence
+from jeidnn.baselines import confidence, patience_exits, static_exits
 from jeidnn.config import ModelConfig
-from jeidnn.early_exit import EarlyExitModel, ThresholdGates
+from jeidnn.early_exit import EarlyExitModel, PatienceGates, StaticGates, ThresholdGates
 from jeidnn.errors import JeidnnError
 from jeidnn.gates import Gates, GateSettings, score_exits
 from jeidnn.heads import ExitHeads
@@ -270,6 +271,80 @@ def test_dynamic_matches_full_threshold_gates(arch, scenario, measure):
     assert set(full.exit_index.tolist()) == expected
     assert full.gate_scores is None
     assert_same(model.forward_dynamic(inputs), full)
+
+
+def test_patience_and_static_gates_follow_the_baselines_on_random_logits():
+    """The gates' exits are the evaluation's (baselines.py) on logits with many argmax agreements."""
+    generator = torch.Generator().manual_seed(3)
+    exit_logits = torch.randn(200, 5, 2, generator=generator) * 3  # 2 classes: long agreeing runs are common
+    preds = exit_logits.softmax(-1).argmax(-1)  # (N, L)
+    for patience in range(6):
+        exits = PatienceGates(patience).exits(exit_logits)
+        assert torch.equal(exits, patience_exits(preds, patience))
+        # The layer-by-layer rule on all rows gives the same first stop.
+        gates = PatienceGates(patience)
+        state, stops = gates.init_state(200), []
+        for k in range(4):
+            stop, state = gates.step(k, exit_logits[:, k], state)
+            stops.append(stop)
+        stops.append(torch.ones(200, dtype=torch.bool))
+        stepped = torch.stack(stops, 1).int().argmax(1)
+        assert torch.equal(stepped, exits)
+    assert set(PatienceGates(1).exits(exit_logits).tolist()) == {1, 2, 3, 4}
+    assert PatienceGates(0).exits(exit_logits).tolist() == [0] * 200
+    for index in range(5):
+        assert torch.equal(StaticGates(index).exits(exit_logits), static_exits(200, index))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("patience", [0, 1, 2])
+def test_dynamic_matches_full_patience_gates(arch, patience):
+    """Patience 2 with three exits only stops at the last, where everybody stops anyway."""
+    model = tiny_model(arch, gates="none")
+    model.gates = PatienceGates(patience)
+    inputs = tiny_inputs(arch, 16)
+    with torch.no_grad():
+        full = model.forward_full(inputs)
+    preds = full.exit_logits.softmax(-1).argmax(-1)
+    assert torch.equal(full.exit_index, patience_exits(preds, patience))
+    if patience == 1 and arch in ("bert", "electra", "deit"):  # rows leave at both exits: rows are dropped
+        assert set(full.exit_index.tolist()) == {1, 2}
+    assert_same(model.forward_dynamic(inputs), full)
+
+
+class LayerCounter:
+    """Counts the rows each backbone layer runs on (forward hooks)."""
+
+    def __init__(self, model: EarlyExitModel) -> None:
+        self.rows = [0] * model.backbone.num_layers
+        for i, layer in enumerate(model.backbone.layers):
+            layer.register_forward_hook(functools.partial(self._hook, i))
+
+    def _hook(self, index, module, args, output):
+        self.rows[index] += args[0].shape[0]
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "vit"])
+@pytest.mark.parametrize("exit_index", [0, 1, 2])
+def test_dynamic_matches_full_static_gates_and_skips_later_layers(arch, exit_index):
+    model = tiny_model(arch, gates="none")
+    model.backbone = Backbone(copy.deepcopy(model.backbone.model), pooling=model.backbone.pooling).eval()
+    model.gates = StaticGates(exit_index)
+    inputs = tiny_inputs(arch)
+    with torch.no_grad():
+        full = model.forward_full(inputs)
+    assert full.exit_index.tolist() == [exit_index] * BATCH
+    counter = LayerCounter(model)
+    assert_same(model.forward_dynamic(inputs), full)
+    assert counter.rows == [BATCH] * (exit_index + 1) + [0] * (2 - exit_index)
+
+
+def test_static_exit_beyond_the_last_is_refused():
+    model = tiny_model("bert", gates="none")
+    with pytest.raises(JeidnnError, match="static exit index 3 is out of range"):
+        EarlyExitModel(model.backbone, model.heads, StaticGates(3))
+    with pytest.raises(JeidnnError, match="patience must be a non-negative integer, got -1"):
+        PatienceGates(-1)
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "vit"])
