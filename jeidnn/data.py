@@ -7,8 +7,6 @@ split, so a capped split is a subset of the uncapped one.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from jeidnn.config import DataConfig
 from jeidnn.corpora import read_corpus
 from jeidnn.errors import JeidnnError, first_line
+from jeidnn.tables import pad_token_lists, read_table
 
 SPLITS = ("train", "val", "calib", "test")
 
@@ -70,41 +69,6 @@ class Splits:
 # --------------------------------------------------------------------------- sources
 
 
-def _read_csv(path: Path, encoding: str) -> tuple[list[str], list[dict]]:
-    with path.open(newline="", encoding=encoding) as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
-
-
-def read_table(path_str: str, kind: str) -> tuple[list[str], list[dict]]:
-    """Rows of a CSV or JSONL file and its column names."""
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise JeidnnError(f"data file not found: {path_str}; check data.path")
-    if kind == "csv":
-        try:
-            return _read_csv(path, "utf-8")
-        except UnicodeDecodeError:
-            return _read_csv(path, "latin-1")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise JeidnnError(
-                    f"{path_str} line {n} is not valid JSON ({exc.msg}); fix the file"
-                ) from None
-            if not isinstance(row, dict):
-                raise JeidnnError(f"{path_str} line {n} is not a JSON object; each line must be one record")
-            rows.append(row)
-    columns = sorted({k for r in rows for k in r})
-    return columns, rows
-
-
 def _check_column(column: str, columns: list[str], where: str, key: str) -> None:
     if column not in columns:
         raise JeidnnError(
@@ -118,7 +82,18 @@ def encode_labels(values: list[Any], names: list[str] | None, where: str) -> tup
     if any(v is None or (isinstance(v, str) and not v.strip()) for v in values):
         i = next(i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip()))
         raise JeidnnError(f"empty label in {where} (record {i}); every sample needs a label")
-    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    odd = next(
+        (i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (int, str))), None
+    )
+    if odd is not None:
+        raise JeidnnError(
+            f"label {values[odd]!r} in {where} (record {odd}) is a {type(values[odd]).__name__}; "
+            "labels must be names or integer ids"
+        )
+    if names is not None and len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise JeidnnError(f"data.labels names {twice} more than once; give each class one distinct name")
+    ints = all(isinstance(v, int) for v in values)
     if names is None:
         distinct = sorted(set(values), key=lambda v: (isinstance(v, str), v))
         names = [str(v) for v in distinct]
@@ -164,24 +139,20 @@ def _load_source(cfg: DataConfig, modality: str) -> RawData:
         texts, values, name = read_corpus(cfg.path)
         labels, names = encode_labels(values, cfg.labels, name)
         return RawData(texts, labels, names, name, "text")
-    columns, rows = read_table(cfg.path, cfg.source)
-    if not rows:
-        raise JeidnnError(f"data file {cfg.path} has no records")
-    _check_column(cfg.text_column, columns, cfg.path, "data.text_column")
-    _check_column(cfg.label_column, columns, cfg.path, "data.label_column")
-    texts = [r.get(cfg.text_column) for r in rows]
+    table = read_table(cfg.path, cfg.source, what="data file", option="data.path")
+    texts = table.column(cfg.text_column, "data.text_column")
+    raw_labels = table.column(cfg.label_column, "data.label_column")
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise JeidnnError(
-                f"record {i} of {cfg.path} has an empty or non-text {cfg.text_column!r}; clean the file"
+                f"record {i} of {table.path} has an empty or non-text {cfg.text_column!r}; clean the file"
             )
-    raw_labels = [r.get(cfg.label_column) for r in rows]
     if cfg.source == "csv":
         # CSV stores every value as text; integer ids arrive as "0", "1", ...
         if all(isinstance(v, str) and v.strip().lstrip("-").isdigit() for v in raw_labels):
             raw_labels = [int(v) for v in raw_labels]
-    labels, names = encode_labels(raw_labels, cfg.labels, cfg.path)
-    return RawData(texts, labels, names, Path(cfg.path).name, "text")
+    labels, names = encode_labels(raw_labels, cfg.labels, str(table.path))
+    return RawData(texts, labels, names, table.path.name, "text")
 
 
 def _load_hf(cfg: DataConfig, modality: str) -> RawData:
@@ -189,13 +160,14 @@ def _load_hf(cfg: DataConfig, modality: str) -> RawData:
         import datasets
     except ImportError:
         raise JeidnnError("data.source hf needs the `datasets` package: pip install datasets") from None
+    local = Path(cfg.path).expanduser()
     try:
-        if Path(cfg.path).expanduser().exists():
+        if local.exists():
+            saved = (local / "dataset_dict.json").exists() or (local / "dataset_info.json").exists()
             ds = (
-                datasets.load_from_disk(cfg.path)
-                if (Path(cfg.path) / "dataset_dict.json").exists()
-                or (Path(cfg.path) / "dataset_info.json").exists()
-                else datasets.load_dataset(cfg.path, cfg.hf_subset)
+                datasets.load_from_disk(str(local))
+                if saved
+                else datasets.load_dataset(str(local), cfg.hf_subset)
             )
         else:
             ds = datasets.load_dataset(cfg.path, cfg.hf_subset)
@@ -289,16 +261,10 @@ class Collator:
         if self.modality == "image":
             pixels = self.preprocessor([b[1] for b in batch], return_tensors="pt")["pixel_values"]
             return {"pixel_values": pixels, "labels": labels, "index": index}
-        longest = max(len(b[1]) for b in batch)
-        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, (_, tokens, _) in enumerate(batch):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
+        padded = pad_token_lists({"input_ids": [b[1] for b in batch]}, self.pad_token_id)  # each (B, T)
         return {
-            "input_ids": ids,  # (B, T)
-            "attention_mask": mask,
-            "token_type_ids": torch.zeros_like(ids),
+            **padded,
+            "token_type_ids": torch.zeros_like(padded["input_ids"]),
             "labels": labels,
             "index": index,
         }

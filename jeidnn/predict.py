@@ -11,10 +11,9 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from jeidnn.conformal import prediction_sets
 from jeidnn.errors import JeidnnError
+from jeidnn.tables import check_texts, pad_token_lists, read_texts
 
 if TYPE_CHECKING:
     from jeidnn.early_exit import EarlyExitModel, EarlyExitOutput
@@ -100,18 +100,6 @@ def make_batches(model: EarlyExitModel, inputs: Any, batch_size: int) -> Iterato
         yield from _image_batches(model, items, batch_size)
 
 
-def check_texts(texts: Sequence[Any], where: str) -> list[str]:
-    """Refuse non-strings and empty texts; `where` names the position, e.g. ``"row {} of data.csv"``."""
-    for i, text in enumerate(texts, start=1):
-        if isinstance(text, str) and text.strip():
-            continue
-        place = where.replace("{}", str(i), 1)
-        if not isinstance(text, str):
-            raise JeidnnError(f"{place} is a {type(text).__name__} ({text!r}), not a text")
-        raise JeidnnError(f"{place} is an empty text ({text!r}); remove it or give some words")
-    return list(texts)
-
-
 def _tensor_batches(inputs: Mapping[str, Any], batch_size: int) -> Iterator[Batch]:
     tensors = {k: torch.as_tensor(v) for k, v in inputs.items()}
     sizes = {k: v.shape[0] for k, v in tensors.items()}
@@ -133,14 +121,7 @@ def _text_batches(model: EarlyExitModel, texts: list[str], batch_size: int) -> I
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
-        length = max(len(encoded["input_ids"][i]) for i in positions)
-        batch = {}
-        for key in keys:
-            fill = pad_id if key == "input_ids" else 0
-            # Right padding whatever the tokenizer's padding_side: the exits read the token at position 0.
-            rows = [encoded[key][i] + [fill] * (length - len(encoded[key][i])) for i in positions]
-            batch[key] = torch.tensor(rows, dtype=torch.long)  # (b, T)
-        yield positions, batch
+        yield positions, pad_token_lists({k: [encoded[k][i] for i in positions] for k in keys}, pad_id)
 
 
 def _image_batches(model: EarlyExitModel, images: list[Any], batch_size: int) -> Iterator[Batch]:
@@ -157,57 +138,29 @@ def _image_batches(model: EarlyExitModel, images: list[Any], batch_size: int) ->
         yield list(range(start, start + len(chunk))), {"pixel_values": pixels}
 
 
-# ---------------------------------------------------------------------- files
-def read_texts(path: str | Path, column: str = "text", skip_empty: bool = False) -> list[str]:
-    """Texts of `column` in a CSV (header row; UTF-8, else latin-1) or JSON-lines file.
-
-    Empty texts are an error unless `skip_empty` (then they are dropped).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise JeidnnError(f"input file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        texts = _read_csv(path, column)
-    elif suffix in (".jsonl", ".ndjson"):
-        texts = _read_jsonl(path, column)
-    else:
-        raise JeidnnError(f"unsupported input file {path}: give a .csv or .jsonl file")
-    if skip_empty:
-        texts = [t for t in texts if not isinstance(t, str) or t.strip()]
-    if not texts:
-        raise JeidnnError(f"input file {path} has no rows")
-    return check_texts(texts, f"row {{}} of {path}")
-
-
-def _read_csv(path: Path, column: str) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        text = path.read_text(encoding="latin-1")  # e.g. the CrowdFlower tweet corpus
-    reader = csv.DictReader(text.splitlines())
-    if reader.fieldnames is None or column not in reader.fieldnames:
-        found = ", ".join(reader.fieldnames or []) or "none"
-        raise JeidnnError(f"column {column!r} not found in {path} (columns: {found}); set --column")
-    return [row[column] if row[column] is not None else "" for row in reader]
-
-
-def _read_jsonl(path: Path, column: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise JeidnnError(f"line {number} of {path} is not valid JSON") from None
-        if not isinstance(row, dict) or column not in row:
-            raise JeidnnError(f"column {column!r} not found on line {number} of {path}; set --column")
-        texts.append(row[column])
-    return texts
-
-
 # ---------------------------------------------------------------------- CLI
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = the GPU when there is one, else the CPU; otherwise a torch device name that must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise JeidnnError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise JeidnnError(f"--device {name} asks for a GPU but torch sees none; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise JeidnnError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s); pick another")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise JeidnnError(f"--device {name} is not available here; use --device cpu")
+    return device
+
+
+# Texts per call of EarlyExitModel.predict when a progress bar is shown: long enough for its
+# longest-first batching to keep padding low, short enough for the bar to move.
+_CHUNK_BATCHES = 16
+
+
 def predict_cli(
     model_dir: str,
     texts: list[str] | None,
@@ -216,14 +169,22 @@ def predict_cli(
     alpha: float | None = None,
     output: str | None = None,
     batch_size: int = 64,
+    device: str = "auto",
+    progress: bool | None = None,
 ) -> int:
     """Predict `texts` (``--text``) or the `column` of `input_path`; write JSON lines to `output` or stdout.
 
-    `alpha` None uses the model's exported default level (``metadata["default_alpha"]``, else 0.1).
+    Args:
+        alpha: conformal level; None uses the model's exported default (``metadata["default_alpha"]``,
+            else 0.1).
+        device: where the model runs: ``auto`` (the GPU if there is one), ``cpu``, ``cuda``, ``cuda:1``...
+        progress: a progress bar on stderr; None shows it when stderr is a terminal.
 
     Returns:
         The exit status (0). User mistakes raise :class:`JeidnnError`.
     """
+    from tqdm.auto import tqdm
+
     from jeidnn.early_exit import EarlyExitModel
 
     if texts and input_path:
@@ -238,17 +199,28 @@ def predict_cli(
         )
     if batch_size < 1:
         raise JeidnnError(f"--batch-size must be a positive integer, got {batch_size}")
-    model = EarlyExitModel.from_pretrained(model_dir)
+    target = resolve_device(device)
+    model = EarlyExitModel.from_pretrained(model_dir).to(target)
     if alpha is None:  # the level the run exported the model for (export.alpha)
         alpha = float(model.metadata.get("default_alpha", 0.1))
     model.quantiles_for(alpha)  # fail on an uncalibrated alpha before any work
-    predictions = model.predict(items, alpha=alpha, batch_size=batch_size)
-    lines = "".join(json.dumps(p.to_json()) + "\n" for p in predictions)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    chunk = batch_size * _CHUNK_BATCHES
+    lines = []
+    with tqdm(total=len(items), desc="predict", unit="text", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            lines += [
+                json.dumps(p.to_json()) + "\n"
+                for p in model.predict(part, alpha=alpha, batch_size=batch_size)
+            ]
+            bar.update(len(part))
     if output is None:
-        sys.stdout.write(lines)
+        sys.stdout.write("".join(lines))
     else:
         try:
-            Path(output).expanduser().write_text(lines)
+            Path(output).expanduser().write_text("".join(lines))
         except OSError as exc:
             raise JeidnnError(f"cannot write --output {output}: {exc.strerror}") from None
     return 0

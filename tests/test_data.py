@@ -1,10 +1,12 @@
 import json
 
 import pytest
+import torch
 
 from jeidnn.config import DataConfig
 from jeidnn.data import encode_labels, load_raw, make_splits
 from jeidnn.errors import JeidnnError
+from jeidnn.tables import read_texts
 
 
 def write_csv(path, rows, header="text,label"):
@@ -78,8 +80,98 @@ def test_bad_data_inputs(tmp_path):
         load_raw(DataConfig(source="csv", path=str(empty_text)), "text")
     bad_json = tmp_path / "b.jsonl"
     bad_json.write_text('{"text": "a", "label": 1}\n{oops\n')
-    with pytest.raises(JeidnnError, match="line 2 is not valid JSON"):
+    with pytest.raises(JeidnnError, match=r"line 2 of .*b\.jsonl is not valid JSON"):
         load_raw(DataConfig(source="jsonl", path=str(bad_json)), "text")
+
+
+def test_a_byte_order_mark_and_a_home_path_read_like_a_plain_file(tmp_path, monkeypatch):
+    rows = ["good movie,pos", "bad movie,neg", '"caf\u00e9, so so",neg']
+    plain = write_csv(tmp_path / "plain.csv", rows)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # what Excel's "CSV UTF-8" writes
+    expected = load_raw(DataConfig(source="csv", path=str(plain)), "text")
+    with_bom = load_raw(DataConfig(source="csv", path=str(bom)), "text")
+    assert (with_bom.inputs, with_bom.labels, with_bom.label_names) == (
+        expected.inputs,
+        expected.labels,
+        expected.label_names,
+    )
+    assert expected.inputs[2] == "caf\u00e9, so so"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = load_raw(DataConfig(source="csv", path="~/bom.csv"), "text")
+    assert home.inputs == expected.inputs and home.name == "bom.csv"
+    assert read_texts("~/bom.csv") == read_texts(plain) == expected.inputs
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    assert load_raw(DataConfig(source="jsonl", path="~/d.jsonl"), "text").inputs == ["a", "b"]
+
+
+def test_file_errors_are_one_line_and_name_the_file(tmp_path):
+    def fails(match, path, kind="csv", **kwargs):
+        with pytest.raises(JeidnnError, match=match) as info:
+            load_raw(DataConfig(source=kind, path=str(path), **kwargs), "text")
+        assert "\n" not in str(info.value)
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\nok,pos\ncaf\u00e9,neg\n".encode("latin-1"))
+    # "text,label\nok,pos\ncaf" is 21 bytes: the \xe9 is byte 21, on line 3.
+    fails(r"latin\.csv is not utf-8 text: byte 0xe9 at offset 21 \(line 3\).*save the file as UTF-8", latin)
+    utf16 = tmp_path / "u16.csv"
+    utf16.write_bytes("text,label\na,b\n".encode("utf-16"))
+    fails(r"u16\.csv is not utf-8 text: byte 0xff at offset 0 .*iconv -f utf-16", utf16)
+    (tmp_path / "empty.csv").write_text("")
+    fails(r"empty\.csv is empty", tmp_path / "empty.csv")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    fails(r"blank\.jsonl is empty", tmp_path / "blank.jsonl", "jsonl")
+    (tmp_path / "header.csv").write_text("text,label\n")
+    fails(r"header\.csv has no records", tmp_path / "header.csv")
+    fails(r"data file .*folder, not a file; check data.path", tmp_path)
+    two = write_csv(tmp_path / "two.csv", ["a,x", "b,y"])
+    fails(
+        r"column 'label' not found in .*cols\.csv \(columns: sentence, y\); set data.label_column",
+        write_csv(tmp_path / "cols.csv", ["a,x"], header="sentence,y"),
+        text_column="sentence",
+    )
+    fails(r"data.labels names \['x'\] more than once", two, labels=["x", "y", "x"])
+    (tmp_path / "list.jsonl").write_text('{"text": "a", "label": [1]}\n{"text": "b", "label": 2}\n')
+    fails(r"label \[1\] in .*list\.jsonl \(record 0\) is a list", tmp_path / "list.jsonl", "jsonl")
+    (tmp_path / "array.jsonl").write_text('["a", 1]\n')
+    fails(r"line 1 of .*array\.jsonl is a JSON list, not an object", tmp_path / "array.jsonl", "jsonl")
+    (tmp_path / "quote.csv").write_text('text,label\na,x\n"b "c",y\nd,z\n')
+    fails(r"line 3 of .*quote\.csv is not valid CSV \(',' expected after '\"'\)", tmp_path / "quote.csv")
+    (tmp_path / "open.csv").write_text('text,label\na,x\n"b,y\nc,z\n')
+    fails(r"line 3 of .*open\.csv is not valid CSV \(unexpected end of data\)", tmp_path / "open.csv")
+
+
+def test_a_long_csv_field_is_read_whole(tmp_path):
+    long = "word " * 40_000  # 200,000 characters: over csv's default field limit of 131,072
+    path = write_csv(tmp_path / "long.csv", [f"{long},x", "short,y"])
+    assert load_raw(DataConfig(source="csv", path=str(path)), "text").inputs[0] == long
+
+
+def test_collator_pads_like_the_tokenizer():
+    from jeidnn.data import Collator
+    from jeidnn.preprocess import build_word_tokenizer
+    from jeidnn.tables import pad_token_lists
+
+    padded = pad_token_lists({"input_ids": [[5, 6, 7], [8]]}, pad_token_id=0)
+    assert padded["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    given = pad_token_lists({"input_ids": [[5], [8, 9]], "token_type_ids": [[1], [1, 1]]}, pad_token_id=3)
+    assert given["input_ids"].tolist() == [[5, 3], [8, 9]] and given["token_type_ids"].tolist() == [
+        [1, 0],
+        [1, 1],
+    ]
+
+    texts = ["a much longer text than the other one", "short"]
+    tokenizer = build_word_tokenizer(texts, vocab_size=20)
+    encoded = tokenizer(texts, truncation=True, max_length=16)
+    batch = Collator("text", tokenizer, tokenizer.pad_token_id)(
+        [(i, ids, 0) for i, ids in enumerate(encoded["input_ids"])]
+    )
+    reference = tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(batch[key], reference[key])
 
 
 def test_encode_labels_sorted_names():

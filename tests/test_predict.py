@@ -89,9 +89,9 @@ def test_predict_csv_and_jsonl_to_file(model_dir, tmp_path):
 
 
 def test_bad_inputs_name_the_value(model_dir, tmp_path):
-    def fails(match, texts=None, path=None, column="text", alpha=0.1, model=str(model_dir)):
+    def fails(match, texts=None, path=None, column="text", alpha=0.1, model=str(model_dir), device="cpu"):
         with pytest.raises(JeidnnError, match=match) as info:
-            predict_cli(model, texts, path, column, alpha, None, 8)
+            predict_cli(model, texts, path, column, alpha, None, 8, device=device)
         assert "\n" not in str(info.value)
 
     fails("nothing to predict")
@@ -102,12 +102,57 @@ def test_bad_inputs_name_the_value(model_dir, tmp_path):
     fails("column 'tweet' not found.*columns: id, text", path=str(tmp_path / "data.csv"), column="tweet")
     fails(r"row 2 of .*data\.csv is an empty text", path=str(tmp_path / "data.csv"))
     (tmp_path / "header.csv").write_text("id,text\n")
-    fails("has no rows", path=str(tmp_path / "header.csv"))
+    fails(r"header\.csv has no records", path=str(tmp_path / "header.csv"))
+    (tmp_path / "latin.csv").write_bytes("text\ncaf\u00e9\n".encode("latin-1"))
+    fails(r"latin\.csv is not utf-8 text: byte 0xe9 at offset 8 \(line 2\)", path=str(tmp_path / "latin.csv"))
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    fails(
+        r"unsupported file .*photo\.png for --input: give a \.csv or \.jsonl file",
+        path=str(tmp_path / "photo.png"),
+    )
+    fails("unknown --device 'gpu0'", texts=["fine"], device="gpu0")
     (tmp_path / "bad.jsonl").write_text('{"text": "hi"}\n{oops\n')
     fails(r"line 2 of .*bad\.jsonl is not valid JSON", path=str(tmp_path / "bad.jsonl"))
     fails("--text #2 is an empty text", texts=["fine", ""])
     fails(r"alpha 0\.3 was not calibrated.*0\.05, 0\.1", texts=["fine"], alpha=0.3)
     fails("model folder not found", texts=["fine"], model=str(tmp_path / "no_model"))
+
+
+def test_bom_home_path_device_and_progress_bar(model_dir, tmp_path, monkeypatch, capsys):
+    inputs = tmp_path / "in.csv"
+    inputs.write_bytes(b"\xef\xbb\xbf" + ("text\n" + "\n".join(TEXTS * 7) + "\n").encode())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # batch size 2: 42 texts in chunks of 32, so the bar moves twice.
+    assert (
+        predict_cli(str(model_dir), None, "~/in.csv", "text", 0.1, None, 2, device="cpu", progress=True) == 0
+    )
+    captured = capsys.readouterr()
+    rows = read_lines(captured.out)
+    assert [r["label"] for r in rows] == [
+        p.label for p in EarlyExitModel.from_pretrained(model_dir).predict(TEXTS * 7)
+    ]
+    assert "predict" in captured.err and "42/42" in captured.err
+    predict_cli(str(model_dir), None, "~/in.csv", "text", 0.1, None, 2, device="auto", progress=False)
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and read_lines(quiet.out) == rows
+
+
+def test_predict_moves_the_model_to_the_device(model_dir, monkeypatch, capsys):
+    seen = []
+    original = EarlyExitModel.to
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.device(*args))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EarlyExitModel, "to", spy)
+    predict_cli(str(model_dir), ["fine"], None, device="cpu", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    predict_cli(str(model_dir), ["fine"], None, device="auto", progress=False)
+    assert seen == [torch.device("cpu"), torch.device("cpu")]
+    with pytest.raises(JeidnnError, match="--device cuda asks for a GPU but torch sees none"):
+        predict_cli(str(model_dir), ["fine"], None, device="cuda")
+    capsys.readouterr()
 
 
 def test_jeidnn_predict_command(model_dir, tmp_path, capsys):
