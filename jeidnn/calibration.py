@@ -1,9 +1,12 @@
 """Calibration: top-label ECE, per-exit temperature scaling and reliability-diagram data.
 
-ECE follows docs/evaluation.md: top-label, L1, 15 equal-width bins, computed on the whole
-set at once through ``torchmetrics.classification.MulticlassCalibrationError`` (its
-state keeps every confidence, so feeding it in batches gives the whole-set value, not a
-mean of per-batch ECEs). Temperatures are fitted per exit on the ``calib`` split.
+ECE follows docs/evaluation.md: top-label, L1, 15 equal-width bins ``[e_i, e_{i+1})`` on [0, 1]
+with a confidence of exactly 1 in the last bin, computed on the whole set. torchmetrics'
+``MulticlassCalibrationError`` puts a confidence of 1 in a 16th bin of its own (a sure, wrong
+prediction and a 0.95 correct one then count as two bins, 0.525, instead of one, 0.475), so
+:class:`TopLabelCalibrationError` is a torchmetrics ``Metric`` of ours: it keeps per-bin sums,
+so feeding it in batches gives the whole-set value, not a mean of per-batch ECEs, and the
+reliability diagram reads the same bins. Temperatures are fitted per exit on the ``calib`` split.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchmetrics.classification import MulticlassCalibrationError
+from torchmetrics import Metric
 
 __all__ = [
     "ReliabilityDiagram",
+    "TopLabelCalibrationError",
     "apply_temperatures",
-    "calibration_error_metric",
     "ece",
     "fit_temperatures",
     "reliability_diagram",
@@ -32,15 +35,67 @@ _GRID_POINTS = 21
 _GOLDEN_STEPS = 28
 
 
-def calibration_error_metric(num_classes: int, n_bins: int = 15) -> MulticlassCalibrationError:
-    """The torchmetrics metric behind :func:`ece` (top-label, L1), for batch-wise accumulation.
+def _check_probs(probs: Tensor, labels: Tensor) -> None:
+    assert probs.ndim == 2 and labels.shape == probs.shape[:1], (probs.shape, labels.shape)
+    if probs.numel() and (probs.min() < 0 or probs.max() > 1):
+        raise ValueError("expected probabilities in [0, 1]; apply softmax to logits first")
 
-    Feed it probabilities (rows in [0, 1]); it softmaxes anything outside [0, 1] per batch,
-    which would silently mix logits and probabilities.
+
+def _bin_update(probs: Tensor, labels: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-bin sample counts, confidence sums and correct counts, each (n_bins,) float64."""
+    conf, pred = probs.double().max(dim=1)  # (N,), (N,)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=conf.device)
+    # Bin i is [e_i, e_{i+1}); a confidence of exactly 1 joins the last bin instead of opening its own.
+    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    zeros = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
+    return (
+        zeros.scatter_add(0, idx, torch.ones_like(conf)),
+        zeros.scatter_add(0, idx, conf),
+        zeros.scatter_add(0, idx, correct),
+    )
+
+
+def _ece_compute(counts: Tensor, conf_sums: Tensor, correct_sums: Tensor) -> Tensor:
+    """sum_b (n_b / N) |mean conf_b - acc_b| = sum_b |conf_sum_b - correct_b| / N; NaN for N = 0."""
+    total = counts.sum()
+    if total == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    return (conf_sums - correct_sums).abs().sum() / total
+
+
+class TopLabelCalibrationError(Metric):
+    """Top-label expected calibration error (L1) with equal-width bins, accumulated over batches.
+
+    Example:
+        >>> metric = TopLabelCalibrationError(n_bins=15)
+        >>> metric.update(torch.tensor([[1.0, 0.0], [0.95, 0.05]]), torch.tensor([1, 0]))
+        >>> round(float(metric.compute()), 4)
+        0.475
     """
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"Expected argument `n_bins` to be a positive integer but got {n_bins}")
-    return MulticlassCalibrationError(num_classes=num_classes, n_bins=n_bins, norm="l1")
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, n_bins: int = 15, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
+            raise ValueError(f"Expected argument `n_bins` to be a positive integer but got {n_bins}")
+        self.n_bins = n_bins
+        for name in ("counts", "conf_sums", "correct_sums"):
+            self.add_state(name, default=torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        """Add a batch: (B, C) probabilities (not logits) and (B,) true classes."""
+        _check_probs(probs, labels)
+        counts, conf_sums, correct_sums = _bin_update(probs, labels, self.n_bins)
+        self.counts += counts.to(self.counts)
+        self.conf_sums += conf_sums.to(self.conf_sums)
+        self.correct_sums += correct_sums.to(self.correct_sums)
+
+    def compute(self) -> Tensor:
+        return _ece_compute(self.counts, self.conf_sums, self.correct_sums)
 
 
 def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
@@ -52,27 +107,22 @@ def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
         n_bins: equal-width confidence bins on [0, 1].
 
     Returns:
-        ECE in [0, 1] (0.05 = 5 points of calibration error).
+        ECE in [0, 1] (0.05 = 5 points of calibration error); NaN for an empty set.
 
     Example:
         >>> round(ece(torch.tensor([[0.9, 0.1], [0.6, 0.4]]), torch.tensor([0, 1])), 4)
         0.35
     """
-    assert probs.ndim == 2 and labels.shape == probs.shape[:1], (probs.shape, labels.shape)
-    if probs.numel() and (probs.min() < 0 or probs.max() > 1):
-        raise ValueError("`ece` expects probabilities in [0, 1]; apply softmax to logits first")
-    if probs.shape[0] == 0:
-        return float("nan")
-    metric = calibration_error_metric(probs.shape[1], n_bins)
-    metric.update(probs.float(), labels.long())
+    metric = TopLabelCalibrationError(n_bins)
+    metric.update(probs, labels)
     return float(metric.compute())
 
 
 @dataclass
 class ReliabilityDiagram:
-    """Per-bin statistics of a reliability diagram (equal-width bins on [0, 1]).
+    """Per-bin statistics of a reliability diagram: the bins of :class:`TopLabelCalibrationError`.
 
-    Bins are ``[e_i, e_{i+1})`` like torchmetrics; a confidence of exactly 1 falls in the last bin.
+    Bins are ``[e_i, e_{i+1})``; a confidence of exactly 1 falls in the last bin.
     """
 
     bin_edges: Tensor  # (B + 1,)
@@ -83,18 +133,18 @@ class ReliabilityDiagram:
 
 
 def reliability_diagram(probs: Tensor, labels: Tensor, n_bins: int = 15) -> ReliabilityDiagram:
-    """Bin the top-label confidences of (N, C) probabilities and report per-bin accuracy."""
-    conf, pred = probs.float().max(dim=1)  # (N,), (N,)
-    correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
-    counts = torch.zeros(n_bins).scatter_add_(0, idx, torch.ones_like(conf))
-    conf_sum = torch.zeros(n_bins).scatter_add_(0, idx, conf)
-    acc_sum = torch.zeros(n_bins).scatter_add_(0, idx, correct)
+    """Bin the top-label confidences of (N, C) probabilities and report per-bin accuracy and the ECE."""
+    _check_probs(probs, labels)
+    counts, conf_sums, correct_sums = _bin_update(probs, labels, n_bins)
     empty = counts == 0
-    bin_conf = torch.where(empty, torch.nan, conf_sum / counts.clamp_min(1))
-    bin_acc = torch.where(empty, torch.nan, acc_sum / counts.clamp_min(1))
-    return ReliabilityDiagram(edges, bin_conf, bin_acc, counts.long(), ece(probs, labels, n_bins))
+    per_bin = counts.clamp_min(1)
+    return ReliabilityDiagram(
+        torch.linspace(0, 1, n_bins + 1),
+        torch.where(empty, torch.nan, conf_sums / per_bin).float(),
+        torch.where(empty, torch.nan, correct_sums / per_bin).float(),
+        counts.long(),
+        float(_ece_compute(counts, conf_sums, correct_sums)),
+    )
 
 
 def apply_temperatures(logits: Tensor, temperatures: Tensor) -> Tensor:

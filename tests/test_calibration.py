@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torchmetrics.classification import MulticlassCalibrationError
 
 from jeidnn.calibration import (
+    TopLabelCalibrationError,
     apply_temperatures,
-    calibration_error_metric,
     ece,
     fit_temperatures,
     reliability_diagram,
@@ -32,8 +33,16 @@ def _numpy_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
 def _random_probs(n: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     probs = (3 * torch.randn(n, c, generator=gen)).softmax(dim=1)
+    # One row in ten is one-hot: a confidence of exactly 1, which belongs to the last bin.
+    sure = torch.arange(n) % 10 == 0
+    probs[sure] = torch.nn.functional.one_hot(probs[sure].argmax(1), c).float()
     # Labels drawn from a slightly sharpened version of probs: mildly miscalibrated, like a real model.
     labels = torch.multinomial(probs.pow(1.5), 1, generator=gen).squeeze(1)
+    # In the top bin, the confidences below 1 are always right (underconfident) and the sure ones
+    # wrong half the time (overconfident): whether 1.0 shares their bin changes the ECE.
+    conf, pred = probs.max(1)
+    labels = torch.where((conf >= 14 / 15) & ~sure, pred, labels)
+    labels = torch.where(sure, torch.where(torch.arange(n) % 20 == 0, pred, (pred + 1) % c), labels)
     return probs, labels
 
 
@@ -42,9 +51,11 @@ def test_ece_matches_numpy_reference_and_is_whole_set(n_bins):
     probs, labels = _random_probs(3000, 5, seed=n_bins)
     expected = _numpy_ece(probs.double().numpy(), labels.numpy(), n_bins)
     assert ece(probs, labels, n_bins) == pytest.approx(expected, abs=1e-5)
+    torchmetrics_ece = MulticlassCalibrationError(5, n_bins=n_bins, norm="l1")(probs, labels)
+    assert abs(float(torchmetrics_ece) - expected) > 0.005  # the extra bin of confidence 1 is not ours
 
     # Fed in uneven batches, the metric still computes the whole-set value...
-    metric = calibration_error_metric(5, n_bins)
+    metric = TopLabelCalibrationError(n_bins)
     for chunk_p, chunk_l in zip(probs.split(700), labels.split(700), strict=True):
         metric.update(chunk_p, chunk_l)
     assert float(metric.compute()) == pytest.approx(expected, abs=1e-5)
@@ -54,12 +65,27 @@ def test_ece_matches_numpy_reference_and_is_whole_set(n_bins):
     assert per_batch - expected > 0.01
 
 
+def test_a_confidence_of_one_shares_the_last_bin():
+    # The example of the issue: a sure wrong prediction and a 0.95 correct one share bin [14/15, 1]:
+    # |mean conf 0.975 - accuracy 0.5| = 0.475. torchmetrics gives 0.525 (1.0 in a 16th bin of its own).
+    probs, labels = torch.tensor([[1.0, 0.0], [0.95, 0.05]]), torch.tensor([1, 0])
+    assert ece(probs, labels, 15) == pytest.approx(0.475)
+    diag = reliability_diagram(probs, labels, 15)
+    assert diag.ece == pytest.approx(0.475)
+    assert diag.bin_counts.tolist() == [0] * 14 + [2]
+    assert float(diag.bin_confidence[-1]) == pytest.approx(0.975) and float(diag.bin_accuracy[-1]) == 0.5
+    assert _numpy_ece(probs.double().numpy(), labels.numpy(), 15) == pytest.approx(0.475)
+
+
 def test_ece_hand_example_and_input_check():
     # Two samples, conf 0.9 (correct) in bin [0.8667, 0.9333) and 0.6 (wrong) in [0.6, 0.6667).
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
     assert ece(probs, torch.tensor([0, 1])) == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
     with pytest.raises(ValueError, match="probabilities"):
         ece(torch.tensor([[2.0, -1.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="`n_bins` to be a positive integer but got 0"):
+        TopLabelCalibrationError(0)
+    assert np.isnan(ece(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))
 
 
 def test_reliability_diagram_counts_and_values():
