@@ -85,8 +85,25 @@ class FinetuneConfig:
     """Stage 0: fine-tune backbone + final head."""
 
     enabled: bool = True
+    """False: the backbone stays as loaded; the final classifier is the checkpoint's own trained one when it
+    has one for these labels, else it trains with the IMs in stage 1 on frozen features."""
     epochs: int = 1
+    """Most passes over the training samples; `max_steps`, `max_time_minutes` and `patience` may stop
+    it earlier."""
+    max_steps: int | None = None
+    """Most optimizer steps (None = epochs only). The learning rate decays linearly to 0 at
+    min(max_steps, epochs x steps per epoch)."""
+    val_check_interval: int | None = None
+    """Optimizer steps between validations (None = once per epoch). Each validation also saves the
+    checkpoint a `--resume true` continues from."""
+    patience: int = 3
+    """Stop after this many validations without a higher val accuracy; the best checkpoint is restored."""
+    max_time_minutes: float | None = None
+    """Wall-clock budget of stage 0, validations included (None = none); the run stops at the first step
+    past it, so the result then depends on the machine's speed."""
     batch_size: int = 32
+    """Global batch: with `devices` > 1 each process takes an equal share of every batch, so the
+    result does not depend on the number of processes."""
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
@@ -254,7 +271,16 @@ class RunConfig:
     """Replace an existing run folder of the same name."""
     seed: int = 0
     accelerator: str = "auto"
-    """Lightning accelerator: auto, cpu, gpu, ..."""
+    """Lightning accelerator: auto (the GPU when there is one), cpu, gpu or mps. The feature cache and
+    the cost counting run there too."""
+    devices: int = 1
+    """Processes for stage 0 and the feature cache: GPUs, or CPU processes with `accelerator: cpu`.
+    More than 1 runs them with Lightning DDP (gloo on CPUs, NCCL on GPUs); later stages run in the
+    first process only."""
+    resume: bool = False
+    """Continue the run already in `<output_dir>/<name>/` from its last completed stage (stage 0 from its
+    last validation) instead of refusing the folder; the config must be the one it started with, except
+    for `eval`, `export`, `devices` and `output_dir`."""
     logger: Literal["csv", "tensorboard"] = "csv"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -503,3 +529,22 @@ def validate(cfg: RunConfig) -> None:
     for section in ("finetune", "warmup", "jeidnn"):
         if getattr(cfg, section).batch_size < 1:
             raise JeidnnError(f"{section}.batch_size must be a positive integer")
+    # Stage 0's stopping rules, devices and resume.
+    f = cfg.finetune
+    for key in ("max_steps", "val_check_interval"):
+        value = getattr(f, key)
+        if value is not None and value < 1:
+            raise JeidnnError(f"finetune.{key} must be a positive integer or null, got {value}")
+    if f.patience < 0:
+        raise JeidnnError(f"finetune.patience must be >= 0, got {f.patience}")
+    if f.max_time_minutes is not None and f.max_time_minutes <= 0:
+        raise JeidnnError(f"finetune.max_time_minutes must be > 0 or null, got {f.max_time_minutes}")
+    if cfg.devices < 1:
+        raise JeidnnError(f"devices must be a positive integer, got {cfg.devices}")
+    if f.enabled and f.batch_size < cfg.devices:
+        raise JeidnnError(
+            f"finetune.batch_size {f.batch_size} is smaller than devices {cfg.devices}: each process needs a "
+            "share of every batch; raise finetune.batch_size or lower devices"
+        )
+    if cfg.resume and cfg.overwrite:
+        raise JeidnnError("resume and overwrite are both true; pass either --resume true or --overwrite true")
