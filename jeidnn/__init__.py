@@ -1,23 +1,52 @@
 """jeidnn: early-exit Hugging Face transformers with jointly learned gates (JEI-DNN), calibration and
 conformal prediction sets.
 
+Importing jeidnn registers its model with the Hugging Face Auto classes (``model_type = "jeidnn"``), so
+``AutoModelForSequenceClassification.from_pretrained`` and ``pipeline(...)`` load a saved model.
+
 Example:
     >>> from jeidnn import EarlyExitModel
     >>> model = EarlyExitModel.from_pretrained("runs/default/model")
     >>> model.predict(["what a great day"])[0].label
 """
 
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+)
+
 from jeidnn.config import RunConfig, load_config
-from jeidnn.early_exit import EarlyExitModel, EarlyExitOutput, ThresholdGates
+from jeidnn.early_exit import EarlyExitOutput, PatienceGates, StaticGates, ThresholdGates
 from jeidnn.errors import JeidnnError
+from jeidnn.modeling import (
+    EarlyExitConfig,
+    EarlyExitForImageClassification,
+    EarlyExitForSequenceClassification,
+    EarlyExitModel,
+)
 from jeidnn.predict import Prediction
 
+# exist_ok: a second registration of the same classes (e.g. a reloaded module) is harmless.
+AutoConfig.register(EarlyExitConfig.model_type, EarlyExitConfig, exist_ok=True)
+AutoModel.register(EarlyExitConfig, EarlyExitModel, exist_ok=True)
+AutoModelForSequenceClassification.register(
+    EarlyExitConfig, EarlyExitForSequenceClassification, exist_ok=True
+)
+AutoModelForImageClassification.register(EarlyExitConfig, EarlyExitForImageClassification, exist_ok=True)
+
 __all__ = [
+    "EarlyExitConfig",
+    "EarlyExitForImageClassification",
+    "EarlyExitForSequenceClassification",
     "EarlyExitModel",
     "EarlyExitOutput",
     "JeidnnError",
+    "PatienceGates",
     "Prediction",
     "RunConfig",
+    "StaticGates",
     "ThresholdGates",
     "load_config",
 ]

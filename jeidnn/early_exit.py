@@ -1,51 +1,43 @@
-"""Early-exit inference: a backbone, its exit heads and gates as one deployable model.
+"""Early-exit inference: how a backbone, its exit heads and gates decide each sample's exit.
 
-Two forwards that must agree (the tests check it on every architecture):
+Two paths that must agree (the tests check it on every architecture and gate kind):
 
-* :meth:`EarlyExitModel.forward_full` runs every layer for every sample, evaluates every exit and
-  lets the gates pick an exit from all per-exit logits: the reference path.
-* :meth:`EarlyExitModel.forward_dynamic` runs layer by layer on the rows still running; a row leaves
-  the batch at the exit its gate chooses, so its later layers are never computed.
+* :func:`run_full` runs every layer for every sample, evaluates every exit and lets the gates pick an exit
+  from all per-exit logits: the reference path (and the training path).
+* :func:`run_dynamic` runs layer by layer on the rows still running; a row leaves the batch at the exit its
+  gate chooses, so its later layers are never computed.
 
-:meth:`EarlyExitModel.save_pretrained` writes a folder without any pickle::
-
-    folder/backbone/           the Hugging Face model and its tokenizer or image processor
-    folder/exits.safetensors   heads.* and gates.* weights
-    folder/jeidnn.json         labels, exit layers, costs, conformal quantiles, gate settings, ...
+Gates are learned (:class:`~jeidnn.gates.Gates`, scores against an exit threshold) or rules without
+parameters, the baselines of docs/evaluation.md: :class:`ThresholdGates`, :class:`PatienceGates` and
+:class:`StaticGates`; None means every sample takes the last exit. The deployable model that holds these
+parts is :class:`jeidnn.modeling.EarlyExitModel`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
 from jeidnn.backbone import Backbone
 from jeidnn.baselines import ConfidenceMeasure, apply_thresholds, confidence, patience_exits, static_exits
-from jeidnn.errors import JeidnnError, first_line
-from jeidnn.gates import DEFAULT_TAU, Gates, GateSettings, score_exits
+from jeidnn.errors import JeidnnError
+from jeidnn.gates import Gates, score_exits
 from jeidnn.heads import ExitHeads
-from jeidnn.predict import Prediction, make_batches, to_predictions
 
 __all__ = [
-    "EarlyExitModel",
     "EarlyExitOutput",
     "PatienceGates",
-    "Prediction",
+    "RuleGates",
     "StaticGates",
     "ThresholdGates",
+    "run_dynamic",
+    "run_full",
 ]
-
-FORMAT_VERSION = 2
-"""Version of the folder layout written by :meth:`EarlyExitModel.save_pretrained`."""
 
 MEASURES: tuple[str, ...] = ("maxprob", "entropy", "margin")
 
@@ -84,10 +76,10 @@ class ThresholdGates(nn.Module):
         if measure not in MEASURES:
             raise JeidnnError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
         self.measure: ConfidenceMeasure = measure
-        # Not persistent: the thresholds live in the model's config, readable by a person.
-        self.register_buffer(
-            "thresholds", torch.as_tensor(thresholds, dtype=torch.float32).flatten(), persistent=False
-        )
+        # Not a buffer: the thresholds live in the model's config, readable by a person. On the CPU whatever
+        # the default device (a model is built on the meta device before its weights load); they move to the
+        # confidences' device and dtype where they are compared.
+        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device="cpu").flatten().clone()
 
     @property
     def num_exits(self) -> int:
@@ -109,7 +101,8 @@ class ThresholdGates(nn.Module):
 
     def step(self, index: int, exit_logits: Tensor, state: None) -> tuple[Tensor, None]:
         """Whether each running sample exits at intermediate exit ``index``: ``(B, C)`` -> ``(B,)`` bool."""
-        return confidence(exit_logits.softmax(dim=-1), self.measure) >= self.thresholds[index], None
+        # A Python float holding the float32 threshold compares in the confidences' dtype, as the full path.
+        return confidence(exit_logits.softmax(dim=-1), self.measure) >= float(self.thresholds[index]), None
 
 
 @dataclass
@@ -203,10 +196,14 @@ RuleGates = ThresholdGates | PatienceGates | StaticGates
 
 
 @dataclass
-class EarlyExitOutput:
+class EarlyExitOutput(ModelOutput):
     """Result of an early-exit forward on a batch of ``B`` samples (``L`` exits, ``C`` classes).
 
+    A Hugging Face ``ModelOutput`` (``SequenceClassifierOutput`` plus the exit taken): fields that are None
+    are left out of ``to_tuple()`` and of the dict view.
+
     Attributes:
+        loss: cross-entropy of ``logits`` against the given labels, a scalar (only when labels are given).
         logits: logits of the exit each sample took, ``(B, C)``.
         probs: their softmax, ``(B, C)``.
         exit_index: 0-based exit taken, ``(B,)`` long.
@@ -216,373 +213,125 @@ class EarlyExitOutput:
         gate_scores: learned gates' exit scores, ``(B, L-1)`` (full path with learned gates only).
     """
 
-    logits: Tensor  # (B, C)
-    probs: Tensor  # (B, C)
-    exit_index: Tensor  # (B,)
-    exit_layer: Tensor  # (B,)
-    cost: Tensor  # (B,)
+    loss: Tensor | None = None  # ()
+    logits: Tensor | None = None  # (B, C)
+    probs: Tensor | None = None  # (B, C)
+    exit_index: Tensor | None = None  # (B,)
+    exit_layer: Tensor | None = None  # (B,)
+    cost: Tensor | None = None  # (B,)
     exit_logits: Tensor | None = None  # (B, L, C)
     gate_scores: Tensor | None = None  # (B, L-1)
 
 
-class EarlyExitModel(nn.Module):
-    """A backbone with exit heads and gates that stops each input at the exit its gate chooses.
+def _exit_after_layer(layers: list[int], num_layers: int) -> list[int | None]:
+    """For each 0-based backbone layer: the exit after it, or None (exits may sit on a subset of layers)."""
+    exit_at = {layer: k for k, layer in enumerate(layers)}
+    return [exit_at.get(i + 1) for i in range(num_layers)]
 
-    Args:
-        backbone: the encoder.
-        heads: one classifier per exit; ``heads.layers[-1]`` must be the backbone's last layer.
-        gates: learned :class:`~jeidnn.gates.Gates`, a rule (:class:`ThresholdGates`, :class:`PatienceGates`,
-            :class:`StaticGates`), or None (always the last exit).
-        exit_threshold: learned gates: a sample exits at the first exit whose score reaches it (0.5 = the
-            rule the gates were trained for; a budgeted export may pick another on calib).
-        preprocessor: tokenizer (text) or image processor (images); None for tensor inputs only.
-        labels: class names in class-index order (default ``"0" .. "C-1"``).
-        costs: normalised cost of each exit (docs/method.md); default ``layer / num_layers``, a rough guess.
-        conformal_quantiles: ``{"0.1": [q_1 .. q_L], ...}`` per-exit conformal quantiles per α.
-        max_length: text inputs are truncated to this many tokens.
-        metadata: anything JSON-serialisable to keep with the model (λ, GFLOPs, training run...).
 
-    Example:
-        >>> model = EarlyExitModel(backbone, heads, Gates(heads.num_exits), tokenizer, labels=["neg", "pos"],
-        ...                        costs=[0.35, 0.68, 1.01], conformal_quantiles={"0.1": [0.4, 0.5, 0.6]})
-        >>> model.predict(["what a great day"])[0].label
-        'pos'
-        >>> model.save_pretrained("out/model"); model = EarlyExitModel.from_pretrained("out/model")
+def run_full(
+    backbone: Backbone,
+    heads: ExitHeads,
+    gates: Gates | RuleGates | None,
+    exit_threshold: float,
+    inputs: Mapping[str, Tensor],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Every layer and every exit for every sample; the gates then choose the exit (reference path).
+
+    Returns:
+        exit_logits ``(B, L, C)``, exit_index ``(B,)`` long and, for learned gates, their exit scores
+        ``(B, L-1)`` (else None).
     """
+    features = backbone(dict(inputs), heads.layers)  # (B, L, H)
+    exit_logits = heads(features)  # (B, L, C)
+    gate_scores = None
+    if isinstance(gates, Gates):
+        gate_scores = gates.scores(exit_logits, features)  # (B, L-1)
+        exit_index = score_exits(gate_scores, exit_threshold)
+    elif gates is not None:
+        exit_index = gates.exits(exit_logits)
+    else:
+        last = heads.num_exits - 1
+        exit_index = torch.full((exit_logits.shape[0],), last, dtype=torch.long, device=exit_logits.device)
+    return exit_logits, exit_index, gate_scores
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        heads: ExitHeads,
-        gates: Gates | RuleGates | None,
-        preprocessor: Any = None,
-        labels: Sequence[str] | None = None,
-        costs: Sequence[float] | None = None,
-        conformal_quantiles: Mapping[str, Sequence[float]] | None = None,
-        max_length: int = 64,
-        metadata: Mapping[str, Any] | None = None,
-        exit_threshold: float = DEFAULT_TAU,
-    ) -> None:
-        super().__init__()
-        num_exits, num_layers = heads.num_exits, backbone.num_layers
-        if heads.layers[-1] != num_layers or sorted(set(heads.layers)) != heads.layers or heads.layers[0] < 1:
-            raise JeidnnError(
-                f"exit layers {heads.layers} must ascend within 1..{num_layers} and end at the last layer"
-            )
-        if isinstance(gates, (Gates, ThresholdGates)) and gates.num_exits != num_exits:
-            raise JeidnnError(f"the gates expect {gates.num_exits} exits but the heads have {num_exits}")
-        if isinstance(gates, StaticGates) and gates.exit_index >= num_exits:
-            raise JeidnnError(
-                f"static exit index {gates.exit_index} is out of range for a model with {num_exits} exits "
-                f"(0-based, at most {num_exits - 1})"
-            )
-        labels = [str(i) for i in range(heads.num_classes)] if labels is None else [str(x) for x in labels]
-        if len(labels) != heads.num_classes:
-            raise JeidnnError(f"{len(labels)} labels {labels} for a model with {heads.num_classes} classes")
-        costs = [layer / num_layers for layer in heads.layers] if costs is None else [float(c) for c in costs]
-        if len(costs) != num_exits:
-            raise JeidnnError(f"{len(costs)} exit costs {costs} for a model with {num_exits} exits")
-        quantiles = {str(a): [float(q) for q in qs] for a, qs in (conformal_quantiles or {}).items()}
-        for alpha, qs in quantiles.items():
-            if len(qs) != num_exits:
-                raise JeidnnError(
-                    f"conformal quantiles for alpha {alpha} have {len(qs)} values, need {num_exits}"
-                )
-        self.backbone, self.heads, self.gates = backbone, heads, gates
-        self.preprocessor = preprocessor
-        self.labels, self.costs, self.conformal_quantiles = labels, costs, quantiles
-        self.max_length = int(max_length)
-        self.metadata = dict(metadata or {})
-        self.register_buffer("cost_per_exit", torch.tensor(costs), persistent=False)  # (L,)
-        self.register_buffer("layer_per_exit", torch.tensor(heads.layers), persistent=False)  # (L,)
-        exit_at = {layer: k for k, layer in enumerate(heads.layers)}
-        # For each 0-based backbone layer: the exit after it, or None (exits may sit on a subset of layers).
-        self._exit_after_layer: list[int | None] = [exit_at.get(i + 1) for i in range(num_layers)]
-        self.exit_threshold = float(exit_threshold)
 
-    @property
-    def num_exits(self) -> int:
-        return self.heads.num_exits
+@torch.inference_mode()
+def run_dynamic(
+    backbone: Backbone,
+    heads: ExitHeads,
+    gates: Gates | RuleGates | None,
+    exit_threshold: float,
+    inputs: Mapping[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Layer-skipping inference: each layer runs only on the rows that have not exited yet.
 
-    @property
-    def num_classes(self) -> int:
-        return self.heads.num_classes
+    Inference only (runs under ``torch.inference_mode``); call ``eval()`` first so dropout is off.
+    Each gated exit costs one host synchronisation (how many rows stop there); an exit where nobody
+    stops costs nothing else but the exit head and the gate on the running rows.
 
-    # ------------------------------------------------------------------ forwards
-    def forward(self, inputs: Mapping[str, Tensor]) -> EarlyExitOutput:
-        """Same as :meth:`forward_dynamic`."""
-        return self.forward_dynamic(inputs)
-
-    def forward_full(self, inputs: Mapping[str, Tensor]) -> EarlyExitOutput:
-        """Every layer and every exit for every sample; the gates then choose the exit (reference path)."""
-        features = self.backbone(dict(inputs), self.heads.layers)  # (B, L, H)
-        exit_logits = self.heads(features)  # (B, L, C)
-        batch = exit_logits.shape[0]
-        gate_scores = None
-        if isinstance(self.gates, Gates):
-            gate_scores = self.gates.scores(exit_logits, features)  # (B, L-1)
-            exit_index = score_exits(gate_scores, self.exit_threshold)
-        elif self.gates is not None:
-            exit_index = self.gates.exits(exit_logits)
+    Returns:
+        logits of the exit each sample took ``(B, C)`` and that exit's 0-based index ``(B,)`` long.
+    """
+    last = heads.num_exits - 1
+    hidden, mask = backbone.embed(dict(inputs))  # (B, T, H), mask (B, 1, T, T) or None
+    # Mean pooling needs the (B, T) padding mask of the rows still running; cast once, not per exit.
+    token_mask = inputs.get("attention_mask") if backbone.pooling == "mean" else None
+    if token_mask is not None:
+        token_mask = token_mask.to(hidden.dtype)
+    batch = hidden.shape[0]
+    learned = isinstance(gates, Gates)
+    state = gates.init_state(batch, device=hidden.device) if gates is not None else None
+    rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
+    # (rows, logits (b, C), exit) of each group of samples that left, in the order they left.
+    left: list[tuple[Tensor | None, Tensor, int]] = []
+    for i, k in enumerate(_exit_after_layer(heads.layers, backbone.num_layers)):
+        hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
+        if k is None or (k < last and (gates is None or not (learned or gates.reads_exit(k)))):
+            continue
+        pooled = backbone.pool(hidden, token_mask)  # (b, H)
+        logits = heads.heads[k](pooled)  # (b, C)
+        if k == last:  # everyone still running exits here
+            left.append((rows, logits, k))
+            break
+        if learned:
+            score, state = gates.step(k, logits, pooled, state)  # (b,)
+            stop = score >= exit_threshold
         else:
-            exit_index = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=exit_logits.device)
-        logits = exit_logits[torch.arange(batch, device=exit_logits.device), exit_index]  # (B, C)
-        return self._output(logits, exit_index, exit_logits, gate_scores)
-
-    @torch.inference_mode()
-    def forward_dynamic(self, inputs: Mapping[str, Tensor]) -> EarlyExitOutput:
-        """Layer-skipping inference: each layer runs only on the rows that have not exited yet.
-
-        Inference only (runs under ``torch.inference_mode``); call ``eval()`` first so dropout is off.
-        Each gated exit costs one host synchronisation (how many rows stop there); an exit where nobody
-        stops costs nothing else but the exit head and the gate on the running rows.
-        """
-        backbone, heads, gates = self.backbone, self.heads.heads, self.gates
-        last = self.num_exits - 1
-        hidden, mask = backbone.embed(dict(inputs))  # (B, T, H), mask (B, 1, T, T) or None
-        # Mean pooling needs the (B, T) padding mask of the rows still running; cast once, not per exit.
-        token_mask = inputs.get("attention_mask") if backbone.pooling == "mean" else None
+            stop, state = gates.step(k, logits, state)
+        n_stop = int(stop.sum())  # the one host sync of this exit
+        if n_stop == 0:
+            continue
+        running = stop.shape[0]
+        if n_stop == running:
+            left.append((rows, logits, k))
+            break
+        # A stable sort puts the continuing rows first, in order, without a second sync (nonzero syncs).
+        order = torch.argsort(stop, stable=True)  # (b,)
+        keep, leave = order[: running - n_stop], order[running - n_stop :]
+        left.append((rows[leave] if rows is not None else leave, logits.index_select(0, leave), k))
+        # Only the per-sample tensors shrink: hidden states, the padding masks, the gate state.
+        hidden = hidden.index_select(0, keep)
+        mask = Backbone.select_rows(mask, keep)
         if token_mask is not None:
-            token_mask = token_mask.to(hidden.dtype)
-        batch = hidden.shape[0]
-        learned = isinstance(gates, Gates)
-        state = gates.init_state(batch, device=hidden.device) if gates is not None else None
-        tau = self.exit_threshold
-        rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
-        # (rows, logits (b, C), exit) of each group of samples that left, in the order they left.
-        left: list[tuple[Tensor | None, Tensor, int]] = []
-        for i, k in enumerate(self._exit_after_layer):
-            hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
-            if k is None or (k < last and (gates is None or not (learned or gates.reads_exit(k)))):
-                continue
-            pooled = backbone.pool(hidden, token_mask)  # (b, H)
-            logits = heads[k](pooled)  # (b, C)
-            if k == last:  # everyone still running exits here
-                left.append((rows, logits, k))
-                break
-            if learned:
-                score, state = gates.step(k, logits, pooled, state)  # (b,)
-                stop = score >= tau
-            else:
-                stop, state = gates.step(k, logits, state)
-            n_stop = int(stop.sum())  # the one host sync of this exit
-            if n_stop == 0:
-                continue
-            running = stop.shape[0]
-            if n_stop == running:
-                left.append((rows, logits, k))
-                break
-            # A stable sort puts the continuing rows first, in order, without a second sync (nonzero syncs).
-            order = torch.argsort(stop, stable=True)  # (b,)
-            keep, leave = order[: running - n_stop], order[running - n_stop :]
-            left.append((rows[leave] if rows is not None else leave, logits.index_select(0, leave), k))
-            # Only the per-sample tensors shrink: hidden states, the padding masks, the gate state.
-            hidden = hidden.index_select(0, keep)
-            mask = Backbone.select_rows(mask, keep)
-            if token_mask is not None:
-                token_mask = token_mask.index_select(0, keep)
-            rows = rows[keep] if rows is not None else keep
-            if state is not None:
-                state = state[keep]
-        if len(left) == 1:  # everyone left at the same exit: no scatter
-            _, logits, k = left[0]
-            return self._output(logits, torch.full((batch,), k, dtype=torch.long, device=logits.device))
-        out_logits = hidden.new_empty(batch, self.num_classes)  # (B, C)
-        out_exit = hidden.new_empty(batch, dtype=torch.long)  # (B,)
-        for dest, logits, k in left:
-            out_logits[dest], out_exit[dest] = logits, k
-        return self._output(out_logits, out_exit)
+            token_mask = token_mask.index_select(0, keep)
+        rows = rows[keep] if rows is not None else keep
+        if state is not None:
+            state = state[keep]
+    if len(left) == 1:  # everyone left at the same exit: no scatter
+        _, logits, k = left[0]
+        return logits, torch.full((batch,), k, dtype=torch.long, device=logits.device)
+    out_logits = hidden.new_empty(batch, heads.num_classes)  # (B, C)
+    out_exit = hidden.new_empty(batch, dtype=torch.long)  # (B,)
+    for dest, logits, k in left:
+        out_logits[dest], out_exit[dest] = logits, k
+    return out_logits, out_exit
 
-    def _output(
-        self,
-        logits: Tensor,
-        exit_index: Tensor,
-        exit_logits: Tensor | None = None,
-        gate_scores: Tensor | None = None,
-    ) -> EarlyExitOutput:
-        return EarlyExitOutput(
-            logits=logits,
-            probs=logits.softmax(dim=-1),
-            exit_index=exit_index,
-            exit_layer=self.layer_per_exit[exit_index],
-            cost=self.cost_per_exit[exit_index],
-            exit_logits=exit_logits,
-            gate_scores=gate_scores,
-        )
 
-    # ------------------------------------------------------------------ predict
-    def quantiles_for(self, alpha: float) -> Tensor:
-        """The calibrated per-exit conformal quantiles ``(L,)`` for ``alpha``."""
-        for key, qs in self.conformal_quantiles.items():
-            if abs(float(key) - alpha) < 1e-9:
-                return torch.tensor(qs, dtype=torch.float64)
-        available = ", ".join(sorted(self.conformal_quantiles, key=float)) or "none"
-        raise JeidnnError(f"alpha {alpha} was not calibrated for this model; available: {available}")
+def __getattr__(name: str) -> object:
+    # The model class moved to jeidnn.modeling (which imports this module); keep the old import path.
+    if name == "EarlyExitModel":
+        from jeidnn.modeling import EarlyExitModel
 
-    def predict(
-        self,
-        inputs: Sequence[str] | Sequence[Any] | Mapping[str, Tensor],
-        *,
-        alpha: float | None = 0.1,
-        batch_size: int = 64,
-    ) -> list[Prediction]:
-        """Predict texts, PIL images or a dict of model-ready tensors with the layer-skipping path.
-
-        Args:
-            inputs: list of texts (text models), list of PIL images (vision models), or tensors
-                such as ``{"input_ids": (N, T), "attention_mask": (N, T)}``.
-            alpha: miscoverage level of the conformal prediction sets (must have been calibrated);
-                None skips the sets.
-            batch_size: samples per forward.
-
-        Returns:
-            One :class:`Prediction` per input, in input order.
-        """
-        quantiles = None if alpha is None else self.quantiles_for(alpha)
-        if batch_size < 1:
-            raise JeidnnError(f"batch size must be a positive integer, got {batch_size}")
-        was_training = self.training
-        self.eval()
-        device = self.cost_per_exit.device
-        predictions: list[tuple[int, Prediction]] = []
-        try:
-            with torch.inference_mode():
-                for positions, batch in make_batches(self, inputs, batch_size):
-                    out = self.forward_dynamic({k: v.to(device) for k, v in batch.items()})
-                    predictions.extend(zip(positions, to_predictions(self, out, quantiles)))
-        finally:
-            self.train(was_training)
-        return [p for _, p in sorted(predictions, key=lambda item: item[0])]
-
-    # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write the model to ``folder`` (backbone/, exits.safetensors, jeidnn.json); no pickle anywhere."""
-        folder = Path(folder)
-        (folder / "backbone").mkdir(parents=True, exist_ok=True)
-        with _no_progress_bars():
-            self.backbone.model.save_pretrained(folder / "backbone")
-        if self.preprocessor is not None:
-            self.preprocessor.save_pretrained(folder / "backbone")
-        state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
-        if isinstance(self.gates, Gates):
-            state.update({f"gates.{k}": v for k, v in self.gates.state_dict().items()})
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "exits.safetensors")
-        )
-        gates: dict[str, Any] = {"type": "none"}
-        if isinstance(self.gates, Gates):
-            gates = {
-                "type": "learned",
-                "settings": self.gates.settings.to_dict(),
-                "hidden_size": self.gates.hidden_mean.shape[-1],
-                "exit_threshold": self.exit_threshold,
-            }
-        elif isinstance(self.gates, ThresholdGates):
-            gates = {
-                "type": "threshold",
-                "measure": self.gates.measure,
-                "thresholds": self.gates.thresholds.tolist(),
-            }
-        elif isinstance(self.gates, PatienceGates):
-            gates = {"type": "patience", "patience": self.gates.patience}
-        elif isinstance(self.gates, StaticGates):
-            gates = {"type": "static", "exit_index": self.gates.exit_index}
-        config = {
-            "format_version": FORMAT_VERSION,
-            "arch": self.backbone.arch,
-            "modality": self.backbone.modality,
-            "num_layers": self.backbone.num_layers,
-            "exit_layers": self.heads.layers,
-            "hidden_size": self.backbone.hidden_size,
-            "num_classes": self.num_classes,
-            "head_activation": self.backbone.spec.head_activation,
-            "im_head": self.heads.im_head,
-            "pooling": self.backbone.pooling,
-            "gates": gates,
-            "labels": self.labels,
-            "costs": self.costs,
-            "conformal_quantiles": self.conformal_quantiles,
-            "max_length": self.max_length,
-            "preprocessor": None if self.preprocessor is None else type(self.preprocessor).__name__,
-            "metadata": self.metadata,
-        }
-        (folder / "jeidnn.json").write_text(json.dumps(config, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> EarlyExitModel:
-        """Load a folder written by :meth:`save_pretrained`; the model comes back in eval mode."""
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise JeidnnError(f"model folder not found: {folder}")
-        for name in ("jeidnn.json", "exits.safetensors", "backbone/config.json"):
-            if not (folder / name).is_file():
-                raise JeidnnError(f"{folder / name} is missing; {folder} is not a saved jeidnn model")
-        try:
-            config = json.loads((folder / "jeidnn.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise JeidnnError(f"{folder / 'jeidnn.json'} is not valid JSON: {exc}") from None
-        version = config.get("format_version") if isinstance(config, dict) else None
-        if version != FORMAT_VERSION:
-            raise JeidnnError(
-                f"{folder / 'jeidnn.json'} has format version {version!r}; this jeidnn reads version "
-                f"{FORMAT_VERSION}: re-export the model from its run with this version (retrain the run if "
-                "needed)"
-            )
-        try:
-            with _no_progress_bars():
-                model = cls._build(folder, config)
-        except KeyError as exc:
-            raise JeidnnError(f"{folder / 'jeidnn.json'} lacks the key {exc}; re-export the model") from None
-        except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
-            first = first_line(exc)
-            raise JeidnnError(f"cannot load the jeidnn model in {folder}: {first}") from None
-        return model.eval()
-
-    @classmethod
-    def _build(cls, folder: Path, config: dict[str, Any]) -> EarlyExitModel:
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
-        backbone = Backbone(
-            AutoModel.from_pretrained(folder / "backbone"), source=str(folder), pooling=config["pooling"]
-        )
-        heads = ExitHeads(
-            config["exit_layers"],
-            config["hidden_size"],
-            config["num_classes"],
-            config["head_activation"],
-            im_head=config["im_head"],
-        )
-        gate_cfg = config["gates"]
-        gates: Gates | RuleGates | None = None
-        threshold = DEFAULT_TAU
-        if gate_cfg["type"] == "learned":
-            gates = Gates(len(heads.layers), GateSettings(**gate_cfg["settings"]), gate_cfg["hidden_size"])
-            threshold = float(gate_cfg["exit_threshold"])
-        elif gate_cfg["type"] == "threshold":
-            gates = ThresholdGates(gate_cfg["thresholds"], gate_cfg["measure"])
-        elif gate_cfg["type"] == "patience":
-            gates = PatienceGates(gate_cfg["patience"])
-        elif gate_cfg["type"] == "static":
-            gates = StaticGates(gate_cfg["exit_index"])
-        elif gate_cfg["type"] != "none":
-            raise JeidnnError(f"{folder / 'jeidnn.json'}: unknown gate type {gate_cfg['type']!r}")
-        state = load_file(str(folder / "exits.safetensors"))
-        heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
-        if isinstance(gates, Gates):
-            gates.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("gates.")})
-        preprocessor = None
-        if config["preprocessor"] is not None:
-            loader = AutoTokenizer if backbone.modality == "text" else AutoImageProcessor
-            preprocessor = loader.from_pretrained(folder / "backbone")
-        return cls(
-            backbone,
-            heads,
-            gates,
-            preprocessor,
-            config["labels"],
-            config["costs"],
-            config["conformal_quantiles"],
-            config["max_length"],
-            config.get("metadata"),
-            threshold,
-        )
+        return EarlyExitModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

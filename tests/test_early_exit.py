@@ -2,7 +2,6 @@
 
 import copy
 import functools
-import json
 import string
 
 import pytest
@@ -12,10 +11,11 @@ from tiny_models import TEXT_ARCHS, TINY_CONFIGS, VISION_ARCHS
 from jeidnn.backbone import Backbone
 from jeidnn.baselines import confidence, patience_exits, static_exits
 from jeidnn.config import ModelConfig
-from jeidnn.early_exit import EarlyExitModel, PatienceGates, StaticGates, ThresholdGates
+from jeidnn.early_exit import PatienceGates, StaticGates, ThresholdGates
 from jeidnn.errors import JeidnnError
 from jeidnn.gates import Gates, GateSettings, score_exits
 from jeidnn.heads import ExitHeads
+from jeidnn.modeling import EarlyExitModel
 
 ARCHS = list(TINY_CONFIGS)
 NUM_CLASSES = 3
@@ -90,7 +90,7 @@ def tiny_model(
             # Standardisation statistics from other inputs than the tests', as training would set them.
             features = backbone(tiny_inputs(arch, 16), layers)  # (16, L, H)
             gate.set_statistics(heads(features)[:, :-1], features[:, :-1])
-    return EarlyExitModel(backbone, heads, gate, labels=["neg", "neu", "pos"], **kwargs).eval()
+    return EarlyExitModel.from_parts(backbone, heads, gate, labels=["neg", "neu", "pos"], **kwargs).eval()
 
 
 def features_of(model: EarlyExitModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -342,7 +342,7 @@ def test_dynamic_matches_full_static_gates_and_skips_later_layers(arch, exit_ind
 def test_static_exit_beyond_the_last_is_refused():
     model = tiny_model("bert", gates="none")
     with pytest.raises(JeidnnError, match="static exit index 3 is out of range"):
-        EarlyExitModel(model.backbone, model.heads, StaticGates(3))
+        EarlyExitModel.from_parts(model.backbone, model.heads, StaticGates(3))
     with pytest.raises(JeidnnError, match="patience must be a non-negative integer, got -1"):
         PatienceGates(-1)
 
@@ -517,49 +517,9 @@ def test_vision_model_round_trip(tmp_path):
     loaded = EarlyExitModel.from_pretrained(tmp_path / "model")
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(5)]
-    before = model.predict(images, alpha=None, batch_size=2)
-    assert before == loaded.predict(images, alpha=None, batch_size=2)
+    before = model.predict(images, sets=False, batch_size=2)
+    assert before == loaded.predict(images, sets=False, batch_size=2)
     assert len(before) == 5 and all(p.prediction_set is None for p in before)
-
-
-def refused(folder, match: str) -> str:
-    with pytest.raises(JeidnnError, match=match) as info:
-        EarlyExitModel.from_pretrained(folder)
-    assert "\n" not in str(info.value)
-    return str(info.value)
-
-
-def test_bad_model_folders(tmp_path):
-    refused(tmp_path / "nowhere", "nowhere")
-    (tmp_path / "empty").mkdir()
-    refused(tmp_path / "empty", "jeidnn.json")
-    folder = tmp_path / "model"
-    text_model(tmp_path).save_pretrained(folder)
-    config = json.loads((folder / "jeidnn.json").read_text())
-    (folder / "jeidnn.json").write_text(json.dumps({**config, "format_version": 99}))
-    refused(folder, "format version 99")
-    (folder / "jeidnn.json").write_text("{not json")
-    refused(folder, "not valid JSON")
-    (folder / "jeidnn.json").write_text(json.dumps({k: v for k, v in config.items() if k != "labels"}))
-    refused(folder, "labels")
-    learned = {k: v for k, v in config["gates"].items() if k != "exit_threshold"}
-    (folder / "jeidnn.json").write_text(json.dumps({**config, "gates": learned}))
-    refused(folder, "exit_threshold")
-    (folder / "jeidnn.json").write_text(json.dumps(config))
-    (folder / "exits.safetensors").unlink()
-    refused(folder, "exits.safetensors")
-
-
-def test_format_version_1_folders_ask_for_a_re_export(tmp_path):
-    """Version 1 saved the paper gates as `{"type": "jeidnn"}`, without settings or exit threshold."""
-    folder = tmp_path / "model"
-    text_model(tmp_path).save_pretrained(folder)
-    config = json.loads((folder / "jeidnn.json").read_text())
-    (folder / "jeidnn.json").write_text(
-        json.dumps({**config, "format_version": 1, "gates": {"type": "jeidnn"}})
-    )
-    message = refused(folder, "format version 1")
-    assert "re-export" in message
 
 
 # ---------------------------------------------------------------------- predict
@@ -598,8 +558,10 @@ def test_inconsistent_parts_are_refused():
     backbone = tiny_backbone("bert")
     heads = ExitHeads([1, 2, 3], backbone.hidden_size, NUM_CLASSES, "tanh")
     with pytest.raises(JeidnnError, match="exits"):
-        EarlyExitModel(backbone, heads, Gates(2))
+        EarlyExitModel.from_parts(backbone, heads, Gates(2))
     with pytest.raises(JeidnnError, match="labels"):
-        EarlyExitModel(backbone, heads, Gates(3), labels=["a", "b"])
+        EarlyExitModel.from_parts(backbone, heads, Gates(3), labels=["a", "b"])
     with pytest.raises(JeidnnError, match="last layer"):
-        EarlyExitModel(backbone, ExitHeads([1, 2], backbone.hidden_size, NUM_CLASSES, "tanh"), Gates(2))
+        EarlyExitModel.from_parts(
+            backbone, ExitHeads([1, 2], backbone.hidden_size, NUM_CLASSES, "tanh"), Gates(2)
+        )

@@ -1,0 +1,110 @@
+"""Model folders written before jeidnn models were Hugging Face models, converted on load.
+
+That layout (format version 2)::
+
+    folder/backbone/           the Hugging Face backbone and its tokenizer or image processor
+    folder/exits.safetensors   heads.* and gates.* weights
+    folder/jeidnn.json         labels, exit layers, costs, conformal quantiles, gate settings, ...
+
+:func:`load_legacy_folder` reads it into an :class:`~jeidnn.modeling.EarlyExitModel`; ``save_pretrained``
+then writes the current layout. Version 1 folders (paper gates without settings) cannot be converted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from jeidnn.backbone import Backbone
+from jeidnn.early_exit import _no_progress_bars
+from jeidnn.errors import JeidnnError, first_line
+from jeidnn.gates import DEFAULT_TAU, Gates
+from jeidnn.heads import ExitHeads
+
+if TYPE_CHECKING:
+    from jeidnn.modeling import EarlyExitModel
+
+log = logging.getLogger(__name__)
+
+LEGACY_CONFIG = "jeidnn.json"
+LEGACY_VERSION = 2
+
+
+def load_legacy_folder(cls: type[EarlyExitModel], folder: Path) -> EarlyExitModel:
+    """The model in a version-2 folder, as ``cls``, in eval mode; one-line errors name the bad file."""
+    path = folder / LEGACY_CONFIG
+    for name in ("exits.safetensors", "backbone/config.json"):
+        if not (folder / name).is_file():
+            raise JeidnnError(f"{folder / name} is missing; {folder} is not a saved jeidnn model")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JeidnnError(f"{path} is not valid JSON: {first_line(exc)}") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version != LEGACY_VERSION:
+        raise JeidnnError(
+            f"{path} has format version {version!r}; this jeidnn reads version {LEGACY_VERSION} and the "
+            "current config.json layout: re-export the model from its run with this version (retrain the "
+            "run if needed)"
+        )
+    try:
+        with _no_progress_bars():
+            model = _build(cls, folder, config)
+    except KeyError as exc:
+        raise JeidnnError(f"{path} lacks the key {exc}; re-export the model") from None
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise JeidnnError(f"cannot load the jeidnn model in {folder}: {first_line(exc)}") from None
+    log.info("converted %s from the jeidnn.json layout; save_pretrained writes the current one", folder)
+    return model.eval()
+
+
+def _build(cls: type[EarlyExitModel], folder: Path, config: dict[str, Any]) -> EarlyExitModel:
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    from jeidnn.modeling import build_gates
+
+    backbone = Backbone(
+        AutoModel.from_pretrained(folder / "backbone"), source=str(folder), pooling=config["pooling"]
+    )
+    heads = ExitHeads(
+        config["exit_layers"],
+        config["hidden_size"],
+        config["num_classes"],
+        config["head_activation"],
+        im_head=config["im_head"],
+    )
+    entry = dict(config["gates"])
+    entry["kind"] = entry.pop("type")
+    gates = build_gates(entry, heads.num_exits)
+    state = load_file(str(folder / "exits.safetensors"))
+    heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
+    if isinstance(gates, Gates):
+        gates.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("gates.")})
+    preprocessor = None
+    if config["preprocessor"] is not None:
+        loader = AutoTokenizer if backbone.modality == "text" else AutoImageProcessor
+        preprocessor = loader.from_pretrained(folder / "backbone")
+    metadata = config.get("metadata") or {}
+    quantiles = config["conformal_quantiles"]
+    # The export kept its default level in the metadata; earlier folders used 0.1 when it was calibrated.
+    default_alpha = metadata.get("default_alpha", 0.1)
+    if quantiles and not any(abs(float(a) - default_alpha) < 1e-9 for a in quantiles):
+        default_alpha = None
+    return cls.from_parts(
+        backbone,
+        heads,
+        gates,
+        preprocessor,
+        config["labels"],
+        config["costs"],
+        quantiles,
+        config["max_length"],
+        metadata,
+        float(entry["exit_threshold"]) if isinstance(gates, Gates) else DEFAULT_TAU,
+        default_alpha,
+    )
