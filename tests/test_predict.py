@@ -10,10 +10,10 @@ from tiny_models import TINY_CONFIGS
 
 from jeidnn.backbone import Backbone
 from jeidnn.config import ModelConfig
-from jeidnn.early_exit import EarlyExitModel
 from jeidnn.errors import JeidnnError
 from jeidnn.gates import Gates, GateSettings
 from jeidnn.heads import ExitHeads
+from jeidnn.modeling import EarlyExitModel
 from jeidnn.predict import predict_cli
 
 LABELS = ["negative", "neutral", "positive"]
@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory):
     with torch.no_grad():
         for head in heads.heads:
             head.net[-1].weight.mul_(5)
-    model = EarlyExitModel(
+    model = EarlyExitModel.from_parts(
         backbone,
         heads,
         Gates(3, GateSettings("trajectory", "mlp", "conditional"), backbone.hidden_size),
