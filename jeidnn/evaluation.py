@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from jeidnn import baselines as bl
 from jeidnn.budgeted import (
@@ -256,6 +257,7 @@ def evaluate(
     *,
     tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
     write_markdown: bool = True,
+    progress: bool = False,
 ) -> dict:
     """Evaluate every method of a run in memory; report.json itself is left to the caller.
 
@@ -268,6 +270,7 @@ def evaluate(
         tensors: predictions already in memory, keyed by file path relative to ``run_dir``
             (``predictions/warmup.safetensors``, each learned model's ``file``); others are read.
         write_markdown: write report.md and the PNG plots into ``run_dir``.
+        progress: a progress bar over the configurations evaluated on test.
 
     Returns:
         A copy of ``report`` (JSON-safe) with ``methods``, ``summary`` and ``evaluation`` added.
@@ -325,12 +328,23 @@ def evaluate(
 
     cache: dict = {}  # each candidate is evaluated on test once, whichever view asks
     budgeted, chosen = budgeted_rows(methods, split, settings, cache)
+    envelope_candidates = {m.name: _envelope_candidates(m, chosen) for m in methods}
     out_methods: dict[str, dict] = {}
-    for m in methods:
-        points = [evaluate_config(c, split, settings, cache)[0] for c in _envelope_candidates(m, chosen)]
-        out_methods[m.name] = {"kind": m.kind, "label": m.label, "extension": m.extension, "points": points}
-        if m.settings is not None:
-            out_methods[m.name]["settings"] = m.settings
+    total = sum(map(len, envelope_candidates.values()))
+    with tqdm(total=total, desc="evaluate on test", unit="config", disable=not progress, leave=False) as bar:
+        for m in methods:
+            points = []
+            for cand in envelope_candidates[m.name]:
+                points.append(evaluate_config(cand, split, settings, cache)[0])
+                bar.update()
+            out_methods[m.name] = {
+                "kind": m.kind,
+                "label": m.label,
+                "extension": m.extension,
+                "points": points,
+            }
+            if m.settings is not None:
+                out_methods[m.name]["settings"] = m.settings
     out_methods["oracle"]["upper_bound"] = True
     out = dict(report)
     out["methods"] = out_methods
@@ -389,7 +403,12 @@ def _run_settings(run_dir: Path, alphas: list[float] | None, ece_bins: int | Non
 
 
 def evaluate_run(
-    run_dir: str | Path, *, alphas: list[float] | None = None, ece_bins: int | None = None, write: bool = True
+    run_dir: str | Path,
+    *,
+    alphas: list[float] | None = None,
+    ece_bins: int | None = None,
+    write: bool = True,
+    progress: bool = False,
 ) -> dict:
     """Evaluate all methods of a run folder on its test split and (optionally) write the report.
 
@@ -398,6 +417,7 @@ def evaluate_run(
         alphas: conformal miscoverage levels (default: the run's ``eval.alphas``).
         ece_bins: ECE bins (default: the run's ``eval.ece_bins``).
         write: update report.json in place (atomically) and write report.md and the PNG plots.
+        progress: a progress bar over the configurations evaluated on test.
 
     Returns:
         The full report dict, with ``methods``, ``summary`` and ``evaluation`` added.
@@ -427,7 +447,7 @@ def evaluate_run(
             f"{report_path} is malformed ({exc!r}); re-run training for this run folder"
         ) from None
     cfg, seed = _run_settings(run_dir, alphas, ece_bins)
-    report = evaluate(report, run_dir, cfg, seed, write_markdown=write)
+    report = evaluate(report, run_dir, cfg, seed, write_markdown=write, progress=progress)
     if write:
         tmp = report_path.with_name(report_path.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2))

@@ -310,9 +310,15 @@ def test_choose_learned_matches_the_evaluation_and_in_memory_entry_point(tmp_pat
         choose_learned(report_in, run, "nope", 0.5, seed=3)
 
 
-def test_evaluate_run_without_learned_and_overrides(tmp_path):
+def test_evaluate_run_without_learned_and_overrides(tmp_path, capsys):
     run = make_run(tmp_path, learned=False, config={"budgets": [0.5, 0.8], "resplits": 2})
-    report = evaluate_run(run, alphas=[0.1], ece_bins=10, write=False)
+    report = evaluate_run(run, alphas=[0.1], ece_bins=10, write=False, progress=True)
+    # The progress bar counts every configuration evaluated on test (the envelope points).
+    configs = sum(len(m["points"]) for m in report["methods"].values())
+    err = capsys.readouterr().err
+    assert f"evaluate on test:   0%|          | 0/{configs} " in err and configs > 100
+    evaluate_run(run, alphas=[0.1], write=False)
+    assert capsys.readouterr().err == ""  # no bar by default
     assert not set(LEARNED) & set(report["methods"])
     assert "jeidnn_ims_threshold_maxprob" not in report["methods"]
     assert report["summary"]["matched_cost"] == []
