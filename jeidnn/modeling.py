@@ -577,16 +577,27 @@ class EarlyExitModel(PreTrainedModel):
             name = str(folder)
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise JeidnnError(f"model folder not found: {folder}")
+        weights = f"{name}/model.safetensors"
+        want_info = kwargs.pop("output_loading_info", False)
         try:
             with _no_progress_bars():
-                loaded = super().from_pretrained(name, *args, **kwargs)
+                model, info = super().from_pretrained(name, *args, output_loading_info=True, **kwargs)
         except JeidnnError as exc:
             raise JeidnnError(f"{name}/config.json: {exc}") from None
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as exc:
+        except SafetensorError as exc:
+            raise JeidnnError(f"{weights} cannot be read ({first_line(exc)}); save the model again") from None
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
             raise JeidnnError(f"cannot load the jeidnn model {name}: {first_line(exc)}") from None
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # transformers would fill missing weights with random ones; a jeidnn folder has all of them.
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            if keys := sorted(map(str, info.get(kind) or ())):
+                listed = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+                what = kind.replace("_", " ")
+                raise JeidnnError(
+                    f"{weights} does not fit config.json ({what}: {listed}); save the model again"
+                )
         model.preprocessor = _load_preprocessor(name, model.config.modality, local=folder.is_dir())
-        return loaded
+        return (model, info) if want_info else model
 
 
 def _check_folder(folder: Path) -> None:
