@@ -156,7 +156,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# Texts per call of EarlyExitModel.predict when a progress bar is shown: long enough for its
+# Texts per call of EarlyExitModel.predict, so that the progress bar moves: long enough for its
 # longest-first batching to keep padding low, short enough for the bar to move.
 _CHUNK_BATCHES = 16
 
@@ -175,8 +175,7 @@ def predict_cli(
     """Predict `texts` (``--text``) or the `column` of `input_path`; write JSON lines to `output` or stdout.
 
     Args:
-        alpha: conformal level; None uses the model's exported default (``metadata["default_alpha"]``,
-            else 0.1).
+        alpha: conformal level; None uses the model's ``default_alpha`` (the run's ``export.alpha``).
         device: where the model runs: ``auto`` (the GPU if there is one), ``cpu``, ``cuda``, ``cuda:1``...
         progress: a progress bar on stderr; None shows it when stderr is a terminal.
 
@@ -201,9 +200,8 @@ def predict_cli(
         raise JeidnnError(f"--batch-size must be a positive integer, got {batch_size}")
     target = resolve_device(device)
     model = EarlyExitModel.from_pretrained(model_dir).to(target)
-    if alpha is None:  # the level the run exported the model for (export.alpha)
-        alpha = float(model.metadata.get("default_alpha", 0.1))
-    model.quantiles_for(alpha)  # fail on an uncalibrated alpha before any work
+    if alpha is not None:
+        model.quantiles_for(alpha)  # fail on an uncalibrated alpha before any work
     if progress is None:
         progress = sys.stderr.isatty()
     chunk = batch_size * _CHUNK_BATCHES
@@ -213,7 +211,7 @@ def predict_cli(
             part = items[start : start + chunk]
             lines += [
                 json.dumps(p.to_json()) + "\n"
-                for p in model.predict(part, alpha=alpha, batch_size=batch_size)
+                for p in model.predict(part, alpha=alpha, batch_size=batch_size)  # None: default_alpha
             ]
             bar.update(len(part))
     if output is None:

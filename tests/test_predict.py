@@ -137,6 +137,21 @@ def test_bom_home_path_device_and_progress_bar(model_dir, tmp_path, monkeypatch,
     assert quiet.err == "" and read_lines(quiet.out) == rows
 
 
+def test_without_alpha_the_model_default_alpha_is_used(model_dir, tmp_path, capsys):
+    model = EarlyExitModel.from_pretrained(model_dir)
+    model.config.default_alpha = 0.05  # what export.alpha 0.05 gives
+    model.save_pretrained(tmp_path / "model")
+    for alpha in (None, 0.05, 0.1):
+        predict_cli(str(tmp_path / "model"), TEXTS, None, alpha=alpha, device="cpu", progress=False)
+    default, at_005, at_01 = (read_lines(chunk) for chunk in _split(capsys.readouterr().out, len(TEXTS)))
+    assert default == at_005 != at_01
+
+
+def _split(out: str, n: int) -> list[str]:
+    lines = out.splitlines(keepends=True)
+    return ["".join(lines[i : i + n]) for i in range(0, len(lines), n)]
+
+
 def test_predict_moves_the_model_to_the_device(model_dir, monkeypatch, capsys):
     seen = []
     original = EarlyExitModel.to
