@@ -16,8 +16,10 @@ parts is :class:`jeidnn.modeling.EarlyExitModel`.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,16 +27,19 @@ from transformers.utils import ModelOutput
 
 from jeidnn.backbone import Backbone
 from jeidnn.baselines import ConfidenceMeasure, apply_thresholds, confidence, patience_exits, static_exits
-from jeidnn.errors import JeidnnError
-from jeidnn.gates import Gates, score_exits
+from jeidnn.errors import JeidnnError, first_line
+from jeidnn.gates import DEFAULT_TAU, Gates, GateSettings, score_exits
 from jeidnn.heads import ExitHeads
 
 __all__ = [
+    "GATE_KINDS",
     "EarlyExitOutput",
     "PatienceGates",
     "RuleGates",
     "StaticGates",
     "ThresholdGates",
+    "build_gates",
+    "gate_config",
     "run_dynamic",
     "run_full",
 ]
@@ -193,6 +198,63 @@ class StaticGates(nn.Module):
 
 RuleGates = ThresholdGates | PatienceGates | StaticGates
 """Gates without parameters: an exit rule on the exits' logits (the baselines of docs/evaluation.md)."""
+
+
+GATE_KINDS = ("learned", "threshold", "patience", "static", "none")
+"""The ``kind`` of a model config's ``gates`` entry (:class:`jeidnn.modeling.EarlyExitConfig`)."""
+
+
+def _json_float(value: float) -> float | str:
+    """JSON has no infinity: a threshold that no (or every) confidence passes is written "inf" ("-inf")."""
+    return value if math.isfinite(value) else str(value)
+
+
+def gate_config(gates: Gates | RuleGates | None, exit_threshold: float = DEFAULT_TAU) -> dict[str, Any]:
+    """The ``gates`` entry of a model config (:class:`~jeidnn.modeling.EarlyExitConfig`) for ``gates``."""
+    if isinstance(gates, Gates):
+        return {
+            "kind": "learned",
+            "settings": gates.settings.to_dict(),
+            "hidden_size": int(gates.hidden_mean.shape[-1]),
+            "exit_threshold": float(exit_threshold),
+        }
+    if isinstance(gates, ThresholdGates):
+        values = [_json_float(t) for t in gates.thresholds.tolist()]
+        return {"kind": "threshold", "measure": gates.measure, "thresholds": values}
+    if isinstance(gates, PatienceGates):
+        return {"kind": "patience", "patience": gates.patience}
+    if isinstance(gates, StaticGates):
+        return {"kind": "static", "exit_index": gates.exit_index}
+    if gates is None:
+        return {"kind": "none"}
+    raise JeidnnError(
+        f"unknown gates {type(gates).__name__}; use Gates, ThresholdGates, PatienceGates, StaticGates or None"
+    )
+
+
+def build_gates(entry: Mapping[str, Any], num_exits: int) -> Gates | RuleGates | None:
+    """Gates (weights freshly initialised) from the ``gates`` entry of a model config."""
+    kind = entry.get("kind")
+    try:
+        if kind == "learned":
+            return Gates(num_exits, GateSettings(**entry["settings"]), int(entry["hidden_size"]))
+        if kind == "threshold":
+            return ThresholdGates([float(t) for t in entry["thresholds"]], entry["measure"])
+        if kind == "patience":
+            return PatienceGates(entry["patience"])
+        if kind == "static":
+            return StaticGates(entry["exit_index"])
+    except KeyError as exc:
+        raise JeidnnError(f"the {kind} gates entry of the model config lacks the key {exc}") from None
+    except TypeError as exc:
+        raise JeidnnError(
+            f"the {kind} gates entry of the model config is invalid: {first_line(exc)}"
+        ) from None
+    if kind == "none":
+        return None
+    raise JeidnnError(
+        f"unknown gate kind {kind!r} in the model config; expected one of {', '.join(GATE_KINDS)}"
+    )
 
 
 @dataclass

@@ -1,19 +1,25 @@
-"""Model folders written before jeidnn models were Hugging Face models, converted on load.
+"""A saved model's folder on disk: the checks before loading it, its preprocessor, the earlier layout.
 
-That layout (format version 2)::
+The current layout is a Hugging Face model folder (:mod:`jeidnn.modeling`)::
+
+    folder/config.json         EarlyExitConfig: the backbone's config nested, exits, gates, costs, labels ...
+    folder/model.safetensors   backbone.model.*, heads.* and gates.* weights
+    folder/tokenizer.json ...  the tokenizer (text) or preprocessor_config.json (images)
+
+The earlier layout (jeidnn.json format version 2), still read and converted on load::
 
     folder/backbone/           the Hugging Face backbone and its tokenizer or image processor
     folder/exits.safetensors   heads.* and gates.* weights
     folder/jeidnn.json         labels, exit layers, costs, conformal quantiles, gate settings, ...
 
-:func:`load_legacy_folder` reads it into an :class:`~jeidnn.modeling.EarlyExitModel`; ``save_pretrained``
-then writes the current layout. Version 1 folders (paper gates without settings) cannot be converted.
+Version 1 folders (paper gates without settings) cannot be converted: they ask for a re-export.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from jeidnn.backbone import Backbone
-from jeidnn.early_exit import _no_progress_bars
+from jeidnn.early_exit import _no_progress_bars, build_gates
 from jeidnn.errors import JeidnnError, first_line
 from jeidnn.gates import DEFAULT_TAU, Gates
 from jeidnn.heads import ExitHeads
@@ -31,8 +37,55 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MODEL_TYPE = "jeidnn"
+"""``model_type`` of :class:`~jeidnn.modeling.EarlyExitConfig`: it ends up in users' folders, keep it."""
 LEGACY_CONFIG = "jeidnn.json"
 LEGACY_VERSION = 2
+
+
+def check_folder(folder: Path) -> None:
+    """One-line errors for the usual ways a model folder is broken, before transformers reads it."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise JeidnnError(f"{path} is missing; {folder} is not a saved jeidnn model")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JeidnnError(f"{path} is not valid JSON ({first_line(exc)}); save the model again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != MODEL_TYPE:
+        raise JeidnnError(
+            f"{path} describes a model of type {model_type!r}, not a jeidnn early-exit model; "
+            "train one with jeidnn or load this one with transformers' own classes"
+        )
+    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise JeidnnError(f"{folder / 'model.safetensors'} is missing; save the model again")
+
+
+def check_loading_info(info: Mapping[str, Any], weights: str) -> None:
+    """Refuse weights that do not fit the config: transformers would fill missing ones at random."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if keys := sorted(map(str, info.get(kind) or ())):
+            listed = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            what = kind.replace("_", " ")
+            raise JeidnnError(f"{weights} does not fit config.json ({what}: {listed}); save the model again")
+
+
+def load_preprocessor(name: str, modality: str, local: bool) -> Any:
+    """The tokenizer or image processor saved with the model, or None if it was saved without one."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    marker = "tokenizer_config.json" if modality == "text" else "preprocessor_config.json"
+    if local and not (Path(name) / marker).is_file():
+        return None
+    loader = AutoTokenizer if modality == "text" else AutoImageProcessor
+    try:
+        return loader.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        if local:
+            first = first_line(exc)
+            raise JeidnnError(f"cannot load the {modality} preprocessor in {name}: {first}") from None
+        return None  # a hub model saved without one
 
 
 def load_legacy_folder(cls: type[EarlyExitModel], folder: Path) -> EarlyExitModel:
@@ -65,8 +118,6 @@ def load_legacy_folder(cls: type[EarlyExitModel], folder: Path) -> EarlyExitMode
 
 def _build(cls: type[EarlyExitModel], folder: Path, config: dict[str, Any]) -> EarlyExitModel:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
-    from jeidnn.modeling import build_gates
 
     backbone = Backbone(
         AutoModel.from_pretrained(folder / "backbone"), source=str(folder), pooling=config["pooling"]

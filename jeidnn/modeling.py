@@ -9,18 +9,16 @@ like any Hugging Face model, and pipelines work on it::
     model = AutoModelForSequenceClassification.from_pretrained("runs/default/model")  # an EarlyExitModel
     pipeline("text-classification", model="runs/default/model")(["what a day"])
 
-A folder holds no pickle: ``config.json`` (:class:`EarlyExitConfig`, the backbone's own config nested),
-``model.safetensors`` (``backbone.model.*``, ``heads.*``, ``gates.*``) and the tokenizer or image
-processor. ``push_to_hub`` uploads the same files; whoever loads the model must ``import jeidnn`` first
-(no remote code is involved). Folders of the earlier layout (``jeidnn.json``, ``exits.safetensors``,
-``backbone/``) still load, converted on the way (:mod:`jeidnn.legacy_format`).
+A folder holds config.json, model.safetensors and the tokenizer or image processor, no pickle
+(:mod:`jeidnn.model_folder`; folders of the earlier jeidnn.json layout are converted on load).
+``push_to_hub`` uploads the same files; whoever loads the model must ``import jeidnn`` first (no remote
+code is involved). :meth:`EarlyExitModel.predict` truncates texts to ``config.max_text_length`` tokens;
+pass ``truncation=True, max_length=config.max_text_length`` to a pipeline for the same predictions on
+longer texts.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,17 +33,26 @@ from transformers.initialization import no_init_weights
 from jeidnn.backbone import Backbone
 from jeidnn.early_exit import (
     EarlyExitOutput,
-    PatienceGates,
     RuleGates,
     StaticGates,
     ThresholdGates,
     _no_progress_bars,
+    build_gates,
+    gate_config,
     run_dynamic,
     run_full,
 )
 from jeidnn.errors import JeidnnError, first_line
-from jeidnn.gates import DEFAULT_TAU, Gates, GateSettings
+from jeidnn.gates import DEFAULT_TAU, Gates
 from jeidnn.heads import ExitHeads
+from jeidnn.model_folder import (
+    LEGACY_CONFIG,
+    MODEL_TYPE,
+    check_folder,
+    check_loading_info,
+    load_legacy_folder,
+    load_preprocessor,
+)
 from jeidnn.predict import Prediction, make_batches, to_predictions
 
 __all__ = [
@@ -53,70 +60,7 @@ __all__ = [
     "EarlyExitForImageClassification",
     "EarlyExitForSequenceClassification",
     "EarlyExitModel",
-    "build_gates",
-    "gate_config",
 ]
-
-log = logging.getLogger(__name__)
-
-GATE_KINDS = ("learned", "threshold", "patience", "static", "none")
-
-
-# --------------------------------------------------------------------------- gates <-> config
-
-
-def _json_float(value: float) -> float | str:
-    """JSON has no infinity: a threshold that no (or every) confidence passes is written "inf" ("-inf")."""
-    return value if math.isfinite(value) else str(value)
-
-
-def gate_config(gates: Gates | RuleGates | None, exit_threshold: float = DEFAULT_TAU) -> dict[str, Any]:
-    """The ``gates`` entry of :class:`EarlyExitConfig` that rebuilds ``gates`` (weights aside)."""
-    if isinstance(gates, Gates):
-        return {
-            "kind": "learned",
-            "settings": gates.settings.to_dict(),
-            "hidden_size": int(gates.hidden_mean.shape[-1]),
-            "exit_threshold": float(exit_threshold),
-        }
-    if isinstance(gates, ThresholdGates):
-        values = [_json_float(t) for t in gates.thresholds.tolist()]
-        return {"kind": "threshold", "measure": gates.measure, "thresholds": values}
-    if isinstance(gates, PatienceGates):
-        return {"kind": "patience", "patience": gates.patience}
-    if isinstance(gates, StaticGates):
-        return {"kind": "static", "exit_index": gates.exit_index}
-    if gates is None:
-        return {"kind": "none"}
-    raise JeidnnError(
-        f"unknown gates {type(gates).__name__}; use Gates, ThresholdGates, PatienceGates, StaticGates or None"
-    )
-
-
-def build_gates(entry: Mapping[str, Any], num_exits: int) -> Gates | RuleGates | None:
-    """Gates (freshly initialised) from a ``gates`` config entry, see :class:`EarlyExitConfig`."""
-    kind = entry.get("kind")
-    try:
-        if kind == "learned":
-            return Gates(num_exits, GateSettings(**entry["settings"]), int(entry["hidden_size"]))
-        if kind == "threshold":
-            return ThresholdGates([float(t) for t in entry["thresholds"]], entry["measure"])
-        if kind == "patience":
-            return PatienceGates(entry["patience"])
-        if kind == "static":
-            return StaticGates(entry["exit_index"])
-    except KeyError as exc:
-        raise JeidnnError(f"the {kind} gates entry of the model config lacks the key {exc}") from None
-    except TypeError as exc:
-        raise JeidnnError(
-            f"the {kind} gates entry of the model config is invalid: {first_line(exc)}"
-        ) from None
-    if kind == "none":
-        return None
-    raise JeidnnError(
-        f"unknown gate kind {kind!r} in the model config; expected one of {', '.join(GATE_KINDS)}"
-    )
-
 
 # --------------------------------------------------------------------------- config
 
@@ -147,7 +91,7 @@ class EarlyExitConfig(PretrainedConfig):
         kwargs: the standard ``PretrainedConfig`` fields, ``id2label`` / ``label2id`` among them.
     """
 
-    model_type = "jeidnn"
+    model_type = MODEL_TYPE
 
     def __init__(
         self,
@@ -566,14 +510,12 @@ class EarlyExitModel(PreTrainedModel):
         of the earlier layout (jeidnn.json) is converted on load. A broken folder raises a one-line
         :class:`~jeidnn.errors.JeidnnError` naming the bad file.
         """
-        from jeidnn.legacy_format import LEGACY_CONFIG, load_legacy_folder
-
         name = str(pretrained_model_name_or_path)
         folder = Path(name).expanduser()
         if folder.is_dir():
             if not (folder / "config.json").is_file() and (folder / LEGACY_CONFIG).is_file():
                 return load_legacy_folder(cls, folder)
-            _check_folder(folder)
+            check_folder(folder)
             name = str(folder)
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise JeidnnError(f"model folder not found: {folder}")
@@ -588,52 +530,9 @@ class EarlyExitModel(PreTrainedModel):
             raise JeidnnError(f"{weights} cannot be read ({first_line(exc)}); save the model again") from None
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
             raise JeidnnError(f"cannot load the jeidnn model {name}: {first_line(exc)}") from None
-        # transformers would fill missing weights with random ones; a jeidnn folder has all of them.
-        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-            if keys := sorted(map(str, info.get(kind) or ())):
-                listed = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-                what = kind.replace("_", " ")
-                raise JeidnnError(
-                    f"{weights} does not fit config.json ({what}: {listed}); save the model again"
-                )
-        model.preprocessor = _load_preprocessor(name, model.config.modality, local=folder.is_dir())
+        check_loading_info(info, weights)
+        model.preprocessor = load_preprocessor(name, model.config.modality, local=folder.is_dir())
         return (model, info) if want_info else model
-
-
-def _check_folder(folder: Path) -> None:
-    """One-line errors for the usual ways a model folder is broken, before transformers reads it."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise JeidnnError(f"{path} is missing; {folder} is not a saved jeidnn model")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise JeidnnError(f"{path} is not valid JSON ({first_line(exc)}); save the model again") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != EarlyExitConfig.model_type:
-        raise JeidnnError(
-            f"{path} describes a model of type {model_type!r}, not a jeidnn early-exit model; "
-            "train one with jeidnn or load this one with transformers' own classes"
-        )
-    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        raise JeidnnError(f"{folder / 'model.safetensors'} is missing; save the model again")
-
-
-def _load_preprocessor(name: str, modality: str, local: bool) -> Any:
-    """The tokenizer or image processor saved with the model, or None if it was saved without one."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    marker = "tokenizer_config.json" if modality == "text" else "preprocessor_config.json"
-    if local and not (Path(name) / marker).is_file():
-        return None
-    loader = AutoTokenizer if modality == "text" else AutoImageProcessor
-    try:
-        return loader.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        if local:
-            first = first_line(exc)
-            raise JeidnnError(f"cannot load the {modality} preprocessor in {name}: {first}") from None
-        return None  # a hub model saved without one
 
 
 class EarlyExitForSequenceClassification(EarlyExitModel):
