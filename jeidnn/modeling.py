@@ -267,6 +267,9 @@ class EarlyExitModel(PreTrainedModel):
     ) -> EarlyExitModel:
         """A model holding trained parts (their weights are kept, not copied).
 
+        Called on ``EarlyExitModel``, it returns the modality's subclass
+        (:class:`EarlyExitForSequenceClassification` or :class:`EarlyExitForImageClassification`).
+
         Args:
             backbone: the encoder.
             heads: one classifier per exit; ``heads.layers[-1]`` must be the backbone's last layer.
@@ -303,6 +306,9 @@ class EarlyExitModel(PreTrainedModel):
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
         )
+        if cls is EarlyExitModel:  # config.json then names the task (the hub infers the pipeline from it)
+            image = backbone.modality == "image"
+            cls = EarlyExitForImageClassification if image else EarlyExitForSequenceClassification
         model = cls(config, parts=(backbone, heads, gates))
         model.preprocessor = preprocessor
         return model

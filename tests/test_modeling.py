@@ -89,6 +89,7 @@ def test_round_trip_keeps_every_gate_kind_and_dynamic_equals_full(tmp_path, kind
     assert not (folder / "jeidnn.json").exists()
     saved = json.loads((folder / "config.json").read_text())
     assert saved["model_type"] == "jeidnn" and saved["backbone_config"]["model_type"] == "bert"
+    assert saved["architectures"] == ["EarlyExitForSequenceClassification"]  # the hub's pipeline tag
     assert saved["gates"]["kind"] == kind and "auto_map" not in saved  # `import jeidnn` registers the class
     assert saved["id2label"] == {"0": "neg", "1": "neu", "2": "pos"} and saved["costs"] == [0.4, 0.7, 1.01]
     # Each tensor once, under the Hugging Face backbone's own names (not under Backbone's layer-stack alias).
@@ -130,6 +131,7 @@ def test_vision_model_loads_with_its_image_processor(tmp_path):
     model.save_pretrained(tmp_path / "model")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model")
     assert type(loaded) is EarlyExitForImageClassification and loaded.main_input_name == "pixel_values"
+    assert loaded.config.architectures == ["EarlyExitForImageClassification"]
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(5)]
     expected = [p.label for p in model.predict(images)]
