@@ -3,6 +3,9 @@
     python train.py                                   # configs/default.yaml (runs offline)
     python train.py --config configs/smoke.yaml       # tiny random model, under a minute
     python train.py --config configs/default.yaml --data.max_train_samples 2000 --name quick
+    python train.py --help                            # every config key with its documentation
+    python train.py --config configs/smoke.yaml --print_config   # the resolved config, nothing run
+    python train.py --quiet                           # no progress bars, only warnings and errors
 
 The recipe (config -> data -> model -> stages 0-2 -> evaluate -> report -> export) lives in
 `jeidnn.pipeline.run`; see README.md for what each stage does and what lands in runs/<name>/.
