@@ -406,85 +406,18 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
 def export_model(
     p: Prepared, report: dict, trained: dict[str, list], run_dir: Path, predictions: dict[str, dict]
 ) -> dict:
-    """Write the chosen learned operating point to `runs/<name>/model/` with its conformal quantiles.
+    """Write the default operating point (`export.method`, else the best learned one on calib half A within
+    `export.cost_budget`) to `runs/<name>/model/` with its conformal quantiles; see :mod:`jeidnn.export`.
+    `trained` and `predictions` are stage 2's models and every predictions file, already in memory."""
+    from jeidnn.export import export_trained
 
-    The operating point (method, λ, exit threshold) is the most accurate on calib half A whose calib-A cost
-    is within `export.cost_budget` (or the given `export.method`'s best there); quantiles are fitted on calib
-    half B, as in the evaluation. `predictions` holds every learned model's predictions, keyed by file.
-    """
-    from jeidnn.budgeted import choose_learned, learned_test_exit_fractions, split_calib
-    from jeidnn.conformal import fit_conformal, group_exits
-    from jeidnn.early_exit import EarlyExitModel
-    from jeidnn.gates import score_exits
-
-    cfg = p.cfg
-    budget = cfg.export.cost_budget
-    names = [cfg.export.method] if cfg.export.method else list(report["learned"])
-    choices = {}
-    for name in names:
-        try:
-            choices[name] = choose_learned(report, run_dir, name, budget, cfg.seed, tensors=predictions)
-        except JeidnnError:
-            continue  # this method cannot meet the budget on calib
-    if not choices:
-        raise JeidnnError(
-            f"no learned method reaches calib cost <= export.cost_budget {budget}; raise export.cost_budget"
-        )
-    name = max(choices, key=lambda n: (choices[n]["calib_accuracy"], -choices[n]["calib_cost"]))
-    choice = choices[name]
-    entry = report["learned"][name]
-    variant_name = entry["settings"]["name"]
-    model = trained[variant_name][choice["model_index"]]
-    tau = float(choice["tau"])
-
-    calib = predictions[choice["file"]]  # this model's logits and exit scores, already computed
-    exits = score_exits(calib["calib_scores"], tau)  # (N,)
-    probs = calib["calib_logits"][torch.arange(len(exits)), exits].softmax(-1)  # (N, C) at the exit taken
-    # As in the evaluation: exit groups from calib-A counts, quantiles on calib half B.
-    halves = split_calib(len(exits), cfg.seed)
-    num_exits = p.heads.num_exits
-    groups = group_exits(torch.bincount(exits[halves.a], minlength=num_exits), cfg.eval.conformal_min_samples)
-    labels_b, b = calib["calib_labels"][halves.b], halves.b
-    quantiles = {}
-    for alpha in sorted(set(cfg.eval.alphas) | {cfg.export.alpha}):
-        fitted = fit_conformal(probs[b], labels_b, exits[b], num_exits, alpha, groups=groups)
-        quantiles[str(alpha)] = fitted.quantiles.tolist()
-    test_fractions = learned_test_exit_fractions(
-        report, run_dir, name, choice["model_index"], tau, tensors=predictions
-    )
-    reason = f"most accurate learned operating point on calib half A with calib cost <= {budget}"
-    exported = EarlyExitModel(
+    return export_trained(
+        p.cfg,
+        report,
+        run_dir,
         p.backbone,
-        model.heads,
-        model.gates,
         p.dm.preprocessor,
-        labels=p.raw.label_names,
-        costs=entry["costs"],
-        conformal_quantiles=quantiles,
-        max_length=cfg.model.max_length,
-        exit_threshold=tau,
-        metadata={
-            "method": name,
-            "lambda": model.lam,
-            "exit_threshold": tau,
-            "calib_cost": choice["calib_cost"],
-            "calib_accuracy": choice["calib_accuracy"],
-            "gflops_full": report["backbone"]["gflops_full"],
-            "run": cfg.name,
-            "default_alpha": cfg.export.alpha,
-            "chosen_by": reason,
-        },
+        trained=trained,
+        warmup_heads=p.heads,
+        tensors=predictions,
     )
-    exported.save_pretrained(run_dir / "model")
-    return {
-        "path": "model",
-        "method": name,
-        "lambda": model.lam,
-        "model_index": choice["model_index"],
-        "exit_threshold": tau,
-        "calib_cost": choice["calib_cost"],
-        "calib_accuracy": choice["calib_accuracy"],
-        "chosen_by": reason,
-        "test_exit_fractions": test_fractions,
-        "conformal_groups": groups,
-    }

@@ -1,0 +1,258 @@
+"""`jeidnn export` on a tiny run: each method's operating point as the evaluation chose it, as a model that
+loads, whose layer-skipping path equals its full path and whose exits on the test texts are the exits of
+the evaluation's row (accuracy, exit fractions, conformal coverage included)."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_run_overrides
+
+from jeidnn import EarlyExitModel
+from jeidnn.cli import train_main
+from jeidnn.config import load_config
+from jeidnn.data import load_raw, make_splits
+from jeidnn.export import _plain, export_run, main
+from jeidnn.operating_point import Run
+from jeidnn.predict import make_batches
+
+ROOT = Path(__file__).resolve().parent.parent
+LEARNS = ["--finetune.epochs", "8", "--finetune.lr", "0.003", "--finetune.batch_size", "16"]
+FAST = ["--warmup.max_epochs", "20", "--eval.bootstrap", "100", "--eval.resplits", "2", "--no-progress"]
+
+
+def write_interaction_csv(path: Path, n: int, seed: int = 0) -> Path:
+    """A 3-class corpus whose first exit is weaker than its last, so the chosen configurations spread over
+    the exits: half the texts carry a class cue word, the other half three words whose class is the sum
+    of their indices mod 3, which a linear head on the first layer cannot read."""
+    rng = random.Random(seed)
+    names, cues = ["negative", "neutral", "positive"], [["bad", "awful"], ["okay", "fine"], ["good", "great"]]
+    groups = [["red", "green", "blue"], ["car", "phone", "road"], ["cat", "dog", "fish"]]
+    fillers = "the a day it was this my very really today".split()
+    lines = ["text,label"]
+    for _ in range(n):
+        words = rng.choices(fillers, k=rng.randint(3, 8))
+        if rng.random() < 0.5:
+            label = rng.randrange(3)
+            words.insert(rng.randint(0, len(words)), rng.choice(cues[label]))
+        else:
+            picks = [rng.randrange(3) for _ in groups]
+            for group, i in zip(groups, picks, strict=True):
+                words.insert(rng.randint(0, len(words)), group[i])
+            label = sum(picks) % 3
+        lines.append(f"{' '.join(words)},{names[label]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    corpus = write_interaction_csv(tmp / "d.csv", n=600)
+    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), *tiny_run_overrides(corpus, tmp / "runs")]
+    assert train_main([*args, *LEARNS, *FAST]) == 0
+    return tmp / "runs" / "t"
+
+
+@pytest.fixture(scope="module")
+def report(run):
+    return json.loads((run / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def test_split(run):
+    cfg = load_config(run / "config.yaml")
+    raw = load_raw(cfg.data, "text")
+    test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"]
+    return [raw.inputs[i] for i in test], torch.tensor([raw.labels[i] for i in test])
+
+
+def spread_row(report, method):
+    """The method's budgeted row whose test exits use the most exits, then the most middle exits."""
+    rows = [r for r in report["summary"]["budgeted"]["rows"] if r["method"] == method and r["accuracy"]]
+    return max(rows, key=lambda r: (sum(f > 0 for f in r["exit_fractions"]), sum(r["exit_fractions"][1:-1])))
+
+
+def both_paths(model, texts):
+    """Exits and logits of the full and the layer-skipping path, in input order."""
+    n = len(texts)
+    exits, logits = torch.zeros(2, n, dtype=torch.long), torch.zeros(2, n, model.num_classes)
+    with torch.no_grad():
+        for positions, batch in make_batches(model, texts, 32):
+            for i, out in enumerate((model.forward_full(batch), model.forward_dynamic(batch))):
+                exits[i, positions], logits[i, positions] = out.exit_index, out.logits
+    return exits, logits
+
+
+def learned_row(report):
+    """A learned method's row (any budget) whose test exits spread the most."""
+    rows = [spread_row(report, m) for m in report["learned"]]
+    return max(rows, key=lambda r: sum(f > 0 for f in r["exit_fractions"]))
+
+
+# jeidnn_paper_tau: the paper's gates at an exit threshold chosen on calib; "learned": whichever learned
+# method's row spreads over the most exits.
+METHODS = [
+    "threshold_maxprob",
+    "threshold_search",
+    "global_maxprob",
+    "patience",
+    "static",
+    "jeidnn_paper_tau",
+]
+
+
+@pytest.mark.parametrize("method", [*METHODS, "learned"])
+def test_exported_model_plays_the_evaluation_row(method, run, report, test_split, tmp_path):
+    row = learned_row(report) if method == "learned" else spread_row(report, method)
+    method, n = row["method"], len(test_split[1])
+    summary = export_run(run, method, budget=row["budget"], out=tmp_path / "m")
+    assert summary["param"] == row["param"]
+    for key, reported in [
+        ("calib_cost", "calib_cost"),
+        ("calib_accuracy", "calib_accuracy"),
+        ("test_accuracy", "accuracy"),
+    ]:
+        assert summary[key] == pytest.approx(row[reported], abs=1e-12)
+    assert summary["test_exit_fractions"] == pytest.approx(row["exit_fractions"], abs=1e-12)
+
+    model = EarlyExitModel.from_pretrained(tmp_path / "m")
+    exits, logits = both_paths(model, test_split[0])
+    assert torch.equal(exits[0], exits[1])  # the layer-skipping path leaves where the full path does
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+    # The evaluation's own candidate with the row's param, built from the cached test predictions.
+    cand = next(
+        c
+        for c in Run.open(run).method(method).candidates_at(row["budget"])
+        if _plain(c.param) == row["param"]
+    )
+    assert (exits[0] != cand.test_exits.long()).sum() <= 1  # the same exits, up to one float tie
+    fractions = torch.bincount(exits[0], minlength=model.num_exits).double() / n
+    assert fractions.tolist() == pytest.approx(row["exit_fractions"], abs=1.5 / n)
+    accuracy = (logits[0].argmax(-1) == test_split[1]).double().mean()
+    assert float(accuracy) == pytest.approx(row["accuracy"], abs=1.5 / n)
+    predictions = model.predict(test_split[0], alpha=0.1)
+    names = model.labels
+    covered = [names[y] in p.prediction_set for p, y in zip(predictions, test_split[1].tolist(), strict=True)]
+    assert sum(covered) / n == pytest.approx(row["coverage"]["0.1"], abs=1.5 / n)
+
+
+def test_default_export_is_what_train_py_exported(run, report, tmp_path):
+    summary = export_run(run, out=tmp_path / "m", alpha=0.2)
+    exported = report["export"]
+    assert (summary["method"], summary["lambda"], summary["exit_threshold"]) == (
+        exported["method"],
+        exported["lambda"],
+        exported["exit_threshold"],
+    )
+    assert summary["budget"] == load_config(run / "config.yaml").export.cost_budget
+    mine = json.loads((tmp_path / "m" / "config.json").read_text())
+    trained = json.loads((run / "model" / "config.json").read_text())
+    assert mine["gates"] == trained["gates"]
+    assert set(mine["conformal_quantiles"]) == {"0.01", "0.05", "0.1", "0.2"}
+    for alpha, quantiles in trained["conformal_quantiles"].items():
+        assert mine["conformal_quantiles"][alpha] == quantiles
+    assert mine["default_alpha"] == 0.2
+
+
+def test_lambda_fixes_the_model(run, report, tmp_path):
+    native = report["learned"]["jeidnn_paper"]
+    lam = native["models"][1]["lambda"]
+    summary = export_run(run, "jeidnn_paper", lam=lam, out=tmp_path / "native")
+    assert (summary["model_index"], summary["lambda"], summary["exit_threshold"]) == (1, lam, 0.5)
+    assert summary["budget"] is None
+    tuned = next(n for n, e in report["learned"].items() if e["operating_point"] == "calib_threshold")
+    summary = export_run(run, tuned, lam=lam * (1 + 1e-12), out=tmp_path / "tuned")
+    assert (summary["model_index"], summary["lambda"]) == (1, lam)
+    assert summary["calib_cost"] <= load_config(run / "config.yaml").export.cost_budget
+    saved = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert saved["gates"]["exit_threshold"] == summary["exit_threshold"] == summary["param"]["tau"]
+
+
+def test_default_output_folder(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    summary = export_run(copy, "static", budget=0.7)
+    assert Path(summary["path"]) == copy / "export" / "static-0.7"
+    assert (copy / "export" / "static-0.7" / "config.json").is_file()
+    assert [p.name for p in (copy / "export").iterdir()] == ["static-0.7"]  # no temporary folder left
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--method", "fly"], "unknown method 'fly'; this run can export: jeidnn_paper, jeidnn_paper_tau"),
+        (
+            ["--method", "oracle"],
+            "method 'oracle' cannot be exported: it picks each sample's exit by reading",
+        ),
+        (["--method", "static", "--budget", "0.05"], "its lowest reachable calib cost is 0.33"),
+        (["--method", "threshold_search", "--budget", "0.05"], "its lowest reachable calib cost is 0.33"),
+        (["--budget", "0.5", "--lam", "0.01"], "pass --budget or --lam, not both"),
+        (["--method", "patience", "--lam", "0.01"], "'patience' is not one: use --budget"),
+        (
+            ["--method", "jeidnn_paper", "--lam", "0.02"],
+            "no model trained with λ = 0.02; its λ values are 0.01, 0.5",
+        ),
+        (["--method", "static", "--alpha", "1.5"], "--alpha must lie strictly between 0 and 1, got 1.5"),
+    ],
+)
+def test_bad_requests_get_one_line_and_write_nothing(args, needle, run, tmp_path, capsys):
+    out = tmp_path / "out" / "m"
+    assert main([str(run), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_run_folders(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "run folder " + str(tmp_path / "nope") + " does not exist" in capsys.readouterr().err
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "config.yaml").write_text("name: failed\n")
+    assert main([str(tmp_path / "failed")]) == 2
+    assert "is not a finished run (no report.json)" in capsys.readouterr().err
+
+
+def test_existing_output_folder(run, tmp_path, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main([str(run), "--method", "patience", "--out", str(out)]) == 2
+    assert f"{out} already exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main([str(run), "--method", "patience", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) != ["keep.txt"] and not (out / "keep.txt").exists()
+    assert json.loads((out / "config.json").read_text())["gates"]["kind"] == "patience"
+
+
+def test_a_failed_write_leaves_no_folder(run, tmp_path, monkeypatch):
+    def broken(self, folder):
+        (Path(folder) / "half.bin").write_text("x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(EarlyExitModel, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_run(run, "static", budget=0.7, out=tmp_path / "a" / "b" / "m")
+    assert not (tmp_path / "a").exists()
+
+
+def test_backbone_folder_is_preferred_and_required(run, test_split, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    reference = EarlyExitModel.from_pretrained(run / "model")
+    # A run folder with the fine-tuned backbone saved on its own, and no model/.
+    reference.backbone.model.save_pretrained(copy / "backbone")
+    reference.preprocessor.save_pretrained(copy / "backbone")
+    shutil.rmtree(copy / "model")
+    export_run(copy, out=tmp_path / "m")
+    model = EarlyExitModel.from_pretrained(tmp_path / "m")
+    texts = test_split[0][:16]
+    assert torch.equal(both_paths(model, texts)[1][0], both_paths(reference, texts)[1][0])
+    shutil.rmtree(copy / "backbone")
+    assert main([str(copy), "--out", str(tmp_path / "n")]) == 2
+    assert "has neither backbone/ nor model/" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
