@@ -429,7 +429,7 @@ def evaluate_run(
         >>> report = evaluate_run("runs/default")  # doctest: +SKIP
         >>> report["summary"]["budgeted"]["rows"][0]  # doctest: +SKIP
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise JeidnnError(
             f"run folder {run_dir} does not exist; pass the folder a training run wrote (runs/<name>)"

@@ -310,9 +310,11 @@ def test_choose_learned_matches_the_evaluation_and_in_memory_entry_point(tmp_pat
         choose_learned(report_in, run, "nope", 0.5, seed=3)
 
 
-def test_evaluate_run_without_learned_and_overrides(tmp_path, capsys):
+def test_evaluate_run_without_learned_and_overrides(tmp_path, capsys, monkeypatch):
     run = make_run(tmp_path, learned=False, config={"budgets": [0.5, 0.8], "resplits": 2})
-    report = evaluate_run(run, alphas=[0.1], ece_bins=10, write=False, progress=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home_run = "~/" + str(run.relative_to(tmp_path))
+    report = evaluate_run(home_run, alphas=[0.1], ece_bins=10, write=False, progress=True)
     # The progress bar counts every configuration evaluated on test (the envelope points).
     configs = sum(len(m["points"]) for m in report["methods"].values())
     err = capsys.readouterr().err
