@@ -120,7 +120,9 @@ def _build(cls: type[EarlyExitModel], folder: Path, config: dict[str, Any]) -> E
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     backbone = Backbone(
-        AutoModel.from_pretrained(folder / "backbone"), source=str(folder), pooling=config["pooling"]
+        AutoModel.from_pretrained(folder / "backbone", use_safetensors=True),
+        source=str(folder),
+        pooling=config["pooling"],
     )
     heads = ExitHeads(
         config["exit_layers"],

@@ -527,6 +527,7 @@ class EarlyExitModel(PreTrainedModel):
             raise JeidnnError(f"model folder not found: {folder}")
         weights = f"{name}/model.safetensors"
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)  # never unpickle a weights file
         try:
             with _no_progress_bars():
                 model, info = super().from_pretrained(name, *args, output_loading_info=True, **kwargs)

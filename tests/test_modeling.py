@@ -1,6 +1,7 @@
 """The early-exit model as a Hugging Face model: Auto classes, save / load, pipelines, old and bad folders."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -222,7 +223,7 @@ import jeidnn
 classify = transformers.pipeline("text-classification", model={str(tmp_path / "model")!r})
 print(json.dumps([r["label"] for r in classify({TEXTS!r})]))
 """
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
     )
@@ -308,6 +309,15 @@ def test_broken_legacy_folders(tmp_path):
     first_line_error(lambda: EarlyExitModel.from_pretrained(folder), "jeidnn.json is not valid JSON")
     (folder / "exits.safetensors").unlink()
     first_line_error(lambda: EarlyExitModel.from_pretrained(folder), "exits.safetensors is missing")
+    # A backbone saved as a pickle is refused, never unpickled.
+    folder = tmp_path / "pickled"
+    write_legacy_folder(model, folder)
+    weights = load_file(str(folder / "backbone" / "model.safetensors"))
+    torch.save(weights, folder / "backbone" / "pytorch_model.bin")
+    (folder / "backbone" / "model.safetensors").unlink()
+    first_line_error(
+        lambda: EarlyExitModel.from_pretrained(folder), "cannot load the jeidnn model in .*pickled"
+    )
 
 
 # ---------------------------------------------------------------------- bad folders
