@@ -2,7 +2,8 @@
 
 Every case runs a real command (`python train.py ...`, `python -m jeidnn.cli predict|evaluate ...`) in a
 process of its own and must end with exactly one line on stderr, starting with ``error:``, exit status
-2, no report.json and no model folder, and a finished run left byte for byte as it was.
+2, no report.json and no model folder, and a finished run left byte for byte as it was. Commands run
+with ``--quiet``: without it, status lines are logged on stderr before the error.
 
 The processes are forked from one warm Python process that has imported torch, transformers and
 jeidnn: a cold `python train.py` spends seconds importing them before it can refuse a bad key, which
