@@ -317,6 +317,8 @@ def export_run(
         raise JeidnnError(
             "pass --budget or --lam, not both: --lam fixes the model and uses export.cost_budget"
         )
+    if lam is not None and method is None:
+        raise JeidnnError("--lam picks a model of one learned method: name it with --method")
     run = Run.open(run_dir)
     point = choose(run, method, budget, lam) if method else default_choice(run, budget)
     if out is None:

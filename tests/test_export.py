@@ -192,6 +192,7 @@ def test_default_output_folder(run, tmp_path):
         (["--method", "static", "--budget", "0.05"], "its lowest reachable calib cost is 0.33"),
         (["--method", "threshold_search", "--budget", "0.05"], "its lowest reachable calib cost is 0.33"),
         (["--budget", "0.5", "--lam", "0.01"], "pass --budget or --lam, not both"),
+        (["--lam", "0.01"], "--lam picks a model of one learned method: name it with --method"),
         (["--method", "patience", "--lam", "0.01"], "'patience' is not one: use --budget"),
         (
             ["--method", "jeidnn_paper", "--lam", "0.02"],
