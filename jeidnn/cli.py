@@ -83,7 +83,9 @@ def evaluate_main(argv: list[str]) -> int:
         from jeidnn.evaluation import evaluate_run
 
         setup_logging(args.quiet)
-        evaluate_run(args.run_dir, alphas=args.alphas, ece_bins=args.ece_bins, write=True)
+        evaluate_run(
+            args.run_dir, alphas=args.alphas, ece_bins=args.ece_bins, write=True, progress=not args.quiet
+        )
         log.info("updated %s and report.md", Path(args.run_dir) / "report.json")
         return 0
 
