@@ -23,7 +23,6 @@ exports the default choice (:func:`jeidnn.operating_point.default_choice`) to ``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -359,7 +358,10 @@ def export_trained(
 
 def main(argv: list[str]) -> int:
     """``jeidnn export RUN [--method NAME] [--budget B | --lam L] [--alpha A] [--out DIR] [--overwrite]``."""
-    parser = argparse.ArgumentParser(
+    from jeidnn.cli import CommandParser, guarded
+    from jeidnn.log import setup_logging
+
+    parser = CommandParser(
         prog="jeidnn export",
         description="Export any method's operating point of a finished run, chosen on calib half A as the "
         "budgeted evaluation chooses it, with its conformal quantiles.",
@@ -379,13 +381,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", help="output folder (default: RUN/export/<method>-<budget>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
     args = parser.parse_args(argv)
 
-    from jeidnn.cli import guarded
-
     def go() -> int:
-        if not logging.getLogger().handlers:  # run directly rather than through a configured CLI
-            logging.basicConfig(level=logging.INFO, format="[jeidnn] %(message)s")
+        setup_logging(args.quiet)
         options = {"budget": args.budget, "lam": args.lam, "alpha": args.alpha, "out": args.out}
         export_run(args.run_dir, args.method, overwrite=args.overwrite, **options)
         return 0
