@@ -16,9 +16,9 @@ samples all leave at one exit says little about the layer-skipping path.
 
 Inputs: the test split of the run the model belongs to, and/or any ``--inputs`` file (another text
 distribution); each is timed on its own. Operating point: the model as saved, with ``--exit-threshold``
-overriding its exit threshold, or another learned operating point of its run (``--method`` and
-``--budget``: the (λ, threshold) that method plays at that cost budget on calib half A, as in
-report.json ``summary.budgeted``), rebuilt from the run's ``checkpoints/learned/``.
+overriding its exit threshold, or another operating point of its run (``--method`` and ``--budget``:
+the configuration any learned or baseline method plays at that cost budget on calib half A, as in
+report.json ``summary.budgeted``, built as ``jeidnn export`` builds it).
 
 Usage:
     python benchmarks/speed.py runs/tweets/model --batch-sizes 1 16 64 --repeats 5
@@ -29,7 +29,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import inspect
 import json
@@ -44,7 +43,7 @@ import torch
 from torch import Tensor
 
 from jeidnn.errors import JeidnnError
-from jeidnn.gates import Gates, GateSettings
+from jeidnn.gates import Gates
 from jeidnn.modeling import EarlyExitModel
 from jeidnn.tables import pad_token_lists, read_texts
 
@@ -128,66 +127,22 @@ def tokenised_batches(
 # --------------------------------------------------------------------------- operating point
 
 
-def learned_operating_point(
+def chosen_operating_point(
     model: EarlyExitModel, run_dir: Path, method: str, budget: float
 ) -> tuple[EarlyExitModel, dict]:
-    """`model`'s backbone with the heads and gates `method` plays at `budget` in the run's evaluation.
+    """`model`'s backbone with the exits and gates `method` plays at `budget` in the run's evaluation.
 
-    The choice is the evaluation's (calib half A, :func:`jeidnn.budgeted.choose_learned`); the weights are
-    stage 2's ``checkpoints/learned/<variant>/<model>.safetensors`` (``heads.*`` and ``gates.*``), the
-    backbone is shared by every learned model of a run.
+    The choice and the model are `jeidnn export`'s (calib half A, :func:`jeidnn.operating_point.choose`),
+    built in memory on the backbone already loaded: any learned or baseline method of the run.
     """
-    from safetensors.torch import load_file
+    from jeidnn.export import build_model
+    from jeidnn.operating_point import Run, choose
 
-    from jeidnn.budgeted import choose_learned
-    from jeidnn.config import load_config
-
-    report_path = run_dir / "report.json"
-    if not report_path.is_file():
-        raise JeidnnError(f"{report_path} not found; --method needs a finished run (--run RUN)")
-    report = json.loads(report_path.read_text())
-    choice = choose_learned(report, run_dir, method, budget, load_config(run_dir / "config.yaml").seed)
-    entry = report["learned"][method]
-    settings = entry["settings"]
-    path = run_dir / "checkpoints" / "learned" / settings["name"] / f"{choice['model_index']}.safetensors"
-    if not path.is_file():
-        raise JeidnnError(f"{path} not found; this run did not keep the stage-2 weights of {method!r}")
-    weights = load_file(str(path))
-    fields = {f.name for f in dataclasses.fields(GateSettings)}
-    gates = Gates(
-        model.num_exits,
-        GateSettings(**{k: v for k, v in settings.items() if k in fields}),
-        model.backbone.hidden_size,
-    )
-    gates.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("gates.")})
-    heads = type(model.heads)(
-        model.heads.layers,
-        model.backbone.hidden_size,
-        model.num_classes,
-        model.backbone.spec.head_activation,
-        im_head=model.heads.im_head,
-    )
-    heads.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("heads.")})
-    picked = EarlyExitModel.from_parts(
-        model.backbone,
-        heads,
-        gates,
-        model.preprocessor,
-        model.labels,
-        entry["costs"],
-        max_length=model.max_length,
-        exit_threshold=choice["tau"],
-    ).eval()
-    return picked, {
-        "source": f"report.json learned.{method} at cost budget {budget} (chosen on calib half A)",
-        "method": method,
-        "budget": budget,
-        "model_index": choice["model_index"],
-        "lambda": choice["lambda"],
-        "exit_threshold": choice["tau"],
-        "calib_cost": choice["calib_cost"],
-        "calib_accuracy": choice["calib_accuracy"],
-    }
+    run = Run.open(run_dir)
+    picked, summary = build_model(run, choose(run, method, budget), model.backbone, model.preprocessor)
+    keep = ("method", "param", "budget", "lambda", "exit_threshold", "calib_cost", "calib_accuracy")
+    source = f"jeidnn export {run_dir} --method {method} --budget {budget} (chosen on calib half A)"
+    return picked, {"source": source, **{k: summary[k] for k in keep if k in summary}}
 
 
 def saved_operating_point(model: EarlyExitModel) -> dict:
@@ -310,7 +265,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--column", default="text", help="column of --inputs holding the text")
     parser.add_argument("--no-test-split", action="store_true", help="do not time the run's test split")
     parser.add_argument("--num-inputs", type=int, default=1024, help="texts per input set")
-    parser.add_argument("--method", help="learned method of the run to time instead of the saved model")
+    parser.add_argument(
+        "--method", help="method of the run (learned or baseline) to time instead of the saved model"
+    )
     parser.add_argument("--budget", type=float, help="cost budget at which --method picks its configuration")
     parser.add_argument("--exit-threshold", type=float, help="override the learned gates' exit threshold")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per side and batch size")
@@ -340,7 +297,7 @@ def load(args: argparse.Namespace) -> tuple[EarlyExitModel, Path | None, dict]:
                 f"--method needs the run folder of {model_dir} (config.yaml, report.json, "
                 "checkpoints/learned); pass --run RUN"
             )
-        model, point = learned_operating_point(model, run_dir, args.method, args.budget)
+        model, point = chosen_operating_point(model, run_dir, args.method, args.budget)
     if args.exit_threshold is not None:
         if not isinstance(model.gates, Gates):
             raise JeidnnError(f"--exit-threshold needs learned gates; {model_dir} has {point['gates']}")
