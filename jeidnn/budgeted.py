@@ -40,10 +40,8 @@ __all__ = [
     "Candidate",
     "Method",
     "Source",
-    "choose_learned",
     "evaluate_config",
     "learned_candidates",
-    "learned_test_exit_fractions",
     "load_learned_sources",
     "load_source",
     "make_candidate",
@@ -420,68 +418,3 @@ def learned_candidates(entry: dict, sources: list[Source], split: CalibSplit) ->
             calib, test = score_exits(src.scores["calib"], tau), score_exits(src.scores["test"], tau)
             out.append(make_candidate(param, src, torch.tensor(entry["costs"]), calib, test, split))
     return out
-
-
-def choose_learned(
-    report: dict,
-    run_dir: Path,
-    method: str,
-    budget: float,
-    seed: int,
-    *,
-    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
-) -> dict:
-    """The (model, tau) a learned method plays at ``budget``, chosen on calib A as the evaluation does.
-
-    Args:
-        report: the run's report dict (needs ``learned``).
-        run_dir: the run folder the model files are relative to.
-        method: a key of ``report["learned"]``.
-        budget: the largest allowed calib-A cost.
-        seed: the run's seed (it fixes the calib halves).
-        tensors: in-memory predictions keyed by file path relative to ``run_dir``, instead of reading them.
-
-    Returns:
-        ``{"model_index", "lambda", "tau", "file", "calib_cost", "calib_accuracy"}``.
-
-    Raises:
-        JeidnnError: the method is unknown, or no (model, tau) meets the budget on calib A.
-    """
-    entry = _learned_entry(report, method)
-    sources = load_learned_sources(report, run_dir, method, tensors)
-    split = split_calib(len(sources[0].labels["calib"]), seed)
-    cands = learned_candidates(entry, sources, split)
-    chosen = select_config(cands, budget)
-    if chosen is None:
-        cheapest = min(c.calib_cost for c in cands)
-        raise JeidnnError(
-            f"learned method {method!r} cannot meet cost budget {budget} on calib half A (cheapest "
-            f"configuration costs {cheapest:.3f}); raise the budget"
-        )
-    k = chosen.param["model"]
-    return {
-        "model_index": k,
-        "lambda": chosen.param["lambda"],
-        "tau": chosen.param["tau"],
-        "file": entry["models"][k]["file"],
-        "calib_cost": chosen.calib_cost,
-        "calib_accuracy": chosen.calib_accuracy,
-    }
-
-
-def learned_test_exit_fractions(
-    report: dict,
-    run_dir: Path,
-    method: str,
-    model_index: int,
-    tau: float,
-    *,
-    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
-) -> list[float]:
-    """Fraction of test samples leaving at each exit for one model of a learned method at ``tau``."""
-    entry = _learned_entry(report, method)
-    src = load_source(Path(run_dir), entry["models"][model_index]["file"], len(entry["costs"]), True, tensors)
-    assert src.scores is not None
-    hist = ExitHistogram(len(entry["costs"]))
-    hist.update(score_exits(src.scores["test"], tau))
-    return hist.compute().tolist()

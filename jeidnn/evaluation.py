@@ -122,7 +122,7 @@ def _settings(cfg: Any, seed: int, gflops_full: float | None) -> Settings:
     )
 
 
-def _geometric(
+def geometric_candidates(
     src: Source, costs: list[float], split: CalibSplit, measure: str, ps: list[float], tag: Any
 ) -> list[Candidate]:
     """Budgeted-batch thresholds fitted on calib A for each geometric target q_k ∝ p^k."""
@@ -140,7 +140,7 @@ def _policy(src: Source, costs: list[float], split: CalibSplit, params: list, po
     return [make_candidate(p, src, costs, policy("calib", p), policy("test", p), split) for p in params]
 
 
-def _baselines(
+def baseline_methods(
     warm: Source, costs: list[float], layers: list[int], split: CalibSplit, cfg: Any
 ) -> tuple[list[Method], dict]:
     """The baseline methods on the warm-up IMs, and the grids they used."""
@@ -148,7 +148,7 @@ def _baselines(
     ps = list(cfg.threshold_ps)
     methods = [
         Method(
-            f"threshold_{m}", *METHODS[f"threshold_{m}"], _geometric(warm, costs, split, m, ps, lambda p: p)
+            f"threshold_{m}", *METHODS[f"threshold_{m}"], geometric_candidates(warm, costs, split, m, ps, lambda p: p)
         )
         for m in ("maxprob", "entropy", "margin")
     ]
@@ -202,7 +202,7 @@ def _baselines(
     return methods, {"threshold_ps": ps, "global_thresholds": grid, "patience_values": patience}
 
 
-def _model_tag(k: int, lam: float | None) -> Any:
+def model_tag(k: int, lam: float | None) -> Any:
     return lambda p: {"model": k, "lambda": lam, "p": p}
 
 
@@ -293,7 +293,7 @@ def evaluate(
     warm = load_source(run_dir, "predictions/warmup.safetensors", num_exits, False, tensors)
     split = split_calib(len(warm.labels["calib"]), seed)
     warm.fit_temperatures_on(split)
-    baselines, grids = _baselines(warm, costs, layers, split, cfg)
+    baselines, grids = baseline_methods(warm, costs, layers, split, cfg)
     temperatures: dict[str, Any] = {"warmup": warm.temperatures.tolist(), "learned": {}}
     learned_methods, derived = [], []
     for name, entry in (report.get("learned") or {}).items():
@@ -319,8 +319,8 @@ def evaluate(
         if name == "jeidnn_paper":
             cands = []
             for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
-                tag = _model_tag(k, model.get("lambda"))
-                cands += _geometric(src, costs, split, "maxprob", grids["threshold_ps"], tag)
+                tag = model_tag(k, model.get("lambda"))
+                cands += geometric_candidates(src, costs, split, "maxprob", grids["threshold_ps"], tag)
             derived.append(
                 Method("jeidnn_ims_threshold_maxprob", *METHODS["jeidnn_ims_threshold_maxprob"], cands)
             )

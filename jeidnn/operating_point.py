@@ -114,7 +114,7 @@ class Run:
     def method(self, name: str) -> Method:
         """The method's candidates, built by the evaluation's own code on this run's predictions."""
         # Reused rather than repeated, so the choice here cannot drift from the evaluation's.
-        from jeidnn.evaluation import METHODS, _baselines, _geometric, _model_tag
+        from jeidnn.evaluation import METHODS, baseline_methods, geometric_candidates, model_tag
 
         if name in self.learned:
             entry = self.learned[name]
@@ -126,12 +126,12 @@ class Run:
             sources = load_learned_sources(self.report, self.folder, DERIVED_FROM, self.tensors)
             cands = []
             for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
-                cands += _geometric(
-                    src, self.costs, self.split, "maxprob", ps, _model_tag(k, model.get("lambda"))
+                cands += geometric_candidates(
+                    src, self.costs, self.split, "maxprob", ps, model_tag(k, model.get("lambda"))
                 )
             return Method(name, *METHODS[name], cands)
         layers = list(self.report["exits"]["layers"])
-        methods, _ = _baselines(self.warm, self.costs, layers, self.split, self.cfg.eval)
+        methods, _ = baseline_methods(self.warm, self.costs, layers, self.split, self.cfg.eval)
         return next(m for m in methods if m.name == name)
 
 

@@ -10,7 +10,6 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from jeidnn.budgeted import choose_learned, learned_test_exit_fractions
 from jeidnn.config import EvalConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluation import evaluate, evaluate_run
@@ -281,7 +280,10 @@ def test_budgeted_summary_format_and_selection_rules(tmp_path):
             assert by["threshold_search"]["calib_accuracy"] >= by["global_maxprob"]["calib_accuracy"]
 
 
-def test_choose_learned_matches_the_evaluation_and_in_memory_entry_point(tmp_path):
+def test_the_export_choice_matches_the_evaluation_rows(tmp_path):
+    """`jeidnn export`'s choice (operating_point.choose) is the evaluation's row at every budget."""
+    from jeidnn.operating_point import Run, choose
+
     run = make_run(tmp_path)
     report_in = json.loads((run / "report.json").read_text())
     out = evaluate(
@@ -290,24 +292,22 @@ def test_choose_learned_matches_the_evaluation_and_in_memory_entry_point(tmp_pat
     assert "methods" not in report_in  # the input is not modified
     assert not (run / "report.md").exists()
     rows = {(r["budget"], r["method"]): r for r in out["summary"]["budgeted"]["rows"]}
+    opened = Run.open(run)
     for budget in (0.5, 0.7, 0.9):
-        row = rows[(budget, "gate_trajectory_expected")]
-        chosen = choose_learned(report_in, run, "gate_trajectory_expected", budget, seed=3)
-        assert chosen["model_index"] == row["param"]["model"] and chosen["tau"] == row["param"]["tau"]
-        assert chosen["calib_cost"] == pytest.approx(row["calib_cost"])
-        assert chosen["calib_cost"] <= budget
-        assert (
-            chosen["file"]
-            == f"predictions/learned/gate_trajectory_expected/{chosen['model_index']}.safetensors"
-        )
-        fractions = learned_test_exit_fractions(
-            report_in, run, "gate_trajectory_expected", chosen["model_index"], chosen["tau"]
-        )
-        assert fractions == pytest.approx(row["exit_fractions"])
-    with pytest.raises(JeidnnError, match="cannot meet cost budget 0.2"):
-        choose_learned(report_in, run, "jeidnn_paper", 0.2, seed=3)
-    with pytest.raises(JeidnnError, match="no learned method 'nope'"):
-        choose_learned(report_in, run, "nope", 0.5, seed=3)
+        for method in ("gate_trajectory_expected", "threshold_maxprob", "patience"):
+            row = rows[(budget, method)]
+            point = choose(opened, method, budget)
+            assert point.candidate.calib_cost == pytest.approx(row["calib_cost"])
+            assert row["calib_cost"] <= budget
+            assert point.candidate.calib_accuracy == pytest.approx(row["calib_accuracy"])
+            assert point.test_metrics()["test_exit_fractions"] == pytest.approx(row["exit_fractions"])
+        chosen = choose(opened, "gate_trajectory_expected", budget).param
+        learned_row = rows[(budget, "gate_trajectory_expected")]["param"]
+        assert (chosen["model"], chosen["tau"]) == (learned_row["model"], learned_row["tau"])
+    with pytest.raises(JeidnnError, match="0.2"):
+        choose(opened, "jeidnn_paper", 0.2)
+    with pytest.raises(JeidnnError, match="nope"):
+        choose(opened, "nope", 0.5)
 
 
 def test_evaluate_run_without_learned_and_overrides(tmp_path, capsys, monkeypatch):
