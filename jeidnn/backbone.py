@@ -201,6 +201,16 @@ class Backbone(nn.Module):
         return int(self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.dim)
 
     @property
+    def classifier_dropout(self) -> float:
+        """Dropout of the family's own classification head, as Hugging Face builds it (BERT-style
+        `classifier_dropout` else `hidden_dropout_prob`; DistilBERT `seq_classif_dropout`; ViT 0)."""
+        for key in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob"):
+            value = getattr(self.config, key, None)
+            if value is not None:
+                return float(value)
+        return 0.1
+
+    @property
     def input_names(self) -> tuple[str, ...]:
         return TEXT_INPUTS if self.modality == "text" else IMAGE_INPUTS
 
@@ -267,3 +277,99 @@ class Backbone(nn.Module):
             if i + 1 in wanted:
                 pooled.append(self.pool(hidden, attention_mask))
         return torch.stack(pooled, dim=1)  # (B, L, H)
+
+
+# The classifier inside a checkpoint's own *ForSequenceClassification / *ForImageClassification model:
+# (dense layer before the activation or None, output layer), as module paths. Each maps onto an ExitHead
+# of the family's activation (dense -> activation -> dropout -> output; dropout -> output for vision).
+_CLASSIFIER_PARTS: dict[str, tuple[str | None, str]] = {
+    "bert": ("bert.pooler.dense", "classifier"),
+    "roberta": ("classifier.dense", "classifier.out_proj"),
+    "electra": ("classifier.dense", "classifier.out_proj"),
+    "distilbert": ("pre_classifier", "classifier"),
+    "vit": (None, "classifier"),
+    "deit": (None, "classifier"),
+}
+
+
+@dataclass
+class CheckpointClassifier:
+    """What a model checkpoint brings for the final exit when stage 0 does not fine-tune."""
+
+    state: dict[str, Tensor] | None
+    """State dict of an :class:`~jeidnn.heads.ExitHead` holding the checkpoint's trained classifier, its
+    classes in the data's label order; None when the checkpoint has none usable."""
+    reason: str
+    """One sentence for the log and report.json: what was found, or why it cannot be used."""
+
+
+def _generic(name: str, index: int) -> bool:
+    return name == f"LABEL_{index}"
+
+
+def checkpoint_classifier(cfg: ModelConfig, label_names: list[str], pooling: str) -> CheckpointClassifier:
+    """The trained sequence/image classifier of `cfg.name_or_path`, when its config says it has one.
+
+    Its classes are matched to `label_names` by name (case-insensitive; rows reordered), or taken in index
+    order when the checkpoint only has generic names (`LABEL_0`, ...) and the same number of classes.
+    """
+    if cfg.random_config is not None:
+        return CheckpointClassifier(None, "a randomly initialised backbone has no trained classifier")
+    path = resolve_model_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    kind = next(
+        (a for a in architectures if a.endswith(("ForSequenceClassification", "ForImageClassification"))),
+        None,
+    )
+    if kind is None or config.model_type not in _CLASSIFIER_PARTS:
+        return CheckpointClassifier(
+            None,
+            f"{cfg.name_or_path} is a base model ({', '.join(architectures) or 'no architectures listed'})",
+        )
+    if pooling != "cls":
+        return CheckpointClassifier(
+            None, f"its classifier reads the CLS token, but the exits pool by {pooling}"
+        )
+    names = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if len(names) != len(label_names):
+        return CheckpointClassifier(
+            None, f"its classifier has {len(names)} classes, the data has {len(label_names)}"
+        )
+    if all(_generic(n, i) for i, n in enumerate(names)):
+        order = list(range(len(names)))
+        how = "class order taken to be data.labels' (the checkpoint names its classes LABEL_0, ...)"
+    else:
+        lookup = {n.lower(): i for i, n in enumerate(names)}
+        if sorted(lookup) != sorted(n.lower() for n in label_names):
+            return CheckpointClassifier(None, f"its classes {names} are not the data's {label_names}")
+        order = [lookup[n.lower()] for n in label_names]
+        how = "classes matched by name"
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto = (
+        AutoModelForSequenceClassification
+        if kind.endswith("SequenceClassification")
+        else AutoModelForImageClassification
+    )
+    try:
+        model, info = auto.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise JeidnnError(f"cannot load the classifier of {cfg.name_or_path!r}: {first_line(exc)}") from None
+    dense_path, out_path = _CLASSIFIER_PARTS[config.model_type]
+    prefixes = [p for p in (dense_path, out_path) if p is not None]
+    if any(key.startswith(prefix) for key in info["missing_keys"] for prefix in prefixes):
+        return CheckpointClassifier(
+            None, f"{cfg.name_or_path} lists {kind} but its classifier weights are missing"
+        )
+    out = model.get_submodule(out_path)
+    state = {}
+    if dense_path is None:
+        prefix = "net.1"
+    else:
+        dense = model.get_submodule(dense_path)
+        state = {"net.0.weight": dense.weight.detach().clone(), "net.0.bias": dense.bias.detach().clone()}
+        prefix = "net.3"
+    state[f"{prefix}.weight"] = out.weight.detach()[order].clone()  # (C, H) rows in the data's class order
+    state[f"{prefix}.bias"] = out.bias.detach()[order].clone()
+    return CheckpointClassifier(state, f"the trained classifier of {cfg.name_or_path} ({kind}; {how})")

@@ -1,12 +1,14 @@
 """The whole run: config -> data -> model -> stage 0..4 -> report.json -> exported model.
 
-`train.py` is a thin recipe over these functions; every piece can be imported and tested.
+`train.py` is a thin recipe over these functions; every piece can be imported and tested. A run records each
+finished stage and continues from there with `--resume true` (:mod:`jeidnn.resume`); with `devices` > 1,
+stage 0 and the feature cache run in several processes (:mod:`jeidnn.devices`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -17,17 +19,23 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from jeidnn.backbone import Backbone
-from jeidnn.config import GateVariant, RunConfig
+from jeidnn.config import RunConfig
 from jeidnn.cost import ExitCosts, exit_costs, text_cost_samples
-from jeidnn.data import JeidnnDataModule, RawData, Splits, load_raw, make_splits, model_inputs
+from jeidnn.data import SPLITS, JeidnnDataModule, RawData, Splits, load_raw, make_splits, model_inputs
+from jeidnn.devices import global_rank, make_trainer, run_device
 from jeidnn.errors import JeidnnError
 from jeidnn.features import FeatureSplit, extract_features
+from jeidnn.finetune import final_head_without_finetune, finetune
 from jeidnn.heads import ExitHeads
+from jeidnn.learned import save_predictions, train_stage2
 from jeidnn.preprocess import build_preprocessor
-from jeidnn.training import FinetuneModule, WarmupModule, exit_logits, feature_loader, freeze
+from jeidnn.resume import RunState, mark_failed, open_run_dir, pause_point, worker_state
+from jeidnn.training import WarmupModule, exit_logits, feature_loader, freeze
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +49,8 @@ class Prepared:
     dm: JeidnnDataModule
     heads: ExitHeads
     exit_layers: list[int]
+    device: torch.device
+    """Where the backbone passes run (feature cache, cost counting): `cfg.accelerator` resolved."""
 
 
 def exit_layers_of(cfg: RunConfig, num_layers: int) -> list[int]:
@@ -55,6 +65,7 @@ def exit_layers_of(cfg: RunConfig, num_layers: int) -> list[int]:
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Load model and data and validate them; raises JeidnnError on any bad input."""
+    device = run_device(cfg.accelerator)
     pl.seed_everything(cfg.seed, verbose=False)
     backbone = Backbone.load(cfg.model)
     raw = load_raw(cfg.data, backbone.modality)
@@ -64,17 +75,19 @@ def prepare(cfg: RunConfig) -> Prepared:
         cfg.model, backbone, train_inputs if backbone.modality == "text" else None
     )
     dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
+    dm.setup()
     layers = exit_layers_of(cfg, backbone.num_layers)
     heads = ExitHeads(
         layers,
         backbone.hidden_size,
         len(raw.label_names),
         backbone.spec.head_activation,
+        dropout=backbone.classifier_dropout,
         im_head=cfg.model.im_head,
     )
     if backbone.pooling == "cls":
         _init_final_head_from_pooler(backbone, heads)
-    return Prepared(cfg, backbone, raw, splits, dm, heads, layers)
+    return Prepared(cfg, backbone, raw, splits, dm, heads, layers, device)
 
 
 def _init_final_head_from_pooler(backbone: Backbone, heads: ExitHeads) -> None:
@@ -91,20 +104,6 @@ def _init_final_head_from_pooler(backbone: Backbone, heads: ExitHeads) -> None:
         first.load_state_dict(dense.state_dict())
 
 
-def create_run_dir(cfg: RunConfig) -> Path:
-    run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
-            state = "a finished run" if (run_dir / "report.json").exists() else "an unfinished run"
-            raise JeidnnError(
-                f"run folder {run_dir} already holds {state}; choose another --name or pass --overwrite true"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    return run_dir
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -112,6 +111,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 class Timer:
+    """Wall-clock seconds per stage, logged as each stage starts and ends."""
+
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
@@ -119,63 +120,95 @@ class Timer:
     def stage(self, name: str, quiet: bool = False):
         start = time.perf_counter()
         if not quiet:
-            print(f"[jeidnn] {name} ...", flush=True)
+            logger.info("%s ...", name)
         yield
         self.timings[name] = round(time.perf_counter() - start, 2)
         if not quiet:
-            print(f"[jeidnn] {name} done in {self.timings[name]:.1f} s", flush=True)
+            logger.info("%s done in %.1f s", name, self.timings[name])
 
 
-def make_trainer(
-    cfg: RunConfig, run_dir: Path, stage: str, max_epochs: int, progress: bool, **kwargs
-) -> pl.Trainer:
-    if cfg.logger == "tensorboard":
-        logger = pl.loggers.TensorBoardLogger(save_dir=str(run_dir / "logs"), name=stage)
-    else:
-        logger = pl.loggers.CSVLogger(save_dir=str(run_dir / "logs"), name=stage)
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        accelerator=cfg.accelerator,
-        devices=1,
-        logger=logger,
-        default_root_dir=str(run_dir),
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-        deterministic=False,
-        **kwargs,
-    )
+def save_backbone(p: Prepared, run_dir: Path) -> None:
+    """The frozen backbone as a Hugging Face folder (safetensors + tokenizer / image processor) in
+    `backbone/`, and the final head in `checkpoints/final_head.safetensors`."""
+    folder = run_dir / "backbone"
+    p.backbone.model.save_pretrained(folder)
+    if hasattr(p.dm.preprocessor, "save_pretrained"):
+        p.dm.preprocessor.save_pretrained(folder)
+    head = {k: v.contiguous() for k, v in p.heads.final.state_dict().items()}
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    save_file(head, str(run_dir / "checkpoints" / "final_head.safetensors"))
 
 
-def finetune(p: Prepared, run_dir: Path, progress: bool) -> None:
-    """Stage 0: backbone + final head, best val accuracy checkpoint restored."""
-    cfg = p.cfg.finetune
-    train = p.dm.loader("train", cfg.batch_size, shuffle=True, limit=cfg.max_samples)
-    module = FinetuneModule(p.backbone, p.heads.final, cfg, total_steps=len(train) * cfg.epochs)
-    ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
-        filename="finetune-best",
-        monitor="finetune/val_acc",
-        mode="max",
-        save_top_k=1,
-        save_weights_only=True,
-    )
-    trainer = make_trainer(p.cfg, run_dir, "finetune", cfg.epochs, progress, callbacks=[ckpt])
-    # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as found:
-    # without this the backbone would fine-tune with dropout off.
-    module.train()
-    trainer.fit(module, train, p.dm.val_dataloader())
-    if ckpt.best_model_path:
-        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+def load_backbone(p: Prepared, run_dir: Path) -> None:
+    """The weights :func:`save_backbone` wrote, into the prepared backbone and final head."""
+    p.backbone.model.load_state_dict(load_file(str(run_dir / "backbone" / "model.safetensors")))
+    p.heads.final.load_state_dict(load_file(str(run_dir / "checkpoints" / "final_head.safetensors")))
 
 
-def warmup(p: Prepared, cache: dict[str, FeatureSplit], run_dir: Path, progress: bool) -> list[int]:
-    """Stage 1: IMs on cached features; returns each IM's best epoch."""
+def stage0(
+    p: Prepared, state: RunState, run_dir: Path, timer: Timer, progress: bool, skipped: dict | None
+) -> bool:
+    """Stage 0 (`skipped` None) or its saved result; writes `backbone/`. Returns whether stage 1 must train
+    the final head (stage 0 off and no trained classifier in the checkpoint)."""
+    if state.finished("stage0"):
+        load_backbone(p, run_dir)
+        return bool(state.info["train_final_head"])
+    name = "stage 0: fine-tune backbone + final head"
+    if skipped is None:
+        with timer.stage(name):
+            summary = finetune(p, run_dir, progress, resume=p.cfg.resume)
+    train_final = skipped is not None and skipped["train_final_head"]
+    if state.run_dir is not None:
+        save_backbone(p, run_dir)
+        times = {name: timer.timings[name]} if skipped is None else {}
+        finetune_entry = summary if skipped is None else skipped["finetune"]
+        state.mark("stage0", times, finetune=finetune_entry, train_final_head=train_final)
+    return train_final
+
+
+def feature_cache(
+    p: Prepared, state: RunState, run_dir: Path, timer: Timer, progress: bool
+) -> dict[str, FeatureSplit] | None:
+    """Each split's features, computed once (in `devices` processes) and kept in `cache/` until the run
+    ends; None in processes other than the first, whose work ends here."""
+    p.backbone.eval()
+    trainer = None
+    cache: dict[str, FeatureSplit] = {}
+    with timer.stage("feature cache"):
+        for split in SPLITS:
+            path = run_dir / "cache" / f"{split}.safetensors"
+            if state.finished(f"cache:{split}"):
+                if state.run_dir is not None:
+                    cache[split] = FeatureSplit.load(path)
+                continue
+            if trainer is None:
+                trainer = make_trainer(p.cfg, run_dir, "cache", progress, distributed=True, logger=False)
+            name = f"feature cache [{split}]"
+            with timer.stage(name, quiet=True):
+                features = extract_features(p.backbone, p.dm, split, p.exit_layers, progress, trainer=trainer)
+            if features is not None and state.run_dir is not None:
+                features.save(path)
+                state.mark(f"cache:{split}", {name: timer.timings[name]})
+                cache[split] = features
+                pause_point(f"cache:{split}")
+    if state.run_dir is None:
+        return None
+    shutil.rmtree(run_dir / "checkpoints" / "finetune", ignore_errors=True)  # every process is past stage 0
+    return cache
+
+
+def warmup(
+    p: Prepared, cache: dict[str, FeatureSplit], run_dir: Path, progress: bool, train_final: bool = False
+) -> list[int]:
+    """Stage 1: IMs (and the final head when `train_final`) on cached features; returns each trained head's
+    best epoch."""
     cfg = p.cfg.warmup
-    module = WarmupModule(p.heads, cache["val"], cfg)
-    if p.heads.num_exits > 1 and cfg.max_epochs > 0:
-        trainer = make_trainer(p.cfg, run_dir, "warmup", cfg.max_epochs, progress, enable_checkpointing=False)
+    pl.seed_everything(p.cfg.seed, verbose=False)
+    module = WarmupModule(p.heads, cache["val"], cfg, train_final=train_final)
+    if module.trained and cfg.max_epochs > 0:
+        trainer = make_trainer(
+            p.cfg, run_dir, "warmup", progress, max_epochs=cfg.max_epochs, enable_checkpointing=False
+        )
         trainer.fit(module, feature_loader(cache["train"], cfg.batch_size, True, p.cfg.seed))
         module.restore_best()
     p.heads.eval()
@@ -187,6 +220,7 @@ def warmup(p: Prepared, cache: dict[str, FeatureSplit], run_dir: Path, progress:
 
 
 def count_costs(p: Prepared) -> ExitCosts:
+    """FLOPs of every exit, counted on the configured device."""
     ds = p.dm.datasets["test"]
     if p.raw.modality == "text":
         samples = text_cost_samples(ds.encoded)
@@ -195,12 +229,14 @@ def count_costs(p: Prepared) -> ExitCosts:
         batch = p.dm.collator([ds[i] for i in range(min(8, len(ds)))])
         samples = [(model_inputs(batch, p.backbone.input_names), 1.0)]
         counted = "test images (all the same size)"
-    return exit_costs(p.backbone, p.heads, samples, counted)
-
-
-def save_predictions(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    samples = [({k: v.to(p.device) for k, v in inputs.items()}, weight) for inputs, weight in samples]
+    p.backbone.to(p.device)
+    p.heads.to(p.device)
+    try:
+        return exit_costs(p.backbone, p.heads, samples, counted)
+    finally:
+        p.backbone.cpu()
+        p.heads.cpu()
 
 
 def base_report(p: Prepared, costs: ExitCosts, test_logits: torch.Tensor, test_labels: torch.Tensor) -> dict:
@@ -233,137 +269,49 @@ def base_report(p: Prepared, costs: ExitCosts, test_logits: torch.Tensor, test_l
     }
 
 
-def gate_flops(variant: GateVariant, num_exits: int, hidden_size: int, num_classes: int) -> float:
-    """FLOPs of one gate of ``variant`` on one sample, counted like every other component."""
-    from jeidnn.cost import count_flops
-    from jeidnn.gates import Gates
-    from jeidnn.stage2 import gate_settings
-
-    gates = Gates(num_exits, gate_settings(variant), hidden_size).eval()
-    logits, hidden = torch.zeros(1, num_exits, num_classes), torch.zeros(1, num_exits - 1, hidden_size)
-    with torch.no_grad():
-        return count_flops(lambda: gates(logits, hidden)) / (num_exits - 1)
+STAGE2 = "stage 2: learned gates, every variant and λ"
 
 
-LEARNED_LABELS = {
-    "jeidnn_paper": "JEI-DNN, paper preset",
-}
+def run(cfg: RunConfig, progress: bool = True) -> dict | None:
+    """Train and evaluate one run; returns the final report.json content.
 
-
-def _learned_entries(variant: GateVariant, costs: list[float], models: list[dict]) -> dict[str, dict]:
-    """report.json `learned` entries of one variant: as configured, and for a `native` variant also with
-    the exit threshold chosen on calib (an extension sharing the same models)."""
-    label = LEARNED_LABELS.get(variant.name, variant.name.replace("_", " "))
-    settings = dataclasses.asdict(variant)
-    entry = {
-        "label": label + (" (extension)" if variant.extension else ""),
-        "extension": variant.extension,
-        "operating_point": variant.operating_point,
-        "costs": costs,
-        "settings": settings,
-        "models": models,
-    }
-    entries = {variant.name: entry}
-    if variant.operating_point == "native":
-        entries[f"{variant.name}_tau"] = {
-            **entry,
-            "label": f"{label} + exit threshold on calib (extension)",
-            "extension": True,
-            "operating_point": "calib_threshold",
-        }
-    return entries
-
-
-def train_stage2(
-    p: Prepared, cache: dict[str, FeatureSplit], costs: ExitCosts, run_dir: Path, progress: bool
-) -> tuple[dict[str, dict], dict[str, list], dict[str, dict]]:
-    """Stage 2 for every variant and λ; writes each model's predictions and weights.
-
-    Returns:
-        report.json's `learned` entries, the trained models per variant (for the export), and every
-        predictions file's tensors keyed by its path in the run folder.
+    Every finished stage is recorded in `state.json`; with `cfg.resume` an interrupted run continues from
+    there (:mod:`jeidnn.resume`). A failure leaves a FAILED marker and every finished artifact; report.json
+    is written once, at the end. With `devices` > 1 every process runs this function and the others return
+    None after their share of the feature cache.
     """
-    from jeidnn.stage2 import fit_stage2
-
-    cfg = p.cfg
-    num_exits, hidden = p.heads.num_exits, p.backbone.hidden_size
-    variant_costs = {
-        v.name: costs.with_gates(gate_flops(v, num_exits, hidden, p.heads.num_classes))
-        for v in cfg.jeidnn.variants
-    }
-    if cfg.logger == "tensorboard":
-        logger = pl.loggers.TensorBoardLogger(save_dir=str(run_dir / "logs"), name="stage2")
-    else:
-        logger = pl.loggers.CSVLogger(save_dir=str(run_dir / "logs"), name="stage2")
-    trained = fit_stage2(
-        cache["train"].features,
-        cache["train"].labels,
-        cache["val"].features,
-        cache["val"].labels,
-        p.heads,
-        {name: torch.tensor(c) for name, c in variant_costs.items()},
-        cfg.jeidnn,
-        seed=cfg.seed,
-        trainer_kwargs={
-            "accelerator": "cpu" if cfg.accelerator == "auto" else cfg.accelerator,
-            "logger": logger,
-            "enable_progress_bar": progress,
-            "default_root_dir": str(run_dir),
-        },
-    )
-    learned: dict[str, dict] = {}
-    predictions: dict[str, dict] = {}
-    for variant in cfg.jeidnn.variants:
-        models = []
-        for k, model in enumerate(trained[variant.name]):
-            tensors = {}
-            for split in ("val", "calib", "test"):
-                features = cache[split].features
-                with torch.no_grad():
-                    logits = model.heads(features)  # (N, L, C)
-                    tensors[f"{split}_scores"] = model.gates.scores(logits, features[:, :-1])  # (N, L-1)
-                tensors[f"{split}_logits"] = logits
-                tensors[f"{split}_labels"] = cache[split].labels
-            rel = f"predictions/learned/{variant.name}/{k}.safetensors"
-            save_predictions(run_dir / rel, tensors)
-            predictions[rel] = tensors
-            weights = {f"heads.{n}": v for n, v in model.heads.state_dict().items()}
-            weights.update({f"gates.{n}": v for n, v in model.gates.state_dict().items()})
-            save_predictions(run_dir / "checkpoints" / "learned" / variant.name / f"{k}.safetensors", weights)
-            models.append(
-                {
-                    "lambda": model.lam,
-                    "file": rel,
-                    "val_cost": model.val_cost,
-                    "val_accuracy": model.val_accuracy,
-                }
-            )
-        learned.update(_learned_entries(variant, variant_costs[variant.name], models))
-    return learned, trained, predictions
-
-
-def run(cfg: RunConfig, progress: bool = True) -> dict:
-    """Train and evaluate one run; returns the final report.json content."""
+    rank = global_rank()
+    if rank != 0:
+        logging.getLogger("jeidnn").setLevel(logging.WARNING)  # progress is the first process's to report
     timer = Timer()
     with timer.stage("load model and data"):
         p = prepare(cfg)
-    run_dir = create_run_dir(cfg)
-    print(f"[jeidnn] run folder: {run_dir}", flush=True)
-    report_path = run_dir / "report.json"
+        skipped = None
+        if not (cfg.finetune.enabled and cfg.finetune.epochs > 0):
+            entry, train_final = final_head_without_finetune(p)  # its errors come before any folder exists
+            skipped = {"finetune": entry, "train_final_head": train_final}
+    state = open_run_dir(cfg) if rank == 0 else worker_state(cfg)
+    run_dir = cfg.run_dir
+    logger.info("run folder: %s", run_dir)
+    stage = "stage 0"
     try:
-        if cfg.finetune.enabled and cfg.finetune.epochs > 0:
-            with timer.stage("stage 0: fine-tune backbone + final head"):
-                finetune(p, run_dir, progress)
+        train_final = stage0(p, state, run_dir, timer, progress, skipped)
         freeze(p.backbone)
         freeze(p.heads.final)
-        p.backbone.eval()
-        cache: dict[str, FeatureSplit] = {}
-        with timer.stage("feature cache"):
-            for split in ("train", "val", "calib", "test"):
-                with timer.stage(f"feature cache [{split}]", quiet=True):
-                    cache[split] = extract_features(p.backbone, p.dm, split, p.exit_layers, progress)
-        with timer.stage("stage 1: IM warm-up"):
-            warmup(p, cache, run_dir, progress)
+        stage = "feature cache"
+        cache = feature_cache(p, state, run_dir, timer, progress)
+        if cache is None:
+            return None
+        stage = "stage 1"
+        if state.finished("warmup"):
+            p.heads.load_state_dict(load_file(str(run_dir / "checkpoints" / "warmup_heads.safetensors")))
+        else:
+            with timer.stage("stage 1: IM warm-up"):
+                warmup(p, cache, run_dir, progress, train_final)
+            state.mark("warmup", {"stage 1: IM warm-up": timer.timings["stage 1: IM warm-up"]})
+            pause_point("warmup")
+        p.heads.eval()
+        stage = "cost counting"
         with timer.stage("cost counting"):
             costs = count_costs(p)
         logits = {s: exit_logits(p.heads, cache[s]) for s in ("val", "calib", "test")}
@@ -374,32 +322,46 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         # Every prediction file also stays in memory for the evaluation (keyed by its path in the run).
         predictions = {"predictions/warmup.safetensors": warm}
         report = base_report(p, costs, logits["test"], cache["test"].labels)
+        report["finetune"] = state.info["finetune"]
         trained: dict[str, list] = {}
         if cfg.jeidnn.enabled and p.heads.num_exits > 1:
-            with timer.stage("stage 2: learned gates, every variant and λ"):
+            stage = "stage 2"
+            with timer.stage(STAGE2):
                 report["learned"], trained, learned_predictions = train_stage2(
                     p, cache, costs, run_dir, progress
                 )
+            state.mark("stage2", {STAGE2: timer.timings[STAGE2]})
             predictions.update(learned_predictions)
-            train_pass = timer.timings["feature cache [train]"]
-            report["stage2_time_vs_train_pass"] = {
-                "stage2_s": timer.timings["stage 2: learned gates, every variant and λ"],
-                "train_pass_s": train_pass,
-                "ratio": timer.timings["stage 2: learned gates, every variant and λ"] / max(train_pass, 1e-9),
-            }
+            timings = {**state.timings, **timer.timings}
+            if "feature cache [train]" in timings:
+                train_pass = timings["feature cache [train]"]
+                report["stage2_time_vs_train_pass"] = {
+                    "stage2_s": timings[STAGE2],
+                    "train_pass_s": train_pass,
+                    "ratio": timings[STAGE2] / max(train_pass, 1e-9),
+                }
+        # What `jeidnn evaluate` needs should the evaluation below fail.
+        write_json_atomic(run_dir / "report.partial.json", report)
+        stage = "stages 3-4"
         with timer.stage("stages 3-4: calibrate, baselines, evaluate"):
             from jeidnn.evaluation import evaluate
 
             report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions)
         if trained:
+            stage = "export"
             with timer.stage("export model"):
                 report["export"] = export_model(p, report, trained, run_dir, predictions)
-        report["timings_s"] = dict(timer.timings)
-        write_json_atomic(report_path, report)
-    except BaseException:
-        report_path.unlink(missing_ok=True)
-        (run_dir / "FAILED").write_text("this run did not finish; its outputs are incomplete\n")
+        report["timings_s"] = {**state.timings, **timer.timings}
+        write_json_atomic(run_dir / "report.json", report)
+        state.mark("report")
+    except BaseException as exc:
+        if rank == 0:
+            mark_failed(run_dir, stage, exc, state)
         raise
+    # Only needed to resume: the run is complete.
+    for leftover in ("cache", "checkpoints/stage2"):
+        shutil.rmtree(run_dir / leftover, ignore_errors=True)
+    (run_dir / "report.partial.json").unlink(missing_ok=True)
     return report
 
 

@@ -17,22 +17,28 @@ detached normaliser (paper) or the plain sum of per-exit CEs.
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from jeidnn.config import GateVariant, JeidnnConfig
-from jeidnn.gates import GateSettings, StackedGates, exit_distribution, score_exits
+from jeidnn.gates import Gates, GateSettings, StackedGates, exit_distribution, score_exits
 from jeidnn.losses import expected_loss, gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
+
+logger = logging.getLogger(__name__)
 
 # IM layers that act on each element alike, so one call covers all K models.
 _ELEMENTWISE = (nn.Identity, nn.Tanh, nn.GELU, nn.ReLU)
@@ -506,6 +512,46 @@ def next_lambdas(models: Sequence[TrainedModel], first_cost: float, cfg: JeidnnC
     return sorted(set(new))
 
 
+def save_models(path: Path, models: Sequence[TrainedModel]) -> None:
+    """Write trained models (weights, variant name, λ, history) to one safetensors file, atomically."""
+    tensors: dict[str, Tensor] = {}
+    for k, model in enumerate(models):
+        tensors.update({f"{k}.heads.{n}": v.contiguous() for n, v in model.heads.state_dict().items()})
+        tensors.update({f"{k}.gates.{n}": v.contiguous() for n, v in model.gates.state_dict().items()})
+    meta = [{"variant": m.variant.name, "lambda": m.lam, "history": m.history} for m in models]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"models": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_models(
+    path: Path, variants: Sequence[GateVariant], heads: nn.Module, hidden_size: int
+) -> list[TrainedModel]:
+    """The models :func:`save_models` wrote, rebuilt around copies of ``heads`` (the warm-up heads)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["models"])
+    tensors = load_file(str(path))
+    by_name = {v.name: v for v in variants}
+    models = []
+    for k, entry in enumerate(meta):
+        variant = by_name[entry["variant"]]
+        model_heads = copy.deepcopy(heads).cpu().eval()
+        model_heads.load_state_dict(
+            {n[len(f"{k}.heads.") :]: v for n, v in tensors.items() if n.startswith(f"{k}.heads.")}
+        )
+        gates = Gates(len(heads.heads), gate_settings(variant), hidden_size)
+        gates.load_state_dict(
+            {n[len(f"{k}.gates.") :]: v for n, v in tensors.items() if n.startswith(f"{k}.gates.")}
+        )
+        models.append(
+            TrainedModel(variant, float(entry["lambda"]), model_heads, gates.eval(), entry["history"])
+        )
+    return models
+
+
 def fit_stage2(
     train_features: Tensor,
     train_labels: Tensor,
@@ -517,7 +563,9 @@ def fit_stage2(
     *,
     seed: int = 0,
     trainer_kwargs: dict[str, Any] | None = None,
-    log: Any = print,
+    log: Callable[[str], Any] = logger.info,
+    store: Path | None = None,
+    after_fit: Callable[[str], Any] | None = None,
 ) -> dict[str, list[TrainedModel]]:
     """Train every variant of ``cfg.variants`` over its λ values; λ chosen automatically when ``cfg.lambdas``
     is None (rounds of :func:`next_lambdas`, each round one side-by-side fit of all new models).
@@ -525,6 +573,10 @@ def fit_stage2(
     Args:
         costs: per variant name, its exit costs ``(L,)`` (IMs and its own gates).
         log: called with one progress line per round.
+        store: a folder keeping each finished fit (``round<r>-<data>.safetensors``); a fit found there is
+            loaded instead of trained, so a resumed run continues where it stopped. Each fit is seeded on its
+            own (``seed + round``), so the result is the same either way.
+        after_fit: called with each fit's name once it is stored.
 
     Returns:
         Per variant name, its models sorted by λ.
@@ -532,24 +584,38 @@ def fit_stage2(
     todo = {v.name: list(cfg.lambdas if cfg.lambdas is not None else cfg.lambda_grid) for v in cfg.variants}
     rounds = 1 + (cfg.lambda_rounds if cfg.lambdas is None else 0)
     trained: dict[str, list[TrainedModel]] = {v.name: [] for v in cfg.variants}
+    hidden_size = train_features.shape[-1]
     for round_ in range(rounds):
         plan = [(v, costs[v.name], todo[v.name]) for v in cfg.variants if todo[v.name]]
         if not plan:
             break
         count = sum(len(lams) for _, _, lams in plan)
-        log(f"[jeidnn] stage 2, round {round_ + 1}: {count} models side by side ({len(plan)} variants)")
+        log(f"stage 2, round {round_ + 1}: {count} models side by side ({len(plan)} variants)")
         # Gates that learn on val (IMs frozen) train in their own fit, with val as their training data.
         for source in ("train", "val"):
             part = [entry for entry in plan if entry[0].gate_data == source]
             if not part:
                 continue
-            fit_x, fit_y = (train_features, train_labels) if source == "train" else (val_features, val_labels)
-            results = train_models(
-                fit_x, fit_y, val_features, val_labels, heads, part, cfg,
-                seed=seed + round_, trainer_kwargs=trainer_kwargs,
-            )  # fmt: skip
-            for (variant, _, _), models in zip(part, results):
-                trained[variant.name].extend(models)
+            name = f"round{round_ + 1}-{source}"
+            path = store / f"{name}.safetensors" if store is not None else None
+            if path is not None and path.is_file():
+                log(f"stage 2, {name}: loaded from {path}")
+                models = load_models(path, [v for v, _, _ in part], heads, hidden_size)
+            else:
+                fit_x, fit_y = (
+                    (train_features, train_labels) if source == "train" else (val_features, val_labels)
+                )
+                results = train_models(
+                    fit_x, fit_y, val_features, val_labels, heads, part, cfg,
+                    seed=seed + round_, trainer_kwargs=trainer_kwargs,
+                )  # fmt: skip
+                models = [m for block in results for m in block]
+                if path is not None:
+                    save_models(path, models)
+                    if after_fit is not None:
+                        after_fit(name)
+            for model in models:
+                trained[model.variant.name].append(model)
         todo = {
             v.name: [
                 lam

@@ -7,29 +7,55 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from jeidnn.backbone import Backbone
 from jeidnn.config import FinetuneConfig, WarmupConfig
 from jeidnn.data import model_inputs
+from jeidnn.devices import GlobalBatches
 from jeidnn.features import FeatureSplit
 from jeidnn.heads import ExitHead, ExitHeads
 
 
 class FinetuneModule(pl.LightningModule):
-    """Stage 0: cross-entropy on the final head over the last layer's pooled output."""
+    """Stage 0: cross-entropy on the final head over the last layer's pooled output.
 
-    def __init__(self, backbone: Backbone, head: ExitHead, cfg: FinetuneConfig, total_steps: int) -> None:
+    Built to resume exactly: the learning rate is a function of the optimizer step (linear warm-up, then
+    linear decay to 0 at `total_steps`, as in the BERT fine-tuning recipe), and a checkpoint also carries
+    the random state and how many batches of its epoch were trained on.
+
+    Args:
+        batches: the training batch sampler; its global batch sizes scale the loss (see `training_step`),
+            and a loaded checkpoint tells it where to resume.
+        num_classes: for the validation accuracy (a torchmetrics metric, so it is summed over processes).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: ExitHead,
+        cfg: FinetuneConfig,
+        total_steps: int,
+        num_classes: int,
+        batches: GlobalBatches,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.cfg = cfg
         self.total_steps = max(total_steps, 1)
+        self.warmup_steps = int(cfg.warmup_fraction * self.total_steps)
+        self.batches = batches
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self._batches_done = 0
+        self._restore: dict | None = None
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         pooled = self.backbone(
@@ -37,64 +63,103 @@ class FinetuneModule(pl.LightningModule):
         )
         return self.head(pooled[:, 0])  # (B, C)
 
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier at optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return max(0.0, (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1))
+
+    def on_train_epoch_start(self) -> None:
+        self.batches.set_epoch(self.current_epoch)  # Lightning only tells a batch sampler's inner sampler
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self._restore is not None:
+            # The random state of the step after the checkpoint, so dropout draws what it drew then.
+            torch.set_rng_state(self._restore["rng"])
+            if torch.cuda.is_available() and len(self._restore["cuda_rng"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(self._restore["cuda_rng"])
+            self._restore = None
+        factor = self.lr_factor(self.global_step)
+        for group, lr in zip(self.trainer.optimizers[0].param_groups, (self.cfg.lr, self.cfg.head_lr)):
+            group["lr"] = lr * factor
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch)
-        loss = F.cross_entropy(logits, batch["labels"])
-        self.log("finetune/train_loss", loss, prog_bar=True)
+        logits = self(batch)  # (b, C): this process's rows of the global batch
+        # DDP averages the processes' gradients: a sum over our rows x processes / global rows makes that
+        # average the gradient of the mean loss over the whole global batch, as with one process.
+        scale = self.trainer.world_size / self.batches.global_size(batch_idx)
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum") * scale
+        self.log("finetune/train_loss", loss, prog_bar=True, sync_dist=self.trainer.world_size > 1)
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits = self(batch)
-        acc = (logits.argmax(-1) == batch["labels"]).float().mean()
-        self.log("finetune/val_acc", acc, prog_bar=True, batch_size=len(logits))
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._batches_done = batch_idx + 1
 
-    def configure_optimizers(self):
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.val_accuracy.update(self(batch), batch["labels"])
+        self.log("finetune/val_acc", self.val_accuracy, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["jeidnn_position"] = {
+            "epoch": self.current_epoch,
+            "batches_done": self._batches_done,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        position = checkpoint["jeidnn_position"]
+        self.batches.resume_at(position["epoch"], position["batches_done"])
+        self._restore = position
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [
             {"params": self.backbone.parameters(), "lr": self.cfg.lr},
             {"params": self.head.parameters(), "lr": self.cfg.head_lr},
         ]
-        optimizer = torch.optim.AdamW(params, weight_decay=self.cfg.weight_decay)
-        warmup = int(self.cfg.warmup_fraction * self.total_steps)
-
-        def schedule(step: int) -> float:
-            # Linear warm-up then linear decay, as in the BERT fine-tuning recipe.
-            if step < warmup:
-                return (step + 1) / max(warmup, 1)
-            return max(0.0, (self.total_steps - step) / max(self.total_steps - warmup, 1))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+        return torch.optim.AdamW(params, weight_decay=self.cfg.weight_decay)
 
 
 class WarmupModule(pl.LightningModule):
     """Stage 1: train the IMs on cached features of the frozen backbone.
 
-    Loss Σ_l (L + 1 − l) · CE_l over the IMs still training (docs/method.md). Each IM stops on
+    Loss Σ_l (L + 1 − l) · CE_l over the heads still training (docs/method.md). Each head stops on
     its own when its val accuracy has not improved for `patience` epochs, and its best
-    weights are restored; training ends when every IM has stopped.
+    weights are restored; training ends when every head has stopped.
+
+    Args:
+        train_final: also train the final classifier (weight 1), for a backbone that was not
+            fine-tuned and brought no trained classifier of its own.
     """
 
-    def __init__(self, heads: ExitHeads, val: FeatureSplit, cfg: WarmupConfig) -> None:
+    def __init__(
+        self, heads: ExitHeads, val: FeatureSplit, cfg: WarmupConfig, train_final: bool = False
+    ) -> None:
         super().__init__()
         self.heads = heads
         for p in heads.final.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train_final)
         self.val = val
         self.cfg = cfg
-        num_ims = heads.num_exits - 1
-        self.best_acc = [-math.inf] * num_ims
-        self.best_state = [copy.deepcopy(h.state_dict()) for h in heads.heads[:-1]]
-        self.bad_epochs = [0] * num_ims
-        self.active = [True] * num_ims
-        self.best_epoch = [0] * num_ims
         L = heads.num_exits
-        self.register_buffer("weights", torch.tensor([float(L - i) for i in range(num_ims)]))  # (L-1,)
+        self.trained = list(range(L if train_final else L - 1))
+        """Indices of the heads this stage trains."""
+        n = len(self.trained)
+        self.best_acc = [-math.inf] * n
+        self.best_state = [copy.deepcopy(heads.heads[i].state_dict()) for i in self.trained]
+        self.bad_epochs = [0] * n
+        self.active = [True] * n
+        self.best_epoch = [0] * n
+        self.register_buffer("weights", torch.tensor([float(L - i) for i in self.trained]))  # (n,)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         features, labels = batch  # (B, L, H), (B,)
-        active = [i for i, a in enumerate(self.active) if a]
+        active = [j for j, a in enumerate(self.active) if a]
         losses = torch.stack(
-            [F.cross_entropy(self.heads.heads[i](features[:, i]), labels) for i in active]
+            [
+                F.cross_entropy(self.heads.heads[self.trained[j]](features[:, self.trained[j]]), labels)
+                for j in active
+            ]
         )  # (A,)
         loss = (self.weights[active] * losses).sum()
         self.log("warmup/train_loss", loss, prog_bar=True)
@@ -102,20 +167,21 @@ class WarmupModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         accs = self.val_accuracy()
-        for i, acc in enumerate(accs):
+        for j, acc in enumerate(accs):
+            i = self.trained[j]
             self.log(f"warmup/val_acc_exit{i + 1}", acc)
-            if not self.active[i]:
+            if not self.active[j]:
                 continue
-            if acc > self.best_acc[i]:
-                self.best_acc[i] = acc
-                self.best_state[i] = copy.deepcopy(self.heads.heads[i].state_dict())
-                self.best_epoch[i] = self.current_epoch
-                self.bad_epochs[i] = 0
+            if acc > self.best_acc[j]:
+                self.best_acc[j] = acc
+                self.best_state[j] = copy.deepcopy(self.heads.heads[i].state_dict())
+                self.best_epoch[j] = self.current_epoch
+                self.bad_epochs[j] = 0
             else:
-                self.bad_epochs[i] += 1
-                if self.bad_epochs[i] >= self.cfg.patience:
-                    self.active[i] = False
-                    self.heads.heads[i].load_state_dict(self.best_state[i])
+                self.bad_epochs[j] += 1
+                if self.bad_epochs[j] >= self.cfg.patience:
+                    self.active[j] = False
+                    self.heads.heads[i].load_state_dict(self.best_state[j])
                     for p in self.heads.heads[i].parameters():
                         p.requires_grad_(False)
         if not any(self.active):
@@ -123,26 +189,29 @@ class WarmupModule(pl.LightningModule):
 
     @torch.no_grad()
     def val_accuracy(self) -> list[float]:
+        """Val accuracy of each trained head, in the order of `trained`."""
         was = self.heads.training
         self.heads.eval()
         feats = self.val.features.to(self.device)
         labels = self.val.labels.to(self.device)
         accs = [
             (self.heads.heads[i](feats[:, i]).argmax(-1) == labels).float().mean().item()
-            for i in range(self.heads.num_exits - 1)
+            for i in self.trained
         ]
         self.heads.train(was)
         return accs
 
     def restore_best(self) -> None:
-        """Load each IM's best weights and make the IMs trainable again (stage 2 trains them)."""
-        for i, state in enumerate(self.best_state):
+        """Load each head's best weights; the IMs become trainable again (stage 2 trains them), the final
+        head stays frozen."""
+        for j, state in enumerate(self.best_state):
+            i = self.trained[j]
             self.heads.heads[i].load_state_dict(state)
             for p in self.heads.heads[i].parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(i < self.heads.num_exits - 1)
 
     def configure_optimizers(self):
-        params = [p for h in self.heads.heads[:-1] for p in h.parameters()]
+        params = [p for i in self.trained for p in self.heads.heads[i].parameters()]
         return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
 

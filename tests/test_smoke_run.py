@@ -66,6 +66,24 @@ def test_report_has_the_promised_schema(report):
     assert set(report["summary"]) >= {"budgeted", "cost_range", "auc", "matched_cost"}
 
 
+def test_stage0_validates_and_keeps_the_best(report, smoke_run):
+    """Stage 0 validates every finetune.val_check_interval steps, stops on patience or a budget, and the
+    weights in backbone/ are the best validation's: the cached test features come from them."""
+    ft = report["finetune"]
+    cfg = CFG.finetune
+    steps = [v["step"] for v in ft["validations"]]
+    assert steps == list(range(cfg.val_check_interval, ft["steps"] + 1, cfg.val_check_interval))
+    accuracies = [v["val_accuracy"] for v in ft["validations"]]
+    assert ft["best_val_accuracy"] == max(accuracies)
+    assert ft["best_step"] == steps[accuracies.index(max(accuracies))]  # the first of equal ones
+    assert ft["steps"] <= cfg.epochs * 10 and ft["epochs"] == ft["steps"] / 10  # 300 samples, batch 32
+    after_best = len(steps) - 1 - accuracies.index(max(accuracies))
+    if after_best >= cfg.patience:
+        assert "finetune.patience" in ft["stopped"]
+    else:
+        assert ft["steps"] == cfg.epochs * 10 and "epochs" in ft["stopped"]
+
+
 def test_learned_methods(report, smoke_run):
     assert "jeidnn_paper" in LEARNED and "jeidnn_paper_tau" in LEARNED and len(LEARNED) > 2
     assert list(report["learned"]) == LEARNED
@@ -115,10 +133,10 @@ def test_export(report, smoke_run):
     assert 0 < export["exit_threshold"] <= 1
     assert len(export["test_exit_fractions"]) == 3
     assert math.isclose(sum(export["test_exit_fractions"]), 1.0, abs_tol=1e-6)
-    saved = json.loads((smoke_run / "model" / "jeidnn.json").read_text())
-    assert saved["format_version"] == 2
+    saved = json.loads((smoke_run / "model" / "config.json").read_text())
+    assert saved["model_type"] == "jeidnn"
     gates = saved["gates"]
-    assert gates["type"] == "learned" and gates["exit_threshold"] == export["exit_threshold"]
+    assert gates["kind"] == "learned" and gates["exit_threshold"] == export["exit_threshold"]
     settings = report["learned"][export["method"]]["settings"]
     assert gates["settings"] == {k: settings[k] for k in gates["settings"]}
     assert saved["costs"] == report["learned"][export["method"]]["costs"]
@@ -143,9 +161,14 @@ def test_exported_model_takes_the_reported_exits_on_test(report, smoke_run):
 def test_run_folder_contents(smoke_run):
     for name in (
         "config.yaml",
+        "state.json",
         "report.md",
-        "model/jeidnn.json",
-        "model/exits.safetensors",
+        "model/config.json",
+        "model/model.safetensors",
+        "backbone/config.json",
+        "backbone/model.safetensors",
+        "backbone/tokenizer_config.json",
+        "checkpoints/final_head.safetensors",
         "predictions/warmup.safetensors",
         "predictions/learned/jeidnn_paper/0.safetensors",
         f"predictions/learned/{CFG.jeidnn.variants[-1].name}/1.safetensors",
@@ -155,6 +178,9 @@ def test_run_folder_contents(smoke_run):
         assert (smoke_run / name).is_file(), name
     assert list(smoke_run.glob("*.png")) or list(smoke_run.glob("plots/*.png"))
     assert not (smoke_run / "FAILED").exists()
+    # What only a resume needs is gone once the run is complete.
+    for leftover in ("cache", "checkpoints/finetune", "checkpoints/stage2", "report.partial.json"):
+        assert not (smoke_run / leftover).exists(), leftover
     assert list((smoke_run / "logs").iterdir())
 
 
