@@ -148,7 +148,9 @@ def baseline_methods(
     ps = list(cfg.threshold_ps)
     methods = [
         Method(
-            f"threshold_{m}", *METHODS[f"threshold_{m}"], geometric_candidates(warm, costs, split, m, ps, lambda p: p)
+            f"threshold_{m}",
+            *METHODS[f"threshold_{m}"],
+            geometric_candidates(warm, costs, split, m, ps, lambda p: p),
         )
         for m in ("maxprob", "entropy", "margin")
     ]
