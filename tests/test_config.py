@@ -45,6 +45,30 @@ def test_variants_and_automatic_lambdas():
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
+def test_export_method_may_be_any_method_the_run_evaluates():
+    for method in (
+        "jeidnn_paper",
+        "jeidnn_paper_tau",
+        "gate_trajectory_expected",
+        "threshold_search",
+        "patience",
+    ):
+        assert config_from_dict({"export": {"method": method}}).export.method == method
+    # A `_tau` twin exists only for native variants; thresholds on the paper's IMs need the paper preset.
+    for method in ("gate_trajectory_expected_tau", "jeidnn_ims_threshold_maxprob"):
+        with pytest.raises(JeidnnError, match="choose one of"):
+            config_from_dict(
+                {
+                    "jeidnn": {"variants": [{"name": "g", "operating_point": "calib_threshold"}]},
+                    "export": {"method": method},
+                }
+            )
+    assert (
+        config_from_dict({"jeidnn": {"enabled": False}, "export": {"method": "static"}}).export.method
+        == "static"
+    )
+
+
 def test_override_forms():
     cfg = load_config(None, ["--name=abc", "--finetune.enabled", "false", "--model.exit_layers", "[1, 3]"])
     assert (cfg.name, cfg.finetune.enabled, cfg.model.exit_layers) == ("abc", False, [1, 3])
@@ -64,6 +88,11 @@ def test_override_forms():
         ({"jeidnn": {"lambdas": [0.1, "x"]}}, "`jeidnn.lambdas` expects list[float] | null, got [0.1, 'x']"),
         ({"jeidnn": {"lambdas": []}}, "jeidnn.lambdas"),
         ({"export": {"method": "nope"}}, "export.method 'nope'"),
+        ({"export": {"method": "oracle"}}, "export.method 'oracle'"),
+        (
+            {"jeidnn": {"enabled": False}, "export": {"method": "jeidnn_paper"}},
+            "export.method 'jeidnn_paper'",
+        ),
         ({"export": {"cost_budget": 0}}, "export.cost_budget"),
         # removed keys are refused by name, not silently ignored
         ({"jeidnn": {"im_loss": "weighted"}}, "`jeidnn.im_loss`"),
