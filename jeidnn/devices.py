@@ -196,3 +196,10 @@ def gather_to_first(obj: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def end_processes() -> None:
+    """Leave the process group once the last collective (the feature cache's gather) is done: later stages
+    run in one process, and torchmetrics or Lightning would otherwise wait for the others to sync."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

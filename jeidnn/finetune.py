@@ -107,6 +107,8 @@ def finetune(p: Prepared, run_dir: Path, progress: bool, resume: bool) -> dict:
     ckpt_path = str(last) if resume and last.is_file() else None
     if ckpt_path:
         logger.info("stage 0 continues from %s", last)
+    if trainer.world_size > 1:
+        logger.info("stage 0 and the feature cache in %d processes (Lightning DDP)", trainer.world_size)
     val_batches = ShardedBatches(length_sorted_batches(p.dm.lengths("val"), p.dm.cfg.eval_batch_size))
     train_loader = _loader(p, train_set, batches)
     val_loader = _loader(p, p.dm.datasets["val"], val_batches)
@@ -149,6 +151,7 @@ def _summary(
         why = f"finetune.epochs {cfg.epochs} done"
     history = record.history
     summary: dict[str, Any] = {
+        "processes": int(trainer.world_size),
         "steps": steps,
         "epochs": round(steps / max(steps_per_epoch, 1), 3),
         "validations": [{"step": step, "val_accuracy": acc} for step, acc in history],

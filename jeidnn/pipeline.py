@@ -25,7 +25,7 @@ from jeidnn.backbone import Backbone
 from jeidnn.config import RunConfig
 from jeidnn.cost import ExitCosts, exit_costs, text_cost_samples
 from jeidnn.data import SPLITS, JeidnnDataModule, RawData, Splits, load_raw, make_splits, model_inputs
-from jeidnn.devices import global_rank, make_trainer, run_device
+from jeidnn.devices import end_processes, global_rank, make_trainer, run_device
 from jeidnn.errors import JeidnnError
 from jeidnn.features import FeatureSplit, extract_features
 from jeidnn.finetune import final_head_without_finetune, finetune
@@ -272,13 +272,13 @@ def base_report(p: Prepared, costs: ExitCosts, test_logits: torch.Tensor, test_l
 STAGE2 = "stage 2: learned gates, every variant and λ"
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict | None:
+def run(cfg: RunConfig, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the final report.json content.
 
     Every finished stage is recorded in `state.json`; with `cfg.resume` an interrupted run continues from
     there (:mod:`jeidnn.resume`). A failure leaves a FAILED marker and every finished artifact; report.json
-    is written once, at the end. With `devices` > 1 every process runs this function and the others return
-    None after their share of the feature cache.
+    is written once, at the end. With `devices` > 1 every process runs this function; the others stop after
+    their share of the feature cache and return only their `rank` and `timings_s`.
     """
     rank = global_rank()
     if rank != 0:
@@ -300,8 +300,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict | None:
         freeze(p.heads.final)
         stage = "feature cache"
         cache = feature_cache(p, state, run_dir, timer, progress)
+        end_processes()
         if cache is None:
-            return None
+            return {"rank": rank, "timings_s": dict(timer.timings)}
         stage = "stage 1"
         if state.finished("warmup"):
             p.heads.load_state_dict(load_file(str(run_dir / "checkpoints" / "warmup_heads.safetensors")))
