@@ -52,14 +52,30 @@ def run_device(accelerator: str) -> torch.device:
 LIGHTNING_ACCELERATOR = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}
 
 
+def stage_logger(cfg: RunConfig, run_dir: Path, stage: str) -> pl.loggers.Logger:
+    """The configured logger (`logger: csv | tensorboard`) of one stage, in `runs/<name>/logs/<stage>/`."""
+    if cfg.logger == "tensorboard":
+        return pl.loggers.TensorBoardLogger(save_dir=str(run_dir / "logs"), name=stage)
+    return pl.loggers.CSVLogger(save_dir=str(run_dir / "logs"), name=stage)
+
+
+def check_logger(cfg: RunConfig) -> None:
+    """Refuse `logger: tensorboard` without its package before any work starts (Lightning would fail once
+    stage 0 starts)."""
+    import importlib.util
+
+    if cfg.logger == "tensorboard" and not any(
+        importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
+    ):
+        raise JeidnnError(
+            "logger is 'tensorboard' but the tensorboard package is missing; pip install tensorboard"
+        )
+
+
 def make_trainer(
     cfg: RunConfig, run_dir: Path, stage: str, progress: bool, *, distributed: bool = False, **kwargs
 ) -> pl.Trainer:
     """A Trainer on the configured device; `distributed` = in `devices` processes (stage 0, feature cache)."""
-    if cfg.logger == "tensorboard":
-        logger_ = pl.loggers.TensorBoardLogger(save_dir=str(run_dir / "logs"), name=stage)
-    else:
-        logger_ = pl.loggers.CSVLogger(save_dir=str(run_dir / "logs"), name=stage)
     device = run_device(cfg.accelerator)
     num_nodes = launcher_num_nodes() if distributed else 1
     devices = cfg.devices if distributed else 1
@@ -72,7 +88,7 @@ def make_trainer(
             find_unused_parameters=True, process_group_backend="gloo" if device.type == "cpu" else None
         )
     options = {
-        "logger": logger_,
+        "logger": stage_logger(cfg, run_dir, stage),
         "default_root_dir": str(run_dir),
         "enable_progress_bar": progress,
         "enable_model_summary": False,

@@ -10,12 +10,12 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
 import torch
 from safetensors.torch import save_file
 
 from jeidnn.config import GateVariant
 from jeidnn.cost import ExitCosts
+from jeidnn.devices import stage_logger
 from jeidnn.features import FeatureSplit
 from jeidnn.resume import pause_point
 
@@ -88,10 +88,6 @@ def train_stage2(
         v.name: costs.with_gates(gate_flops(v, num_exits, hidden, p.heads.num_classes))
         for v in cfg.jeidnn.variants
     }
-    if cfg.logger == "tensorboard":
-        logger = pl.loggers.TensorBoardLogger(save_dir=str(run_dir / "logs"), name="stage2")
-    else:
-        logger = pl.loggers.CSVLogger(save_dir=str(run_dir / "logs"), name="stage2")
     trained = fit_stage2(
         cache["train"].features,
         cache["train"].labels,
@@ -104,7 +100,7 @@ def train_stage2(
         trainer_kwargs={
             # Heads and gates on cached features: tensors too small for a GPU to pay off unless asked for.
             "accelerator": "cpu" if cfg.accelerator == "auto" else cfg.accelerator,
-            "logger": logger,
+            "logger": stage_logger(cfg, run_dir, "stage2"),
             "enable_progress_bar": progress,
             "default_root_dir": str(run_dir),
         },

@@ -25,7 +25,7 @@ from jeidnn.backbone import Backbone
 from jeidnn.config import RunConfig
 from jeidnn.cost import ExitCosts, exit_costs, text_cost_samples
 from jeidnn.data import SPLITS, JeidnnDataModule, RawData, Splits, load_raw, make_splits, model_inputs
-from jeidnn.devices import end_processes, global_rank, make_trainer, run_device
+from jeidnn.devices import check_logger, end_processes, global_rank, make_trainer, run_device
 from jeidnn.errors import JeidnnError
 from jeidnn.features import FeatureSplit, extract_features
 from jeidnn.finetune import final_head_without_finetune, finetune
@@ -66,6 +66,7 @@ def exit_layers_of(cfg: RunConfig, num_layers: int) -> list[int]:
 def prepare(cfg: RunConfig) -> Prepared:
     """Load model and data and validate them; raises JeidnnError on any bad input."""
     device = run_device(cfg.accelerator)
+    check_logger(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     backbone = Backbone.load(cfg.model)
     raw = load_raw(cfg.data, backbone.modality)

@@ -141,3 +141,54 @@ def test_sentence_transformers_folder_selects_mean_pooling(tmp_path):
     assert Backbone.load(ModelConfig(name_or_path=str(folder), pooling="cls")).pooling == "cls"
     with pytest.raises(JeidnnError, match="mean' is for text"):
         Backbone.load(ModelConfig(random_config=TINY_CONFIGS["vit"], pooling="mean"))
+
+
+def saved_classifier(tmp_path, arch: str, id2label: dict[int, str]):
+    """A tiny *ForSequenceClassification / *ForImageClassification checkpoint saved in `tmp_path`."""
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    kwargs = dict(TINY_CONFIGS[arch])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs, id2label=id2label)
+    auto = AutoModelForImageClassification if arch in VISION_ARCHS else AutoModelForSequenceClassification
+    torch.manual_seed(4)
+    model = auto.from_config(config).eval()
+    model.save_pretrained(tmp_path / arch)
+    return model, ModelConfig(name_or_path=str(tmp_path / arch))
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "electra", "distilbert", "vit"])
+def test_checkpoint_classifier_is_the_checkpoints_own_head(tmp_path, arch):
+    """With stage 0 off, the final exit is the checkpoint's trained classifier: the HF model's logits."""
+    from jeidnn.backbone import checkpoint_classifier
+    from jeidnn.heads import ExitHead
+
+    model, cfg = saved_classifier(tmp_path, arch, {0: "neg", 1: "neu", 2: "pos"})
+    backbone = Backbone.load(cfg).eval()
+    found = checkpoint_classifier(cfg, ["neg", "neu", "pos"], backbone.pooling)
+    assert found.state is not None and "classes matched by name" in found.reason
+    head = ExitHead(backbone.hidden_size, 3, backbone.spec.head_activation).eval()
+    head.load_state_dict(found.state)
+    inputs = batch_for(backbone)
+    with torch.no_grad():
+        ours = head(backbone(inputs)[:, -1])
+        theirs = model(**inputs).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_classifier_matches_classes_by_name_or_says_why_not(tmp_path):
+    from jeidnn.backbone import checkpoint_classifier
+
+    model, cfg = saved_classifier(tmp_path, "bert", {0: "NEG", 1: "neu", 2: "pos"})
+    found = checkpoint_classifier(cfg, ["pos", "neg", "neu"], "cls")  # the data orders its classes otherwise
+    out = model.classifier
+    torch.testing.assert_close(found.state["net.3.weight"], out.weight[[2, 0, 1]])
+    torch.testing.assert_close(found.state["net.3.bias"], out.bias[[2, 0, 1]])
+    other = checkpoint_classifier(cfg, ["a", "b", "c"], "cls")
+    assert other.state is None and "are not the data's" in other.reason
+    assert "has 3 classes, the data has 2" in checkpoint_classifier(cfg, ["neg", "pos"], "cls").reason
+    assert "pool by mean" in checkpoint_classifier(cfg, ["neg", "neu", "pos"], "mean").reason
+    _, generic = saved_classifier(tmp_path / "g", "bert", {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"})
+    assert "taken to be data.labels'" in checkpoint_classifier(generic, ["x", "y", "z"], "cls").reason
+    tiny("bert").model.save_pretrained(tmp_path / "base")
+    base = checkpoint_classifier(ModelConfig(name_or_path=str(tmp_path / "base")), ["x", "y"], "cls")
+    assert base.state is None and "is a base model (BertModel)" in base.reason

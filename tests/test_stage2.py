@@ -208,3 +208,31 @@ def test_gates_can_learn_on_val_with_frozen_ims(data):
         from jeidnn.config import config_from_dict
 
         config_from_dict({"jeidnn": {"variants": [{"name": "v", "gate_data": "val"}]}})
+
+
+def test_a_stored_fit_is_loaded_instead_of_trained_again(data, tmp_path):
+    """fit_stage2(store=...) keeps each round's models; a second call (a resumed run) loads them, and its
+    models predict exactly what the trained ones did: the same λ rounds follow from the same val costs."""
+    (x, y), (vx, vy) = data
+    cfg = config(variants=[PAPER, TRAJECTORY], lambdas=None, lambda_grid=[0.3], lambda_rounds=1, epochs=1)
+    costs = {"jeidnn_paper": COSTS, "traj": COSTS}
+    stored: list[str] = []
+    first = fit_stage2(x, y, vx, vy, warm_heads(), costs, cfg, store=tmp_path, after_fit=stored.append)
+    assert stored == ["round1-train", "round2-train"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "round1-train.safetensors",
+        "round2-train.safetensors",
+    ]
+    lines: list[str] = []
+    again = fit_stage2(x, y, vx, vy, warm_heads(), costs, cfg, store=tmp_path, log=lines.append)
+    assert sum("loaded from" in line for line in lines) == 2
+    for name in first:
+        assert [m.lam for m in again[name]] == [m.lam for m in first[name]]
+        for a, b in zip(first[name], again[name]):
+            assert a.history == b.history and a.variant == b.variant
+            with torch.no_grad():
+                logits_a, logits_b = a.heads(vx), b.heads(vx)
+                torch.testing.assert_close(logits_a, logits_b, rtol=0, atol=0)
+                torch.testing.assert_close(
+                    a.gates.scores(logits_a, vx[:, :-1]), b.gates.scores(logits_b, vx[:, :-1]), rtol=0, atol=0
+                )

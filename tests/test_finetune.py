@@ -1,0 +1,175 @@
+"""Stage 0's pieces: global batches split across processes, the step-based learning rate, the device, and
+where the final classifier comes from when stage 0 does not run."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import jeidnn.devices as devices
+from jeidnn.config import FinetuneConfig, ModelConfig, RunConfig, WarmupConfig
+from jeidnn.devices import GlobalBatches, ShardedBatches, check_logger, run_device
+from jeidnn.errors import JeidnnError
+from jeidnn.features import FeatureSplit
+from jeidnn.finetune import final_head_without_finetune
+from jeidnn.heads import ExitHeads
+from jeidnn.training import FinetuneModule, WarmupModule, feature_loader
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def as_rank(monkeypatch, rank: int, world: int) -> None:
+    monkeypatch.setattr(devices, "rank_and_world", lambda: (rank, world))
+
+
+def test_global_batches_split_across_processes_are_the_single_process_batches(monkeypatch):
+    sampler = GlobalBatches(num_samples=21, batch_size=4, seed=3)
+    single = list(sampler)
+    assert len(single) == 6 and sorted(i for b in single for i in b) == list(range(21))
+    assert [len(b) for b in single] == [4, 4, 4, 4, 4, 1]
+    shares = []
+    for rank in range(2):
+        as_rank(monkeypatch, rank, 2)
+        shares.append(list(sampler))
+        assert len(sampler) == 5  # the last batch (1 row) has no row for the second process: dropped
+    for b, (mine, theirs) in enumerate(zip(*shares)):
+        assert sorted(mine + theirs) == sorted(single[b]) and len(mine) == len(theirs) == 2
+        assert sampler.global_size(b) == 4
+    assert sampler.global_size(5) == 1
+
+
+def test_global_batches_replay_an_epoch_and_resume_inside_it(monkeypatch):
+    sampler = GlobalBatches(num_samples=10, batch_size=3, seed=0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != epoch0  # a new order each epoch
+    # The first epoch's order is the one a shuffling DataLoader seeded like the run drew before.
+    assert [i for b in epoch0 for i in b] == torch.randperm(
+        10, generator=torch.Generator().manual_seed(0)
+    ).tolist()
+    sampler.resume_at(1, 2)
+    assert list(sampler) == epoch1[2:]  # a checkpoint after 2 batches of epoch 1
+    assert list(sampler) == epoch1  # only once
+    sampler.resume_at(1, 2)
+    sampler.set_epoch(2)
+    assert len(list(sampler)) == 4  # a position in another epoch does not apply
+
+
+def test_sharded_batches_cover_every_sample_once(monkeypatch):
+    batches = [[0, 1], [2, 3], [4, 5], [6]]
+    seen = []
+    for rank in range(3):
+        as_rank(monkeypatch, rank, 3)
+        seen += list(ShardedBatches(batches))
+    assert sorted(seen) == batches
+
+
+def test_learning_rate_follows_the_optimizer_step():
+    cfg = FinetuneConfig(lr=1.0, warmup_fraction=0.2)
+    module = FinetuneModule(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), cfg, 10, 2, GlobalBatches(10, 1, 0))
+    assert [module.lr_factor(s) for s in range(11)] == [
+        0.5,
+        1.0,
+        1.0,
+        7 / 8,
+        6 / 8,
+        5 / 8,
+        4 / 8,
+        3 / 8,
+        2 / 8,
+        1 / 8,
+        0,
+    ]
+
+
+def test_accelerator_names_resolve_to_a_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_device("auto") == run_device("cpu") == torch.device("cpu")
+    with pytest.raises(JeidnnError, match="accelerator is 'gpu' but torch sees no GPU"):
+        run_device("gpu")
+    with pytest.raises(JeidnnError, match="accelerator 'tpu' is not supported"):
+        run_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_device("auto") == run_device("gpu") == torch.device("cuda")
+
+
+def test_tensorboard_without_its_package_is_refused_before_any_work(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    check_logger(RunConfig(logger="csv"))
+    with pytest.raises(JeidnnError, match="pip install tensorboard"):
+        check_logger(RunConfig(logger="tensorboard"))
+
+
+def prepared(model: ModelConfig, labels: list[str], max_epochs: int = 5) -> SimpleNamespace:
+    cfg = RunConfig(
+        model=model, finetune=FinetuneConfig(enabled=False), warmup=WarmupConfig(max_epochs=max_epochs)
+    )
+    heads = ExitHeads([1, 2], 32, len(labels), "tanh")
+    return SimpleNamespace(
+        cfg=cfg, raw=SimpleNamespace(label_names=labels), backbone=SimpleNamespace(pooling="cls"), heads=heads
+    )
+
+
+def test_without_stage0_the_final_head_is_the_checkpoints_or_trains_with_the_ims(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37}
+    model = BertForSequenceClassification(BertConfig(**tiny, vocab_size=99, id2label={0: "no", 1: "yes"}))
+    model.save_pretrained(tmp_path / "clf")
+    p = prepared(ModelConfig(name_or_path=str(tmp_path / "clf")), ["no", "yes"])
+    entry, train_final = final_head_without_finetune(p)
+    assert (
+        not train_final
+        and "trained classifier" in entry["final_head"]
+        and entry["skipped"] == "finetune.enabled is false"
+    )
+    assert torch.equal(p.heads.final.net[3].weight, model.classifier.weight)
+    assert torch.equal(p.heads.final.net[0].weight, model.bert.pooler.dense.weight)
+
+    random = ModelConfig(random_config={"model_type": "bert", **tiny})
+    entry, train_final = final_head_without_finetune(prepared(random, ["no", "yes"]))
+    assert train_final and "trained with the IMs in stage 1" in entry["final_head"]
+    with pytest.raises(JeidnnError, match="final classifier would stay untrained .* warmup.max_epochs 0"):
+        final_head_without_finetune(prepared(random, ["no", "yes"], max_epochs=0))
+
+
+def test_warmup_can_train_the_final_head_too():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (240,), generator=gen)
+    features = torch.randn(240, 2, 8, generator=gen)
+    features[torch.arange(240), :, labels] += 2.0  # every exit can tell the classes apart
+    train, val = FeatureSplit(features[:160], labels[:160]), FeatureSplit(features[160:], labels[160:])
+    heads = ExitHeads([1, 2], 8, 3, "tanh", dropout=0.0)
+    start = [p.clone() for p in heads.final.parameters()]
+    module = WarmupModule(heads, val, WarmupConfig(max_epochs=8, patience=8, lr=0.05), train_final=True)
+    assert module.trained == [0, 1]
+    trainer = pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, feature_loader(train, 32, True, 0))
+    module.restore_best()
+    assert module.best_acc[1] > 0.7 and module.val_accuracy()[1] == module.best_acc[1]
+    assert any(not torch.equal(a, b) for a, b in zip(start, heads.final.parameters()))
+    assert [p.requires_grad for p in heads.final.parameters()] == [False] * 4  # frozen again for stage 2
+    assert all(p.requires_grad for p in heads.heads[0].parameters())
+
+
+def test_a_run_without_stage0_says_where_its_final_head_comes_from(tmp_path):
+    from jeidnn.cli import train_main
+
+    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(tmp_path), "--no-progress"]
+    assert train_main([*args, "--finetune.enabled", "false", "--jeidnn.enabled", "false"]) == 0
+    report = json.loads((tmp_path / "smoke" / "report.json").read_text())
+    assert report["finetune"]["skipped"] == "finetune.enabled is false"
+    assert "trained with the IMs in stage 1" in report["finetune"]["final_head"]
+    run = tmp_path / "smoke"
+    assert (run / "backbone" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    as_loaded = load_file(str(run / "checkpoints" / "final_head.safetensors"))
+    warm = load_file(str(run / "checkpoints" / "warmup_heads.safetensors"))
+    assert any(not torch.equal(v, warm[f"heads.2.{k}"]) for k, v in as_loaded.items())  # stage 1 trained it
