@@ -139,11 +139,18 @@ def export_main(argv: list[str]) -> int:
     return export(argv)
 
 
+def prune_main(argv: list[str]) -> int:
+    from jeidnn.pruning import main as prune  # torch-heavy: loaded only for this command
+
+    return prune(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (lambda argv: train_main(argv, prog="jeidnn train"), "train, evaluate and export a model"),
     "evaluate": (evaluate_main, "recompute the evaluation of a finished run"),
     "predict": (predict_main, "early-exit predictions of an exported model as JSON lines"),
     "export": (export_main, "export another operating point of a finished run"),
+    "prune": (prune_main, "prune heads, FFN neurons and layers of a finished run's model"),
 }
 
 
