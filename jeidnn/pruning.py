@@ -365,6 +365,7 @@ def prune_model(
         "recover_loss": [losses[0], losses[-1]] if losses else None,
         "parameters_before": num_parameters(model),
         "parameters_after": num_parameters(pruned),
+        "costs": costs,
         "costs_relative_to": "the unpruned backbone + final head (report.json exits.cost), on the test texts",
         "refitted": refitted,
         "calib_b_accuracy": float(correct_b.double().mean()),
@@ -439,6 +440,9 @@ def _log_result(info: dict) -> None:
         info["exit_layers"],
         info["heads_per_layer"]["after"],
         info["ffn_per_layer"]["after"],
+    )
+    log.info(
+        "exit costs (FLOPs relative to the unpruned model): %s", ", ".join(f"{c:.4f}" for c in info["costs"])
     )
     if info["recover_loss"]:
         log.info("recovery: %d steps, loss %.4f -> %.4f", info["recover_steps"], *info["recover_loss"])

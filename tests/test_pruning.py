@@ -4,6 +4,7 @@ before; on a tiny run the pruned model is smaller, loads, and its layer-skipping
 pruning nothing changes nothing; bad settings are one line and exit 2."""
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -253,6 +254,7 @@ def test_pruned_model_is_smaller_loads_and_leaves_where_its_full_path_does(
     )
     # Cheaper than the same exits of the unpruned model, relative to the same full model.
     assert all(a < b for a, b in zip(model.costs, report["exits"]["cost"][:2], strict=False))
+    assert model.costs == summary["costs"]
     assert len(model.conformal_quantiles["0.1"]) == 2 and "calib half B" in summary["refitted"]
     saved = model.metadata["pruning"]
     assert (saved["heads_fraction"], saved["ffn_fraction"], saved["layers"]) == (0.5, 0.5, 2)
@@ -351,6 +353,14 @@ def test_bad_settings_are_one_line_and_write_nothing(args, needle, run, tmp_path
     assert not (tmp_path / "m").exists()
 
 
+def test_jeidnn_help_lists_prune(capsys):
+    assert cli(["--help"]) == 0
+    assert "\n  prune " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli(["prune", "--help"])
+    assert exit_.value.code == 0 and "--recover-steps" in capsys.readouterr().out
+
+
 def test_missing_run_and_existing_output(run, tmp_path, capsys):
     assert cli(["prune", str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
     assert f"run folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
@@ -358,3 +368,27 @@ def test_missing_run_and_existing_output(run, tmp_path, capsys):
     assert cli(["prune", str(run), "--heads", "0.5", "--out", str(tmp_path / "m"), "--quiet"]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert not any((tmp_path / "m").iterdir())
+
+
+def test_benchmark_script_on_the_tiny_run(run, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports speed.py as the script would
+    spec = importlib.util.spec_from_file_location("pruning_benchmark", ROOT / "benchmarks" / "pruning.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = [str(run), "--levels", "0.5", "--num-inputs", "16", "--repeats", "1", "--out", str(tmp_path)]
+
+    assert bench.main(args) == 0
+
+    result = json.loads((tmp_path / "pruning.json").read_text())
+    rows = {(r["level"], r["regime"]): r for r in result["rows"]}
+    assert set(rows) == {(0.0, "static"), (0.0, "early exit"), (0.5, "static"), (0.5, "early exit")}
+    report = json.loads((run / "report.json").read_text())
+    assert rows[0.0, "static"]["test_cost"] == pytest.approx(report["exits"]["cost"][-1], rel=1e-9)
+    assert rows[0.5, "static"]["test_cost"] < rows[0.0, "static"]["test_cost"]
+    assert rows[0.5, "static"]["parameters"] < rows[0.0, "static"]["parameters"]
+    assert all(r["ms_per_sample"] > 0 for r in rows.values())
+    text = (tmp_path / "pruning.md").read_text()
+    assert (
+        text.startswith("# Structured pruning") and f"`python benchmarks/pruning.py {' '.join(args)}`" in text
+    )
+    assert (tmp_path / "pruning.png").stat().st_size > 0
