@@ -7,7 +7,7 @@
 2. ``--layers auto`` drops every layer after the deepest exit that operating point takes on calib
    (``--layers N`` keeps the first N layers, N an exit layer); that exit becomes the last one, so a test
    sample the gates would send deeper leaves there.
-3. Heads and FFN neurons are scored on val (:func:`jeidnn.structured.importance`, Michel et al. 2019) and
+3. Heads and FFN neurons are scored on val (:func:`jeidnn.importance.importance`, Michel et al. 2019) and
    the least important ``--heads`` / ``--ffn`` fraction of all of them is removed.
 4. ``--recover-steps N``: N optimizer steps on train of the pruned backbone and exit heads, the
    cross-entropy summed over the exits (the gates stay as they are).
@@ -39,15 +39,13 @@ from jeidnn.backbone import Backbone
 from jeidnn.conformal import alpha_key, fit_conformal, group_exits
 from jeidnn.errors import JeidnnError
 from jeidnn.gates import Gates
+from jeidnn.importance import importance, least_important, removal_count
 from jeidnn.structured import (
     drop_layers,
-    importance,
     keep_exits,
     layer_sizes,
-    least_important,
     prune_ffn,
     prune_heads,
-    removal_count,
 )
 
 if TYPE_CHECKING:
@@ -259,6 +257,73 @@ def num_parameters(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------- the pruned model
 
 
+@dataclass
+class _Shrunk:
+    """The pruned parts and what was removed to get them."""
+
+    backbone: Backbone
+    heads: Any
+    gates: Any
+    removed: dict[str, dict[int, list[int]]]
+    importance_samples: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+
+def _shrink(
+    model: Any, settings: PruneSettings, data: Prepared, last: int, device: torch.device, progress: bool
+) -> _Shrunk:
+    """Copies of ``model``'s parts with the layers after exit ``last`` dropped, the least important heads
+    and FFN neurons removed and (``recover_steps``) a recovery fine-tune; on the CPU."""
+    hf_model = copy.deepcopy(model.backbone.model)
+    heads, gates = keep_exits(copy.deepcopy(model.heads), copy.deepcopy(model.gates), last)
+    if heads.layers[-1] < model.backbone.num_layers:
+        drop_layers(hf_model, heads.layers[-1])
+    heads_now, ffn_now = layer_sizes(hf_model)
+    removal_count(heads_now, settings.heads, "head", "--heads")  # refuse before the importance pass
+    removal_count(ffn_now, settings.ffn, "FFN neuron", "--ffn")
+    backbone = Backbone(hf_model, model.backbone.source, model.backbone.pooling).to(device)
+    heads.to(device)
+    out = _Shrunk(backbone, heads, gates, {"heads": {}, "ffn": {}})
+    if settings.heads or settings.ffn:
+        loader = data.dm.loader("val", data.cfg.data.eval_batch_size, limit=settings.importance_samples)
+        batches = ((x, y) for x, y, _ in _batches(loader, backbone.input_names, device))
+        scores = importance(backbone, heads, batches)
+        out.importance_samples = scores.samples
+        if settings.heads:
+            out.removed["heads"] = least_important(scores.heads, settings.heads, "head", "--heads")
+            prune_heads(hf_model, out.removed["heads"])
+        if settings.ffn:
+            out.removed["ffn"] = least_important(scores.ffn, settings.ffn, "FFN neuron", "--ffn")
+            prune_ffn(hf_model, out.removed["ffn"])
+    if settings.recover_steps:
+        lr = settings.recover_lr or data.cfg.finetune.lr
+        out.losses = _recover(backbone, heads, data, settings.recover_steps, lr, device, progress)
+    backbone.cpu()
+    heads.cpu()
+    return out
+
+
+def _measure(pruned: Any, data: Prepared, split: Any, device: torch.device) -> tuple[dict, tuple]:
+    """Calib-B and test accuracy, test cost and exit fractions of ``pruned``, and its calib predictions."""
+    pruned.to(device)
+    calib = _forward_split(pruned, data, "calib", device)
+    logits, exits, labels = _forward_split(pruned, data, "test", device)
+    pruned.cpu()
+    b = split.b
+    correct_b = calib[0][b].argmax(-1).gather(1, calib[1][b, None]).squeeze(1) == calib[2][b]
+    correct = logits.argmax(-1).gather(1, exits[:, None]).squeeze(1) == labels
+    costs = torch.tensor(pruned.costs, dtype=torch.float64)
+    metrics = {
+        "calib_b_accuracy": float(correct_b.double().mean()),
+        "test_accuracy": float(correct.double().mean()),
+        "test_cost": float(costs[exits].mean()),
+        "test_exit_fractions": (
+            torch.bincount(exits, minlength=pruned.num_exits).double() / len(exits)
+        ).tolist(),
+    }
+    return metrics, calib
+
+
 def prune_model(
     run: Any,
     model: Any,
@@ -272,10 +337,12 @@ def prune_model(
     """A pruned copy of ``model`` (an :class:`~jeidnn.modeling.EarlyExitModel` of ``run``; left unchanged).
 
     Args:
+        data: the run's splits (:func:`run_data`).
         calib_exits: the exits the operating point takes on calib ``(N_calib,)`` (``--layers auto``).
+        progress: a progress bar for the recovery fine-tune.
 
     Returns:
-        The pruned model (eval mode, on the CPU) and its ``pruning`` metadata.
+        The pruned model (eval mode, on the CPU) and its ``pruning`` metadata (also in its metadata).
     """
     from jeidnn.budgeted import split_calib
     from jeidnn.modeling import EarlyExitModel
@@ -283,73 +350,38 @@ def prune_model(
     settings.check()
     device = torch.device(device)
     last = last_exit(settings.layers, list(model.heads.layers), calib_exits)
-    heads_before, ffn_before = layer_sizes(model.backbone.model)
     _, full_flops = exit_flops(data, model.backbone, model.heads, model.gates)
-    hf_model = copy.deepcopy(model.backbone.model)
-    heads, gates = keep_exits(copy.deepcopy(model.heads), copy.deepcopy(model.gates), last)
-    if heads.layers[-1] < model.backbone.num_layers:
-        drop_layers(hf_model, heads.layers[-1])
-    backbone = Backbone(hf_model, model.backbone.source, model.backbone.pooling).to(device)
-    heads.to(device)
-    sizes = layer_sizes(hf_model)
-    removal_count(sizes[0], settings.heads, "head", "--heads")  # refuse before the importance pass
-    removal_count(sizes[1], settings.ffn, "FFN neuron", "--ffn")
-    removed: dict[str, dict[int, list[int]]] = {"heads": {}, "ffn": {}}
-    samples = 0
-    if settings.heads or settings.ffn:
-        loader = data.dm.loader("val", data.cfg.data.eval_batch_size, limit=settings.importance_samples)
-        batches = ((x, y) for x, y, _ in _batches(loader, backbone.input_names, device))
-        scores = importance(backbone, heads, batches)
-        samples = scores.samples
-        if settings.heads:
-            removed["heads"] = least_important(scores.heads, settings.heads, "head", "--heads")
-            prune_heads(hf_model, removed["heads"])
-        if settings.ffn:
-            removed["ffn"] = least_important(scores.ffn, settings.ffn, "FFN neuron", "--ffn")
-            prune_ffn(hf_model, removed["ffn"])
-    losses: list[float] = []
-    if settings.recover_steps:
-        lr = settings.recover_lr or data.cfg.finetune.lr
-        losses = _recover(backbone, heads, data, settings.recover_steps, lr, device, progress)
-    backbone.cpu()
-    heads.cpu()
+    shrunk = _shrink(model, settings, data, last, device, progress)
+    backbone, heads, gates = shrunk.backbone, shrunk.heads, shrunk.gates
     flops, _ = exit_flops(data, backbone, heads, gates)
-    costs = [f / full_flops for f in flops]  # relative to the unpruned model, as report.json's
     pruned = EarlyExitModel.from_parts(
         backbone,
         heads,
         gates,
         model.preprocessor,
         labels=model.labels,
-        costs=costs,
+        costs=[f / full_flops for f in flops],  # relative to the unpruned model, as report.json's
         max_length=model.max_length,
-        metadata=model.metadata,
         exit_threshold=model.exit_threshold,
         default_alpha=model.default_alpha,
     ).eval()
-    pruned.to(device)
     split = split_calib(len(data.dm.datasets["calib"]), run.cfg.seed)
-    calib = _forward_split(pruned, data, "calib", device)
-    test_logits, test_exits, test_labels = _forward_split(pruned, data, "test", device)
-    pruned.cpu()
+    metrics, calib = _measure(pruned, data, split, device)
     refitted = "nothing (the model is unchanged)"
-    changed = bool(settings.heads or settings.ffn or settings.recover_steps or last < model.num_exits - 1)
-    if not changed:
+    if not (settings.heads or settings.ffn or settings.recover_steps or last < model.num_exits - 1):
         pruned.conformal_quantiles = model.conformal_quantiles
     elif model.conformal_quantiles:
-        pruned.conformal_quantiles, groups = _refit_quantiles(
-            list(model.conformal_quantiles), pruned, calib, split, run.cfg.eval.conformal_min_samples
-        )
+        min_samples = run.cfg.eval.conformal_min_samples
+        alphas = list(model.conformal_quantiles)
+        pruned.conformal_quantiles, groups = _refit_quantiles(alphas, pruned, calib, split, min_samples)
         refitted = (
-            f"conformal quantiles (alpha {', '.join(pruned.conformal_quantiles)}) on calib half B "
-            f"({len(split.b)} samples) for the pruned model's exits, groups {groups} from its calib-A exits; "
-            "gates, thresholds and exit threshold kept as chosen for the unpruned model"
+            f"conformal quantiles (alpha {', '.join(alphas)}) on calib half B ({len(split.b)} samples) for "
+            f"the pruned model's exits, groups {groups} from its calib-A exits; gates, thresholds and exit "
+            "threshold kept as chosen for the unpruned model"
         )
-    correct_b = (
-        calib[0][split.b].argmax(-1).gather(1, calib[1][split.b, None]).squeeze(1) == calib[2][split.b]
-    )
-    correct_test = test_logits.argmax(-1).gather(1, test_exits[:, None]).squeeze(1) == test_labels
-    heads_after, ffn_after = layer_sizes(hf_model)
+    heads_before, ffn_before = layer_sizes(model.backbone.model)
+    heads_after, ffn_after = layer_sizes(backbone.model)
+    samples = shrunk.importance_samples
     info = {
         "heads_fraction": settings.heads,
         "ffn_fraction": settings.ffn,
@@ -357,23 +389,18 @@ def prune_model(
         "layers_kept": backbone.num_layers,
         "exit_layers": list(heads.layers),
         "importance": IMPORTANCE.format(n=samples) if samples else None,
-        "heads_removed": {str(i + 1): units for i, units in removed["heads"].items() if units},
+        "heads_removed": {str(i + 1): units for i, units in shrunk.removed["heads"].items() if units},
         "heads_per_layer": {"before": heads_before, "after": heads_after},
         "ffn_per_layer": {"before": ffn_before, "after": ffn_after},
         "recover_steps": settings.recover_steps,
         "recover_lr": (settings.recover_lr or data.cfg.finetune.lr) if settings.recover_steps else None,
-        "recover_loss": [losses[0], losses[-1]] if losses else None,
+        "recover_loss": [shrunk.losses[0], shrunk.losses[-1]] if shrunk.losses else None,
         "parameters_before": num_parameters(model),
         "parameters_after": num_parameters(pruned),
-        "costs": costs,
+        "costs": pruned.costs,
         "costs_relative_to": "the unpruned backbone + final head (report.json exits.cost), on the test texts",
         "refitted": refitted,
-        "calib_b_accuracy": float(correct_b.double().mean()),
-        "test_accuracy": float(correct_test.double().mean()),
-        "test_cost": float(torch.tensor(costs, dtype=torch.float64)[test_exits].mean()),
-        "test_exit_fractions": (
-            torch.bincount(test_exits, minlength=pruned.num_exits).double() / len(test_exits)
-        ).tolist(),
+        **metrics,
     }
     pruned.metadata = {**model.metadata, "pruning": info}
     return pruned, info

@@ -8,12 +8,7 @@ The three granularities, each removing real weights (the pruned model is smaller
 * **FFN neurons**: an intermediate neuron's row of the first FFN linear and its column of the second;
 * **layers**: every layer after an exit is dropped, with the exits after it; that exit becomes the last.
 
-Importance (:func:`importance`) is Michel et al. (2019, *Are Sixteen Heads Really Better than One?*)'s
-gradient-based score, for heads and FFN neurons alike: a mask ``ξ`` multiplies each head's output (each
-neuron's activation); ``I = Σ_x |∂L(x)/∂ξ|`` over the samples, with ``L`` the cross-entropy summed over the
-model's exits. For a neuron this is ``|Σ_tokens activation × gradient|`` per sample, first-order Taylor
-importance. Scores are normalised by their ℓ2 norm within each layer, as the paper does, and the least
-important units are removed across all layers (:func:`least_important`).
+Which units go is decided by :mod:`jeidnn.importance`.
 
 Per-layer sizes differ after pruning while a Hugging Face config holds one ``num_attention_heads`` and one
 ``intermediate_size``: the pruned sizes are recorded in the backbone config (``jeidnn_pruned``), and
@@ -24,14 +19,12 @@ load.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from transformers.pytorch_utils import prune_linear_layer
 
-from jeidnn.backbone import ARCHITECTURES, Backbone
+from jeidnn.backbone import ARCHITECTURES
 from jeidnn.early_exit import PatienceGates, RuleGates, StaticGates, ThresholdGates
 from jeidnn.errors import JeidnnError
 from jeidnn.gates import NUM_CONFIDENCE_FEATURES, Gates
@@ -39,13 +32,9 @@ from jeidnn.heads import ExitHeads
 
 __all__ = [
     "PRUNED_KEY",
-    "Importance",
     "drop_layers",
-    "importance",
     "keep_exits",
     "layer_sizes",
-    "least_important",
-    "removal_count",
     "prune_ffn",
     "prune_heads",
     "restore_pruned_shapes",
@@ -84,12 +73,13 @@ def _locate(layer: nn.Module, role: str) -> tuple[nn.Module, str]:
     )
 
 
-def _linear(layer: nn.Module, role: str) -> nn.Linear:
+def projection(layer: nn.Module, role: str) -> nn.Linear:
+    """The linear playing ``role`` (``query``, ``key``, ``value``, ``attn_out``, ``ffn_in``, ``ffn_out``)."""
     parent, name = _locate(layer, role)
     return getattr(parent, name)
 
 
-def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+def layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
     """(parent, attribute) of the layer ModuleList of a Hugging Face encoder."""
     for path in ARCHITECTURES[model.config.model_type].layers:
         *parents, name = path.split(".")
@@ -108,11 +98,11 @@ def head_dim(config) -> int:
 
 def layer_sizes(model: nn.Module) -> tuple[list[int], list[int]]:
     """Heads and FFN neurons of every layer, read from the weights."""
-    parent, name = _layer_list(model)
+    parent, name = layer_stack(model)
     size = head_dim(model.config)
     layers = list(getattr(parent, name))
-    heads = [_linear(layer, "query").out_features // size for layer in layers]
-    return heads, [_linear(layer, "ffn_in").out_features for layer in layers]
+    heads = [projection(layer, "query").out_features // size for layer in layers]
+    return heads, [projection(layer, "ffn_in").out_features for layer in layers]
 
 
 def _record_sizes(model: nn.Module) -> None:
@@ -152,7 +142,7 @@ def _keep_neurons(layer: nn.Module, neurons: Tensor) -> None:
 
 def prune_heads(model: nn.Module, remove: Mapping[int, Iterable[int]]) -> None:
     """Remove heads ``{0-based layer: [0-based heads of that layer now]}`` from a Hugging Face encoder."""
-    parent, name = _layer_list(model)
+    parent, name = layer_stack(model)
     layers, size = getattr(parent, name), head_dim(model.config)
     heads, _ = layer_sizes(model)
     for i, gone in remove.items():
@@ -168,7 +158,7 @@ def prune_heads(model: nn.Module, remove: Mapping[int, Iterable[int]]) -> None:
 
 def prune_ffn(model: nn.Module, remove: Mapping[int, Iterable[int]]) -> None:
     """Remove FFN neurons ``{0-based layer: [0-based neurons of that layer now]}``."""
-    parent, name = _layer_list(model)
+    parent, name = layer_stack(model)
     layers = getattr(parent, name)
     _, ffn = layer_sizes(model)
     for i, gone in remove.items():
@@ -183,7 +173,7 @@ def prune_ffn(model: nn.Module, remove: Mapping[int, Iterable[int]]) -> None:
 
 def drop_layers(model: nn.Module, num_layers: int) -> None:
     """Keep the first ``num_layers`` layers of a Hugging Face encoder."""
-    parent, name = _layer_list(model)
+    parent, name = layer_stack(model)
     layers = getattr(parent, name)
     if not 1 <= num_layers <= len(layers):
         raise JeidnnError(f"cannot keep {num_layers} layers of a {len(layers)}-layer model")
@@ -201,7 +191,7 @@ def restore_pruned_shapes(model: nn.Module) -> nn.Module:
     sizes = getattr(model.config, PRUNED_KEY, None)
     if not sizes:
         return model
-    parent, name = _layer_list(model)
+    parent, name = layer_stack(model)
     layers, size = getattr(parent, name), head_dim(model.config)
     if not len(sizes["heads"]) == len(sizes["ffn"]) == len(layers):
         raise JeidnnError(
@@ -217,123 +207,6 @@ def restore_pruned_shapes(model: nn.Module) -> nn.Module:
         if ffn != f0:
             _keep_neurons(layer, torch.arange(int(ffn)))
     return model
-
-
-# --------------------------------------------------------------------------- importance
-
-
-@dataclass
-class Importance:
-    """Gradient-based importance of every head and FFN neuron, normalised within each layer (ℓ2 = 1)."""
-
-    heads: list[Tensor]
-    """Per layer, ``(heads of the layer,)``."""
-    ffn: list[Tensor]
-    """Per layer, ``(FFN neurons of the layer,)``."""
-    samples: int
-    """How many samples were summed over."""
-
-
-def _normalised(scores: Tensor) -> Tensor:
-    norm = scores.norm()
-    return scores / norm if norm > 0 else scores
-
-
-def importance(
-    backbone: Backbone, heads: ExitHeads, batches: Iterable[tuple[dict[str, Tensor], Tensor]]
-) -> Importance:
-    """Michel et al.'s head importance, and the same mask-gradient score for FFN neurons.
-
-    Args:
-        batches: ``(inputs, labels (B,))`` on the backbone's device; the loss of a sample is its
-            cross-entropy summed over every exit of ``heads``.
-    """
-    parent, name = _layer_list(backbone.model)
-    layers = list(getattr(parent, name))
-    size = head_dim(backbone.config)
-    num_heads, num_ffn = layer_sizes(backbone.model)
-    head_sum = [torch.zeros(n, dtype=torch.float64) for n in num_heads]
-    ffn_sum = [torch.zeros(n, dtype=torch.float64) for n in num_ffn]
-    masks: dict[tuple[str, int], Tensor] = {}
-
-    def masking(kind: str, i: int, repeat: int):
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            x = args[0]  # (B, T, units * repeat): the heads' outputs, or the FFN activations
-            mask = torch.ones(x.shape[0], x.shape[-1] // repeat, device=x.device, requires_grad=True)
-            masks[kind, i] = mask
-            return (x * mask.repeat_interleave(repeat, dim=1)[:, None, :], *args[1:])
-
-        return hook
-
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(_linear(layer, "attn_out").register_forward_pre_hook(masking("heads", i, size)))
-        handles.append(_linear(layer, "ffn_out").register_forward_pre_hook(masking("ffn", i, 1)))
-    was_training = backbone.training, heads.training
-    backbone.eval()  # no dropout: the scores of a deterministic model
-    heads.eval()
-    samples = 0
-    try:
-        with torch.enable_grad():
-            for inputs, labels in batches:
-                masks.clear()
-                logits = heads(backbone(inputs, heads.layers))  # (B, L, C)
-                # A sum over samples: each sample's mask gradient is then its own ∂L(x)/∂ξ.
-                loss = F.cross_entropy(
-                    logits.flatten(0, 1).float(), labels.repeat_interleave(logits.shape[1]), reduction="sum"
-                )
-                keys = list(masks)
-                grads = torch.autograd.grad(loss, [masks[k] for k in keys])
-                for (kind, i), grad in zip(keys, grads, strict=True):
-                    total = head_sum if kind == "heads" else ffn_sum
-                    total[i] += grad.abs().sum(dim=0).double().cpu()  # (units,)
-                samples += labels.shape[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-        backbone.train(was_training[0])
-        heads.train(was_training[1])
-    return Importance([_normalised(s) for s in head_sum], [_normalised(s) for s in ffn_sum], samples)
-
-
-def removal_count(sizes: list[int], fraction: float, unit: str, option: str) -> int:
-    """``⌊fraction × total⌋`` units of layers of ``sizes``; an error if that many must empty a layer."""
-    total = sum(sizes)
-    count = int(fraction * total + 1e-9)
-    if count > total - len(sizes):
-        raise JeidnnError(
-            f"{option} {fraction:g} removes {count} of {total} {unit}s, which empties a layer "
-            f"({len(sizes)} layers must keep one each); "
-            f"lower {option} below {(total - len(sizes) + 1) / total:.3g}"
-        )
-    return count
-
-
-def least_important(scores: list[Tensor], fraction: float, unit: str, option: str) -> dict[int, list[int]]:
-    """The ``⌊fraction × total⌋`` lowest-scoring units across all layers, never every unit of a layer.
-
-    A unit whose removal would empty its layer is skipped for the next lowest one elsewhere; a fraction that
-    cannot be met without emptying some layer is an error (:func:`removal_count`). Ties go to the earlier
-    layer, then the lower index.
-
-    Returns:
-        ``{0-based layer: sorted 0-based units to remove}`` (every layer present).
-    """
-    sizes = [len(s) for s in scores]
-    count = removal_count(sizes, fraction, unit, option)
-    order = sorted(
-        ((float(s), i, j) for i, layer in enumerate(scores) for j, s in enumerate(layer.tolist())),
-    )
-    remove: dict[int, list[int]] = {i: [] for i in range(len(sizes))}
-    left = list(sizes)
-    for _, i, j in order:
-        if count == 0:
-            break
-        if left[i] > 1:
-            remove[i].append(j)
-            left[i] -= 1
-            count -= 1
-    return {i: sorted(units) for i, units in remove.items()}
 
 
 # --------------------------------------------------------------------------- exits after dropping layers

@@ -26,17 +26,16 @@ from jeidnn.errors import JeidnnError
 from jeidnn.export import build_model, load_backbone
 from jeidnn.gates import Gates, GateSettings
 from jeidnn.heads import ExitHeads
+from jeidnn.importance import importance, least_important
 from jeidnn.operating_point import Run, choose, default_choice
 from jeidnn.predict import make_batches
 from jeidnn.pruning import PruneSettings, prune_model, prune_run, run_data
 from jeidnn.structured import (
-    _layer_list,
-    _linear,
     head_dim,
-    importance,
     keep_exits,
     layer_sizes,
-    least_important,
+    layer_stack,
+    projection,
     prune_ffn,
     prune_heads,
     restore_pruned_shapes,
@@ -59,7 +58,7 @@ def inputs_for(backbone):
 
 
 def layers_of(model):
-    return list(getattr(*_layer_list(model)))
+    return list(getattr(*layer_stack(model)))
 
 
 # --------------------------------------------------------------------------- structure
@@ -73,8 +72,8 @@ def test_sliced_model_equals_the_masked_one_and_reloads(arch):
     size = head_dim(model.config)
     layers = layers_of(masked)
     with torch.no_grad():  # a head / neuron whose output weights are zero contributes nothing
-        _linear(layers[0], "attn_out").weight[:, size : 2 * size] = 0
-        _linear(layers[2], "ffn_out").weight[:, [0, 3, 5]] = 0
+        projection(layers[0], "attn_out").weight[:, size : 2 * size] = 0
+        projection(layers[2], "ffn_out").weight[:, [0, 3, 5]] = 0
     params = sum(p.numel() for p in model.parameters())
 
     prune_heads(model, {0: [1]})
@@ -110,9 +109,9 @@ def test_importance_equals_the_weight_gradient_reference():
     heads = ExitHeads([1, 2, 3], 32, 3, "tanh", im_head="linear").eval()
     layers = layers_of(model)
     with torch.no_grad():  # a dead head (zero values) and dead neurons (zero output weights)
-        _linear(layers[1], "value").weight[size:] = 0
-        _linear(layers[1], "value").bias[size:] = 0
-        _linear(layers[0], "ffn_out").weight[:, :4] = 0
+        projection(layers[1], "value").weight[size:] = 0
+        projection(layers[1], "value").bias[size:] = 0
+        projection(layers[0], "ffn_out").weight[:, :4] = 0
     inputs, labels = inputs_for(backbone), torch.tensor([0, 2, 1])
 
     scores = importance(backbone, heads, [(inputs, labels)])
@@ -125,7 +124,7 @@ def test_importance_equals_the_weight_gradient_reference():
         logits = heads(backbone(one, heads.layers))[0]  # (L, C)
         F.cross_entropy(logits, labels[b].repeat(3), reduction="sum").backward()
         for i, layer in enumerate(layers):
-            o, f = _linear(layer, "attn_out"), _linear(layer, "ffn_out")
+            o, f = projection(layer, "attn_out"), projection(layer, "ffn_out")
             per_column = (o.weight * o.weight.grad).sum(0).double()  # (heads * size,)
             ref_heads[i] += per_column.view(2, size).sum(1).abs()
             ref_ffn[i] += (f.weight * f.weight.grad).sum(0).double().abs()
