@@ -57,6 +57,18 @@ class _PausePoints(pl.Callback):
         pause_point(f"stage0:step{trainer.global_step}")
 
 
+class _StoppedStaysStopped(pl.Callback):
+    """A run killed after the validation that ended stage 0 on patience resumes with that validation's
+    checkpoint; EarlyStopping only looks again at the next validation, so stop here instead."""
+
+    def __init__(self, stop: pl.callbacks.EarlyStopping) -> None:
+        self.stop = stop
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stop.wait_count >= max(self.stop.patience, 1):
+            trainer.should_stop = True
+
+
 def finetune(p: Prepared, run_dir: Path, progress: bool, resume: bool) -> dict:
     """Stage 0: backbone + final head until val accuracy stops improving (or a step / time / epoch budget
     runs out); the best validation's weights are restored. Returns what it did, for report.json.
@@ -78,7 +90,12 @@ def finetune(p: Prepared, run_dir: Path, progress: bool, resume: bool) -> dict:
     folder = run_dir / "checkpoints" / "finetune"
     monitor = "finetune/val_acc"
     best = pl.callbacks.ModelCheckpoint(
-        dirpath=str(folder), filename="best", monitor=monitor, mode="max", save_top_k=1
+        dirpath=str(folder),
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
     )
     # Every validation, whether it improved or not (Lightning's save_last only follows a new best).
     latest = pl.callbacks.ModelCheckpoint(dirpath=str(folder), filename="resume", save_top_k=1)
@@ -98,7 +115,7 @@ def finetune(p: Prepared, run_dir: Path, progress: bool, resume: bool) -> dict:
         val_check_interval=cfg.val_check_interval or 1.0,
         check_val_every_n_epoch=None if cfg.val_check_interval else 1,
         num_sanity_val_steps=0,
-        callbacks=[record, stop, _PausePoints(), best, latest],
+        callbacks=[record, stop, _StoppedStaysStopped(stop), _PausePoints(), best, latest],
     )
     # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as found:
     # without this the backbone would fine-tune with dropout off.

@@ -158,6 +158,7 @@ def stage0(
     if skipped is None:
         with timer.stage(name):
             summary = finetune(p, run_dir, progress, resume=p.cfg.resume)
+        pause_point("stage0:trained")
     train_final = skipped is not None and skipped["train_final_head"]
     if state.run_dir is not None:
         save_backbone(p, run_dir)

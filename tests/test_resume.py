@@ -1,11 +1,12 @@
 """`kill -9` in the middle of `python train.py`, then `--resume true`: the run continues from its last
 finished stage and ends with the report.json of an uninterrupted run (timings aside), bit for bit.
 
-A run killed in stage 0 (after its first validation checkpoint, mid-epoch) is resumed, killed again in stage
-2 (after the first round of the automatic λ choice) and resumed to the end. JEIDNN_PAUSE_AT makes the run
-wait at a named point, so the kill lands where the test wants it. A failure in stage 3 keeps every artifact
-and a resume finishes the run. Every run uses one intra-op thread (conftest.py; OMP_NUM_THREADS in the
-subprocesses): sums split over another number of threads round differently.
+A run killed in stage 0 (after its first validation checkpoint, mid-epoch) is resumed, killed again when
+stage 0 has stopped and in stage 2 (after the first round of the automatic λ choice), and resumed to the
+end. JEIDNN_PAUSE_AT makes the run wait at a named point, so the kill lands where the test wants it. A
+failure in stage 3 keeps every artifact and a resume finishes the run. Every run uses one intra-op thread
+(conftest.py; OMP_NUM_THREADS in the subprocesses): sums split over another number of threads round
+differently.
 """
 
 import json
@@ -27,9 +28,11 @@ TIMINGS = ("timings_s", "stage2_time_vs_train_pass")
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    """The smoke config with the automatic λ choice (two rounds in stage 2)."""
+    """The smoke config with the automatic λ choice (two rounds in stage 2), and a third epoch that stage 0
+    does not reach: patience ends it."""
     config = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
     config["jeidnn"].update(lambdas=None, lambda_grid=[0.01, 0.5], lambda_rounds=1)
+    config["finetune"]["epochs"] = 3
     path = tmp_path_factory.mktemp("config") / "smoke.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -66,7 +69,7 @@ def kill_at(point: str, command: list[str], log: Path) -> None:
         proc.wait()
 
 
-def test_killed_in_stage0_and_in_stage2_then_resumed(config, uninterrupted, tmp_path, capsys):
+def test_killed_in_stage0_twice_and_in_stage2_then_resumed(config, uninterrupted, tmp_path, capsys):
     run_dir = tmp_path / "smoke"
     train = [sys.executable, str(ROOT / "train.py"), *args(config, tmp_path)]
     kill_at("stage0:step7", train, tmp_path / "first.log")
@@ -80,15 +83,20 @@ def test_killed_in_stage0_and_in_stage2_then_resumed(config, uninterrupted, tmp_
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "finetune.lr is 0.5 here but 0.001" in error
 
-    kill_at("stage2:round1-train", [*train, "--resume", "true"], tmp_path / "second.log")
+    # Killed once stage 0 stopped on patience, before that is recorded: resumed, it must not train on.
+    kill_at("stage0:trained", [*train, "--resume", "true"], tmp_path / "second.log")
+    assert "stage 0 continues from" in (tmp_path / "second.log").read_text()
+    assert json.loads((run_dir / "state.json").read_text())["done"] == []
+
+    kill_at("stage2:round1-train", [*train, "--resume", "true"], tmp_path / "third.log")
     state = json.loads((run_dir / "state.json").read_text())
     assert state["done"][:1] == ["stage0"] and "stage2" not in state["done"]
     assert (run_dir / "checkpoints" / "stage2" / "round1-train.safetensors").is_file()
-    assert "stage 0 continues from" in (tmp_path / "second.log").read_text()
 
     # eval settings may change on resume: they do not touch what the finished stages computed.
     assert train_main(args(config, tmp_path, "--resume", "true")) == 0
     resumed = json.loads((run_dir / "report.json").read_text())
+    assert "finetune.patience" in uninterrupted["finetune"]["stopped"]
     assert without_timings(resumed) == without_timings(uninterrupted)
     assert len(resumed["learned"]["jeidnn_paper"]["models"]) > 2  # the second λ round ran after the kill
     assert not (run_dir / "cache").exists() and not (run_dir / "FAILED").exists()
