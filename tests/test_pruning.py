@@ -298,11 +298,18 @@ def test_loading_restores_the_pruned_shapes_without_help(pruned):
 
 def test_layers_auto_keeps_the_deepest_exit_used_on_calib(run, tmp_path):
     r = Run.open(run)
-    deepest = int(default_choice(r).candidate.calib_exits.max())
+    layers, deepest = r.report["exits"]["layers"], int(default_choice(r).candidate.calib_exits.max())
+    assert deepest < len(layers) - 1  # the tiny run's default operating point leaves layers unused
+
     summary = prune_run(run, PruneSettings(layers="auto"), out=tmp_path / "m", progress=False)
-    layers = r.report["exits"]["layers"]
+
     assert summary["exit_layers"] == layers[: deepest + 1] and summary["layers_kept"] == layers[deepest]
-    assert summary["test_exit_fractions"][-1] > 0 or deepest == 0
+    assert summary["parameters_after"] < summary["parameters_before"]
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["exit_layers"] == layers[: deepest + 1]
+    assert saved["backbone_config"]["num_hidden_layers"] == layers[deepest]
+    if deepest == 0:  # one exit left: no gate
+        assert saved["gates"] == {"kind": "none"} and summary["test_exit_fractions"] == [1.0]
 
 
 def test_pruning_nothing_gives_back_the_same_model(run, test_texts):
