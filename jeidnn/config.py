@@ -97,18 +97,18 @@ class FinetuneConfig:
     enabled: bool = True
     """False: the backbone stays as loaded; the final classifier is the checkpoint's own trained one when it
     has one for these labels, else it trains with the IMs in stage 1 on frozen features."""
-    epochs: int = 1
+    epochs: int = 10
     """Most passes over the training samples; `max_steps`, `max_time_minutes` and `patience` may stop
     it earlier."""
-    max_steps: int | None = None
+    max_steps: int | None = 200
     """Most optimizer steps (None = epochs only). The learning rate decays linearly to 0 at
     min(max_steps, epochs x steps per epoch)."""
-    val_check_interval: int | None = None
+    val_check_interval: int | None = 50
     """Optimizer steps between validations (None = once per epoch). Each validation also saves the
     checkpoint a `--resume true` continues from."""
-    patience: int = 3
+    patience: int = 2
     """Stop after this many validations without a higher val accuracy; the best checkpoint is restored."""
-    max_time_minutes: float | None = None
+    max_time_minutes: float | None = 6.0
     """Wall-clock budget of stage 0, validations included (None = none); the run stops at the first step
     past it, so the result then depends on the machine's speed."""
     batch_size: int = 32
@@ -122,7 +122,7 @@ class FinetuneConfig:
     """Fraction of steps with linear learning-rate warm-up."""
     head_lr: float = 1e-3
     """Learning rate of the freshly initialised final head."""
-    max_samples: int | None = 6000
+    max_samples: int | None = None
     """Fine-tune on at most this many training samples, a deterministic subset (the rest still train the
     exits); None = all. Stage 0 is the slow part on a CPU."""
 

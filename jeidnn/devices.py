@@ -144,11 +144,10 @@ class GlobalBatches(Sampler[list[int]]):
     :class:`~jeidnn.training.FinetuneModule` calls :meth:`set_epoch` at the start of every epoch.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
-        self.shuffle = shuffle
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
 
@@ -172,12 +171,9 @@ class GlobalBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rank, world = rank_and_world()
-        if self.shuffle:
-            order = torch.randperm(
-                self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-            )
-        else:
-            order = torch.arange(self.num_samples)
+        order = torch.randperm(
+            self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        )
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]

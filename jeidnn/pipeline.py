@@ -130,11 +130,19 @@ class Timer:
 
 def save_backbone(p: Prepared, run_dir: Path) -> None:
     """The frozen backbone as a Hugging Face folder (safetensors + tokenizer / image processor) in
-    `backbone/`, and the final head in `checkpoints/final_head.safetensors`."""
+    `backbone/`, and the final head in `checkpoints/final_head.safetensors`.
+
+    `Backbone.load` of the folder pools as this run does: a mean-pooling run also writes the
+    sentence-transformers pooling config that selects it.
+    """
     folder = run_dir / "backbone"
     p.backbone.model.save_pretrained(folder)
     if hasattr(p.dm.preprocessor, "save_pretrained"):
         p.dm.preprocessor.save_pretrained(folder)
+    if p.backbone.pooling == "mean":
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        modes = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(modes))
     head = {k: v.contiguous() for k, v in p.heads.final.state_dict().items()}
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     save_file(head, str(run_dir / "checkpoints" / "final_head.safetensors"))
@@ -142,7 +150,12 @@ def save_backbone(p: Prepared, run_dir: Path) -> None:
 
 def load_backbone(p: Prepared, run_dir: Path) -> None:
     """The weights :func:`save_backbone` wrote, into the prepared backbone and final head."""
-    p.backbone.model.load_state_dict(load_file(str(run_dir / "backbone" / "model.safetensors")))
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(
+        (run_dir / "backbone").glob("model*.safetensors")
+    ):  # one file, or shards of a big one
+        weights.update(load_file(str(shard)))
+    p.backbone.model.load_state_dict(weights)
     p.heads.final.load_state_dict(load_file(str(run_dir / "checkpoints" / "final_head.safetensors")))
 
 
