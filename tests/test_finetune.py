@@ -173,3 +173,37 @@ def test_a_run_without_stage0_says_where_its_final_head_comes_from(tmp_path):
     as_loaded = load_file(str(run / "checkpoints" / "final_head.safetensors"))
     warm = load_file(str(run / "checkpoints" / "warmup_heads.safetensors"))
     assert any(not torch.equal(v, warm[f"heads.2.{k}"]) for k, v in as_loaded.items())  # stage 1 trained it
+
+
+def test_backbone_folder_loads_as_the_run_pools_and_resumes_exactly(tmp_path):
+    """`runs/<name>/backbone/` (what the export reads) is a Hugging Face folder that `Backbone.load` pools
+    like the run, and a resumed run loads it back bit for bit."""
+    from jeidnn.backbone import Backbone
+    from jeidnn.pipeline import load_backbone, save_backbone
+    from jeidnn.preprocess import build_word_tokenizer
+
+    def parts(seed: int) -> SimpleNamespace:
+        torch.manual_seed(seed)
+        random = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+        backbone = Backbone.load(
+            ModelConfig(random_config={**random, "intermediate_size": 37}, pooling="mean")
+        )
+        heads = ExitHeads([1, 2], 32, 3, "tanh")
+        tokenizer = build_word_tokenizer(["a great day", "a bad day"], 30522)
+        return SimpleNamespace(
+            backbone=backbone.eval(), heads=heads, dm=SimpleNamespace(preprocessor=tokenizer)
+        )
+
+    run, other = parts(0), parts(1)
+    save_backbone(run, tmp_path)
+    again = Backbone.load(ModelConfig(name_or_path=str(tmp_path / "backbone"))).eval()
+    assert again.pooling == "mean"
+    ids = torch.tensor([[2, 7, 8, 3, 0]])
+    inputs = {"input_ids": ids, "attention_mask": (ids > 0).long()}
+    with torch.no_grad():
+        torch.testing.assert_close(again(inputs), run.backbone(inputs), rtol=0, atol=0)
+    load_backbone(other, tmp_path)  # a resumed run: same weights in its freshly built backbone and head
+    for module in ("backbone", "heads"):
+        mine, theirs = getattr(run, module).state_dict(), getattr(other, module).state_dict()
+        final = [k for k in mine if module == "backbone" or k.startswith("heads.1.")]
+        assert all(torch.equal(mine[k], theirs[k]) for k in final)
