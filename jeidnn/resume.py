@@ -134,9 +134,9 @@ def open_run_dir(cfg: RunConfig) -> RunState:
         if cfg.resume:
             logger.info("nothing to resume in %s; starting the run", run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
         state = RunState(config_hash(cfg), run_dir=run_dir)
-        state.write()
+        state.write()  # first: a folder with it can always be resumed
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
         return state
     state = RunState.read(run_dir)
     if state is None:
