@@ -54,6 +54,7 @@ from jeidnn.model_folder import (
     load_preprocessor,
 )
 from jeidnn.predict import Prediction, make_batches, to_predictions
+from jeidnn.structured import restore_pruned_shapes
 
 __all__ = [
     "EarlyExitConfig",
@@ -209,7 +210,9 @@ class EarlyExitModel(PreTrainedModel):
         if parts is None:
             if config.backbone_config is None:
                 raise JeidnnError("the model config has no backbone_config; build the model with from_parts")
-            backbone = Backbone(AutoModel.from_config(config.backbone_config), "config", config.pooling)
+            # A pruned backbone records its per-layer head and FFN sizes in its config (jeidnn.structured).
+            encoder = restore_pruned_shapes(AutoModel.from_config(config.backbone_config))
+            backbone = Backbone(encoder, "config", config.pooling)
             heads = ExitHeads(
                 config.exit_layers,
                 config.hidden_size,

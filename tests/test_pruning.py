@@ -14,7 +14,6 @@ from tiny_models import TINY_CONFIGS, tiny_run_overrides, write_sentiment_csv
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel
 
-import jeidnn.modeling
 from jeidnn import EarlyExitModel
 from jeidnn.backbone import Backbone
 from jeidnn.cli import main as cli
@@ -199,19 +198,6 @@ def test_texts(run):
     return [raw.inputs[i] for i in make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"]]
 
 
-@pytest.fixture
-def pruned_loading(monkeypatch):
-    """`from_pretrained` as it is once EarlyExitModel.__init__ restores pruned shapes (idempotent if it
-    already does): the empty backbone gets the per-layer sizes of the backbone config."""
-
-    class RestoringAutoModel:
-        @staticmethod
-        def from_config(config, **kwargs):
-            return restore_pruned_shapes(AutoModel.from_config(config, **kwargs))
-
-    monkeypatch.setattr(jeidnn.modeling, "AutoModel", RestoringAutoModel)
-
-
 def both_paths(model, texts):
     exits, logits = (
         torch.zeros(2, len(texts), dtype=torch.long),
@@ -232,9 +218,7 @@ def pruned(run, tmp_path_factory):
     return out, summary
 
 
-def test_pruned_model_is_smaller_loads_and_leaves_where_its_full_path_does(
-    run, pruned, test_texts, pruned_loading
-):
+def test_pruned_model_is_smaller_loads_and_leaves_where_its_full_path_does(run, pruned, test_texts):
     out, summary = pruned
     report = json.loads((run / "report.json").read_text())
     model = EarlyExitModel.from_pretrained(out)
@@ -287,12 +271,7 @@ def unpruned(run, method=None):
 
 
 def test_loading_restores_the_pruned_shapes_without_help(pruned):
-    try:
-        model = EarlyExitModel.from_pretrained(pruned[0])
-    except JeidnnError as exc:
-        pytest.xfail(
-            f"EarlyExitModel.__init__ does not call jeidnn.structured.restore_pruned_shapes yet: {exc}"
-        )
+    model = EarlyExitModel.from_pretrained(pruned[0])
     assert layer_sizes(model.backbone.model)[0] == [1, 1]
 
 
