@@ -167,9 +167,11 @@ def gate_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor) -> Tenso
 
 
 def warmup_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """IM warm-up loss ``Σ_l (L + 1 - l) · CE_l`` (``l`` 1-based), averaged over samples.
+    """IM warm-up loss ``Σ_l CE_l``, averaged over samples.
 
-    Earlier exits weigh more: they see less of the backbone and need the most help.
+    Each IM has its own parameters and sees only its own term, so the sum trains the IMs independently
+    in one pass. A per-exit weight (the paper's ``L + 1 − l``) would only rescale each IM's gradient,
+    which Adam undoes: it has no effect here and is not applied.
 
     Args:
         logits: per-exit logits, shape ``(N, L, C)``.
@@ -178,7 +180,4 @@ def warmup_loss(logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         Scalar loss.
     """
-    ce = per_exit_ce(logits, labels)  # (N, L)
-    num_exits = ce.shape[1]
-    weights = torch.arange(num_exits, 0, -1, dtype=ce.dtype, device=ce.device)  # (L,) = L, L-1, ..., 1
-    return (ce * weights).sum(dim=1).mean()
+    return per_exit_ce(logits, labels).sum(dim=1).mean()  # (N, L) -> scalar

@@ -22,6 +22,7 @@ from jeidnn.data import model_inputs
 from jeidnn.devices import GlobalBatches
 from jeidnn.features import FeatureSplit
 from jeidnn.heads import ExitHead, ExitHeads
+from jeidnn.losses import warmup_loss
 
 
 class FinetuneModule(pl.LightningModule):
@@ -123,7 +124,7 @@ class FinetuneModule(pl.LightningModule):
 class WarmupModule(pl.LightningModule):
     """Stage 1: train the IMs on cached features of the frozen backbone.
 
-    Loss Σ_l (L + 1 − l) · CE_l over the heads still training (docs/method.md). Each head stops on
+    Loss Σ_l CE_l over the heads still training (:func:`jeidnn.losses.warmup_loss`). Each head stops on
     its own when its val accuracy has not improved for `patience` epochs, and its best
     weights are restored; training ends when every head has stopped.
 
@@ -150,18 +151,13 @@ class WarmupModule(pl.LightningModule):
         self.bad_epochs = [0] * n
         self.active = [True] * n
         self.best_epoch = [0] * n
-        self.register_buffer("weights", torch.tensor([float(L - i) for i in self.trained]))  # (n,)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         features, labels = batch  # (B, L, H), (B,)
         active = [j for j, a in enumerate(self.active) if a]
-        losses = torch.stack(
-            [
-                F.cross_entropy(self.heads.heads[self.trained[j]](features[:, self.trained[j]]), labels)
-                for j in active
-            ]
-        )  # (A,)
-        loss = (self.weights[active] * losses).sum()
+        heads = [self.trained[j] for j in active]
+        logits = torch.stack([self.heads.heads[i](features[:, i]) for i in heads], dim=1)  # (B, A, C)
+        loss = warmup_loss(logits, labels)
         self.log("warmup/train_loss", loss, prog_bar=True)
         return loss
 

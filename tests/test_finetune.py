@@ -1,6 +1,7 @@
 """Stage 0's pieces: global batches split across processes, the step-based learning rate, the device, and
 where the final classifier comes from when stage 0 does not run."""
 
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,6 +157,35 @@ def test_warmup_can_train_the_final_head_too():
     assert any(not torch.equal(a, b) for a, b in zip(start, heads.final.parameters()))
     assert [p.requires_grad for p in heads.final.parameters()] == [False] * 4  # frozen again for stage 2
     assert all(p.requires_grad for p in heads.heads[0].parameters())
+
+
+def test_warmup_trains_each_im_as_if_alone():
+    """The IMs share no parameters, so training them together equals training each alone (which is why
+    per-exit loss weights would change nothing under Adam, and none are applied)."""
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (96,), generator=gen)
+    features = torch.randn(96, 3, 8, generator=gen)
+    train, val = FeatureSplit(features[:64], labels[:64]), FeatureSplit(features[64:], labels[64:])
+
+    def fit(heads: ExitHeads, only: int | None) -> None:
+        module = WarmupModule(heads, val, WarmupConfig(max_epochs=2, patience=5, lr=0.05))
+        if only is not None:  # train a single IM: the others stay out of the loss
+            module.active = [j == only for j in range(len(module.active))]
+        trainer = pl.Trainer(
+            max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
+        )
+        trainer.fit(module, feature_loader(train, 16, True, 0))
+
+    torch.manual_seed(0)
+    together = ExitHeads([1, 2, 3], 8, 3, "tanh", dropout=0.0)
+    alone = copy.deepcopy(together)
+    fit(together, None)
+    fit(alone, 1)
+    for a, b in zip(together.heads[1].parameters(), alone.heads[1].parameters()):
+        torch.testing.assert_close(a, b)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(together.heads[0].parameters(), alone.heads[0].parameters())
+    )
 
 
 def test_a_run_without_stage0_says_where_its_final_head_comes_from(tmp_path):

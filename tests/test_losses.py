@@ -170,7 +170,7 @@ def test_gate_loss_by_hand():
 
 
 def test_warmup_loss_by_hand():
-    # weights L + 1 - l = 3, 2, 1
-    sample0 = 3 * LN(2) + 2 * LN(4 / 3) + LN(10 / 9)
-    sample1 = 3 * LN(4) + 2 * LN(2) + LN(5 / 4)
+    # the plain sum over exits (no per-exit weights: each IM sees only its own term)
+    sample0 = LN(2) + LN(4 / 3) + LN(10 / 9)
+    sample1 = LN(4) + LN(2) + LN(5 / 4)
     assert warmup_loss(toy_logits(), LABELS).item() == pytest.approx((sample0 + sample1) / 2, abs=1e-5)
