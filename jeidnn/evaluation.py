@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -57,6 +58,8 @@ from jeidnn.config import EvalConfig, config_from_dict
 from jeidnn.conformal import alpha_key
 from jeidnn.errors import JeidnnError
 from jeidnn.metrics import envelope_summary
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GLOBAL_GRID", "METHODS", "NOTES", "alpha_key", "evaluate", "evaluate_run"]
 
@@ -437,17 +440,26 @@ def evaluate_run(
             f"run folder {run_dir} does not exist; pass the folder a training run wrote (runs/<name>)"
         )
     report_path = run_dir / "report.json"
+    source = report_path
     if not report_path.is_file():
-        raise JeidnnError(
-            f"{report_path} not found; {run_dir} is not a finished training run, re-run training"
+        # A run that failed in stages 3-4 kept what training finished: evaluate that.
+        source = run_dir / "report.partial.json"
+        if not source.is_file():
+            raise JeidnnError(
+                f"{report_path} not found; {run_dir} is not a trained run: re-run training (or continue it "
+                "with --resume true)"
+            )
+        log.warning(
+            "%s did not finish (no report.json): evaluating the trained stages from %s; its model was not "
+            "exported, `python train.py ... --resume true` finishes the run",
+            run_dir,
+            source.name,
         )
     try:
-        report = json.loads(report_path.read_text())
+        report = json.loads(source.read_text())
         report["exits"]["cost"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise JeidnnError(
-            f"{report_path} is malformed ({exc!r}); re-run training for this run folder"
-        ) from None
+        raise JeidnnError(f"{source} is malformed ({exc!r}); re-run training for this run folder") from None
     cfg, seed = _run_settings(run_dir, alphas, ece_bins)
     report = evaluate(report, run_dir, cfg, seed, write_markdown=write, progress=progress)
     if write:

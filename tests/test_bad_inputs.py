@@ -381,7 +381,7 @@ CASES: dict[str, Case] = {
     ),
     "evaluate_unfinished_run": lambda tmp, t: (
         ["-m", "jeidnn.cli", "evaluate", str(unfinished_run(tmp, t))],
-        "not a finished training run",
+        "is not a trained run",
     ),
 }
 

@@ -310,6 +310,25 @@ def test_the_export_choice_matches_the_evaluation_rows(tmp_path):
         choose(opened, "nope", 0.5)
 
 
+def test_a_run_that_failed_in_evaluation_can_be_evaluated(tmp_path, caplog):
+    """Training finished, stages 3-4 failed: report.partial.json is what `jeidnn evaluate` reads."""
+    run = make_run(tmp_path)
+    finished = evaluate_run(run, write=False)
+    (run / "report.json").rename(run / "report.partial.json")
+    with caplog.at_level("WARNING", logger="jeidnn"):
+        again = evaluate_run(run)
+    assert "did not finish" in caplog.text and "--resume true" in caplog.text
+    assert again["summary"]["budgeted"] == finished["summary"]["budgeted"]
+    assert (
+        json.loads((run / "report.json").read_text())["summary"]["budgeted"]
+        == finished["summary"]["budgeted"]
+    )
+    (run / "report.json").unlink()
+    (run / "report.partial.json").unlink()
+    with pytest.raises(JeidnnError, match="is not a trained run"):
+        evaluate_run(run)
+
+
 def test_evaluate_run_without_learned_and_overrides(tmp_path, capsys, monkeypatch):
     run = make_run(tmp_path, learned=False, config={"budgets": [0.5, 0.8], "resplits": 2})
     monkeypatch.setenv("HOME", str(tmp_path))
