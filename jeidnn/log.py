@@ -42,8 +42,11 @@ def setup_logging(quiet: bool = False) -> None:
 def _quiet_libraries() -> None:
     # Lightning's banner lines (GPU/TPU availability, a logging-service tip) and a known torch/Lightning
     # deprecation notice say nothing about the run.
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Importing pytorch_lightning resets its root logger to INFO, so the level goes on the loggers that
+    # print the banners (children keep their own level whenever the package is imported).
+    for package in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        for name in (package, f"{package}.utilities.rank_zero", f"{package}.accelerators.cuda"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")

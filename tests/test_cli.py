@@ -234,3 +234,14 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert "--quiet" in capsys.readouterr().out
+
+
+def test_lightning_banners_stay_quiet_even_when_lightning_is_imported_later():
+    import logging
+
+    from jeidnn.log import setup_logging
+
+    setup_logging()
+    logging.getLogger("pytorch_lightning").setLevel(logging.INFO)  # what `import pytorch_lightning` does
+    banner = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # "GPU available: ...", tips
+    assert not banner.isEnabledFor(logging.INFO) and banner.isEnabledFor(logging.WARNING)
