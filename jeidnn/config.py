@@ -128,6 +128,35 @@ class FinetuneConfig:
 
 
 @dataclass
+class JointConfig:
+    """The joint phase of `regime: joint` and `regime: mixed`: backbone, every IM and the final head trained
+    together on Σ_l w_l CE_l (docs/method.md). It reads stage 0's training samples in stage 0's batches
+    (`finetune.batch_size`, `finetune.max_samples`, at most `finetune.epochs` passes) and stops like stage 0:
+    on `patience`, `max_steps` or `max_time_minutes`, keeping the validation with the highest mean val
+    accuracy over the exits."""
+
+    max_steps: int | None = 200
+    """Most optimizer steps (None = epochs only); the same budget as `finetune.max_steps` by default, so
+    `joint` gives the backbone as many updates as `disjoint`'s stage 0 at most."""
+    lr: float = 5e-5
+    """Peak learning rate of the backbone (AdamW; linear warm-up, then linear decay to 0 at `max_steps`)."""
+    head_lr: float = 1e-3
+    """Learning rate of the exits (every IM and the final head)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_fraction: float = 0.1
+    """Fraction of steps with linear learning-rate warm-up."""
+    val_check_interval: int | None = 50
+    """Optimizer steps between validations (None = once per epoch); each saves a resumable checkpoint."""
+    patience: int = 2
+    """Stop after this many validations without a higher mean val accuracy over the exits."""
+    max_time_minutes: float | None = 6.0
+    """Wall-clock budget of the phase (None = none)."""
+    exit_weights: list[float] | None = None
+    """w_l of each exit's cross-entropy, first exit first, one per exit (None = 1 for every exit)."""
+
+
+@dataclass
 class WarmupConfig:
     """Stage 1: IM warm-up on cached features of the frozen backbone."""
 
@@ -244,6 +273,12 @@ class JeidnnConfig:
     """Cosine schedule end value."""
     max_positive_weight: float = 5.0
     """Upper clip of the BCE positive-class weight."""
+    train_backbone: bool = False
+    """End to end: each IM phase also updates the backbone and the final head (features computed in the loop
+    instead of read from the cache). Needs one variant and one λ (`lambdas: [x]`): the run then keeps one
+    backbone of its own for that model, next to the shared one the baselines use."""
+    backbone_lr: float = 1e-5
+    """`train_backbone`: learning rate of the backbone and the final head (AdamW, constant)."""
 
 
 @dataclass
@@ -314,9 +349,15 @@ class RunConfig:
     for `eval`, `export`, `devices` and `output_dir`."""
     logger: Literal["csv", "tensorboard"] = "csv"
     """Training curves under `<run>/logs/`: CSV files or TensorBoard events."""
+    regime: Literal["disjoint", "joint", "mixed"] = "disjoint"
+    """How backbone and exits train before the feature cache (Kubaty et al. 2024): `disjoint` = stage 0
+    (backbone + final head), then the IMs on the frozen backbone; `joint` = no stage 0, the `joint` phase
+    trains backbone and every exit together from the pretrained weights; `mixed` = stage 0, then the `joint`
+    phase. Stages 1-4 then run on the features of the backbone's last update."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     jeidnn: JeidnnConfig = field(default_factory=JeidnnConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -464,6 +505,54 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.resume and cfg.overwrite:
         raise JeidnnError("resume and overwrite are both true; pass either --resume true or --overwrite true")
+    _check_regime(cfg)
+
+
+def _check_regime(cfg: RunConfig) -> None:
+    """The regime, its joint phase and end-to-end stage 2 (`jeidnn.train_backbone`)."""
+    f, jt, j = cfg.finetune, cfg.joint, cfg.jeidnn
+    if cfg.regime == "mixed" and not (f.enabled and f.epochs > 0):
+        raise JeidnnError(
+            "regime mixed runs stage 0 first but finetune.enabled is false or finetune.epochs is 0; "
+            "enable stage 0 or use regime joint"
+        )
+    if cfg.regime != "disjoint" and f.epochs < 1:
+        raise JeidnnError(
+            f"regime {cfg.regime}: the joint phase makes at most finetune.epochs passes, got {f.epochs}; "
+            "set finetune.epochs >= 1"
+        )
+    for key in ("max_steps", "val_check_interval"):
+        value = getattr(jt, key)
+        if value is not None and value < 1:
+            raise JeidnnError(f"joint.{key} must be a positive integer or null, got {value}")
+    for key in ("lr", "head_lr"):
+        if not getattr(jt, key) > 0:
+            raise JeidnnError(f"joint.{key} must be > 0, got {getattr(jt, key)}")
+    if not jt.weight_decay >= 0 or jt.patience < 0:
+        raise JeidnnError(
+            f"joint.weight_decay and joint.patience must be >= 0, got {jt.weight_decay}, {jt.patience}"
+        )
+    if not 0 <= jt.warmup_fraction < 1:
+        raise JeidnnError(f"joint.warmup_fraction must lie in [0, 1), got {jt.warmup_fraction}")
+    if jt.max_time_minutes is not None and not jt.max_time_minutes > 0:
+        raise JeidnnError(f"joint.max_time_minutes must be > 0 or null, got {jt.max_time_minutes}")
+    w = jt.exit_weights
+    if w is not None and (not w or not all(x >= 0 for x in w) or not sum(w) > 0):
+        raise JeidnnError(f"joint.exit_weights must be null or one weight >= 0 per exit, not all 0, got {w}")
+    if not j.backbone_lr > 0:
+        raise JeidnnError(f"jeidnn.backbone_lr must be > 0, got {j.backbone_lr}")
+    if j.train_backbone and j.enabled:
+        if len(j.variants) != 1 or j.lambdas is None or len(j.lambdas) != 1:
+            lams = "null (automatic)" if j.lambdas is None else j.lambdas
+            raise JeidnnError(
+                f"jeidnn.train_backbone trains one backbone per model: it needs one variant and one λ, got "
+                f"{len(j.variants)} variants and lambdas {lams}; keep one variant and set jeidnn.lambdas: [x]"
+            )
+        if j.variants[0].im_loss == "frozen":
+            raise JeidnnError(
+                f"jeidnn.train_backbone updates the backbone in the IM phase, which im_loss frozen "
+                f"(variant {j.variants[0].name}) skips; choose im_loss weighted or uniform"
+            )
 
 
 def _check_ranges(cfg: RunConfig) -> None:

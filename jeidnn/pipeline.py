@@ -2,7 +2,9 @@
 
 `train.py` is a thin recipe over these functions; every piece can be imported and tested. A run records each
 finished stage and continues from there with `--resume true` (:mod:`jeidnn.resume`); with `devices` > 1,
-stage 0 and the feature cache run in several processes (:mod:`jeidnn.devices`).
+stage 0, the joint phase and the feature cache run in several processes (:mod:`jeidnn.devices`). The
+`regime` decides what trains the backbone before the cache: stage 0 (`disjoint`), the joint phase
+(`joint`), or both (`mixed`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from jeidnn.data import SPLITS, JeidnnDataModule, RawData, Splits, load_raw, mak
 from jeidnn.devices import check_logger, end_processes, global_rank, make_trainer, run_device
 from jeidnn.errors import JeidnnError
 from jeidnn.features import FeatureSplit, extract_features
-from jeidnn.finetune import final_head_without_finetune, finetune
+from jeidnn.finetune import final_head_without_finetune, finetune, regime_entry
 from jeidnn.heads import ExitHeads
 from jeidnn.learned import save_predictions, train_stage2
 from jeidnn.preprocess import build_preprocessor
@@ -181,6 +183,39 @@ def stage0(
     return train_final
 
 
+JOINT = "joint phase: backbone + every exit"
+JOINT_WEIGHTS = "checkpoints/joint.safetensors"
+
+
+def joint_phase(p: Prepared, state: RunState, run_dir: Path, timer: Timer, progress: bool) -> None:
+    """The joint phase of `regime: joint | mixed` (or its saved result), then `backbone/` and the final head
+    rewritten with its weights.
+
+    Its weights (backbone and every exit) are saved before the stage is recorded and `backbone/` is rewritten
+    after: a mixed run killed in between still finds stage 0's backbone there to restart the phase from.
+    """
+    path = run_dir / JOINT_WEIGHTS
+    if state.finished("joint"):
+        weights = load_file(str(path))
+        p.backbone.model.load_state_dict({k[9:]: v for k, v in weights.items() if k.startswith("backbone.")})
+        p.heads.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("heads.")})
+    else:
+        with timer.stage(JOINT):
+            summary = finetune(p, run_dir, progress, resume=p.cfg.resume, phase="joint")
+        pause_point("joint:trained")
+        if state.run_dir is None:
+            return
+        # Clones: safetensors refuses tensors that share memory (tied weights).
+        weights = {f"backbone.{k}": v.clone() for k, v in p.backbone.model.state_dict().items()}
+        weights.update({f"heads.{k}": v.clone() for k, v in p.heads.state_dict().items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+        state.mark("joint", {JOINT: timer.timings[JOINT]}, joint=summary)
+    if state.run_dir is not None:
+        save_backbone(p, run_dir)
+
+
 def feature_cache(
     p: Prepared, state: RunState, run_dir: Path, timer: Timer, progress: bool
 ) -> dict[str, FeatureSplit] | None:
@@ -208,7 +243,8 @@ def feature_cache(
                 pause_point(f"cache:{split}")
     if state.run_dir is None:
         return None
-    shutil.rmtree(run_dir / "checkpoints" / "finetune", ignore_errors=True)  # every process is past stage 0
+    for phase in ("finetune", "joint"):  # every process is past stage 0 and the joint phase
+        shutil.rmtree(run_dir / "checkpoints" / phase, ignore_errors=True)
     return cache
 
 
@@ -216,10 +252,11 @@ def warmup(
     p: Prepared, cache: dict[str, FeatureSplit], run_dir: Path, progress: bool, train_final: bool = False
 ) -> list[int]:
     """Stage 1: IMs (and the final head when `train_final`) on cached features; returns each trained head's
-    best epoch."""
+    best epoch (-1: the joint phase's weights were kept)."""
     cfg = p.cfg.warmup
     pl.seed_everything(p.cfg.seed, verbose=False)
-    module = WarmupModule(p.heads, cache["val"], cfg, train_final=train_final)
+    keep_start = p.cfg.regime != "disjoint"  # IMs trained in the joint phase: keep them unless beaten on val
+    module = WarmupModule(p.heads, cache["val"], cfg, train_final=train_final, keep_start=keep_start)
     if module.trained and cfg.max_epochs > 0:
         trainer = make_trainer(
             p.cfg, run_dir, "warmup", progress, max_epochs=cfg.max_epochs, enable_checkpointing=False
@@ -302,7 +339,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     with timer.stage("load model and data"):
         p = prepare(cfg)
         skipped = None
-        if not (cfg.finetune.enabled and cfg.finetune.epochs > 0):
+        if cfg.regime == "disjoint" and not (cfg.finetune.enabled and cfg.finetune.epochs > 0):
             entry, train_final = final_head_without_finetune(p)  # its errors come before any folder exists
             skipped = {"finetune": entry, "train_final_head": train_final}
     state = open_run_dir(cfg) if rank == 0 else worker_state(cfg)
@@ -310,7 +347,10 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     logger.info("run folder: %s", run_dir)
     stage = "stage 0"
     try:
-        train_final = stage0(p, state, run_dir, timer, progress, skipped)
+        train_final = stage0(p, state, run_dir, timer, progress, skipped) if cfg.regime != "joint" else False
+        if cfg.regime != "disjoint":
+            stage = "joint phase"
+            joint_phase(p, state, run_dir, timer, progress)
         freeze(p.backbone)
         freeze(p.heads.final)
         stage = "feature cache"
@@ -338,7 +378,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         # Every prediction file also stays in memory for the evaluation (keyed by its path in the run).
         predictions = {"predictions/warmup.safetensors": warm}
         report = base_report(p, costs, logits["test"], cache["test"].labels)
-        report["finetune"] = state.info["finetune"]
+        report["finetune"] = state.info.get(
+            "finetune", {"skipped": "regime joint: the joint phase replaces it"}
+        )
         trained: dict[str, list] = {}
         if cfg.jeidnn.enabled and p.heads.num_exits > 1:
             stage = "stage 2"
@@ -356,6 +398,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
                     "train_pass_s": train_pass,
                     "ratio": timings[STAGE2] / max(train_pass, 1e-9),
                 }
+        report["regime"] = regime_entry(cfg, state.info, trained)
         # What `jeidnn evaluate` needs should the evaluation below fail.
         write_json_atomic(run_dir / "report.partial.json", report)
         stage = "stages 3-4"
@@ -377,6 +420,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     # Only needed to resume: the run is complete.
     for leftover in ("cache", "checkpoints/stage2"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
+    (run_dir / JOINT_WEIGHTS).unlink(missing_ok=True)
     (run_dir / "report.partial.json").unlink(missing_ok=True)
     return report
 

@@ -434,6 +434,10 @@ def _setup(report: dict, exit_budget: float | None) -> list[str]:
         f"splits {ds.get('splits', {})}.",
         f"- Final classifier test accuracy: {_pct(final)} % (the original model).",
     ]
+    regime = report.get("regime")
+    if regime:  # runs before the regimes have none
+        updates = ", ".join(f"{k} {v}" for k, v in regime["backbone_updates"].items())
+        out.append(f"- Training regime: {regime['name']} (backbone updates: {updates}; docs/method.md).")
     oracle = report["methods"].get("oracle", {}).get("points")
     if oracle:
         o = oracle[0]

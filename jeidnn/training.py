@@ -1,6 +1,7 @@
-"""Stage 0 (fine-tune backbone + final head) and stage 1 (IM warm-up on cached features).
+"""Stage 0 (fine-tune backbone + final head), the joint phase (backbone + every exit, `regime: joint |
+mixed`) and stage 1 (IM warm-up on cached features).
 
-Both are LightningModules driven by `pl.Trainer` from :mod:`jeidnn.pipeline`.
+All are LightningModules driven by `pl.Trainer` from :mod:`jeidnn.finetune` and :mod:`jeidnn.pipeline`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jeidnn.data import model_inputs
 from jeidnn.devices import GlobalBatches
 from jeidnn.features import FeatureSplit
 from jeidnn.heads import ExitHead, ExitHeads
-from jeidnn.losses import warmup_loss
+from jeidnn.losses import per_exit_ce, warmup_loss
 
 
 class FinetuneModule(pl.LightningModule):
@@ -37,6 +38,9 @@ class FinetuneModule(pl.LightningModule):
             and a loaded checkpoint tells it where to resume.
         num_classes: for the validation accuracy (a torchmetrics metric, so it is summed over processes).
     """
+
+    stage = "finetune"
+    """Prefix of the logged metrics (`<stage>/val_acc` is what the checkpoints monitor)."""
 
     def __init__(
         self,
@@ -89,16 +93,24 @@ class FinetuneModule(pl.LightningModule):
         # DDP averages the processes' gradients: a sum over our rows x processes / global rows makes that
         # average the gradient of the mean loss over the whole global batch, as with one process.
         scale = self.trainer.world_size / self.batches.global_size(batch_idx)
-        loss = F.cross_entropy(logits, batch["labels"], reduction="sum") * scale
-        self.log("finetune/train_loss", loss, prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        loss = self.loss_sum(logits, batch["labels"]) * scale
+        self.log(f"{self.stage}/train_loss", loss, prog_bar=True, sync_dist=self.trainer.world_size > 1)
         return loss
+
+    def loss_sum(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss summed over the rows of `logits` (b, C)."""
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def val_pairs(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The (predictions, labels) the validation accuracy counts."""
+        return logits, labels
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._batches_done = batch_idx + 1
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.val_accuracy.update(self(batch), batch["labels"])
-        self.log("finetune/val_acc", self.val_accuracy, prog_bar=True)
+        self.val_accuracy.update(*self.val_pairs(self(batch), batch["labels"]))
+        self.log(f"{self.stage}/val_acc", self.val_accuracy, prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["jeidnn_position"] = {
@@ -121,6 +133,49 @@ class FinetuneModule(pl.LightningModule):
         return torch.optim.AdamW(params, weight_decay=self.cfg.weight_decay)
 
 
+class JointModule(FinetuneModule):
+    """The joint phase: backbone, every IM and the final head on Σ_l w_l CE_l (`regime: joint | mixed`).
+
+    Stage 0's loop (step-based learning rate, exact resume, global batches); the exits train at
+    `head_lr`. The validation accuracy it reports (and the checkpoints keep the best of) is the mean of the
+    exits' val accuracies: every exit serves some samples at inference.
+
+    Args:
+        heads: every exit (trained in place).
+        exit_layers: 1-based backbone layers of the exits.
+        exit_weights: (L,) w_l; ones give the plain sum :func:`jeidnn.losses.warmup_loss` trains.
+    """
+
+    stage = "joint"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: ExitHeads,
+        exit_layers: list[int],
+        cfg: FinetuneConfig,
+        total_steps: int,
+        batches: GlobalBatches,
+        exit_weights: Tensor,
+    ) -> None:
+        super().__init__(backbone, heads, cfg, total_steps, heads.num_classes, batches)  # type: ignore[arg-type]
+        self.exit_layers = list(exit_layers)
+        self.register_buffer("exit_weights", exit_weights.float(), persistent=False)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        pooled = self.backbone(
+            model_inputs(batch, self.backbone.input_names), layers=self.exit_layers
+        )  # (B, L, H)
+        return self.head(pooled)  # (B, L, C)
+
+    def loss_sum(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return (per_exit_ce(logits, labels) * self.exit_weights).sum()  # (b, L) weighted, summed
+
+    def val_pairs(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        # Every (sample, exit) pair counts once: their accuracy is the mean of the exits' accuracies.
+        return logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1])  # (B·L, C), (B·L,)
+
+
 class WarmupModule(pl.LightningModule):
     """Stage 1: train the IMs on cached features of the frozen backbone.
 
@@ -131,10 +186,18 @@ class WarmupModule(pl.LightningModule):
     Args:
         train_final: also train the final classifier (weight 1), for a backbone that was not
             fine-tuned and brought no trained classifier of its own.
+        keep_start: the heads arrive trained (the joint phase of `regime: joint | mixed`): their val
+            accuracy is the one to beat, so a head keeps its starting weights (best epoch -1) unless an
+            epoch of warm-up improves on them.
     """
 
     def __init__(
-        self, heads: ExitHeads, val: FeatureSplit, cfg: WarmupConfig, train_final: bool = False
+        self,
+        heads: ExitHeads,
+        val: FeatureSplit,
+        cfg: WarmupConfig,
+        train_final: bool = False,
+        keep_start: bool = False,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -151,6 +214,9 @@ class WarmupModule(pl.LightningModule):
         self.bad_epochs = [0] * n
         self.active = [True] * n
         self.best_epoch = [0] * n
+        if keep_start:
+            self.best_acc = self.val_accuracy()
+            self.best_epoch = [-1] * n
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         features, labels = batch  # (B, L, H), (B,)
