@@ -47,6 +47,10 @@ def _quiet_libraries() -> None:
     for package in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         for name in (package, f"{package}.utilities.rank_zero", f"{package}.accelerators.cuda"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    # transformers' own "Loading weights" / "Writing model shards" bars interleave with the stage lines.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
