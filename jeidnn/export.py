@@ -14,8 +14,10 @@ What each method exports:
   ``jeidnn_ims_threshold_maxprob``: max-prob thresholds on a ``jeidnn_paper`` model's IMs;
 * ``patience``: PABEE patience gates; ``static``: every sample at the chosen layer.
 
-Baselines use the warm-up IMs; every model shares the run's fine-tuned backbone. ``python train.py``
-exports the default choice (:func:`jeidnn.operating_point.default_choice`) to ``runs/<name>/model/``.
+Baselines use the warm-up IMs; every model shares the run's fine-tuned backbone (``backbone/``), except a
+learned model trained end to end (``jeidnn.train_backbone``), which brings its own in its checkpoint (so do
+thresholds on its IMs). ``python train.py`` exports the default choice
+(:func:`jeidnn.operating_point.default_choice`) to ``runs/<name>/model/``.
 
     jeidnn export runs/default --method threshold_search --budget 0.5
     jeidnn export runs/default --method jeidnn_paper --lam 0.01 --out my-model
@@ -23,6 +25,7 @@ exports the default choice (:func:`jeidnn.operating_point.default_choice`) to ``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -81,13 +84,14 @@ def _new_heads(run: Run, backbone: Backbone) -> ExitHeads:
 
 
 def _learned_parts(run: Run, method: str, k: int, backbone: Backbone, trained: Mapping | None):
-    """Heads and gates of model ``k`` of a learned method: in memory after training, else its checkpoint."""
+    """Heads, gates and own backbone (a state dict; None = the run's shared one) of model ``k`` of a learned
+    method: in memory after training, else its checkpoint."""
     from jeidnn.gates import Gates, GateSettings
 
     settings = run.learned[method]["settings"]
     if trained is not None:
         model = trained[settings["name"]][k]
-        return model.heads, model.gates
+        return model.heads, model.gates, model.backbone
     path = run.folder / "checkpoints" / "learned" / settings["name"] / f"{k}.safetensors"
     weights = _weights(path)
     heads = _new_heads(run, backbone)
@@ -96,7 +100,23 @@ def _learned_parts(run: Run, method: str, k: int, backbone: Backbone, trained: M
     gate_settings = GateSettings(**{f: settings[f] for f in fields if f in settings})
     gates = Gates(len(heads.layers), gate_settings, backbone.hidden_size)
     _load(gates, weights, "gates.", path)
-    return heads, gates
+    own = {k[len("backbone.") :]: v for k, v in weights.items() if k.startswith("backbone.")}
+    return heads, gates, own or None
+
+
+def _with_weights(backbone: Backbone, own: Mapping[str, Tensor] | None, method: str) -> Backbone:
+    """``backbone``, or a copy of it holding the own backbone weights ``own`` of a model of ``method``."""
+    if own is None:
+        return backbone
+    copied = copy.deepcopy(backbone)
+    try:
+        copied.model.load_state_dict(own)
+    except RuntimeError as exc:
+        raise JeidnnError(
+            f"the backbone {method}'s model trained end to end does not fit the run's ({first_line(exc)}); "
+            "re-run training"
+        ) from None
+    return copied
 
 
 def exit_parts(
@@ -105,25 +125,28 @@ def exit_parts(
     backbone: Backbone,
     trained: Mapping | None = None,
     warmup_heads: ExitHeads | None = None,
-) -> tuple[ExitHeads, nn.Module, float | None]:
-    """The heads, the gates and (learned gates only) the exit threshold that play ``point``.
+) -> tuple[Backbone, ExitHeads, nn.Module, float | None]:
+    """The backbone, the heads, the gates and (learned gates only) the exit threshold that play ``point``.
 
+    The backbone is ``backbone`` (the run's shared one) unless the model was trained end to end.
     ``trained`` (stage 2's models per variant) and ``warmup_heads`` are the training run's objects in
     memory; without them the weights are read from the run's ``checkpoints/``.
     """
     layers = list(run.report["exits"]["layers"])
     if point.kind == "learned":
-        heads, gates = _learned_parts(run, point.method, point.param["model"], backbone, trained)
-        return heads, gates, float(point.param["tau"])
+        heads, gates, own = _learned_parts(run, point.method, point.param["model"], backbone, trained)
+        return _with_weights(backbone, own, point.method), heads, gates, float(point.param["tau"])
+    own = None
     if point.method == DERIVED:
-        heads, _ = _learned_parts(run, DERIVED_FROM, point.param["model"], backbone, trained)
+        heads, _, own = _learned_parts(run, DERIVED_FROM, point.param["model"], backbone, trained)
     elif warmup_heads is not None:
         heads = warmup_heads
     else:
         path = run.folder / "checkpoints" / "warmup_heads.safetensors"
         heads = _new_heads(run, backbone)
         _load(heads, _weights(path), "", path)
-    return heads, point.rule_gates(run.split, len(layers), layers), None
+    gates = point.rule_gates(run.split, len(layers), layers)
+    return _with_weights(backbone, own, DERIVED_FROM), heads, gates, None
 
 
 def load_backbone(run: Run) -> tuple[Backbone, Any]:
@@ -195,7 +218,7 @@ def build_model(
     alpha = cfg.export.alpha if alpha is None else float(alpha)
     if not 0 < alpha < 1:
         raise JeidnnError(f"--alpha must lie strictly between 0 and 1, got {alpha}")
-    heads, gates, tau = exit_parts(run, point, backbone, trained, warmup_heads)
+    backbone, heads, gates, tau = exit_parts(run, point, backbone, trained, warmup_heads)
     alphas = sorted(set(cfg.eval.alphas) | {alpha})
     quantiles, groups = point.conformal_quantiles(run.split, alphas, cfg.eval.conformal_min_samples)
     param = _plain(point.param)

@@ -288,7 +288,7 @@ def regime_entry(cfg: RunConfig, info: dict, trained: dict[str, list]) -> dict:
     updates["total"] = sum(updates.values())
     f, jt = cfg.finetune, cfg.joint
     if cfg.regime == "disjoint":
-        how = f"stage 0 alone trains the backbone ({_budget(f.max_steps)}, finetune.max_steps)"
+        how = f"stage 0 trains the backbone ({_budget(f.max_steps)}, finetune.max_steps)"
     elif cfg.regime == "joint":
         same = "the same budget as" if jt.max_steps == f.max_steps else "NOT the budget of"
         how = (

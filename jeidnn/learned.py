@@ -1,11 +1,13 @@
 """The learned methods of a run: stage 2 for every variant and λ, and what it leaves behind.
 
 Each trained model's predictions (`predictions/learned/<variant>/<k>.safetensors`) and weights
-(`checkpoints/learned/<variant>/<k>.safetensors`), and report.json's `learned` entries.
+(`checkpoints/learned/<variant>/<k>.safetensors`: heads, gates and, for a model trained end to end, its own
+backbone), and report.json's `learned` entries.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,12 +17,13 @@ from safetensors.torch import save_file
 
 from jeidnn.config import GateVariant
 from jeidnn.cost import ExitCosts
-from jeidnn.devices import stage_logger
-from jeidnn.features import FeatureSplit
+from jeidnn.devices import make_trainer, stage_logger
+from jeidnn.features import FeatureSplit, extract_features
 from jeidnn.resume import pause_point
 
 if TYPE_CHECKING:
     from jeidnn.pipeline import Prepared
+    from jeidnn.stage2 import TrainedModel
 
 
 def save_predictions(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -88,6 +91,14 @@ def train_stage2(
         v.name: costs.with_gates(gate_flops(v, num_exits, hidden, p.heads.num_classes))
         for v in cfg.jeidnn.variants
     }
+    store = run_dir / "checkpoints" / "stage2"
+    after_fit = lambda name: pause_point(f"stage2:{name}")  # noqa: E731
+    if cfg.jeidnn.train_backbone:
+        from jeidnn.end_to_end import fit_end_to_end
+
+        costs_of = {name: torch.tensor(c) for name, c in variant_costs.items()}
+        trained = fit_end_to_end(p, cache, costs_of, run_dir, progress, store=store, after_fit=after_fit)
+        return _outputs(p, cache, variant_costs, trained, run_dir, progress)
     trained = fit_stage2(
         cache["train"].features,
         cache["train"].labels,
@@ -104,17 +115,43 @@ def train_stage2(
             "enable_progress_bar": progress,
             "default_root_dir": str(run_dir),
         },
-        store=run_dir / "checkpoints" / "stage2",
-        after_fit=lambda name: pause_point(f"stage2:{name}"),
+        store=store,
+        after_fit=after_fit,
     )
+    return _outputs(p, cache, variant_costs, trained, run_dir, progress)
+
+
+def own_features(p: Prepared, model: TrainedModel, run_dir: Path, progress: bool) -> dict[str, FeatureSplit]:
+    """The val, calib and test features of the backbone a model trained end to end brought."""
+    backbone = copy.deepcopy(p.backbone)
+    backbone.model.load_state_dict(model.backbone)
+    trainer = make_trainer(p.cfg, run_dir, "cache", progress, logger=False)
+    cache = {}
+    for split in ("val", "calib", "test"):
+        cache[split] = extract_features(backbone, p.dm, split, p.exit_layers, progress, trainer=trainer)
+    return cache
+
+
+def _outputs(
+    p: Prepared,
+    cache: dict[str, FeatureSplit],
+    variant_costs: dict[str, list[float]],
+    trained: dict[str, list[TrainedModel]],
+    run_dir: Path,
+    progress: bool,
+) -> tuple[dict[str, dict], dict[str, list], dict[str, dict]]:
+    """Each trained model's predictions and weights (files and memory) and report.json's entries."""
+    cfg = p.cfg
     learned: dict[str, dict] = {}
     predictions: dict[str, dict] = {}
     for variant in cfg.jeidnn.variants:
         models = []
         for k, model in enumerate(trained[variant.name]):
             tensors = {}
+            # A model trained end to end reads its own backbone's features: computed again here.
+            splits = cache if model.backbone is None else own_features(p, model, run_dir, progress)
             for split in ("val", "calib", "test"):
-                features = cache[split].features
+                features = splits[split].features
                 with torch.no_grad():
                     logits = model.heads(features)  # (N, L, C)
                     tensors[f"{split}_scores"] = model.gates.scores(logits, features[:, :-1])  # (N, L-1)
@@ -125,14 +162,17 @@ def train_stage2(
             predictions[rel] = tensors
             weights = {f"heads.{n}": v for n, v in model.heads.state_dict().items()}
             weights.update({f"gates.{n}": v for n, v in model.gates.state_dict().items()})
+            weights.update({f"backbone.{n}": v for n, v in (model.backbone or {}).items()})
             save_predictions(run_dir / "checkpoints" / "learned" / variant.name / f"{k}.safetensors", weights)
-            models.append(
-                {
-                    "lambda": model.lam,
-                    "file": rel,
-                    "val_cost": model.val_cost,
-                    "val_accuracy": model.val_accuracy,
-                }
-            )
+            entry = {
+                "lambda": model.lam,
+                "file": rel,
+                "val_cost": model.val_cost,
+                "val_accuracy": model.val_accuracy,
+            }
+            if model.backbone is not None:
+                entry["backbone"] = "its own, trained end to end in stage 2 (in its checkpoint)"
+                entry["backbone_updates"] = int(model.history["backbone_updates"][-1])
+            models.append(entry)
         learned.update(_learned_entries(variant, variant_costs[variant.name], models))
     return learned, trained, predictions

@@ -30,7 +30,7 @@ from jeidnn.data import SPLITS, JeidnnDataModule, RawData, Splits, load_raw, mak
 from jeidnn.devices import check_logger, end_processes, global_rank, make_trainer, run_device
 from jeidnn.errors import JeidnnError
 from jeidnn.features import FeatureSplit, extract_features
-from jeidnn.finetune import final_head_without_finetune, finetune, regime_entry
+from jeidnn.finetune import exit_weights, final_head_without_finetune, finetune, regime_entry
 from jeidnn.heads import ExitHeads
 from jeidnn.learned import save_predictions, train_stage2
 from jeidnn.preprocess import build_preprocessor
@@ -80,6 +80,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
     dm.setup()
     layers = exit_layers_of(cfg, backbone.num_layers)
+    if cfg.regime != "disjoint":
+        exit_weights(cfg, len(layers))  # one weight per exit, refused before any folder exists
     heads = ExitHeads(
         layers,
         backbone.hidden_size,

@@ -366,7 +366,10 @@ class TrainedModel:
         lam: its λ.
         heads: the warm-up heads with this model's IMs (final head unchanged), eval mode, CPU.
         gates: its ``K = 1`` gates, eval mode, CPU.
-        history: per-epoch ``gate_loss``, ``im_loss``, ``val_accuracy``, ``val_cost`` (native threshold).
+        history: per-epoch ``gate_loss``, ``im_loss``, ``val_accuracy``, ``val_cost`` (native threshold);
+            end to end also ``backbone_updates`` (cumulative).
+        backbone: the state dict of its own backbone's Hugging Face model (end to end,
+            :mod:`jeidnn.end_to_end`); None = it reads the run's shared backbone.
     """
 
     variant: GateVariant
@@ -374,6 +377,7 @@ class TrainedModel:
     heads: nn.Module
     gates: StackedGates
     history: dict[str, list[float]] = field(default_factory=dict)
+    backbone: dict[str, Tensor] | None = None
 
     @property
     def val_cost(self) -> float:
@@ -384,11 +388,41 @@ class TrainedModel:
         return self.history["val_accuracy"][-1] if self.history.get("val_accuracy") else math.nan
 
 
-def _eval_logits(module: nn.Module, inputs: Tensor) -> Tensor:
+def eval_logits(module: nn.Module, inputs: Tensor) -> Tensor:
     """``module(inputs)`` in eval mode, 4096 rows at a time (``module`` is copied, its mode untouched)."""
     module = copy.deepcopy(module).eval()
     with torch.no_grad():
         return torch.cat([module(chunk) for chunk in inputs.split(4096)])
+
+
+def start_blocks(
+    train_features: Tensor,
+    val: tuple[Tensor, Tensor, Tensor],
+    heads: nn.Module,
+    plan: Sequence[tuple[GateVariant, Tensor, Sequence[float]]],
+    cfg: JeidnnConfig,
+    seed: int,
+) -> list[VariantBlock]:
+    """The variant blocks of ``plan`` as training starts: fresh gates (each variant from its own random
+    stream), gate-input statistics from the warm-up IMs on ``train_features`` ``(N, L, H)``, and BCE positive
+    weights from ``val`` = (IM features ``(M, L-1, H)``, labels ``(M,)``, final logits ``(M, C)``)."""
+    hidden_size = train_features.shape[-1]
+    blocks = []
+    for variant, costs, lambdas in plan:
+        # Each variant's gates drawn from its own stream: adding a variant never changes another's start.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(variant.name.encode()))
+        block = VariantBlock(variant, heads, hidden_size, costs, lambdas, generator)
+        with torch.no_grad():  # the warm-up IMs' outputs (every model starts from them) set the statistics
+            im_logits = block.ims.eval()(train_features[:, :-1])[0]  # (N, L-1, C)
+        block.ims.train()
+        block.gates.set_statistics(im_logits, train_features[:, :-1])
+        if variant.objective == "bce":  # initial BCE weights from the warm-up IMs on val
+            with torch.no_grad():
+                block.set_positive_weights(
+                    block.ce(block.predict(*val[::2])[0], val[1]), cfg.max_positive_weight
+                )
+        blocks.append(block)
+    return blocks
 
 
 def train_models(
@@ -425,30 +459,12 @@ def train_models(
             f"expected train features of shape (N, {num_exits}, H), got {tuple(train_features.shape)}"
         )
     pl.seed_everything(seed, verbose=False)
-    hidden_size = train_features.shape[-1]
-    blocks = []
-    for variant, costs, lambdas in plan:
-        # Each variant's gates drawn from its own stream: adding a variant never changes another's start.
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(variant.name.encode()))
-        block = VariantBlock(variant, heads, hidden_size, costs, lambdas, generator)
-        with torch.no_grad():  # the warm-up IMs' outputs (every model starts from them) set the statistics
-            im_logits = block.ims.eval()(train_features[:, :-1])[0]  # (N, L-1, C)
-        block.ims.train()
-        block.gates.set_statistics(im_logits, train_features[:, :-1])
-        blocks.append(block)
-    module = Stage2Module(blocks, cfg)
-
     train_rows = _CachedRows(
-        train_features, train_labels, _eval_logits(heads.heads[-1], train_features[:, -1])
+        train_features, train_labels, eval_logits(heads.heads[-1], train_features[:, -1])
     )
-    val_rows = _CachedRows(val_features, val_labels, _eval_logits(heads.heads[-1], val_features[:, -1]))
-    with torch.no_grad():  # initial BCE weights from the warm-up IMs on val
-        batch = val_rows[list(range(len(val_rows)))]
-        for block in blocks:
-            if block.variant.objective == "bce":
-                block.set_positive_weights(
-                    block.ce(block.predict(*batch[::2])[0], batch[1]), cfg.max_positive_weight
-                )
+    val_rows = _CachedRows(val_features, val_labels, eval_logits(heads.heads[-1], val_features[:, -1]))
+    blocks = start_blocks(train_features, val_rows[list(range(len(val_rows)))], heads, plan, cfg, seed)
+    module = Stage2Module(blocks, cfg)
 
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
@@ -518,6 +534,7 @@ def save_models(path: Path, models: Sequence[TrainedModel]) -> None:
     for k, model in enumerate(models):
         tensors.update({f"{k}.heads.{n}": v.contiguous() for n, v in model.heads.state_dict().items()})
         tensors.update({f"{k}.gates.{n}": v.contiguous() for n, v in model.gates.state_dict().items()})
+        tensors.update({f"{k}.backbone.{n}": v.contiguous() for n, v in (model.backbone or {}).items()})
     meta = [{"variant": m.variant.name, "lambda": m.lam, "history": m.history} for m in models]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -546,8 +563,11 @@ def load_models(
         gates.load_state_dict(
             {n[len(f"{k}.gates.") :]: v for n, v in tensors.items() if n.startswith(f"{k}.gates.")}
         )
+        own = {n[len(f"{k}.backbone.") :]: v for n, v in tensors.items() if n.startswith(f"{k}.backbone.")}
         models.append(
-            TrainedModel(variant, float(entry["lambda"]), model_heads, gates.eval(), entry["history"])
+            TrainedModel(
+                variant, float(entry["lambda"]), model_heads, gates.eval(), entry["history"], own or None
+            )
         )
     return models
 

@@ -64,6 +64,10 @@ def test_report_has_the_promised_schema(report):
     assert set(report["methods"]) == set(METHODS)
     assert report["methods"]["oracle"]["kind"] == "oracle"
     assert set(report["summary"]) >= {"budgeted", "cost_range", "auc", "matched_cost"}
+    # The default regime: stage 0 alone updates the backbone.
+    steps = report["finetune"]["steps"]
+    assert report["regime"]["name"] == "disjoint"
+    assert report["regime"]["backbone_updates"] == {"stage0": steps, "total": steps}
 
 
 def test_stage0_validates_and_keeps_the_best(report, smoke_run):

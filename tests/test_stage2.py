@@ -21,7 +21,9 @@ from jeidnn.stage2 import (
     _CachedRows,
     fit_stage2,
     gate_settings,
+    load_models,
     next_lambdas,
+    save_models,
     train_models,
 )
 
@@ -236,3 +238,16 @@ def test_a_stored_fit_is_loaded_instead_of_trained_again(data, tmp_path):
                 torch.testing.assert_close(
                     a.gates.scores(logits_a, vx[:, :-1]), b.gates.scores(logits_b, vx[:, :-1]), rtol=0, atol=0
                 )
+
+
+def test_a_stored_model_keeps_its_own_backbone(data, tmp_path):
+    """A model trained end to end (jeidnn.train_backbone) is stored with its backbone's weights and loads back
+    with them; a model without one loads with none."""
+    (x, y), (vx, vy) = data
+    [models] = train_models(x, y, vx, vy, warm_heads(), [(PAPER, COSTS, [0.01, 0.3])], config(epochs=1))
+    own = {"encoder.weight": torch.randn(4, 3), "encoder.bias": torch.randn(4)}
+    models[0].backbone = own
+    save_models(tmp_path / "fit.safetensors", models)
+    first, second = load_models(tmp_path / "fit.safetensors", [PAPER], warm_heads(), x.shape[-1])
+    assert set(first.backbone) == set(own) and all(torch.equal(first.backbone[k], own[k]) for k in own)
+    assert second.backbone is None
