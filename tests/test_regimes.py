@@ -39,6 +39,12 @@ def args(out: Path, *more: str) -> list[str]:
     return ["--config", SMOKE, "--output_dir", str(out), "--no-progress", *more]
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One folder for the runs below, named as benchmarks/regimes.py names them."""
+    return tmp_path_factory.mktemp("runs")
+
+
 def test_joint_module_trains_backbone_and_every_exit_on_the_weighted_sum_of_exit_ces():
     torch.manual_seed(0)
     random = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2}
@@ -75,9 +81,8 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def joint_run(tmp_path_factory):
+def joint_run(runs):
     """A joint run; the joint phase's inputs and outputs are kept (backbone and heads before and after)."""
-    out = tmp_path_factory.mktemp("joint")
     seen = {}
     original = jeidnn.pipeline.joint_phase
 
@@ -89,10 +94,10 @@ def joint_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(jeidnn.pipeline, "joint_phase", watched)
     try:
-        assert train_main(args(out, "--regime", "joint")) == 0
+        assert train_main(args(runs, "--regime", "joint", "--name", "regimes-joint")) == 0
     finally:
         mp.undo()
-    return out / "smoke", seen
+    return runs / "regimes-joint", seen
 
 
 def test_joint_trains_backbone_and_ims_from_the_pretrained_weights(joint_run):
@@ -119,10 +124,9 @@ def test_joint_trains_backbone_and_ims_from_the_pretrained_weights(joint_run):
 
 
 @pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mixed")
-    assert train_main(args(out, "--regime", "mixed")) == 0
-    return json.loads((out / "smoke" / "report.json").read_text())
+def mixed_run(runs):
+    assert train_main(args(runs, "--regime", "mixed", "--name", "regimes-mixed")) == 0
+    return json.loads((runs / "regimes-mixed" / "report.json").read_text())
 
 
 def test_mixed_runs_stage0_then_the_joint_phase(mixed_run):
@@ -135,9 +139,14 @@ def test_mixed_runs_stage0_then_the_joint_phase(mixed_run):
     assert timings.index("stage 0: fine-tune backbone + final head") < timings.index(jeidnn.pipeline.JOINT)
 
 
-def test_end_to_end_stage2_trains_its_own_backbone_and_exports_it(tmp_path):
-    assert train_main(args(tmp_path, *E2E)) == 0
-    run_dir = tmp_path / "smoke"
+@pytest.fixture(scope="module")
+def e2e_run(runs) -> Path:
+    assert train_main(args(runs, *E2E, "--name", "regimes-e2e")) == 0
+    return runs / "regimes-e2e"
+
+
+def test_end_to_end_stage2_trains_its_own_backbone_and_exports_it(e2e_run):
+    run_dir = e2e_run
     report = json.loads((run_dir / "report.json").read_text())
     # 300 samples in batches of 64: 5 steps an epoch, 10 in all; phases of 3 steps, gates first, so the IM
     # phases (the backbone's updates) are steps 3, 4, 5 and 9.
@@ -185,12 +194,16 @@ def kill_at(point: str, command: list[str], log: Path) -> None:
 def test_a_mixed_run_killed_in_the_joint_phase_resumes_to_the_uninterrupted_report(mixed_run, tmp_path):
     """Killed mid-phase (after its first validation checkpoint), the run resumes the joint phase from that
     checkpoint on top of stage 0's backbone and ends with the uninterrupted report (timings aside)."""
-    train = [sys.executable, str(ROOT / "train.py"), *args(tmp_path, "--regime", "mixed")]
+    train = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args(tmp_path, "--regime", "mixed", "--name", "regimes-mixed"),
+    ]
     kill_at("joint:step7", train, tmp_path / "killed.log")
-    run_dir = tmp_path / "smoke"
+    run_dir = tmp_path / "regimes-mixed"
     assert json.loads((run_dir / "state.json").read_text())["done"] == ["stage0"]
     assert (run_dir / "checkpoints" / "joint" / "resume.ckpt").is_file()
-    assert train_main(args(tmp_path, "--regime", "mixed", "--resume", "true")) == 0
+    assert train_main(args(tmp_path, "--regime", "mixed", "--name", "regimes-mixed", "--resume", "true")) == 0
     resumed = json.loads((run_dir / "report.json").read_text())
     drop = ("timings_s", "stage2_time_vs_train_pass")
     assert {k: v for k, v in resumed.items() if k not in drop} == {
@@ -222,3 +235,50 @@ def test_bad_regime_settings_get_one_line_and_exit_2(override, message, tmp_path
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]  # logging aside, one line
     assert message in line and "Traceback" not in err, err
     assert not (tmp_path / "smoke").exists()  # refused before any work
+
+
+def test_the_benchmark_collects_each_regime_and_the_end_to_end_pair(
+    runs, joint_run, mixed_run, e2e_run, tmp_path
+):
+    """benchmarks/regimes.py --reuse on finished smoke runs: per-exit accuracies, the test-blind best learned
+    gate and best baseline per budget, and end to end against the frozen backbone, in regimes.md and .json."""
+    import importlib.util
+
+    assert train_main(args(runs, *E2E[2:], "--name", "regimes-e2e-frozen")) == 0  # the same, backbone frozen
+    spec = importlib.util.spec_from_file_location("regimes_benchmark", ROOT / "benchmarks" / "regimes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--config", "configs/smoke.yaml", "--regimes", "joint", "mixed", "--end-to-end", "--reuse"]
+    argv += ["--runs-dir", str(runs), "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    text = (tmp_path / "regimes.md").read_text()
+    assert f"Generated by `python benchmarks/regimes.py {' '.join(argv[:7])}" in text
+    results = json.loads((tmp_path / "regimes.json").read_text())
+    joint = json.loads((runs / "regimes-joint" / "report.json").read_text())
+    cells = " | ".join(f"{100 * a:.2f}" for a in joint["exits"]["test_accuracy"])
+    assert f"| regimes-joint | joint {joint['regime']['joint']['steps']}, total" in text and cells in text
+    for regime, report in (("joint", joint), ("mixed", mixed_run)):
+        assert results["regimes"][regime]["regime"] == report["regime"]
+        for row in results["regimes"][regime]["budgeted"]:
+            here = [r for r in report["summary"]["budgeted"]["rows"] if r["budget"] == row["budget"]]
+            here = [r for r in here if r["accuracy"] is not None]
+            for side, learned in (("learned", True), ("baseline", False)):
+                pool = [r for r in here if (r["kind"] == "learned") == learned]
+                if not pool:
+                    assert row[side] is None
+                    continue
+                # Chosen on calib half A: no configuration of its side is more accurate there.
+                chosen = next(r for r in pool if r["method"] == row[side]["method"])
+                assert chosen["calib_accuracy"] == max(r["calib_accuracy"] for r in pool)
+                assert row[side]["accuracy"] == chosen["accuracy"]
+            if row["learned"] and row["baseline"]:
+                assert row["delta"] == pytest.approx(row["learned"]["accuracy"] - row["baseline"]["accuracy"])
+    e2e = json.loads((e2e_run / "report.json").read_text())
+    for record in results["end_to_end"]["budgeted"]:
+        row = next(
+            r
+            for r in e2e["summary"]["budgeted"]["rows"]
+            if (r["budget"], r["method"]) == (record["budget"], "jeidnn_paper")
+        )
+        assert record["jeidnn_paper"]["end_to_end"] == row["accuracy"]
+    assert "## End-to-end stage 2 vs frozen backbone (jeidnn_paper, λ = 0.01)" in text
