@@ -12,7 +12,7 @@ See docs/evaluation.md for the protocol and why each step is there. In short:
   accuracy is compared with the best baseline's by a paired bootstrap (:func:`budgeted_rows`).
 
 Learned methods (report.json ``learned``) share one exit rule (:func:`jeidnn.baselines.score_exits`);
-:func:`choose_learned` gives the exporter the same choice the evaluation makes.
+``jeidnn export`` (:func:`jeidnn.operating_point.choose`) makes the same choice from the same candidates.
 """
 
 from __future__ import annotations

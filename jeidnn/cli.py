@@ -8,7 +8,6 @@ usage dump; status messages are logged as `[jeidnn] ...` lines on stderr (`--qui
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable
@@ -130,11 +129,7 @@ def predict_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    # jeidnn/export.py may be absent from older checkouts; the other commands must work without it.
-    if importlib.util.find_spec("jeidnn.export") is None:
-        print("error: `jeidnn export` is not available in this version of jeidnn", file=sys.stderr)
-        return 2
-    from jeidnn.export import main as export
+    from jeidnn.export import main as export  # torch-heavy: loaded only for this command
 
     return export(argv)
 

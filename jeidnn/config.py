@@ -10,6 +10,7 @@ refuses values that cannot work before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -568,8 +569,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         "jeidnn.target_max_cost": j.target_max_cost,
         "jeidnn.max_cost_gap": j.max_cost_gap,
     }.items():
-        if not value > 0:
-            raise JeidnnError(f"{key} must be > 0, got {value}")
+        if not 0 < value < math.inf:
+            raise JeidnnError(f"{key} must be a finite number > 0, got {value}")
     for key, value in {
         "finetune.weight_decay": f.weight_decay,
         "warmup.weight_decay": w.weight_decay,
@@ -578,8 +579,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         "warmup.patience": w.patience,
         "jeidnn.lambda_rounds": j.lambda_rounds,
     }.items():
-        if not value >= 0:
-            raise JeidnnError(f"{key} must be >= 0, got {value}")
+        if not 0 <= value < math.inf:
+            raise JeidnnError(f"{key} must be a finite number >= 0, got {value}")
     for key, value in {
         "data.eval_batch_size": d.eval_batch_size,
         "finetune.max_samples": f.max_samples,

@@ -375,7 +375,8 @@ def export_trained(
         run, point, backbone, preprocessor, trained=trained, warmup_heads=warmup_heads
     )
     _log_choice(run, point, summary)
-    save_atomically(model, run.folder / "model", overwrite=False)
+    # model/ belongs to the run: a run resumed after being killed while exporting replaces it.
+    save_atomically(model, run.folder / "model", overwrite=True)
     return {"path": "model", **summary}
 
 

@@ -171,7 +171,8 @@ def warmup_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
     Each IM has its own parameters and sees only its own term, so the sum trains the IMs independently
     in one pass. A per-exit weight (the paper's ``L + 1 − l``) would only rescale each IM's gradient,
-    which Adam undoes: it has no effect here and is not applied.
+    which Adam undoes (up to its eps, and only with ``warmup.weight_decay`` 0, the default: torch's Adam
+    adds the decay to the gradient before normalising), so it is not applied.
 
     Args:
         logits: per-exit logits, shape ``(N, L, C)``.

@@ -214,6 +214,8 @@ class OperatingPoint:
 
 
 def _model_of_lambda(method: str, entry: dict, lam: float) -> int:
+    if not math.isfinite(lam):
+        raise JeidnnError(f"--lam must be a finite number, got {lam}")
     lams = [m.get("lambda") for m in entry["models"]]
     k = min(range(len(lams)), key=lambda i: math.inf if lams[i] is None else abs(lams[i] - lam))
     if lams[k] is None or abs(lams[k] - lam) > _REL_TOL * max(abs(lam), abs(lams[k])):
@@ -266,9 +268,11 @@ def choose(run: Run, method: str, budget: float | None = None, lam: float | None
     if chosen is None:
         # threshold_search offers nothing below the cost of sending everyone to the first exit.
         cheapest = min((c.calib_cost for c in cands), default=min(run.costs))
+        # With --lam the budget is the run's export.cost_budget (--budget and --lam exclude each other).
+        fix = "pass another --lam, or --budget without --lam" if lam is not None else "raise --budget"
         raise OverBudget(
             f"{method!r} cannot meet cost budget {budget:g} on calib half A: its lowest reachable calib cost "
-            f"is {cheapest:.4f}; raise --budget"
+            f"is {cheapest:.4f}; {fix}"
         )
     return OperatingPoint(method, m.kind, m.label, chosen, budget, chosen_by, by_lambda=lam is not None)
 

@@ -26,7 +26,8 @@ from jeidnn.errors import JeidnnError
 from jeidnn.tables import check_texts, pad_token_lists, read_texts
 
 if TYPE_CHECKING:
-    from jeidnn.early_exit import EarlyExitModel, EarlyExitOutput
+    from jeidnn.early_exit import EarlyExitOutput
+    from jeidnn.modeling import EarlyExitModel
 
 
 @dataclass
@@ -184,7 +185,7 @@ def predict_cli(
     """
     from tqdm.auto import tqdm
 
-    from jeidnn.early_exit import EarlyExitModel
+    from jeidnn.modeling import EarlyExitModel
 
     if texts and input_path:
         raise JeidnnError("give either --text or --input, not both")

@@ -445,7 +445,7 @@ def test_the_warm_process_started_quietly(tiny):
 NO_PICKLE = """
 import pickle, sys
 import torch
-from jeidnn.early_exit import EarlyExitModel
+from jeidnn.modeling import EarlyExitModel
 
 def refuse(*args, **kwargs):
     raise AssertionError("a saved model must load without unpickling anything")

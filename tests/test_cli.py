@@ -177,7 +177,7 @@ def test_print_config_prints_the_resolved_config_and_does_nothing_else(tmp_path,
 def test_print_config_refuses_a_bad_config(capsys):
     assert train_main(["--print_config", "--finetune.lr", "0"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err == "error: finetune.lr must be > 0, got 0.0\n"
+    assert out == "" and err == "error: finetune.lr must be a finite number > 0, got 0.0\n"
 
 
 def test_quiet_logs_warnings_only(capsys):
