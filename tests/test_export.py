@@ -199,6 +199,8 @@ def test_default_output_folder(run, tmp_path):
             "no model trained with λ = 0.02; its λ values are 0.01, 0.5",
         ),
         (["--method", "static", "--alpha", "1.5"], "--alpha must lie strictly between 0 and 1, got 1.5"),
+        (["--method", "jeidnn_paper", "--lam", "nan"], "--lam must be a finite number, got nan"),
+        (["--method", "jeidnn_paper", "--lam", "inf"], "--lam must be a finite number, got inf"),
     ],
 )
 def test_bad_requests_get_one_line_and_write_nothing(args, needle, run, tmp_path, capsys):
