@@ -62,11 +62,13 @@ class RunState:
 
     config_hash: str
     done: list[str] = field(default_factory=list)
-    """Finished stages in order: `stage0`, `cache:<split>`, `warmup`, `stage2`, `report`."""
+    """Finished stages in order: `stage0` and / or `joint` (the regime's backbone training), `cache:<split>`,
+    `warmup`, `stage2`, `report`."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds of each stage, as report.json's `timings_s`."""
     info: dict[str, Any] = field(default_factory=dict)
-    """What report.json says about finished stages (e.g. `finetune`: what stage 0 did)."""
+    """What report.json says about finished stages (e.g. `finetune`: what stage 0 did; `joint`: the joint
+    phase)."""
     run_dir: Path | None = None
     """Where state.json lives; None in processes other than the first (they never write it)."""
 

@@ -237,3 +237,45 @@ def test_backbone_folder_loads_as_the_run_pools_and_resumes_exactly(tmp_path):
         mine, theirs = getattr(run, module).state_dict(), getattr(other, module).state_dict()
         final = [k for k in mine if module == "backbone" or k.startswith("heads.1.")]
         assert all(torch.equal(mine[k], theirs[k]) for k in final)
+
+
+def test_warmup_keeps_jointly_trained_ims_unless_an_epoch_beats_them():
+    """Regimes joint / mixed: the IMs arrive trained. With keep_start their val accuracy is the bar, so IMs
+    already right on every val sample keep their weights (best epoch -1); without it the warm-up's best epoch
+    replaces them."""
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 3, (120,), generator=gen)
+    features = torch.randn(120, 3, 8, generator=gen) * 0.1
+    features[torch.arange(120), :, labels] += 3.0  # class c lights up dimension c at every exit
+    train, val = FeatureSplit(features[:80], labels[:80]), FeatureSplit(features[80:], labels[80:])
+
+    def perfect_heads() -> ExitHeads:
+        torch.manual_seed(0)  # the same final head each time
+        heads = ExitHeads([1, 2, 3], 8, 3, "tanh", dropout=0.0, im_head="linear")
+        with torch.no_grad():
+            for im in heads.heads[:-1]:
+                im.net[-1].weight.copy_(torch.eye(3, 8) * 5)
+                im.net[-1].bias.zero_()
+        return heads
+
+    def warm(keep_start: bool) -> tuple[ExitHeads, WarmupModule]:
+        heads = perfect_heads()
+        module = WarmupModule(
+            heads, val, WarmupConfig(max_epochs=2, patience=5, lr=0.5), keep_start=keep_start
+        )
+        trainer = pl.Trainer(
+            max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
+        )
+        trainer.fit(module, feature_loader(train, 16, True, 0))
+        module.restore_best()
+        return heads, module
+
+    start = perfect_heads().state_dict()
+    kept, module = warm(keep_start=True)
+    assert module.best_acc == [1.0, 1.0] and module.best_epoch == [-1, -1]
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in start.items())
+    replaced, module = warm(keep_start=False)
+    assert module.best_epoch[0] >= 0
+    assert any(
+        not torch.equal(replaced.state_dict()[k], v) for k, v in start.items() if k.startswith("heads.0.")
+    )

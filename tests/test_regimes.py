@@ -174,6 +174,19 @@ def test_end_to_end_stage2_trains_its_own_backbone_and_exports_it(e2e_run):
     correct = [p.label == raw.label_names[raw.labels[i]] for p, i in zip(predictions, test)]
     assert sum(correct) / len(test) == pytest.approx(report["export"]["test_accuracy"], abs=1.5 / len(test))
 
+    # `jeidnn export` of thresholds on its IMs, from the checkpoints: the IMs come with their backbone.
+    from jeidnn.export import export_run
+
+    method = "jeidnn_ims_threshold_maxprob"
+    row = next(r for r in report["summary"]["budgeted"]["rows"] if r["method"] == method and r["accuracy"])
+    out = export_run(run_dir, method, budget=row["budget"], out=run_dir / "export" / "ims")
+    thresholds = EarlyExitModel.from_pretrained(out["path"])
+    state = thresholds.backbone.model.state_dict()
+    assert all(torch.equal(state[k], own[k]) for k in own)
+    predictions = thresholds.predict([raw.inputs[i] for i in test], alpha=None)
+    correct = [p.label == raw.label_names[raw.labels[i]] for p, i in zip(predictions, test)]
+    assert sum(correct) / len(test) == pytest.approx(row["accuracy"], abs=1.5 / len(test))
+
 
 def kill_at(point: str, command: list[str], log: Path) -> None:
     """Run `command` until it logs that it paused at `point`, then SIGKILL it."""
