@@ -184,14 +184,25 @@ class GlobalBatches(Sampler[list[int]]):
 
 
 class ShardedBatches(Sampler[list[int]]):
-    """Fixed inference batches; process `r` of `w` takes batches `r, r + w, ...` (no padding, no repeats)."""
+    """Fixed inference batches; process `r` of `w` takes batches `r, r + w, ...` (no padding, no repeats).
+
+    A split with fewer batches than processes is dealt row by row instead, so that every process has a
+    batch (Lightning refuses an empty loader and the gather would wait for it).
+    """
 
     def __init__(self, batches: list[list[int]]) -> None:
         self.batches = batches
 
     def _mine(self) -> list[list[int]]:
         rank, world = rank_and_world()
-        return self.batches[rank::world]
+        if len(self.batches) >= world:
+            return self.batches[rank::world]
+        rows = [i for batch in self.batches for i in batch]
+        if len(rows) < world:
+            raise JeidnnError(
+                f"a split of {len(rows)} samples cannot be shared by {world} processes; use fewer `devices`"
+            )
+        return [rows[rank::world]]
 
     def __len__(self) -> int:
         return len(self._mine())

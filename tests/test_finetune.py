@@ -69,6 +69,17 @@ def test_sharded_batches_cover_every_sample_once(monkeypatch):
     assert sorted(seen) == batches
 
 
+def test_sharded_batches_of_a_split_smaller_than_the_processes(monkeypatch):
+    seen = []
+    for rank in range(3):
+        as_rank(monkeypatch, rank, 3)
+        (mine,) = list(ShardedBatches([[0, 1, 2, 3], [4]]))  # 2 batches, 3 processes: one batch each
+        seen += mine
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    with pytest.raises(JeidnnError, match="a split of 2 samples cannot be shared by 3 processes"):
+        list(ShardedBatches([[0, 1]]))
+
+
 def test_learning_rate_follows_the_optimizer_step():
     cfg = FinetuneConfig(lr=1.0, warmup_fraction=0.2)
     module = FinetuneModule(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), cfg, 10, 2, GlobalBatches(10, 1, 0))
