@@ -347,7 +347,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     state = open_run_dir(cfg) if rank == 0 else worker_state(cfg)
     run_dir = cfg.run_dir
     logger.info("run folder: %s", run_dir)
-    stage = "stage 0"
+    stage = "stage 0" if cfg.regime != "joint" else "joint phase"
     try:
         train_final = stage0(p, state, run_dir, timer, progress, skipped) if cfg.regime != "joint" else False
         if cfg.regime != "disjoint":
