@@ -109,9 +109,10 @@ class FinetuneConfig:
     checkpoint a `--resume true` continues from."""
     patience: int = 2
     """Stop after this many validations without a higher val accuracy; the best checkpoint is restored."""
-    max_time_minutes: float | None = 6.0
-    """Wall-clock budget of stage 0, validations included (None = none); the run stops at the first step
-    past it, so the result then depends on the machine's speed."""
+    max_time_minutes: float | None = None
+    """Wall-clock budget of stage 0, validations included (None = none, the default: the step budget
+    bounds stage 0 and keeps results reproducible); the run stops at the first step past it, so the
+    result then depends on the machine's speed."""
     batch_size: int = 32
     """Global batch: with `devices` > 1 each process takes an equal share of every batch, so the
     result does not depend on the number of processes."""
@@ -151,7 +152,7 @@ class JointConfig:
     """Optimizer steps between validations (None = once per epoch); each saves a resumable checkpoint."""
     patience: int = 2
     """Stop after this many validations without a higher mean val accuracy over the exits."""
-    max_time_minutes: float | None = 6.0
+    max_time_minutes: float | None = None
     """Wall-clock budget of the phase (None = none)."""
     exit_weights: list[float] | None = None
     """w_l of each exit's cross-entropy, first exit first, one per exit (None = 1 for every exit)."""
