@@ -125,8 +125,10 @@ def open_run_dir(cfg: RunConfig) -> RunState:
         shutil.rmtree(run_dir)
         exists = False
     if exists and not cfg.resume:
-        finished = (run_dir / "report.json").exists()
-        state = "a finished run" if finished else f"an unfinished run ({_describe(RunState.read(run_dir))})"
+        # state.json decides: `jeidnn evaluate` may have written a report.json for a run that failed later.
+        previous = RunState.read(run_dir)
+        finished = previous.finished("report") if previous is not None else (run_dir / "report.json").exists()
+        state = "a finished run" if finished else f"an unfinished run ({_describe(previous)})"
         hint = "" if finished else "pass --resume true to continue it, "
         raise JeidnnError(
             f"run folder {run_dir} already holds {state}; {hint}choose another --name "

@@ -245,3 +245,22 @@ def test_lightning_banners_stay_quiet_even_when_lightning_is_imported_later():
     logging.getLogger("pytorch_lightning").setLevel(logging.INFO)  # what `import pytorch_lightning` does
     banner = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # "GPU available: ...", tips
     assert not banner.isEnabledFor(logging.INFO) and banner.isEnabledFor(logging.WARNING)
+
+
+def test_a_run_evaluated_after_a_failure_still_offers_resume(tmp_path):
+    """`jeidnn evaluate` writes report.json for a run that failed in stages 3-4; state.json still says it is
+    unfinished, so a plain re-run points to --resume, not to --overwrite alone."""
+    from jeidnn.config import RunConfig
+    from jeidnn.errors import JeidnnError
+    from jeidnn.resume import RunState, config_hash, open_run_dir
+
+    cfg = RunConfig(name="r", output_dir=str(tmp_path))
+    state = open_run_dir(cfg)
+    state.mark("stage0")
+    (cfg.run_dir / "report.json").write_text("{}")  # what `jeidnn evaluate` leaves
+    with pytest.raises(JeidnnError, match=r"an unfinished run \(finished: stage0\); pass --resume true"):
+        open_run_dir(cfg)
+    state.mark("report")
+    assert RunState.read(cfg.run_dir).finished("report") and state.config_hash == config_hash(cfg)
+    with pytest.raises(JeidnnError, match="already holds a finished run; choose another --name"):
+        open_run_dir(cfg)
