@@ -408,7 +408,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
             from jeidnn.evaluation import evaluate
 
             report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions)
-        if trained:
+        # A baseline named in export.method is exported even without stage 2.
+        if trained or (cfg.export.method and p.heads.num_exits > 1):
             stage = "export"
             with timer.stage("export model"):
                 report["export"] = export_model(p, report, trained, run_dir, predictions)

@@ -259,3 +259,15 @@ def test_backbone_folder_is_preferred_and_required(run, test_split, tmp_path, ca
     assert main([str(copy), "--out", str(tmp_path / "n")]) == 2
     assert "has neither backbone/ nor model/" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def test_train_py_exports_a_baseline_named_in_the_config_without_stage2(tmp_path):
+    corpus = write_interaction_csv(tmp_path / "d.csv", n=300)
+    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), *tiny_run_overrides(corpus, tmp_path / "runs")]
+    extra = ["--jeidnn.enabled", "false", "--export.method", "patience", "--export.cost_budget", "0.9"]
+    assert train_main([*args, *FAST, *extra]) == 0
+    run = tmp_path / "runs" / "t"
+    report = json.loads((run / "report.json").read_text())
+    assert "learned" not in report and report["export"]["method"] == "patience"
+    model = EarlyExitModel.from_pretrained(run / "model")
+    assert type(model.gates).__name__ == "PatienceGates" and model.gates.patience == report["export"]["param"]
