@@ -234,7 +234,8 @@ def feature_cache(
                     cache[split] = FeatureSplit.load(path)
                 continue
             if trainer is None:
-                trainer = make_trainer(p.cfg, run_dir, "cache", progress, distributed=True, logger=False)
+                # progress=False: the cache shows its own bar per split; Lightning's would be a second one.
+                trainer = make_trainer(p.cfg, run_dir, "cache", False, distributed=True, logger=False)
             name = f"feature cache [{split}]"
             with timer.stage(name, quiet=True):
                 features = extract_features(p.backbone, p.dm, split, p.exit_layers, progress, trainer=trainer)
