@@ -408,7 +408,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         with timer.stage("stages 3-4: calibrate, baselines, evaluate"):
             from jeidnn.evaluation import evaluate
 
-            report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions)
+            report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions, progress=progress)
         # A baseline named in export.method is exported even without stage 2.
         if trained or (cfg.export.method and p.heads.num_exits > 1):
             stage = "export"
