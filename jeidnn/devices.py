@@ -28,25 +28,24 @@ from jeidnn.config import RunConfig
 from jeidnn.errors import JeidnnError
 
 
-def run_device(accelerator: str) -> torch.device:
-    """The torch device of a Lightning accelerator name (`auto` = the GPU when there is one, else the CPU)."""
-    if accelerator == "auto":
+def run_device(name: str, key: str = "accelerator") -> torch.device:
+    """The torch device of a Lightning accelerator or torch device name: `auto` (the GPU when there is one,
+    else the CPU), `cpu`, `gpu` / `cuda` / `cuda:N`, `mps`. `key` names the setting in errors."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise JeidnnError(
-                f"accelerator is {accelerator!r} but torch sees no GPU; set accelerator cpu or auto"
-            )
-        return torch.device("cuda")
-    if accelerator == "mps":
-        if not torch.backends.mps.is_available():
-            raise JeidnnError(
-                "accelerator is 'mps' but it is not available here; set accelerator cpu or auto"
-            )
-        return torch.device("mps")
-    if accelerator == "cpu":
-        return torch.device("cpu")
-    raise JeidnnError(f"accelerator {accelerator!r} is not supported; use auto, cpu, gpu or mps")
+    try:
+        device = torch.device("cuda" if name == "gpu" else name)
+    except RuntimeError:
+        raise JeidnnError(f"unknown {key} {name!r}; use auto, cpu, gpu (or cuda, cuda:N) or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise JeidnnError(f"{key} {name!r} is not supported; use auto, cpu, gpu (or cuda, cuda:N) or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise JeidnnError(f"{key} {name} asks for a GPU but torch sees none; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise JeidnnError(f"{key} {name}: torch sees {torch.cuda.device_count()} GPU(s); pick another")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise JeidnnError(f"{key} {name} is not available here; use cpu or auto")
+    return device
 
 
 LIGHTNING_ACCELERATOR = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}

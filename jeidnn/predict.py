@@ -140,23 +140,6 @@ def _image_batches(model: EarlyExitModel, images: list[Any], batch_size: int) ->
 
 
 # ---------------------------------------------------------------------- CLI
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = the GPU when there is one, else the CPU; otherwise a torch device name that must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise JeidnnError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise JeidnnError(f"--device {name} asks for a GPU but torch sees none; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise JeidnnError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s); pick another")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise JeidnnError(f"--device {name} is not available here; use --device cpu")
-    return device
-
-
 # Texts per call of EarlyExitModel.predict, so that the progress bar moves: long enough for its
 # longest-first batching to keep padding low, short enough for the bar to move.
 _CHUNK_BATCHES = 16
@@ -199,7 +182,9 @@ def predict_cli(
         )
     if batch_size < 1:
         raise JeidnnError(f"--batch-size must be a positive integer, got {batch_size}")
-    target = resolve_device(device)
+    from jeidnn.devices import run_device  # imports Lightning: only here, not for the Python API
+
+    target = run_device(device, key="--device")
     model = EarlyExitModel.from_pretrained(model_dir).to(target)
     if alpha is not None:
         model.quantiles_for(alpha)  # fail on an uncalibrated alpha before any work

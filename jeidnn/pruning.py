@@ -423,15 +423,15 @@ def prune_run(
     Raises:
         JeidnnError: bad settings, run, method, budget, ``--layers`` or ``out``; nothing is written then.
     """
+    from jeidnn.devices import run_device
     from jeidnn.export import build_model, load_backbone, save_atomically
     from jeidnn.operating_point import Run, choose, default_choice
-    from jeidnn.predict import resolve_device
 
     settings.check()
     out = Path(out)
     if out.exists() and not overwrite:
         raise JeidnnError(f"{out} already exists; pass --overwrite or choose another --out")
-    target = resolve_device(device)
+    target = run_device(device, key="--device")
     run = Run.open(run_dir)
     if isinstance(settings.layers, int):
         last_exit(settings.layers, list(run.report["exits"]["layers"]), None)  # refuse before any work

@@ -101,12 +101,18 @@ def test_learning_rate_follows_the_optimizer_step():
 def test_accelerator_names_resolve_to_a_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run_device("auto") == run_device("cpu") == torch.device("cpu")
-    with pytest.raises(JeidnnError, match="accelerator is 'gpu' but torch sees no GPU"):
+    with pytest.raises(JeidnnError, match="accelerator gpu asks for a GPU but torch sees none"):
         run_device("gpu")
-    with pytest.raises(JeidnnError, match="accelerator 'tpu' is not supported"):
+    with pytest.raises(JeidnnError, match="--device cuda:0 asks for a GPU"):
+        run_device("cuda:0", key="--device")  # one resolver for train.py's accelerator and --device
+    with pytest.raises(JeidnnError, match="accelerator 'tpu'"):
         run_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert run_device("auto") == run_device("gpu") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert run_device("auto") == run_device("gpu") == run_device("cuda") == torch.device("cuda")
+    assert run_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(JeidnnError, match="cuda:1: torch sees 1 GPU"):
+        run_device("cuda:1")
 
 
 def test_tensorboard_without_its_package_is_refused_before_any_work(monkeypatch):
