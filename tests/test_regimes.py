@@ -3,17 +3,14 @@ config: what each trains, what report.json says about it, the exported model of 
 of a run killed in the joint phase, and the one-line refusals."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tiny_models import kill_at
 
 import jeidnn.pipeline
 from jeidnn.backbone import Backbone
@@ -186,22 +183,6 @@ def test_end_to_end_stage2_trains_its_own_backbone_and_exports_it(e2e_run):
     predictions = thresholds.predict([raw.inputs[i] for i in test], alpha=None)
     correct = [p.label == raw.label_names[raw.labels[i]] for p, i in zip(predictions, test)]
     assert sum(correct) / len(test) == pytest.approx(row["accuracy"], abs=1.5 / len(test))
-
-
-def kill_at(point: str, command: list[str], log: Path) -> None:
-    """Run `command` until it logs that it paused at `point`, then SIGKILL it."""
-    env = {**os.environ, "JEIDNN_PAUSE_AT": point, "OMP_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 300
-    try:
-        while f"paused at {point}" not in log.read_text():
-            assert proc.poll() is None, f"the run ended before {point}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no pause at {point}"
-            time.sleep(0.1)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_a_mixed_run_killed_in_the_joint_phase_resumes_to_the_uninterrupted_report(mixed_run, tmp_path):

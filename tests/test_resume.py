@@ -10,15 +10,12 @@ differently.
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from tiny_models import kill_at
 
 from jeidnn.cli import train_main
 
@@ -51,22 +48,6 @@ def uninterrupted(config, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("uninterrupted")
     assert train_main(args(config, out)) == 0
     return json.loads((out / "smoke" / "report.json").read_text())
-
-
-def kill_at(point: str, command: list[str], log: Path) -> None:
-    """Run `command` until it logs that it paused at `point`, then SIGKILL it."""
-    env = {**os.environ, "JEIDNN_PAUSE_AT": point, "OMP_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 300
-    try:
-        while f"paused at {point}" not in log.read_text():
-            assert proc.poll() is None, f"the run ended before {point}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no pause at {point}"
-            time.sleep(0.1)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_killed_in_stage0_twice_and_in_stage2_then_resumed(config, uninterrupted, tmp_path, capsys):

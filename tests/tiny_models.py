@@ -1,4 +1,6 @@
-"""Tiny random configurations of every supported architecture (no downloads)."""
+"""Tiny random configurations of every supported architecture (no downloads), and shared test helpers."""
+
+from pathlib import Path
 
 TEXT_COMMON = {"vocab_size": 99, "max_position_embeddings": 64}
 
@@ -87,3 +89,25 @@ def tiny_run_overrides(csv_path, out_dir, name="t"):
         "--name",
         name,
     ]
+
+
+def kill_at(point: str, command: list[str], log: Path) -> None:
+    """Run `command` (in the repository root) until it logs that it paused at `point`, then SIGKILL it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "JEIDNN_PAUSE_AT": point, "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        root = Path(__file__).resolve().parent.parent
+        proc = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    try:
+        while f"paused at {point}" not in log.read_text():
+            assert proc.poll() is None, f"the run ended before {point}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no pause at {point}"
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
