@@ -8,12 +8,12 @@
     python train.py --quiet                           # no progress bars, only warnings and errors
 
 The recipe (config -> data -> model -> stages 0-2 -> evaluate -> report -> export) lives in
-`jeidnn.pipeline.run`; see README.md for what each stage does and what lands in runs/<name>/.
+`jeidnn.pipeline.run.run`; see README.md for what each stage does and what lands in runs/<name>/.
 """
 
 import sys
 
-from jeidnn.cli import train_main
+from jeidnn.cli.main import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main(sys.argv[1:]))

@@ -8,9 +8,9 @@ For each pruning level ``p`` (the fraction of heads *and* of FFN neurons removed
   after its deepest exit on calib dropped (``--layers auto``; ``--layers none`` keeps them).
 
 So ``p = 0`` static is the unpruned model, ``p = 0`` early exit is early exit alone, ``p > 0`` static is
-pruning alone and ``p > 0`` early exit is both. Each model is built by :func:`jeidnn.pruning.prune_model`
+pruning alone and ``p > 0`` early exit is both. Each model is built by :func:`jeidnn.compress.pruning.prune_model`
 (importance on val, optional ``--recover-steps``); its test accuracy and cost (FLOPs relative to the unpruned
-model, :mod:`jeidnn.cost`) are over the whole test split. Wall-clock: the layer-skipping forward of every
+model, :mod:`jeidnn.model.cost`) are over the whole test split. Wall-clock: the layer-skipping forward of every
 model on the first ``--num-inputs`` test texts, timed with ``benchmarks/speed.py``'s functions, the models
 interleaved batch by batch (rotating order) so that a busy spell of the machine hits all alike, each batch
 counted at its best time over ``--repeats``.
@@ -45,10 +45,10 @@ REGIMES = ("static", "early exit")
 
 def build_models(args: argparse.Namespace) -> tuple[list[dict], list]:
     """Every (level, regime) model with its row of results (accuracy, cost, sizes) but the timing."""
-    from jeidnn.export import build_model, load_backbone
-    from jeidnn.modeling import EarlyExitModel
-    from jeidnn.operating_point import Run, default_choice
-    from jeidnn.pruning import PruneSettings, prune_model, run_data
+    from jeidnn.compress.pruning import PruneSettings, prune_model, run_data
+    from jeidnn.export.exporter import build_model, load_backbone
+    from jeidnn.export.operating_point import Run, default_choice
+    from jeidnn.hf.modeling import EarlyExitModel
 
     run = Run.open(args.run)
     point = default_choice(run)

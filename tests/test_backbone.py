@@ -4,11 +4,11 @@ import pytest
 import torch
 from tiny_models import TEXT_ARCHS, TINY_CONFIGS, VISION_ARCHS
 
-from jeidnn.backbone import Backbone
-from jeidnn.config import ModelConfig
-from jeidnn.cost import count_flops, exit_costs, text_cost_samples
+from jeidnn.config.schema import ModelConfig
 from jeidnn.errors import JeidnnError
-from jeidnn.heads import ExitHeads
+from jeidnn.model.backbone import Backbone
+from jeidnn.model.cost import count_flops, exit_costs, text_cost_samples
+from jeidnn.model.heads import ExitHeads
 
 
 def tiny(arch: str) -> Backbone:
@@ -159,8 +159,8 @@ def saved_classifier(tmp_path, arch: str, id2label: dict[int, str]):
 @pytest.mark.parametrize("arch", ["bert", "roberta", "electra", "distilbert", "vit"])
 def test_checkpoint_classifier_is_the_checkpoints_own_head(tmp_path, arch):
     """With stage 0 off, the final exit is the checkpoint's trained classifier: the HF model's logits."""
-    from jeidnn.backbone import checkpoint_classifier
-    from jeidnn.heads import ExitHead
+    from jeidnn.model.backbone import checkpoint_classifier
+    from jeidnn.model.heads import ExitHead
 
     model, cfg = saved_classifier(tmp_path, arch, {0: "neg", 1: "neu", 2: "pos"})
     backbone = Backbone.load(cfg).eval()
@@ -176,7 +176,7 @@ def test_checkpoint_classifier_is_the_checkpoints_own_head(tmp_path, arch):
 
 
 def test_checkpoint_classifier_matches_classes_by_name_or_says_why_not(tmp_path):
-    from jeidnn.backbone import checkpoint_classifier
+    from jeidnn.model.backbone import checkpoint_classifier
 
     model, cfg = saved_classifier(tmp_path, "bert", {0: "NEG", 1: "neu", 2: "pos"})
     found = checkpoint_classifier(cfg, ["pos", "neg", "neu"], "cls")  # the data orders its classes otherwise

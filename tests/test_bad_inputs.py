@@ -1,6 +1,6 @@
 """Bad input through the command line, as a matrix: config, data files, model folders, predict inputs, runs.
 
-Every case runs a real command (`python train.py ...`, `python -m jeidnn.cli predict|evaluate ...`) in a
+Every case runs a real command (`python train.py ...`, `python -m jeidnn.cli.main predict|evaluate ...`) in a
 process of its own and must end with exactly one line on stderr, starting with ``error:``, exit status
 2, no report.json and no model folder, and a finished run left byte for byte as it was. Commands run
 with ``--quiet``: without it, status lines are logged on stderr before the error.
@@ -40,10 +40,10 @@ SERVER = r"""
 import json, os, runpy, sys, traceback
 
 import torch, transformers, pytorch_lightning  # what every command imports, imported once
-import jeidnn, jeidnn.evaluation, jeidnn.pipeline, jeidnn.predict
+import jeidnn, jeidnn.evaluate.evaluation, jeidnn.pipeline.run, jeidnn.hf.predict
 
-# `python -m jeidnn.cli` executes the module afresh; a copy already imported would make runpy warn.
-sys.modules.pop("jeidnn.cli", None)
+# `python -m jeidnn.cli.main` executes the module afresh; a copy already imported would make runpy warn.
+sys.modules.pop("jeidnn.cli.main", None)
 
 
 def run(case):
@@ -222,7 +222,7 @@ def csv_file(tmp: Path, content: str | bytes, name: str = "data.csv") -> Path:
 
 
 def predict(model: Path, *args: str) -> list[str]:
-    return ["-m", "jeidnn.cli", "predict", str(model), *args]
+    return ["-m", "jeidnn.cli.main", "predict", str(model), *args]
 
 
 def model_copy(tmp: Path, tiny: Tiny, damage: Callable[[Path], None], pattern: str) -> Path:
@@ -372,15 +372,15 @@ CASES: dict[str, Case] = {
     ),
     # evaluate
     "evaluate_missing_run": lambda tmp, t: (
-        ["-m", "jeidnn.cli", "evaluate", str(tmp / "runs" / "gone")],
+        ["-m", "jeidnn.cli.main", "evaluate", str(tmp / "runs" / "gone")],
         "gone",
     ),
     "evaluate_alpha_out_of_range": lambda tmp, t: (
-        ["-m", "jeidnn.cli", "evaluate", str(t.run), "--alphas", "1.5"],
+        ["-m", "jeidnn.cli.main", "evaluate", str(t.run), "--alphas", "1.5"],
         "1.5",
     ),
     "evaluate_unfinished_run": lambda tmp, t: (
-        ["-m", "jeidnn.cli", "evaluate", str(unfinished_run(tmp, t))],
+        ["-m", "jeidnn.cli.main", "evaluate", str(unfinished_run(tmp, t))],
         "is not a trained run",
     ),
 }
@@ -445,7 +445,7 @@ def test_the_warm_process_started_quietly(tiny):
 NO_PICKLE = """
 import pickle, sys
 import torch
-from jeidnn.modeling import EarlyExitModel
+from jeidnn.hf.modeling import EarlyExitModel
 
 def refuse(*args, **kwargs):
     raise AssertionError("a saved model must load without unpickling anything")

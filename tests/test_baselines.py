@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from jeidnn.baselines import (
+from jeidnn.model.policies import (
     _threshold_batch_stats,
     _vary_one_exit,
     apply_thresholds,

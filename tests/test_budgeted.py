@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jeidnn.baselines import static_exits
-from jeidnn.budgeted import (
+from jeidnn.evaluate.budgeted import (
     TAU_GRID,
     Candidate,
     Method,
@@ -18,7 +17,8 @@ from jeidnn.budgeted import (
     select_config,
     split_calib,
 )
-from jeidnn.metrics import paired_bootstrap
+from jeidnn.evaluate.metrics import paired_bootstrap
+from jeidnn.model.policies import static_exits
 
 
 def test_split_calib_is_a_seeded_partition_into_halves():

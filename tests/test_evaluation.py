@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from jeidnn.config import EvalConfig
+from jeidnn.config.schema import EvalConfig
 from jeidnn.errors import JeidnnError
-from jeidnn.evaluation import evaluate, evaluate_run
+from jeidnn.evaluate.evaluation import evaluate, evaluate_run
 
 NUM_EXITS, NUM_CLASSES = 4, 3
 SIZES = {"val": 200, "calib": 300, "test": 400}
@@ -282,7 +282,7 @@ def test_budgeted_summary_format_and_selection_rules(tmp_path):
 
 def test_the_export_choice_matches_the_evaluation_rows(tmp_path):
     """`jeidnn export`'s choice (operating_point.choose) is the evaluation's row at every budget."""
-    from jeidnn.operating_point import Run, choose
+    from jeidnn.export.operating_point import Run, choose
 
     run = make_run(tmp_path)
     report_in = json.loads((run / "report.json").read_text())

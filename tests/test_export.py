@@ -12,12 +12,12 @@ import torch
 from tiny_models import tiny_run_overrides
 
 from jeidnn import EarlyExitModel
-from jeidnn.cli import train_main
-from jeidnn.config import load_config
-from jeidnn.data import load_raw, make_splits
-from jeidnn.export import _plain, export_run, main
-from jeidnn.operating_point import Run
-from jeidnn.predict import make_batches
+from jeidnn.cli.main import train_main
+from jeidnn.config.schema import load_config
+from jeidnn.data.datamodule import load_raw, make_splits
+from jeidnn.export.exporter import _plain, export_run, main
+from jeidnn.export.operating_point import Run
+from jeidnn.hf.predict import make_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNS = ["--finetune.epochs", "8", "--finetune.lr", "0.003", "--finetune.batch_size", "16"]

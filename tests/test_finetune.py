@@ -10,14 +10,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import jeidnn.devices as devices
-from jeidnn.config import FinetuneConfig, ModelConfig, RunConfig, WarmupConfig
-from jeidnn.devices import GlobalBatches, ShardedBatches, check_logger, run_device
+import jeidnn.train.devices as devices
+from jeidnn.config.schema import FinetuneConfig, ModelConfig, RunConfig, WarmupConfig
 from jeidnn.errors import JeidnnError
-from jeidnn.features import FeatureSplit
-from jeidnn.finetune import final_head_without_finetune
-from jeidnn.heads import ExitHeads
-from jeidnn.training import FinetuneModule, WarmupModule, feature_loader
+from jeidnn.model.heads import ExitHeads
+from jeidnn.train.devices import GlobalBatches, ShardedBatches, check_logger, run_device
+from jeidnn.train.features import FeatureSplit
+from jeidnn.train.finetune import final_head_without_finetune
+from jeidnn.train.modules import FinetuneModule, WarmupModule, feature_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,7 +206,7 @@ def test_warmup_trains_each_im_as_if_alone():
 
 
 def test_a_run_without_stage0_says_where_its_final_head_comes_from(tmp_path):
-    from jeidnn.cli import train_main
+    from jeidnn.cli.main import train_main
 
     args = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(tmp_path), "--no-progress"]
     assert train_main([*args, "--finetune.enabled", "false", "--jeidnn.enabled", "false"]) == 0
@@ -225,9 +225,9 @@ def test_a_run_without_stage0_says_where_its_final_head_comes_from(tmp_path):
 def test_backbone_folder_loads_as_the_run_pools_and_resumes_exactly(tmp_path):
     """`runs/<name>/backbone/` (what the export reads) is a Hugging Face folder that `Backbone.load` pools
     like the run, and a resumed run loads it back bit for bit."""
-    from jeidnn.backbone import Backbone
-    from jeidnn.pipeline import load_backbone, save_backbone
-    from jeidnn.preprocess import build_word_tokenizer
+    from jeidnn.model.backbone import Backbone
+    from jeidnn.model.preprocess import build_word_tokenizer
+    from jeidnn.pipeline.run import load_backbone, save_backbone
 
     def parts(seed: int) -> SimpleNamespace:
         torch.manual_seed(seed)

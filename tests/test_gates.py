@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from jeidnn.gates import (
+from jeidnn.model.gates import (
     Gates,
     GateSettings,
     conditional_distribution,
@@ -136,7 +136,7 @@ def test_one_exit_at_a_time_equals_the_batch_path(settings):
 
 
 def test_select_copies_one_model_and_single_exit_is_refused():
-    from jeidnn.gates import StackedGates
+    from jeidnn.model.gates import StackedGates
 
     stacked = StackedGates(GateSettings("trajectory", "mlp", "conditional"), 3, 4, num_models=3)
     logits = torch.randn(3, 6, 3, 2)

@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from jeidnn.gates import conditional_distribution, paper_distribution
-from jeidnn.losses import (
+from jeidnn.model.gates import conditional_distribution, paper_distribution
+from jeidnn.train.losses import (
     best_exit,
     expected_loss,
     gate_loss,

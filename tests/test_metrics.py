@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jeidnn.metrics import (
+from jeidnn.evaluate.metrics import (
     ExitHistogram,
     ExpectedCost,
     common_cost_range,

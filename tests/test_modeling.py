@@ -28,15 +28,15 @@ from transformers import (
 )
 
 import jeidnn  # noqa: F401  (registers the Auto classes)
-from jeidnn.early_exit import PatienceGates, StaticGates, ThresholdGates
 from jeidnn.errors import JeidnnError
-from jeidnn.gates import Gates
-from jeidnn.modeling import (
+from jeidnn.hf.modeling import (
     EarlyExitConfig,
     EarlyExitForImageClassification,
     EarlyExitForSequenceClassification,
     EarlyExitModel,
 )
+from jeidnn.model.early_exit import PatienceGates, StaticGates, ThresholdGates
+from jeidnn.model.gates import Gates
 
 GATES = ["learned", "threshold", "patience", "static", "none"]
 

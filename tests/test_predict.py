@@ -8,13 +8,13 @@ import torch
 from test_early_exit import TEXTS, split_on_texts, tiny_tokenizer
 from tiny_models import TINY_CONFIGS
 
-from jeidnn.backbone import Backbone
-from jeidnn.config import ModelConfig
+from jeidnn.config.schema import ModelConfig
 from jeidnn.errors import JeidnnError
-from jeidnn.gates import Gates, GateSettings
-from jeidnn.heads import ExitHeads
-from jeidnn.modeling import EarlyExitModel
-from jeidnn.predict import predict_cli
+from jeidnn.hf.modeling import EarlyExitModel
+from jeidnn.hf.predict import predict_cli
+from jeidnn.model.backbone import Backbone
+from jeidnn.model.gates import Gates, GateSettings
+from jeidnn.model.heads import ExitHeads
 
 LABELS = ["negative", "neutral", "positive"]
 KEYS = {"label", "probability", "exit_layer", "cost", "prediction_set"}
@@ -171,7 +171,7 @@ def test_predict_moves_the_model_to_the_device(model_dir, monkeypatch, capsys):
 
 
 def test_jeidnn_predict_command(model_dir, tmp_path, capsys):
-    from jeidnn.cli import main
+    from jeidnn.cli.main import main
 
     assert main(["predict", str(model_dir), "--text", "good", "--text", "bad", "--alpha", "0.05"]) == 0
     assert len(read_lines(capsys.readouterr().out)) == 2

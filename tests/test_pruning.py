@@ -15,21 +15,21 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel
 
 from jeidnn import EarlyExitModel
-from jeidnn.backbone import Backbone
-from jeidnn.cli import main as cli
-from jeidnn.cli import train_main
-from jeidnn.config import load_config
-from jeidnn.data import load_raw, make_splits
-from jeidnn.early_exit import PatienceGates, StaticGates, ThresholdGates
+from jeidnn.cli.main import main as cli
+from jeidnn.cli.main import train_main
+from jeidnn.compress.importance import importance, least_important
+from jeidnn.compress.pruning import PruneSettings, prune_model, prune_run, run_data
+from jeidnn.config.schema import load_config
+from jeidnn.data.datamodule import load_raw, make_splits
 from jeidnn.errors import JeidnnError
-from jeidnn.export import build_model, load_backbone
-from jeidnn.gates import Gates, GateSettings
-from jeidnn.heads import ExitHeads
-from jeidnn.importance import importance, least_important
-from jeidnn.operating_point import Run, choose, default_choice
-from jeidnn.predict import make_batches
-from jeidnn.pruning import PruneSettings, prune_model, prune_run, run_data
-from jeidnn.structured import (
+from jeidnn.export.exporter import build_model, load_backbone
+from jeidnn.export.operating_point import Run, choose, default_choice
+from jeidnn.hf.predict import make_batches
+from jeidnn.model.backbone import Backbone
+from jeidnn.model.early_exit import PatienceGates, StaticGates, ThresholdGates
+from jeidnn.model.gates import Gates, GateSettings
+from jeidnn.model.heads import ExitHeads
+from jeidnn.model.structured import (
     head_dim,
     keep_exits,
     layer_sizes,

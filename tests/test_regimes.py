@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tiny_models import kill_at
 
-import jeidnn.pipeline
-from jeidnn.backbone import Backbone
-from jeidnn.cli import train_main
-from jeidnn.config import FinetuneConfig, ModelConfig
-from jeidnn.devices import GlobalBatches
-from jeidnn.heads import ExitHeads
-from jeidnn.training import JointModule
+import jeidnn.pipeline.run
+from jeidnn.cli.main import train_main
+from jeidnn.config.schema import FinetuneConfig, ModelConfig
+from jeidnn.model.backbone import Backbone
+from jeidnn.model.heads import ExitHeads
+from jeidnn.train.devices import GlobalBatches
+from jeidnn.train.modules import JointModule
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -81,7 +81,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def joint_run(runs):
     """A joint run; the joint phase's inputs and outputs are kept (backbone and heads before and after)."""
     seen = {}
-    original = jeidnn.pipeline.joint_phase
+    original = jeidnn.pipeline.run.joint_phase
 
     def watched(p, *rest):
         seen["before"] = snapshot(p.backbone), snapshot(p.heads)
@@ -89,7 +89,7 @@ def joint_run(runs):
         seen["after"] = snapshot(p.backbone), snapshot(p.heads)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(jeidnn.pipeline, "joint_phase", watched)
+    mp.setattr(jeidnn.pipeline.run, "joint_phase", watched)
     try:
         assert train_main(args(runs, "--regime", "joint", "--name", "regimes-joint")) == 0
     finally:
@@ -133,7 +133,9 @@ def test_mixed_runs_stage0_then_the_joint_phase(mixed_run):
     assert regime["backbone_updates"] == {"stage0": stage0, "joint": joint, "total": stage0 + joint}
     assert "at most 400 steps in all" in regime["how_matched"]  # finetune.max_steps + joint.max_steps
     timings = list(mixed_run["timings_s"])
-    assert timings.index("stage 0: fine-tune backbone + final head") < timings.index(jeidnn.pipeline.JOINT)
+    assert timings.index("stage 0: fine-tune backbone + final head") < timings.index(
+        jeidnn.pipeline.run.JOINT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +160,8 @@ def test_end_to_end_stage2_trains_its_own_backbone_and_exports_it(e2e_run):
 
     # The exported model carries that backbone, and on the test texts it scores what the report says.
     from jeidnn import EarlyExitModel
-    from jeidnn.config import load_config
-    from jeidnn.data import load_raw, make_splits
+    from jeidnn.config.schema import load_config
+    from jeidnn.data.datamodule import load_raw, make_splits
 
     exported = EarlyExitModel.from_pretrained(run_dir / "model")
     state = exported.backbone.model.state_dict()
@@ -172,7 +174,7 @@ def test_end_to_end_stage2_trains_its_own_backbone_and_exports_it(e2e_run):
     assert sum(correct) / len(test) == pytest.approx(report["export"]["test_accuracy"], abs=1.5 / len(test))
 
     # `jeidnn export` of thresholds on its IMs, from the checkpoints: the IMs come with their backbone.
-    from jeidnn.export import export_run
+    from jeidnn.export.exporter import export_run
 
     method = "jeidnn_ims_threshold_maxprob"
     row = next(r for r in report["summary"]["budgeted"]["rows"] if r["method"] == method and r["accuracy"])

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from tiny_models import kill_at
 
-from jeidnn.cli import train_main
+from jeidnn.cli.main import train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMINGS = ("timings_s", "stage2_time_vs_train_pass")
@@ -90,12 +90,12 @@ def test_killed_in_stage0_twice_and_in_stage2_then_resumed(config, uninterrupted
 def test_a_failure_in_stage3_keeps_the_artifacts_and_resume_finishes(
     config, uninterrupted, tmp_path, monkeypatch
 ):
-    import jeidnn.evaluation
+    import jeidnn.evaluate.evaluation
 
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr(jeidnn.evaluation, "evaluate", broken)
+    monkeypatch.setattr(jeidnn.evaluate.evaluation, "evaluate", broken)
     with pytest.raises(RuntimeError, match="evaluation broke"):
         train_main(args(config, tmp_path))
     run_dir = tmp_path / "smoke"

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from jeidnn.config import GateVariant, JeidnnConfig
-from jeidnn.gates import Gates, StackedGates, paper_distribution, score_exits
-from jeidnn.heads import ExitHeads
-from jeidnn.losses import gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
-from jeidnn.stage2 import (
+from jeidnn.config.schema import GateVariant, JeidnnConfig
+from jeidnn.model.gates import Gates, StackedGates, paper_distribution, score_exits
+from jeidnn.model.heads import ExitHeads
+from jeidnn.train.losses import gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
+from jeidnn.train.stage2 import (
     TrainedModel,
     _batches,
     _CachedRows,
@@ -207,7 +207,7 @@ def test_gates_can_learn_on_val_with_frozen_ims(data):
     assert all(math.isfinite(v) for v in model.history["gate_loss"])  # its gates trained, in their own fit
     assert len(trained["jeidnn_paper"]) == 1
     with pytest.raises(Exception, match="gate_data val needs im_loss frozen"):
-        from jeidnn.config import config_from_dict
+        from jeidnn.config.schema import config_from_dict
 
         config_from_dict({"jeidnn": {"variants": [{"name": "v", "gate_data": "val"}]}})
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_run_overrides, write_sentiment_csv
 
-from jeidnn.cli import main, train_main
+from jeidnn.cli.main import main, train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = ROOT / "docs" / "usage.md"

@@ -1,0 +1,1 @@
+"""Structured pruning of a finished run's model (`jeidnn prune`)."""

@@ -1,0 +1,544 @@
+"""`jeidnn prune`: a structurally pruned copy of a finished run's early-exit model.
+
+    jeidnn prune runs/default --heads 0.25 --ffn 0.25 --layers auto --recover-steps 200 --out pruned
+
+1. The operating point is the one ``jeidnn export`` would write (default: the run's ``model/`` choice;
+   ``--method/--budget`` as in export), built by :func:`jeidnn.export.exporter.build_model`.
+2. ``--layers auto`` drops every layer after the deepest exit that operating point takes on calib
+   (``--layers N`` keeps the first N layers, N an exit layer); that exit becomes the last one, so a test
+   sample the gates would send deeper leaves there.
+3. Heads and FFN neurons are scored on val (:func:`jeidnn.compress.importance.importance`, Michel et al. 2019) and
+   the least important ``--heads`` / ``--ffn`` fraction of all of them is removed.
+4. ``--recover-steps N``: N optimizer steps on train of the pruned backbone and exit heads, the
+   cross-entropy summed over the exits (the gates stay as they are).
+5. The gates, thresholds and exit threshold are kept; the conformal quantiles are refitted on calib half B
+   for the pruned model's own exits (groups from its calib-A exit counts), since pruning changes the
+   probabilities the sets are built from. Costs are recounted with :mod:`jeidnn.model.cost` on the test texts,
+   relative to the *unpruned* model's FLOPs, so they compare with report.json's.
+
+The folder loads with ``EarlyExitModel.from_pretrained``; its metadata holds ``pruning`` (settings, what
+was removed, parameter counts, accuracies before and after, what was refitted).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from jeidnn.compress.importance import importance, least_important, removal_count
+from jeidnn.errors import JeidnnError
+from jeidnn.evaluate.conformal import alpha_key, fit_conformal, group_exits
+from jeidnn.model.backbone import Backbone
+from jeidnn.model.gates import Gates
+from jeidnn.model.structured import (
+    drop_layers,
+    keep_exits,
+    layer_sizes,
+    prune_ffn,
+    prune_heads,
+)
+
+if TYPE_CHECKING:
+    from jeidnn.pipeline.run import Prepared
+
+__all__ = ["PruneSettings", "main", "prune_model", "prune_run"]
+
+log = logging.getLogger(__name__)
+
+IMPORTANCE = (
+    "Michel et al. (2019) gradient importance |dL/dmask| summed over {n} val samples, L = cross-entropy "
+    "summed over the exits, l2-normalised per layer, lowest removed across layers; FFN neurons by the same "
+    "mask gradient (|sum over tokens of activation x gradient| per sample)"
+)
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """What ``jeidnn prune`` removes and how it recovers."""
+
+    heads: float = 0.0
+    """Fraction of all attention heads to remove, in [0, 1)."""
+    ffn: float = 0.0
+    """Fraction of all FFN (intermediate) neurons to remove, in [0, 1)."""
+    layers: str | int | None = None
+    """``auto``: drop the layers after the deepest exit the operating point takes on calib; N: keep the
+    first N layers (N must carry an exit); None: keep every layer."""
+    recover_steps: int = 0
+    """Optimizer steps of the recovery fine-tune on train (0: none)."""
+    recover_lr: float | None = None
+    """Its learning rate (default: the run's ``finetune.lr``)."""
+    importance_samples: int | None = None
+    """Val samples the importance sums over (default: all of val)."""
+
+    def check(self) -> None:
+        """One-line errors for values that are wrong whatever the run."""
+        for option, value in (("--heads", self.heads), ("--ffn", self.ffn)):
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise JeidnnError(f"{option} must be a fraction in [0, 1), got {value!r}")
+        if isinstance(self.layers, str) and self.layers != "auto":
+            raise JeidnnError(f"--layers must be auto or a number of layers, got {self.layers!r}")
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise JeidnnError(f"--layers must keep at least 1 layer, got {self.layers}")
+        if self.recover_steps < 0:
+            raise JeidnnError(f"--recover-steps must be >= 0, got {self.recover_steps}")
+        if self.recover_lr is not None and not (math.isfinite(self.recover_lr) and self.recover_lr > 0):
+            raise JeidnnError(f"--recover-lr must be a positive number, got {self.recover_lr}")
+        if self.importance_samples is not None and self.importance_samples < 1:
+            raise JeidnnError(f"--importance-samples must be >= 1, got {self.importance_samples}")
+
+
+def parse_layers(text: str | None) -> str | int | None:
+    """``--layers``: ``auto`` or a positive integer."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise JeidnnError(f"--layers must be auto or a number of layers, got {text!r}") from None
+
+
+def last_exit(layers: str | int | None, exit_layers: list[int], calib_exits: Tensor | None) -> int:
+    """The 0-based exit that becomes the last one."""
+    if layers is None:
+        return len(exit_layers) - 1
+    if layers == "auto":
+        if calib_exits is None:
+            raise JeidnnError("--layers auto needs an early-exit operating point; pass --layers N")
+        return int(calib_exits.max())
+    if layers > exit_layers[-1]:
+        raise JeidnnError(f"--layers {layers} is beyond the model's {exit_layers[-1]} layers")
+    if layers not in exit_layers:
+        raise JeidnnError(
+            f"--layers {layers} carries no exit; keep up to an exit layer: {', '.join(map(str, exit_layers))}"
+        )
+    return exit_layers.index(layers)
+
+
+# --------------------------------------------------------------------------- the run's data
+
+
+def run_data(run: Any, backbone: Backbone, preprocessor: Any) -> Prepared:
+    """The run's splits, encoded by the model's preprocessor as training encoded them (no model parts)."""
+    from jeidnn.data.datamodule import JeidnnDataModule, load_raw, make_splits
+    from jeidnn.pipeline.run import Prepared
+
+    cfg = run.cfg
+    raw = load_raw(cfg.data, backbone.modality)
+    splits = make_splits(len(raw.labels), cfg.data, cfg.seed)
+    dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
+    dm.setup()
+    return Prepared(cfg, backbone, raw, splits, dm, None, [], torch.device("cpu"))
+
+
+def _batches(
+    loader: Any, names: tuple[str, ...], device: torch.device
+) -> Iterator[tuple[dict, Tensor, Tensor]]:
+    """``(inputs on device, labels (B,) on device, positions in the split (B,))`` per batch."""
+    for batch in loader:
+        inputs = {k: v.to(device) for k, v in batch.items() if k in names}
+        yield inputs, batch["labels"].to(device), batch["index"]
+
+
+@torch.no_grad()
+def _forward_split(
+    model: Any, data: Prepared, split: str, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every exit's logits ``(N, L, C)``, the exit taken ``(N,)`` and the labels ``(N,)`` of ``split``, in
+    split order (the full path; the layer-skipping path takes the same exits)."""
+    n = len(data.dm.datasets[split])
+    loader = data.dm.sorted_loader(split, data.cfg.data.eval_batch_size)
+    logits = torch.zeros(n, model.num_exits, model.num_classes)
+    exits, labels = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    for inputs, y, index in _batches(loader, model.backbone.input_names, device):
+        out = model.forward_full(inputs)
+        logits[index], exits[index], labels[index] = (
+            out.exit_logits.float().cpu(),
+            out.exit_index.cpu(),
+            y.cpu(),
+        )
+    return logits, exits, labels
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _recover(
+    backbone: Backbone,
+    heads: Any,
+    data: Prepared,
+    steps: int,
+    lr: float,
+    device: torch.device,
+    progress: bool,
+) -> list[float]:
+    """``steps`` AdamW steps on train batches, the cross-entropy summed over exits; returns the losses."""
+    from tqdm.auto import tqdm
+
+    cfg = data.cfg
+    torch.manual_seed(cfg.seed)  # dropout draws; the loader's order is seeded by the data module
+    params = [p for module in (backbone, heads) for p in module.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.finetune.weight_decay)
+    loader = data.dm.loader("train", cfg.finetune.batch_size, shuffle=True)
+    backbone.train()
+    heads.train()
+    losses: list[float] = []
+    with tqdm(total=steps, desc="recover", disable=not progress) as bar:
+        while len(losses) < steps:
+            for inputs, labels, _ in _batches(loader, backbone.input_names, device):
+                logits = heads(backbone(inputs, heads.layers))  # (B, L, C)
+                loss = sum(F.cross_entropy(logits[:, e].float(), labels) for e in range(logits.shape[1]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                bar.update()
+                if len(losses) == steps:
+                    break
+    backbone.eval()
+    heads.eval()
+    return losses
+
+
+def _gate_flops(gates: Any, num_exits: int, num_classes: int) -> float:
+    """FLOPs of one learned gate on one sample (rules cost nothing, as in report.json)."""
+    from jeidnn.model.cost import count_flops
+
+    if not isinstance(gates, Gates):
+        return 0.0
+    hidden = int(gates.hidden_mean.shape[-1])
+    logits, pooled = torch.zeros(1, num_exits, num_classes), torch.zeros(1, num_exits - 1, hidden)
+    with torch.no_grad():
+        return count_flops(lambda: gates(logits, pooled)) / (num_exits - 1)
+
+
+def exit_flops(data: Prepared, backbone: Backbone, heads: Any, gates: Any) -> tuple[list[float], float]:
+    """FLOPs per sample of leaving at each exit (heads and gates up to it included) and of the plain
+    backbone + its final head, counted by :func:`jeidnn.pipeline.run.count_costs` on the test split."""
+    from jeidnn.pipeline.run import count_costs
+
+    costs = count_costs(dataclasses.replace(data, backbone=backbone, heads=heads, exit_layers=heads.layers))
+    gate = _gate_flops(gates, heads.num_exits, heads.num_classes)
+    last = heads.num_exits - 1
+    flops = [c * costs.full_flops + min(e + 1, last) * gate for e, c in enumerate(costs.cost)]
+    return flops, costs.full_flops
+
+
+def _refit_quantiles(
+    alphas: list[str], model: Any, calib: tuple[Tensor, Tensor, Tensor], split: Any, min_samples: int
+) -> tuple[dict, list]:
+    """The model's conformal levels refitted on calib half B for its own exits (groups from calib A)."""
+    logits, exits, labels = calib
+    groups = group_exits(torch.bincount(exits[split.a], minlength=model.num_exits), min_samples)
+    b = split.b
+    probs = logits[b, :, :].softmax(dim=-1)[torch.arange(len(b)), exits[b]]  # (N_b, C) at the exit taken
+    quantiles = {}
+    for key in alphas:
+        fitted = fit_conformal(probs, labels[b], exits[b], model.num_exits, float(key), groups=groups)
+        quantiles[alpha_key(float(key))] = fitted.quantiles.tolist()
+    return quantiles, groups
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the pruned model
+
+
+@dataclass
+class _Shrunk:
+    """The pruned parts and what was removed to get them."""
+
+    backbone: Backbone
+    heads: Any
+    gates: Any
+    removed: dict[str, dict[int, list[int]]]
+    importance_samples: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+
+def _shrink(
+    model: Any, settings: PruneSettings, data: Prepared, last: int, device: torch.device, progress: bool
+) -> _Shrunk:
+    """Copies of ``model``'s parts with the layers after exit ``last`` dropped, the least important heads
+    and FFN neurons removed and (``recover_steps``) a recovery fine-tune; on the CPU."""
+    hf_model = copy.deepcopy(model.backbone.model)
+    heads, gates = keep_exits(copy.deepcopy(model.heads), copy.deepcopy(model.gates), last)
+    if heads.layers[-1] < model.backbone.num_layers:
+        drop_layers(hf_model, heads.layers[-1])
+    heads_now, ffn_now = layer_sizes(hf_model)
+    removal_count(heads_now, settings.heads, "head", "--heads")  # refuse before the importance pass
+    removal_count(ffn_now, settings.ffn, "FFN neuron", "--ffn")
+    backbone = Backbone(hf_model, model.backbone.source, model.backbone.pooling).to(device)
+    heads.to(device)
+    out = _Shrunk(backbone, heads, gates, {"heads": {}, "ffn": {}})
+    if settings.heads or settings.ffn:
+        loader = data.dm.loader("val", data.cfg.data.eval_batch_size, limit=settings.importance_samples)
+        batches = ((x, y) for x, y, _ in _batches(loader, backbone.input_names, device))
+        scores = importance(backbone, heads, batches)
+        out.importance_samples = scores.samples
+        if settings.heads:
+            out.removed["heads"] = least_important(scores.heads, settings.heads, "head", "--heads")
+            prune_heads(hf_model, out.removed["heads"])
+        if settings.ffn:
+            out.removed["ffn"] = least_important(scores.ffn, settings.ffn, "FFN neuron", "--ffn")
+            prune_ffn(hf_model, out.removed["ffn"])
+    if settings.recover_steps:
+        lr = settings.recover_lr or data.cfg.finetune.lr
+        out.losses = _recover(backbone, heads, data, settings.recover_steps, lr, device, progress)
+    backbone.cpu()
+    heads.cpu()
+    return out
+
+
+def _measure(pruned: Any, data: Prepared, split: Any, device: torch.device) -> tuple[dict, tuple]:
+    """Calib-B and test accuracy, test cost and exit fractions of ``pruned``, and its calib predictions."""
+    pruned.to(device)
+    calib = _forward_split(pruned, data, "calib", device)
+    logits, exits, labels = _forward_split(pruned, data, "test", device)
+    pruned.cpu()
+    b = split.b
+    correct_b = calib[0][b].argmax(-1).gather(1, calib[1][b, None]).squeeze(1) == calib[2][b]
+    correct = logits.argmax(-1).gather(1, exits[:, None]).squeeze(1) == labels
+    costs = torch.tensor(pruned.costs, dtype=torch.float64)
+    metrics = {
+        "calib_b_accuracy": float(correct_b.double().mean()),
+        "test_accuracy": float(correct.double().mean()),
+        "test_cost": float(costs[exits].mean()),
+        "test_exit_fractions": (
+            torch.bincount(exits, minlength=pruned.num_exits).double() / len(exits)
+        ).tolist(),
+    }
+    return metrics, calib
+
+
+def prune_model(
+    run: Any,
+    model: Any,
+    settings: PruneSettings,
+    data: Prepared,
+    *,
+    calib_exits: Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[Any, dict]:
+    """A pruned copy of ``model`` (an :class:`~jeidnn.hf.modeling.EarlyExitModel` of ``run``; left unchanged).
+
+    Args:
+        data: the run's splits (:func:`run_data`).
+        calib_exits: the exits the operating point takes on calib ``(N_calib,)`` (``--layers auto``).
+        progress: a progress bar for the recovery fine-tune.
+
+    Returns:
+        The pruned model (eval mode, on the CPU) and its ``pruning`` metadata (also in its metadata).
+    """
+    from jeidnn.evaluate.budgeted import split_calib
+    from jeidnn.hf.modeling import EarlyExitModel
+
+    settings.check()
+    device = torch.device(device)
+    last = last_exit(settings.layers, list(model.heads.layers), calib_exits)
+    _, full_flops = exit_flops(data, model.backbone, model.heads, model.gates)
+    shrunk = _shrink(model, settings, data, last, device, progress)
+    backbone, heads, gates = shrunk.backbone, shrunk.heads, shrunk.gates
+    flops, _ = exit_flops(data, backbone, heads, gates)
+    pruned = EarlyExitModel.from_parts(
+        backbone,
+        heads,
+        gates,
+        model.preprocessor,
+        labels=model.labels,
+        costs=[f / full_flops for f in flops],  # relative to the unpruned model, as report.json's
+        max_length=model.max_length,
+        exit_threshold=model.exit_threshold,
+        default_alpha=model.default_alpha,
+    ).eval()
+    split = split_calib(len(data.dm.datasets["calib"]), run.cfg.seed)
+    metrics, calib = _measure(pruned, data, split, device)
+    refitted = "nothing (the model is unchanged)"
+    if not (settings.heads or settings.ffn or settings.recover_steps or last < model.num_exits - 1):
+        pruned.conformal_quantiles = model.conformal_quantiles
+    elif model.conformal_quantiles:
+        min_samples = run.cfg.eval.conformal_min_samples
+        alphas = list(model.conformal_quantiles)
+        pruned.conformal_quantiles, groups = _refit_quantiles(alphas, pruned, calib, split, min_samples)
+        refitted = (
+            f"conformal quantiles (alpha {', '.join(alphas)}) on calib half B ({len(split.b)} samples) for "
+            f"the pruned model's exits, groups {groups} from its calib-A exits; gates, thresholds and exit "
+            "threshold kept as chosen for the unpruned model"
+        )
+    heads_before, ffn_before = layer_sizes(model.backbone.model)
+    heads_after, ffn_after = layer_sizes(backbone.model)
+    samples = shrunk.importance_samples
+    info = {
+        "heads_fraction": settings.heads,
+        "ffn_fraction": settings.ffn,
+        "layers": settings.layers,
+        "layers_kept": backbone.num_layers,
+        "exit_layers": list(heads.layers),
+        "importance": IMPORTANCE.format(n=samples) if samples else None,
+        "heads_removed": {str(i + 1): units for i, units in shrunk.removed["heads"].items() if units},
+        "heads_per_layer": {"before": heads_before, "after": heads_after},
+        "ffn_per_layer": {"before": ffn_before, "after": ffn_after},
+        "recover_steps": settings.recover_steps,
+        "recover_lr": (settings.recover_lr or data.cfg.finetune.lr) if settings.recover_steps else None,
+        "recover_loss": [shrunk.losses[0], shrunk.losses[-1]] if shrunk.losses else None,
+        "parameters_before": num_parameters(model),
+        "parameters_after": num_parameters(pruned),
+        "costs": pruned.costs,
+        "costs_relative_to": "the unpruned backbone + final head (report.json exits.cost), on the test texts",
+        "refitted": refitted,
+        **metrics,
+    }
+    pruned.metadata = {**model.metadata, "pruning": info}
+    return pruned, info
+
+
+def prune_run(
+    run_dir: str | Path,
+    settings: PruneSettings,
+    *,
+    method: str | None = None,
+    budget: float | None = None,
+    out: str | Path,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Prune the operating point of a finished run and write it to ``out``; returns its ``pruning`` metadata
+    with ``path`` and ``before`` (the unpruned operating point's calib-B / test accuracy and test cost).
+
+    Raises:
+        JeidnnError: bad settings, run, method, budget, ``--layers`` or ``out``; nothing is written then.
+    """
+    from jeidnn.export.exporter import build_model, load_backbone, save_atomically
+    from jeidnn.export.operating_point import Run, choose, default_choice
+    from jeidnn.train.devices import run_device
+
+    settings.check()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JeidnnError(f"{out} already exists; pass --overwrite or choose another --out")
+    target = run_device(device, key="--device")
+    run = Run.open(run_dir)
+    if isinstance(settings.layers, int):
+        last_exit(settings.layers, list(run.report["exits"]["layers"]), None)  # refuse before any work
+    point = choose(run, method, budget) if method else default_choice(run, budget)
+    backbone, preprocessor = load_backbone(run)
+    model, summary = build_model(run, point, backbone, preprocessor)
+    cand, split = point.candidate, run.split
+    correct_b = cand.source.correct["calib"][split.b].gather(1, cand.calib_exits[split.b].long()[:, None])
+    before = {
+        "calib_b_accuracy": float(correct_b.double().mean()),
+        "test_accuracy": summary["test_accuracy"],
+        "test_cost": summary["test_cost"],
+    }
+    log.info("operating point: %s (%s), %s", point.method, point.label, point.chosen_by)
+    data = run_data(run, backbone, preprocessor)
+    pruned, info = prune_model(
+        run, model, settings, data, calib_exits=cand.calib_exits, device=target, progress=progress
+    )
+    info["before"] = before
+    pruned.metadata = {**pruned.metadata, "pruning": info}
+    _log_result(info)
+    save_atomically(pruned, out, overwrite)
+    log.info("wrote %s", out)
+    return {"path": str(out), **info}
+
+
+def _log_result(info: dict) -> None:
+    before, after = info["parameters_before"], info["parameters_after"]
+    log.info("parameters: %d -> %d (%.1f %% fewer)", before, after, 100 * (1 - after / before))
+    log.info(
+        "layers kept: %d (exits at %s); heads per layer %s; FFN neurons per layer %s",
+        info["layers_kept"],
+        info["exit_layers"],
+        info["heads_per_layer"]["after"],
+        info["ffn_per_layer"]["after"],
+    )
+    log.info(
+        "exit costs (FLOPs relative to the unpruned model): %s", ", ".join(f"{c:.4f}" for c in info["costs"])
+    )
+    if info["recover_loss"]:
+        log.info("recovery: %d steps, loss %.4f -> %.4f", info["recover_steps"], *info["recover_loss"])
+    b = info["before"]
+    log.info(
+        "calib half B accuracy %.4f -> %.4f; test accuracy %.4f -> %.4f, test cost %.4f -> %.4f",
+        b["calib_b_accuracy"],
+        info["calib_b_accuracy"],
+        b["test_accuracy"],
+        info["test_accuracy"],
+        b["test_cost"],
+        info["test_cost"],
+    )
+    log.info("refitted: %s", info["refitted"])
+
+
+def main(argv: list[str]) -> int:
+    """``jeidnn prune RUN --heads F --ffn F [--layers auto|N] [--recover-steps N] --out DIR``."""
+    from jeidnn.cli.main import CommandParser, guarded
+    from jeidnn.log import setup_logging
+
+    parser = CommandParser(
+        prog="jeidnn prune",
+        description="Structurally prune a finished run's early-exit model (attention heads, FFN neurons, "
+        "layers after the deepest exit used) and write it as a smaller model folder.",
+    )
+    parser.add_argument("run_dir", metavar="RUN", help="a finished run folder, runs/<name>")
+    parser.add_argument("--heads", type=float, default=0.0, help="fraction of all attention heads to remove")
+    parser.add_argument("--ffn", type=float, default=0.0, help="fraction of all FFN neurons to remove")
+    parser.add_argument(
+        "--layers",
+        help="auto: drop the layers after the deepest exit the operating point takes on calib; "
+        "N: keep the first N layers (an exit layer); default: keep all",
+    )
+    parser.add_argument("--recover-steps", type=int, default=0, help="recovery fine-tune steps on train")
+    parser.add_argument("--recover-lr", type=float, help="its learning rate (default: the run's finetune.lr)")
+    parser.add_argument("--importance-samples", type=int, help="val samples scored (default: all of val)")
+    parser.add_argument(
+        "--method", help="a learned or baseline method of the run (default: train.py's choice)"
+    )
+    parser.add_argument(
+        "--budget", type=float, help="calib cost budget (default: the run's export.cost_budget)"
+    )
+    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars; log only warnings and errors")
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        setup_logging(args.quiet)
+        settings = PruneSettings(
+            heads=args.heads,
+            ffn=args.ffn,
+            layers=parse_layers(args.layers),
+            recover_steps=args.recover_steps,
+            recover_lr=args.recover_lr,
+            importance_samples=args.importance_samples,
+        )
+        prune_run(
+            args.run_dir,
+            settings,
+            method=args.method,
+            budget=args.budget,
+            out=args.out,
+            overwrite=args.overwrite,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        return 0
+
+    return guarded(go)

@@ -1,0 +1,3 @@
+"""Run configuration: typed dataclasses that YAML files mirror, their validation and the parser that reads
+them.
+"""

@@ -1,0 +1,3 @@
+"""Data: labelled samples from embedded corpora, CSV/JSONL files or `datasets`, deterministic splits,
+batches.
+"""

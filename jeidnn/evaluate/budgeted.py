@@ -1,0 +1,425 @@
+"""The budgeted, test-blind protocol: every method picks its configuration without seeing test.
+
+See docs/evaluation.md for the protocol and why each step is there. In short:
+
+* The ``calib`` split is cut in two halves with the run's seed (:func:`split_calib`). Half A
+  chooses operating points; half B fits temperatures and conformal quantiles.
+* A method offers candidate configurations (:class:`Candidate`): exits on calib and on test,
+  the predictions they read and the cost of each exit. For a budget ``B`` the method plays the
+  candidate with the best calib-A accuracy among those with calib-A cost <= ``B``
+  (:func:`select_config`; ties: lower cost, then the earlier candidate).
+* The chosen configurations are scored on test (:func:`evaluate_config`), and each method's
+  accuracy is compared with the best baseline's by a paired bootstrap (:func:`budgeted_rows`).
+
+Learned methods (report.json ``learned``) share one exit rule (:func:`jeidnn.model.policies.score_exits`);
+``jeidnn export`` (:func:`jeidnn.export.operating_point.choose`) makes the same choice from the same candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from jeidnn.errors import JeidnnError
+from jeidnn.evaluate.calibration import (
+    ReliabilityDiagram,
+    apply_temperatures,
+    fit_temperatures,
+    reliability_diagram,
+)
+from jeidnn.evaluate.conformal import alpha_key, evaluate_sets, group_exits, resplit_miss
+from jeidnn.evaluate.metrics import ExitHistogram, ExpectedCost, paired_bootstrap
+from jeidnn.model.policies import score_exits, select_exit
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "TAU_GRID",
+    "CalibSplit",
+    "Candidate",
+    "Method",
+    "Source",
+    "evaluate_config",
+    "learned_candidates",
+    "load_learned_sources",
+    "load_source",
+    "make_candidate",
+    "budgeted_rows",
+    "select_config",
+    "split_calib",
+]
+
+DEFAULT_BUDGETS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+TAU_GRID: list[float] = sorted({0.001, 0.5, 0.999, *(round(0.01 * i, 2) for i in range(1, 100))}) + [math.inf]
+"""Exit-score thresholds of a ``calib_threshold`` learned method; ``inf``: nobody exits early."""
+_TOL = 1e-9  # cost <= budget up to float noise
+
+
+@dataclass(frozen=True)
+class CalibSplit:
+    """Indices into the calib split of its two halves, each sorted."""
+
+    a: Tensor  # (n_a,) chooses operating points
+    b: Tensor  # (n_b,) fits temperatures and conformal quantiles
+    seed: int
+
+    def to_dict(self) -> dict:
+        return {"a": len(self.a), "b": len(self.b), "seed": self.seed}
+
+
+def split_calib(num_calib: int, seed: int) -> CalibSplit:
+    """A seeded random half of calib is A (``num_calib // 2`` samples), the rest is B."""
+    perm = torch.randperm(num_calib, generator=torch.Generator().manual_seed(seed))
+    half = num_calib // 2
+    return CalibSplit(perm[:half].sort().values, perm[half:].sort().values, seed)
+
+
+@dataclass
+class Source:
+    """Per-exit predictions of one set of IMs on calib and test (the warm-up IMs or one learned model)."""
+
+    name: str  # file it came from, relative to the run folder
+    logits: dict[str, Tensor]  # split -> (N, L, C)
+    labels: dict[str, Tensor]  # split -> (N,)
+    scores: dict[str, Tensor] | None = None  # split -> (N, L - 1) exit scores of a learned model
+    probs: dict[str, Tensor] = field(init=False)  # split -> (N, L, C)
+    correct: dict[str, Tensor] = field(init=False)  # split -> (N, L) bool
+    temperatures: Tensor | None = None  # (L,), fitted on calib B by fit_temperatures_on
+    test_probs_ts: Tensor | None = None  # (N_test, L, C) temperature-scaled
+
+    def __post_init__(self) -> None:
+        self.probs = {s: x.softmax(dim=-1) for s, x in self.logits.items()}
+        self.correct = {s: p.argmax(dim=-1) == self.labels[s][:, None] for s, p in self.probs.items()}
+
+    def fit_temperatures_on(self, split: CalibSplit) -> None:
+        self.temperatures = fit_temperatures(self.logits["calib"][split.b], self.labels["calib"][split.b])
+        self.test_probs_ts = apply_temperatures(self.logits["test"], self.temperatures)
+
+
+def load_source(
+    run_dir: Path,
+    rel_path: str,
+    num_exits: int,
+    with_scores: bool,
+    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> Source:
+    """Read one predictions file (or take it from ``tensors``, keyed by ``rel_path``) as a Source."""
+    path = run_dir / rel_path
+    if tensors is not None and rel_path in tensors:
+        data = tensors[rel_path]
+    elif path.is_file():
+        data = load_file(str(path))
+    else:
+        raise JeidnnError(f"missing predictions file {path}; re-run training for this run folder")
+    keys = ("logits", "labels") + (("scores",) if with_scores else ())
+    missing = [f"{s}_{k}" for s in ("calib", "test") for k in keys if f"{s}_{k}" not in data]
+    if missing:
+        raise JeidnnError(
+            f"predictions file {path} lacks tensors {missing}; re-run training for this run folder"
+        )
+    logits, labels, scores = {}, {}, {}
+    for s in ("calib", "test"):
+        logits[s] = data[f"{s}_logits"].float()
+        labels[s] = data[f"{s}_labels"].long()
+        if logits[s].ndim != 3 or logits[s].shape[1] != num_exits or len(labels[s]) != len(logits[s]):
+            raise JeidnnError(
+                f"{path}: `{s}_logits` has shape {tuple(logits[s].shape)} and `{s}_labels` "
+                f"{tuple(labels[s].shape)}, expected (N, {num_exits}, C) and (N,) for the {num_exits} exits "
+                "in report.json"
+            )
+        if with_scores:
+            scores[s] = data[f"{s}_scores"].float()
+            if scores[s].shape != (len(labels[s]), num_exits - 1):
+                raise JeidnnError(
+                    f"{path}: `{s}_scores` has shape {tuple(scores[s].shape)}, expected "
+                    f"({len(labels[s])}, {num_exits - 1})"
+                )
+    return Source(rel_path, logits, labels, scores if with_scores else None)
+
+
+@dataclass
+class Candidate:
+    """One configuration of a method: where every calib and test sample exits, and at what cost."""
+
+    param: Any  # JSON-able description (threshold, p, patience, {"model", "lambda", "tau"}, ...)
+    source: Source
+    costs: Tensor  # (L,) float64 normalised cost of each exit
+    calib_exits: Tensor  # (N_calib,) int16, the whole calib split
+    test_exits: Tensor  # (N_test,) int16
+    calib_accuracy: float  # on calib A
+    calib_cost: float  # on calib A
+
+
+def make_candidate(
+    param: Any, source: Source, costs: Tensor, calib_exits: Tensor, test_exits: Tensor, split: CalibSplit
+) -> Candidate:
+    """Wrap exits with their calib-A accuracy and cost (int16: thousands of candidates stay small)."""
+    costs = torch.as_tensor(costs, dtype=torch.float64)
+    exits_a = calib_exits[split.a].long()
+    correct_a = source.correct["calib"][split.a].gather(1, exits_a[:, None]).squeeze(1)
+    return Candidate(
+        param,
+        source,
+        costs,
+        calib_exits.to(torch.int16),
+        test_exits.to(torch.int16),
+        float(correct_a.double().mean()),
+        float(costs[exits_a].mean()),
+    )
+
+
+def select_config(candidates: list[Candidate], budget: float) -> Candidate | None:
+    """The most accurate candidate on calib A among those with calib-A cost <= budget (None if none).
+
+    Ties: lower calib-A cost, then the earlier candidate.
+    """
+    feasible = [i for i, c in enumerate(candidates) if c.calib_cost <= budget + _TOL]
+    if not feasible:
+        return None
+    best = min(feasible, key=lambda i: (-candidates[i].calib_accuracy, candidates[i].calib_cost, i))
+    return candidates[best]
+
+
+@dataclass
+class Method:
+    """A method's candidates, fixed or made per budget (``threshold_search``)."""
+
+    name: str
+    kind: str  # learned | threshold | patience | static | oracle
+    label: str
+    candidates: list[Candidate] | Callable[[float], list[Candidate]]
+    extension: bool = False
+    settings: dict | None = None
+
+    def candidates_at(self, budget: float) -> list[Candidate]:
+        return self.candidates(budget) if callable(self.candidates) else self.candidates
+
+
+@dataclass
+class Settings:
+    """What the evaluation reads from ``eval`` in the run's config, plus the run's seed."""
+
+    alphas: list[float]
+    ece_bins: int
+    min_samples: int
+    budgets: list[float]
+    bootstrap: int
+    resplits: int
+    seed: int
+    gflops_full: float | None = None
+
+
+def conformal_groups(cand: Candidate, split: CalibSplit, num_exits: int, min_samples: int) -> list[list[int]]:
+    """Exit groups from the calib-A exit counts: independent of calib B and test, so the sets stay valid."""
+    counts = torch.bincount(cand.calib_exits[split.a].long(), minlength=num_exits)
+    return group_exits(counts, min_samples)
+
+
+def evaluate_config(
+    cand: Candidate, split: CalibSplit, settings: Settings, cache: dict | None = None
+) -> tuple[dict, ReliabilityDiagram, list[list[int]]]:
+    """Test metrics of one candidate; temperatures and conformal quantiles come from calib B.
+
+    Returns:
+        The point (accuracy, cost, gflops, exit_fractions, ece, ece_temperature_scaled, conformal), its
+        reliability diagram on test, and the exit groups of its conformal sets. With ``cache``, a
+        candidate already evaluated (the same object) is not evaluated again.
+    """
+    if cache is not None:
+        key = ("point", id(cand))
+        if key not in cache:
+            cache[key] = evaluate_config(cand, split, settings)
+        return cache[key]
+    src, test_exits = cand.source, cand.test_exits.long()
+    num_exits = len(cand.costs)
+    probs = select_exit(src.probs["test"], test_exits)  # (N, C) at the exit taken
+    labels = src.labels["test"]
+    cost_metric, hist = ExpectedCost(cand.costs), ExitHistogram(num_exits)
+    cost_metric.update(test_exits)
+    hist.update(test_exits)
+    cost = float(cost_metric.compute())
+    diagram = reliability_diagram(probs, labels, settings.ece_bins)
+    ece_ts = None
+    if src.test_probs_ts is not None:
+        ece_ts = reliability_diagram(
+            select_exit(src.test_probs_ts, test_exits), labels, settings.ece_bins
+        ).ece
+    groups = conformal_groups(cand, split, num_exits, settings.min_samples)
+    exits_b = cand.calib_exits[split.b].long()
+    calib_args = (select_exit(src.probs["calib"][split.b], exits_b), src.labels["calib"][split.b], exits_b)
+    conformal = {
+        alpha_key(a): evaluate_sets(*calib_args, probs, labels, test_exits, num_exits, a, groups=groups)
+        for a in settings.alphas
+    }
+    point = {
+        "param": cand.param,
+        "accuracy": float((probs.argmax(dim=1) == labels).double().mean()),
+        "cost": cost,
+        "gflops": cost * settings.gflops_full if settings.gflops_full is not None else None,
+        "exit_fractions": hist.compute().tolist(),
+        "ece": diagram.ece,
+        "ece_temperature_scaled": ece_ts,
+        "conformal": conformal,
+    }
+    return point, diagram, groups
+
+
+_NULL_KEYS = (
+    "param", "accuracy", "cost", "gflops", "calib_accuracy", "calib_cost", "ece", "ece_temperature_scaled",
+    "exit_fractions", "coverage", "set_size", "merged_groups", "resplit_miss", "best_baseline",
+    "delta_vs_best_baseline",
+)  # fmt: skip
+
+
+def _pool_b_and_test(cand: Candidate, split: CalibSplit) -> tuple[Tensor, Tensor, Tensor]:
+    """Probabilities at the exit taken, labels and exits of calib B followed by test."""
+    src = cand.source
+    exits = torch.cat([cand.calib_exits[split.b], cand.test_exits]).long()
+    probs = torch.cat([src.probs["calib"][split.b], src.probs["test"]])
+    labels = torch.cat([src.labels["calib"][split.b], src.labels["test"]])
+    return select_exit(probs, exits), labels, exits
+
+
+def budgeted_rows(
+    methods: list[Method], split: CalibSplit, settings: Settings, cache: dict | None = None
+) -> tuple[dict, dict[tuple[float, str], tuple[Candidate, ReliabilityDiagram]]]:
+    """``summary.budgeted`` of report.json: one row per (budget, method), oracle excluded.
+
+    The best baseline at a budget is the non-learned method with the highest TEST accuracy there
+    (conservative for a learned method); its own row has delta 0 [0, 0]. Bootstrap resamples use seed
+    ``settings.seed + 1``, conformal re-splits ``settings.seed + 2``.
+
+    Returns:
+        The ``summary.budgeted`` dict and, per (budget, method name) with a chosen configuration, that
+        candidate and its reliability diagram on test. ``cache`` (see :func:`evaluate_config`) lets a
+        candidate chosen at several budgets, or evaluated again later, be evaluated once.
+    """
+    cache = {} if cache is None else cache
+    rows: list[dict] = []
+    chosen: dict[tuple[float, str], tuple[Candidate, ReliabilityDiagram]] = {}
+    columns: list[tuple[dict, Tensor, Tensor]] = []  # (row, its correct vector, best baseline's)
+    for budget in settings.budgets:
+        here: list[tuple[dict, Tensor]] = []
+        for m in methods:
+            if m.kind == "oracle":
+                continue
+            row = {
+                "budget": budget,
+                "method": m.name,
+                "kind": m.kind,
+                "label": m.label,
+                "extension": m.extension,
+            }
+            cands = m.candidates_at(budget)
+            cand = select_config(cands, budget)
+            if cand is None:
+                cheapest = min((c.calib_cost for c in cands), default=None)
+                why = (
+                    "no configuration" if cheapest is None else f"cheapest configuration costs {cheapest:.3f}"
+                )
+                row.update(dict.fromkeys(_NULL_KEYS), reason=f"no calib-A cost <= {budget:g} ({why})")
+                rows.append(row)
+                continue
+            point, diagram, groups = evaluate_config(cand, split, settings, cache)
+            conformal = point["conformal"]
+            if ("resplit", id(cand)) not in cache:
+                cache[("resplit", id(cand))] = resplit_miss(
+                    *_pool_b_and_test(cand, split),
+                    num_exits=len(cand.costs),
+                    groups=groups,
+                    num_calib=len(split.b),
+                    alphas=settings.alphas,
+                    resplits=settings.resplits,
+                    seed=settings.seed + 2,
+                )
+            row.update(
+                param=cand.param,
+                accuracy=point["accuracy"],
+                cost=point["cost"],
+                gflops=point["gflops"],
+                calib_accuracy=cand.calib_accuracy,
+                calib_cost=cand.calib_cost,
+                ece=point["ece"],
+                ece_temperature_scaled=point["ece_temperature_scaled"],
+                exit_fractions=point["exit_fractions"],
+                coverage={a: c["coverage"] for a, c in conformal.items()},
+                set_size={a: c["mean_set_size"] for a, c in conformal.items()},
+                merged_groups=[g for g in groups if len(g) > 1],
+                resplit_miss=cache[("resplit", id(cand))],
+                best_baseline=None,
+                delta_vs_best_baseline=None,
+            )
+            rows.append(row)
+            chosen[(budget, m.name)] = (cand, diagram)
+            test_exits = cand.test_exits.long()
+            here.append((row, cand.source.correct["test"].gather(1, test_exits[:, None]).squeeze(1)))
+        baselines = [(r, c) for r, c in here if r["kind"] not in ("learned", "oracle")]
+        if not baselines:
+            continue
+        best_row, best_correct = min(baselines, key=lambda rc: (-rc[0]["accuracy"], rc[0]["cost"]))
+        for row, correct in here:
+            row["best_baseline"] = best_row["method"]
+            columns.append((row, correct, best_correct))
+    if columns:
+        diffs = torch.stack([c.double() - b.double() for _, c, b in columns], dim=1)  # (N_test, rows)
+        stats = paired_bootstrap(diffs, settings.bootstrap, settings.seed + 1)
+        for (row, _, _), (mean, lo, hi) in zip(columns, stats.tolist(), strict=True):
+            row["delta_vs_best_baseline"] = {"mean": mean, "ci_low": lo, "ci_high": hi}
+    summary = {
+        "budgets": list(settings.budgets),
+        "calib_split": split.to_dict(),
+        "bootstrap": settings.bootstrap,
+        "resplits": settings.resplits,
+        "rows": rows,
+    }
+    return summary, chosen
+
+
+# --------------------------------------------------------------------------- learned methods
+
+
+def _learned_entry(report: dict, method: str) -> dict:
+    try:
+        entry = report["learned"][method]
+    except (KeyError, TypeError):
+        known = sorted((report.get("learned") or {}).keys())
+        raise JeidnnError(f"report.json has no learned method {method!r}; learned methods: {known}") from None
+    for key in ("operating_point", "costs", "models"):
+        if key not in entry:
+            raise JeidnnError(f"report.json learned method {method!r} lacks `{key}`; re-run training")
+    if entry["operating_point"] not in ("native", "calib_threshold"):
+        raise JeidnnError(
+            f"learned method {method!r}: operating_point must be 'native' or 'calib_threshold', got "
+            f"{entry['operating_point']!r}"
+        )
+    if not entry["models"]:
+        raise JeidnnError(f"learned method {method!r} has no models; re-run training")
+    return entry
+
+
+def load_learned_sources(
+    report: dict, run_dir: Path, method: str, tensors: Mapping[str, Mapping[str, Tensor]] | None = None
+) -> list[Source]:
+    """The Source of each model of a learned method, in the order of its ``models`` list."""
+    entry = _learned_entry(report, method)
+    num_exits = len(entry["costs"])
+    return [load_source(Path(run_dir), m["file"], num_exits, True, tensors) for m in entry["models"]]
+
+
+def learned_candidates(entry: dict, sources: list[Source], split: CalibSplit) -> list[Candidate]:
+    """Every model x every tau of the method's grid (tau = 0.5 only for ``native``)."""
+    taus = [0.5] if entry["operating_point"] == "native" else TAU_GRID
+    out = []
+    for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
+        assert src.scores is not None
+        for tau in taus:
+            param = {"model": k, "lambda": model.get("lambda"), "tau": tau}
+            calib, test = score_exits(src.scores["calib"], tau), score_exits(src.scores["test"], tau)
+            out.append(make_candidate(param, src, torch.tensor(entry["costs"]), calib, test, split))
+    return out

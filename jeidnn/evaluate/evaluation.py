@@ -1,0 +1,469 @@
+"""Stages 3-4: evaluate a run's methods on test and write its report (docs/evaluation.md).
+
+:func:`evaluate` takes the report dict the training run built (``exits``, ``backbone``,
+``learned``...) and the cached per-exit predictions in ``predictions/``, and adds ``methods``
+(every operating point of every method on test), ``summary`` and ``evaluation``.
+:func:`evaluate_run` does the same for a finished run folder and writes report.json back.
+
+Headline: ``summary.budgeted``, the test-blind budgeted protocol of :mod:`jeidnn.evaluate.budgeted`.
+The ``methods`` points and the AUC / matched-cost views are the envelope on test, which picks
+the best point per cost with test labels: optimistic, and labelled so.
+
+Choices worth knowing:
+
+* Exit decisions always use raw probabilities (or a learned model's exit scores); temperature
+  scaling only changes the reported confidences, so ``ece_temperature_scaled`` keeps the same exits
+  and accuracy. Conformal sets use the raw probabilities.
+* Baseline thresholds are fitted on calib half A only; temperatures and conformal quantiles on half B.
+* GFLOPs per sample = mean normalised cost × ``backbone.gflops_full`` (the definition of the cost).
+* ``merged_groups`` hold 0-based exit indices (the column in ``exits.layers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from jeidnn.config.schema import EvalConfig, config_from_dict
+from jeidnn.errors import JeidnnError
+from jeidnn.evaluate.budgeted import (
+    DEFAULT_BUDGETS,
+    TAU_GRID,
+    CalibSplit,
+    Candidate,
+    Method,
+    Settings,
+    Source,
+    budgeted_rows,
+    evaluate_config,
+    learned_candidates,
+    load_learned_sources,
+    load_source,
+    make_candidate,
+    split_calib,
+)
+from jeidnn.evaluate.conformal import alpha_key
+from jeidnn.evaluate.metrics import envelope_summary
+from jeidnn.model import policies as bl
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GLOBAL_GRID", "METHODS", "NOTES", "alpha_key", "evaluate", "evaluate_run"]
+
+METHODS: dict[str, tuple[str, str]] = {
+    "threshold_maxprob": ("threshold", "max-prob thresholds"),
+    "threshold_entropy": ("threshold", "entropy thresholds"),
+    "threshold_margin": ("threshold", "margin thresholds"),
+    "global_maxprob": ("threshold", "global max-prob threshold"),
+    "threshold_search": ("threshold", "per-exit max-prob thresholds searched on calib"),
+    "patience": ("patience", "patience (PABEE)"),
+    "static": ("static", "static depth"),
+    "oracle": ("oracle", "oracle (upper bound)"),
+    "jeidnn_ims_threshold_maxprob": ("threshold", "learned IMs + max-prob thresholds"),
+}
+"""Non-learned methods: name -> (kind, label), in report order (learned methods come first)."""
+
+GLOBAL_GRID: list[float] = [round(0.01 * i, 2) for i in range(101)] + [0.995, 0.999, math.inf]
+"""Global thresholds always tried besides ``eval.global_thresholds``: 0 sends everyone to the first
+exit, ``inf`` nobody exits early, so the grid spans every budget."""
+
+ENVELOPE_NOTE = (
+    "envelope on test (optimistic): `methods` points, `auc` and `matched_cost` take each method's best "
+    "points per cost as measured on test; the test-blind comparison is `budgeted`."
+)
+
+NOTES = [
+    "Headline: summary.budgeted. For each budget every method plays the configuration with the best "
+    "calib-A accuracy among those with calib-A cost <= budget; temperatures and conformal quantiles are "
+    "fitted on calib B; every number is on test. See docs/evaluation.md.",
+    "best_baseline at a budget is the non-learned method with the highest test accuracy there: a "
+    "conservative reference for a learned method. delta_vs_best_baseline is a paired bootstrap 95 % "
+    "percentile interval; the best baseline's own row has delta 0 [0, 0].",
+    "Exit decisions use raw probabilities (learned models: exit scores); ece_temperature_scaled keeps the "
+    "same exits with per-exit temperatures fitted on calib B. Conformal sets use raw probabilities.",
+    "Conformal quantiles are per group of exits; merged_groups lists groups of several exits, merged "
+    "because an exit had fewer calib-A samples than conformal_min_samples.",
+    "Thresholds and taus of null stand for infinity (JSON has none): nobody exits early there.",
+    "Learned methods use their own costs (IMs + gates); every other method uses exits.cost (IMs only).",
+    "gflops = mean normalised cost x backbone.gflops_full.",
+    "The oracle (first correct exit) is an upper bound, excluded from the budgeted rows, the AUC cost "
+    "range and comparisons.",
+]
+
+
+def _settings(cfg: Any, seed: int, gflops_full: float | None) -> Settings:
+    """Settings from an EvalConfig-like object; budgets / bootstrap / resplits default when absent."""
+    budgets = list(getattr(cfg, "budgets", None) or DEFAULT_BUDGETS)
+    bootstrap, resplits = getattr(cfg, "bootstrap", 1000), getattr(cfg, "resplits", 20)
+    if not all(isinstance(b, (int, float)) and 0 < b for b in budgets):
+        raise JeidnnError(f"Expected `eval.budgets` to be positive numbers but got {budgets}")
+    for key, value in (("bootstrap", bootstrap), ("resplits", resplits)):
+        if not isinstance(value, int) or value < 1:
+            raise JeidnnError(f"Expected `eval.{key}` to be a positive integer but got {value!r}")
+    return Settings(
+        list(cfg.alphas),
+        cfg.ece_bins,
+        cfg.conformal_min_samples,
+        budgets,
+        bootstrap,
+        resplits,
+        seed,
+        gflops_full,
+    )
+
+
+def geometric_candidates(
+    src: Source, costs: list[float], split: CalibSplit, measure: str, ps: list[float], tag: Any
+) -> list[Candidate]:
+    """Budgeted-batch thresholds fitted on calib A for each geometric target q_k ∝ p^k."""
+    conf = {s: bl.confidence(src.probs[s], measure) for s in ("calib", "test")}  # (N, L) each
+    out = []
+    for p in ps:
+        target = bl.geometric_exit_distribution(p, len(costs))
+        thresholds = bl.fit_budgeted_thresholds(conf["calib"][split.a], target)
+        exits = {s: bl.apply_thresholds(conf[s], thresholds) for s in conf}
+        out.append(make_candidate(tag(p), src, costs, exits["calib"], exits["test"], split))
+    return out
+
+
+def _policy(src: Source, costs: list[float], split: CalibSplit, params: list, policy: Any) -> list[Candidate]:
+    return [make_candidate(p, src, costs, policy("calib", p), policy("test", p), split) for p in params]
+
+
+def baseline_methods(
+    warm: Source, costs: list[float], layers: list[int], split: CalibSplit, cfg: Any
+) -> tuple[list[Method], dict]:
+    """The baseline methods on the warm-up IMs, and the grids they used."""
+    num_exits = len(costs)
+    ps = list(cfg.threshold_ps)
+    methods = [
+        Method(
+            f"threshold_{m}",
+            *METHODS[f"threshold_{m}"],
+            geometric_candidates(warm, costs, split, m, ps, lambda p: p),
+        )
+        for m in ("maxprob", "entropy", "margin")
+    ]
+    maxprob = {s: bl.confidence(warm.probs[s], "maxprob") for s in ("calib", "test")}
+    grid = sorted(set(cfg.global_thresholds) | set(GLOBAL_GRID))
+    methods.append(
+        Method(
+            "global_maxprob",
+            *METHODS["global_maxprob"],
+            _policy(warm, costs, split, grid, lambda s, t: bl.global_threshold_exits(maxprob[s], t)),
+        )
+    )
+    searched: dict[float, list[Candidate]] = {}
+
+    def search(budget: float) -> list[Candidate]:
+        if budget not in searched:
+            a = split.a
+            thr = bl.search_thresholds(maxprob["calib"][a], warm.correct["calib"][a], costs, budget, grid)
+            searched[budget] = (
+                []
+                if thr is None
+                else [
+                    make_candidate(
+                        {"budget": budget, "thresholds": thr.tolist()},
+                        warm,
+                        costs,
+                        bl.apply_thresholds(maxprob["calib"], thr),
+                        bl.apply_thresholds(maxprob["test"], thr),
+                        split,
+                    )
+                ]
+            )
+        return searched[budget]
+
+    methods.append(Method("threshold_search", *METHODS["threshold_search"], search))
+    patience = list(cfg.patience_values) if cfg.patience_values is not None else list(range(num_exits))
+    preds = {s: warm.probs[s].argmax(-1) for s in ("calib", "test")}
+    methods.append(
+        Method(
+            "patience",
+            *METHODS["patience"],
+            _policy(warm, costs, split, patience, lambda s, t: bl.patience_exits(preds[s], t)),
+        )
+    )
+    exit_of_layer = {layer: e for e, layer in enumerate(layers)}  # param = 1-based backbone layer
+    n = {s: len(warm.labels[s]) for s in ("calib", "test")}
+    static = _policy(warm, costs, split, list(layers), lambda s, la: bl.static_exits(n[s], exit_of_layer[la]))
+    methods.append(Method("static", *METHODS["static"], static))
+    oracle = _policy(warm, costs, split, [None], lambda s, _: bl.oracle_exits(preds[s], warm.labels[s]))
+    methods.append(Method("oracle", *METHODS["oracle"], oracle))
+    return methods, {"threshold_ps": ps, "global_thresholds": grid, "patience_values": patience}
+
+
+def model_tag(k: int, lam: float | None) -> Any:
+    return lambda p: {"model": k, "lambda": lam, "p": p}
+
+
+def _envelope_candidates(method: Method, chosen: dict) -> list[Candidate]:
+    """Envelope points: learned methods at tau 0.5 only, threshold_search as chosen per budget."""
+    if method.kind == "learned":
+        return [c for c in method.candidates_at(0.0) if c.param["tau"] == 0.5]
+    if callable(method.candidates):
+        picked = [cand for (_, name), (cand, _) in chosen.items() if name == method.name]
+        return list({id(c): c for c in picked}.values())
+    return method.candidates
+
+
+def _reliability_panels(budgeted: dict, chosen: dict, labels: dict[str, str]) -> list[dict]:
+    """At the budget nearest 0.5: each learned method's chosen config next to the best baseline's."""
+    budgets = [b for b in budgeted["budgets"] if any(k[0] == b for k in chosen)]
+    if not budgets:
+        return []
+    budget = min(budgets, key=lambda b: abs(b - 0.5))
+    rows = [r for r in budgeted["rows"] if r["budget"] == budget and r["accuracy"] is not None]
+    best = next((r["best_baseline"] for r in rows if r["best_baseline"]), None)
+    learned = [r["method"] for r in rows if r["kind"] == "learned"] or ([best] if best else [])
+    panels = []
+    for name in learned[:3]:
+        curves = [(labels[name], chosen[(budget, name)][1])]
+        if best and name != best:
+            curves.append((f"{labels[best]} (best baseline)", chosen[(budget, best)][1]))
+        panels.append({"title": f"budget {budget:g}: {labels[name]}", "curves": curves})
+    return panels
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON: NaN/inf -> None, tensors and numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (Tensor, np.ndarray)):
+        return _json_safe(value.tolist())
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluate(
+    report: dict,
+    run_dir: str | Path,
+    cfg: Any,
+    seed: int,
+    *,
+    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+    write_markdown: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Evaluate every method of a run in memory; report.json itself is left to the caller.
+
+    Args:
+        report: the training run's report dict (``exits``, ``backbone``, optional ``learned``).
+        run_dir: the run folder; prediction files are read relative to it.
+        cfg: the run's ``EvalConfig`` (``budgets``, ``bootstrap``, ``resplits`` default to 0.2..0.9,
+            1000 and 20 when the object has no such attribute).
+        seed: the run's seed; fixes the calib halves, the bootstrap and the conformal re-splits.
+        tensors: predictions already in memory, keyed by file path relative to ``run_dir``
+            (``predictions/warmup.safetensors``, each learned model's ``file``); others are read.
+        write_markdown: write report.md and the PNG plots into ``run_dir``.
+        progress: a progress bar over the configurations evaluated on test.
+
+    Returns:
+        A copy of ``report`` (JSON-safe) with ``methods``, ``summary`` and ``evaluation`` added.
+
+    Raises:
+        JeidnnError: a predictions file or a report entry is missing or malformed.
+
+    Example:
+        >>> out = evaluate(report, Path("runs/default"), cfg.eval, cfg.seed)  # doctest: +SKIP
+        >>> out["summary"]["budgeted"]["rows"][0]["accuracy"]  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    try:
+        costs = list(report["exits"]["cost"])
+    except (KeyError, TypeError):
+        raise JeidnnError("report lacks exits.cost; re-run training for this run folder") from None
+    num_exits = len(costs)
+    layers = report["exits"].get("layers") or list(range(1, num_exits + 1))
+    settings = _settings(cfg, seed, report.get("backbone", {}).get("gflops_full"))
+    warm = load_source(run_dir, "predictions/warmup.safetensors", num_exits, False, tensors)
+    split = split_calib(len(warm.labels["calib"]), seed)
+    warm.fit_temperatures_on(split)
+    baselines, grids = baseline_methods(warm, costs, layers, split, cfg)
+    temperatures: dict[str, Any] = {"warmup": warm.temperatures.tolist(), "learned": {}}
+    learned_methods, derived = [], []
+    for name, entry in (report.get("learned") or {}).items():
+        sources = load_learned_sources(report, run_dir, name, tensors)
+        for src in sources:
+            if not torch.equal(src.labels["calib"], warm.labels["calib"]):
+                raise JeidnnError(
+                    f"{src.name}: calib labels differ from the warm-up predictions'; re-run training"
+                )
+            src.fit_temperatures_on(split)
+        temperatures["learned"][name] = [src.temperatures.tolist() for src in sources]
+        label = entry.get("label", name)
+        learned_methods.append(
+            Method(
+                name,
+                "learned",
+                label,
+                learned_candidates(entry, sources, split),
+                extension=bool(entry.get("extension", False)),
+                settings=entry.get("settings"),
+            )
+        )
+        if name == "jeidnn_paper":
+            cands = []
+            for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
+                tag = model_tag(k, model.get("lambda"))
+                cands += geometric_candidates(src, costs, split, "maxprob", grids["threshold_ps"], tag)
+            derived.append(
+                Method("jeidnn_ims_threshold_maxprob", *METHODS["jeidnn_ims_threshold_maxprob"], cands)
+            )
+    methods = learned_methods + baselines + derived
+
+    cache: dict = {}  # each candidate is evaluated on test once, whichever view asks
+    budgeted, chosen = budgeted_rows(methods, split, settings, cache)
+    envelope_candidates = {m.name: _envelope_candidates(m, chosen) for m in methods}
+    out_methods: dict[str, dict] = {}
+    total = sum(map(len, envelope_candidates.values()))
+    with tqdm(total=total, desc="evaluate on test", unit="config", disable=not progress, leave=False) as bar:
+        for m in methods:
+            points = []
+            for cand in envelope_candidates[m.name]:
+                points.append(evaluate_config(cand, split, settings, cache)[0])
+                bar.update()
+            out_methods[m.name] = {
+                "kind": m.kind,
+                "label": m.label,
+                "extension": m.extension,
+                "points": points,
+            }
+            if m.settings is not None:
+                out_methods[m.name]["settings"] = m.settings
+    out_methods["oracle"]["upper_bound"] = True
+    out = dict(report)
+    out["methods"] = out_methods
+    envelope = envelope_summary(out_methods, settings.alphas)
+    out["summary"] = {"budgeted": budgeted, "envelope_note": ENVELOPE_NOTE, **envelope}
+    out["evaluation"] = {
+        "alphas": settings.alphas,
+        "ece_bins": settings.ece_bins,
+        "conformal_min_samples": settings.min_samples,
+        **grids,
+        "tau_grid": TAU_GRID,
+        "budgets": settings.budgets,
+        "bootstrap": settings.bootstrap,
+        "resplits": settings.resplits,
+        "seed": seed,
+        "temperatures": temperatures,
+        "notes": NOTES,
+    }
+    out = _json_safe(out)
+    if write_markdown:
+        from jeidnn.evaluate.report import write_report
+
+        panels = _reliability_panels(budgeted, chosen, {m.name: m.label for m in methods})
+        write_report(run_dir, out, reliability=panels)
+    return out
+
+
+_NEW_EVAL_KEYS = {"budgets": None, "bootstrap": 1000, "resplits": 20}
+
+
+def _run_settings(run_dir: Path, alphas: list[float] | None, ece_bins: int | None) -> tuple[Any, int]:
+    """The run's eval settings (with the caller's overrides) and seed, from config.yaml."""
+    loaded: Any = {}
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        try:
+            loaded = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise JeidnnError(f"{config_path} is not valid YAML ({first}); fix or delete it") from None
+    if not isinstance(loaded, dict):
+        loaded = {}
+    section = dict(loaded.get("eval") or {})
+    if alphas is not None:
+        section["alphas"] = list(alphas)
+    if ece_bins is not None:
+        section["ece_bins"] = ece_bins
+    # Keys this EvalConfig may not know yet are read here; the rest goes through the config loader's checks.
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    extra = {k: section.pop(k) for k in list(section) if k in _NEW_EVAL_KEYS and k not in known}
+    sections = {"eval": section, **({"seed": loaded["seed"]} if "seed" in loaded else {})}
+    cfg = config_from_dict(sections)
+    values = {**{k: v for k, v in _NEW_EVAL_KEYS.items() if k not in known}, **extra}
+    eval_cfg = SimpleNamespace(**dataclasses.asdict(cfg.eval), **values) if values else cfg.eval
+    return eval_cfg, cfg.seed
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    alphas: list[float] | None = None,
+    ece_bins: int | None = None,
+    write: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Evaluate all methods of a run folder on its test split and (optionally) write the report.
+
+    Args:
+        run_dir: ``runs/<name>/`` holding report.json, config.yaml and predictions/.
+        alphas: conformal miscoverage levels (default: the run's ``eval.alphas``).
+        ece_bins: ECE bins (default: the run's ``eval.ece_bins``).
+        write: update report.json in place (atomically) and write report.md and the PNG plots.
+        progress: a progress bar over the configurations evaluated on test.
+
+    Returns:
+        The full report dict, with ``methods``, ``summary`` and ``evaluation`` added.
+
+    Raises:
+        JeidnnError: the folder, report.json or a predictions file is missing or malformed.
+
+    Example:
+        >>> report = evaluate_run("runs/default")  # doctest: +SKIP
+        >>> report["summary"]["budgeted"]["rows"][0]  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise JeidnnError(
+            f"run folder {run_dir} does not exist; pass the folder a training run wrote (runs/<name>)"
+        )
+    report_path = run_dir / "report.json"
+    source = report_path
+    if not report_path.is_file():
+        # A run that failed in stages 3-4 kept what training finished: evaluate that.
+        source = run_dir / "report.partial.json"
+        if not source.is_file():
+            raise JeidnnError(
+                f"{report_path} not found; {run_dir} is not a trained run: re-run training (or continue it "
+                "with --resume true)"
+            )
+        log.warning(
+            "%s did not finish (no report.json): evaluating the trained stages from %s; its model was not "
+            "exported, `python train.py ... --resume true` finishes the run",
+            run_dir,
+            source.name,
+        )
+    try:
+        report = json.loads(source.read_text())
+        report["exits"]["cost"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise JeidnnError(f"{source} is malformed ({exc!r}); re-run training for this run folder") from None
+    cfg, seed = _run_settings(run_dir, alphas, ece_bins)
+    report = evaluate(report, run_dir, cfg, seed, write_markdown=write, progress=progress)
+    if write:
+        tmp = report_path.with_name(report_path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, report_path)  # atomic on POSIX: readers see the old or the new file, never half
+    return report

@@ -1,0 +1,1 @@
+"""Export: a run's operating point as a Hugging Face model folder."""

@@ -1,0 +1,417 @@
+"""`jeidnn export`: any method's operating point of a finished run as a deployable early-exit model.
+
+The operating point is the configuration the method plays at the budget in the run's budgeted evaluation
+(:mod:`jeidnn.export.operating_point`), so the exported model leaves where that row of report.md leaves, on calib
+and on test. Its conformal quantiles are fitted on calib half B with exit groups from the calib-A exit
+counts, for every ``eval.alphas`` and the model's default level.
+
+What each method exports:
+
+* a learned method (report.json ``learned``): one stage-2 model's heads and gates and its exit threshold
+  (0.5 for ``native`` methods, chosen on calib for ``calib_threshold`` ones); ``--lam`` fixes the model;
+* ``threshold_maxprob|entropy|margin``: threshold gates with the budgeted-batch thresholds fitted on calib
+  half A; ``global_maxprob``: one threshold at every exit; ``threshold_search``: the searched thresholds;
+  ``jeidnn_ims_threshold_maxprob``: max-prob thresholds on a ``jeidnn_paper`` model's IMs;
+* ``patience``: PABEE patience gates; ``static``: every sample at the chosen layer.
+
+Baselines use the warm-up IMs; every model shares the run's fine-tuned backbone (``backbone/``), except a
+learned model trained end to end (``jeidnn.train_backbone``), which brings its own in its checkpoint (so do
+thresholds on its IMs). ``python train.py`` exports the default choice
+(:func:`jeidnn.export.operating_point.default_choice`) to ``runs/<name>/model/``.
+
+    jeidnn export runs/default --method threshold_search --budget 0.5
+    jeidnn export runs/default --method jeidnn_paper --lam 0.01 --out my-model
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from jeidnn.config.schema import RunConfig
+from jeidnn.errors import JeidnnError, first_line
+from jeidnn.export.operating_point import DERIVED, DERIVED_FROM, OperatingPoint, Run, choose, default_choice
+from jeidnn.model.backbone import Backbone
+from jeidnn.model.heads import ExitHeads
+
+__all__ = ["build_model", "export_run", "export_trained", "load_backbone", "main"]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the model's parts
+
+
+def _weights(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise JeidnnError(f"{path} not found; re-run training for this run (it keeps every model's weights)")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise JeidnnError(f"cannot read {path}: {first_line(exc)}; re-run training for this run") from None
+
+
+def _load(module: nn.Module, weights: Mapping[str, Tensor], prefix: str, path: Path) -> None:
+    state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise JeidnnError(
+            f"{path} does not fit this run's exits ({first_line(exc)}); re-run training"
+        ) from None
+
+
+def _new_heads(run: Run, backbone: Backbone) -> ExitHeads:
+    return ExitHeads(
+        list(run.report["exits"]["layers"]),
+        backbone.hidden_size,
+        len(run.report["dataset"]["labels"]),
+        backbone.spec.head_activation,
+        im_head=run.report["backbone"].get("im_head", "mlp"),
+    )
+
+
+def _learned_parts(run: Run, method: str, k: int, backbone: Backbone, trained: Mapping | None):
+    """Heads, gates and own backbone (a state dict; None = the run's shared one) of model ``k`` of a learned
+    method: in memory after training, else its checkpoint."""
+    from jeidnn.model.gates import Gates, GateSettings
+
+    settings = run.learned[method]["settings"]
+    if trained is not None:
+        model = trained[settings["name"]][k]
+        return model.heads, model.gates, model.backbone
+    path = run.folder / "checkpoints" / "learned" / settings["name"] / f"{k}.safetensors"
+    weights = _weights(path)
+    heads = _new_heads(run, backbone)
+    _load(heads, weights, "heads.", path)
+    fields = {f.name for f in dataclasses.fields(GateSettings)}
+    gate_settings = GateSettings(**{f: settings[f] for f in fields if f in settings})
+    gates = Gates(len(heads.layers), gate_settings, backbone.hidden_size)
+    _load(gates, weights, "gates.", path)
+    own = {k[len("backbone.") :]: v for k, v in weights.items() if k.startswith("backbone.")}
+    return heads, gates, own or None
+
+
+def _with_weights(backbone: Backbone, own: Mapping[str, Tensor] | None, method: str) -> Backbone:
+    """``backbone``, or a copy of it holding the own backbone weights ``own`` of a model of ``method``."""
+    if own is None:
+        return backbone
+    copied = copy.deepcopy(backbone)
+    try:
+        copied.model.load_state_dict(own)
+    except RuntimeError as exc:
+        raise JeidnnError(
+            f"the backbone {method}'s model trained end to end does not fit the run's ({first_line(exc)}); "
+            "re-run training"
+        ) from None
+    return copied
+
+
+def exit_parts(
+    run: Run,
+    point: OperatingPoint,
+    backbone: Backbone,
+    trained: Mapping | None = None,
+    warmup_heads: ExitHeads | None = None,
+) -> tuple[Backbone, ExitHeads, nn.Module, float | None]:
+    """The backbone, the heads, the gates and (learned gates only) the exit threshold that play ``point``.
+
+    The backbone is ``backbone`` (the run's shared one) unless the model was trained end to end.
+    ``trained`` (stage 2's models per variant) and ``warmup_heads`` are the training run's objects in
+    memory; without them the weights are read from the run's ``checkpoints/``.
+    """
+    layers = list(run.report["exits"]["layers"])
+    if point.kind == "learned":
+        heads, gates, own = _learned_parts(run, point.method, point.param["model"], backbone, trained)
+        return _with_weights(backbone, own, point.method), heads, gates, float(point.param["tau"])
+    own = None
+    if point.method == DERIVED:
+        heads, _, own = _learned_parts(run, DERIVED_FROM, point.param["model"], backbone, trained)
+    elif warmup_heads is not None:
+        heads = warmup_heads
+    else:
+        path = run.folder / "checkpoints" / "warmup_heads.safetensors"
+        heads = _new_heads(run, backbone)
+        _load(heads, _weights(path), "", path)
+    gates = point.rule_gates(run.split, len(layers), layers)
+    return _with_weights(backbone, own, DERIVED_FROM), heads, gates, None
+
+
+def load_backbone(run: Run) -> tuple[Backbone, Any]:
+    """The run's fine-tuned backbone and preprocessor: from ``backbone/`` if there, else from ``model/``."""
+    from jeidnn.hf.modeling import EarlyExitModel
+    from jeidnn.model.early_exit import _no_progress_bars
+
+    folder = run.folder / "backbone"
+    if (folder / "config.json").is_file():
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        info = run.report["backbone"]
+        try:
+            with _no_progress_bars():
+                model = AutoModel.from_pretrained(folder)
+                backbone = Backbone(model, source=info.get("name", str(folder)), pooling=info["pooling"])
+                loader = AutoTokenizer if backbone.modality == "text" else AutoImageProcessor
+                return backbone, loader.from_pretrained(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise JeidnnError(f"cannot load the fine-tuned backbone in {folder}: {first_line(exc)}") from None
+    if (run.folder / "model").is_dir():
+        model = EarlyExitModel.from_pretrained(run.folder / "model")
+        return model.backbone, model.preprocessor
+    raise JeidnnError(
+        f"{run.folder} has neither backbone/ nor model/ (the fine-tuned backbone); re-run training"
+    )
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able param: tensors to lists, infinities to None (as report.json writes them)."""
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def build_model(
+    run: Run,
+    point: OperatingPoint,
+    backbone: Backbone,
+    preprocessor: Any,
+    alpha: float | None = None,
+    trained: Mapping | None = None,
+    warmup_heads: ExitHeads | None = None,
+) -> tuple[Any, dict]:
+    """The early-exit model that plays ``point``, and the summary of the choice (kept as its metadata).
+
+    Args:
+        alpha: the model's default conformal level (default ``export.alpha``); quantiles are fitted for it
+            and for every ``eval.alphas``.
+        trained, warmup_heads: see :func:`exit_parts`.
+
+    Returns:
+        The model (eval mode) and ``{method, label, kind, param, budget, calib_cost, calib_accuracy,
+        test_accuracy, test_cost, test_exit_fractions, chosen_by, conformal_groups}``, plus ``lambda``,
+        ``model_index`` and ``exit_threshold`` where they apply.
+    """
+    from jeidnn.hf.modeling import EarlyExitModel
+
+    cfg = run.cfg
+    alpha = cfg.export.alpha if alpha is None else float(alpha)
+    if not 0 < alpha < 1:
+        raise JeidnnError(f"--alpha must lie strictly between 0 and 1, got {alpha}")
+    backbone, heads, gates, tau = exit_parts(run, point, backbone, trained, warmup_heads)
+    alphas = sorted(set(cfg.eval.alphas) | {alpha})
+    quantiles, groups = point.conformal_quantiles(run.split, alphas, cfg.eval.conformal_min_samples)
+    param = _plain(point.param)
+    trained_model = isinstance(param, dict) and "model" in param  # learned, or thresholds on learned IMs
+    model_of = {"lambda": param["lambda"], "model_index": param["model"]} if trained_model else {}
+    summary = {
+        "method": point.method,
+        "label": point.label,
+        "kind": point.kind,
+        "param": param,
+        "budget": point.budget,
+        **model_of,
+        **({"exit_threshold": tau} if tau is not None else {}),
+        "calib_cost": point.candidate.calib_cost,
+        "calib_accuracy": point.candidate.calib_accuracy,
+        **point.test_metrics(),
+        "chosen_by": point.chosen_by,
+        "conformal_groups": groups,
+    }
+    # Learned models pay for their gates too (report.json learned.<method>.costs).
+    costs = run.learned[point.method]["costs"] if point.kind == "learned" else run.costs
+    model = EarlyExitModel.from_parts(
+        backbone,
+        heads,
+        gates,
+        preprocessor,
+        labels=run.report["dataset"]["labels"],
+        costs=costs,
+        conformal_quantiles=quantiles,
+        max_length=cfg.model.max_length,
+        exit_threshold=0.5 if tau is None else tau,
+        default_alpha=alpha,
+        metadata={**summary, "run": cfg.name, "gflops_full": run.report["backbone"].get("gflops_full")},
+    )
+    return model.eval(), summary
+
+
+def save_atomically(model: Any, out: Path, overwrite: bool) -> None:
+    """Write ``model`` to ``out`` through a temporary sibling folder: a failure leaves no partial folder."""
+    if out.exists() and not overwrite:
+        raise JeidnnError(f"{out} already exists; pass --overwrite or choose another --out")
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # innermost first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _log_choice(run: Run, point: OperatingPoint, summary: dict) -> None:
+    log.info("method %s (%s), param %s", point.method, point.label, json.dumps(summary["param"]))
+    log.info("chosen: %s", point.chosen_by)
+    log.info("calib half A: accuracy %.4f, cost %.4f", summary["calib_accuracy"], summary["calib_cost"])
+    rows = run.report.get("summary", {}).get("budgeted", {}).get("rows", [])
+    row = None
+    if point.budget is not None and not point.by_lambda:
+        row = next((r for r in rows if r["method"] == point.method and r["budget"] == point.budget), None)
+    fractions = ", ".join(f"{f:.3f}" for f in summary["test_exit_fractions"])
+    log.info(
+        "test (%s): accuracy %.4f, cost %.4f, exit fractions [%s]",
+        f"the evaluation's row at budget {point.budget:g}" if row else "not a row of report.md",
+        summary["test_accuracy"],
+        summary["test_cost"],
+        fractions,
+    )
+    if row and (row["param"] != summary["param"] or row["accuracy"] != summary["test_accuracy"]):
+        log.warning(
+            "report.json's row plays param %s (test accuracy %s): it was written by another version of "
+            "jeidnn; `jeidnn evaluate %s` refreshes it",
+            json.dumps(row["param"]),
+            row["accuracy"],
+            run.folder,
+        )
+
+
+def export_run(
+    run_dir: str | Path,
+    method: str | None = None,
+    *,
+    budget: float | None = None,
+    lam: float | None = None,
+    alpha: float | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Export ``method``'s operating point of a finished run (default: what ``python train.py`` exports).
+
+    Args:
+        run_dir: ``runs/<name>/``.
+        method: any learned or baseline method of the run (the oracle excepted).
+        budget: calib-A cost budget (default: the run's ``export.cost_budget``).
+        lam: learned methods only, instead of ``budget``: the λ of the model to export.
+        alpha: default conformal level saved with the model (default: ``export.alpha``).
+        out: output folder (default ``runs/<name>/export/<method>-<budget>``, or ``<method>-lam<λ>``).
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        The summary of :func:`build_model` and ``path``, the folder written.
+
+    Raises:
+        JeidnnError: a bad run folder, method, budget, λ, α or output folder; nothing is written then.
+
+    Example:
+        >>> export_run("runs/default", "patience", budget=0.5)["param"]  # doctest: +SKIP
+        2
+    """
+    if budget is not None and lam is not None:
+        raise JeidnnError(
+            "pass --budget or --lam, not both: --lam fixes the model and uses export.cost_budget"
+        )
+    if lam is not None and method is None:
+        raise JeidnnError("--lam picks a model of one learned method: name it with --method")
+    run = Run.open(run_dir)
+    point = choose(run, method, budget, lam) if method else default_choice(run, budget)
+    if out is None:
+        tag = f"lam{lam!r}" if lam is not None else f"{point.budget:g}"
+        out = run.folder / "export" / f"{point.method}-{tag}"
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JeidnnError(f"{out} already exists; pass --overwrite or choose another --out")
+    backbone, preprocessor = load_backbone(run)
+    model, summary = build_model(run, point, backbone, preprocessor, alpha)
+    _log_choice(run, point, summary)
+    save_atomically(model, out, overwrite)
+    log.info("wrote %s", out)
+    return {"path": str(out), **summary}
+
+
+def export_trained(
+    cfg: RunConfig,
+    report: dict,
+    run_dir: Path,
+    backbone: Backbone,
+    preprocessor: Any,
+    *,
+    trained: Mapping,
+    warmup_heads: ExitHeads,
+    tensors: Mapping[str, Mapping[str, Tensor]],
+) -> dict:
+    """The training run's export, from memory: the default choice written to ``runs/<name>/model/``."""
+    run = Run(Path(run_dir), report, cfg, tensors)
+    point = default_choice(run)
+    model, summary = build_model(
+        run, point, backbone, preprocessor, trained=trained, warmup_heads=warmup_heads
+    )
+    _log_choice(run, point, summary)
+    # model/ belongs to the run: a run resumed after being killed while exporting replaces it.
+    save_atomically(model, run.folder / "model", overwrite=True)
+    return {"path": "model", **summary}
+
+
+def main(argv: list[str]) -> int:
+    """``jeidnn export RUN [--method NAME] [--budget B | --lam L] [--alpha A] [--out DIR] [--overwrite]``."""
+    from jeidnn.cli.main import CommandParser, guarded
+    from jeidnn.log import setup_logging
+
+    parser = CommandParser(
+        prog="jeidnn export",
+        description="Export any method's operating point of a finished run, chosen on calib half A as the "
+        "budgeted evaluation chooses it, with its conformal quantiles.",
+    )
+    parser.add_argument("run_dir", metavar="RUN", help="a finished run folder, runs/<name>")
+    parser.add_argument(
+        "--method", help="a learned or baseline method of the run (default: train.py's choice)"
+    )
+    parser.add_argument(
+        "--budget", type=float, help="calib cost budget (default: the run's export.cost_budget)"
+    )
+    parser.add_argument(
+        "--lam", type=float, help="learned methods: the λ of the model to export, not --budget"
+    )
+    parser.add_argument(
+        "--alpha", type=float, help="default conformal level (default: the run's export.alpha)"
+    )
+    parser.add_argument("--out", help="output folder (default: RUN/export/<method>-<budget>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        setup_logging(args.quiet)
+        options = {"budget": args.budget, "lam": args.lam, "alpha": args.alpha, "out": args.out}
+        export_run(args.run_dir, args.method, overwrite=args.overwrite, **options)
+        return 0
+
+    return guarded(go)

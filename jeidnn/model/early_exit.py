@@ -1,0 +1,405 @@
+"""Early-exit inference: how a backbone, its exit heads and gates decide each sample's exit.
+
+Two paths that must agree (the tests check it on every architecture and gate kind):
+
+* :func:`run_full` runs every layer for every sample, evaluates every exit and lets the gates pick an exit
+  from all per-exit logits: the reference path (and the training path).
+* :func:`run_dynamic` runs layer by layer on the rows still running; a row leaves the batch at the exit its
+  gate chooses, so its later layers are never computed.
+
+Gates are learned (:class:`~jeidnn.model.gates.Gates`, scores against an exit threshold) or rules without
+parameters, the baselines of docs/evaluation.md: :class:`ThresholdGates`, :class:`PatienceGates` and
+:class:`StaticGates`; None means every sample takes the last exit. The deployable model that holds these
+parts is :class:`jeidnn.hf.modeling.EarlyExitModel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.utils import ModelOutput
+
+from jeidnn.errors import JeidnnError, first_line
+from jeidnn.model.backbone import Backbone
+from jeidnn.model.gates import DEFAULT_TAU, Gates, GateSettings, score_exits
+from jeidnn.model.heads import ExitHeads
+from jeidnn.model.policies import (
+    ConfidenceMeasure,
+    apply_thresholds,
+    confidence,
+    patience_exits,
+    static_exits,
+)
+
+__all__ = [
+    "GATE_KINDS",
+    "EarlyExitOutput",
+    "PatienceGates",
+    "RuleGates",
+    "StaticGates",
+    "ThresholdGates",
+    "build_gates",
+    "gate_config",
+    "run_dynamic",
+    "run_full",
+]
+
+MEASURES: tuple[str, ...] = ("maxprob", "entropy", "margin")
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" / "Writing model shards" bars, which clutter `jeidnn predict`."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class ThresholdGates(nn.Module):
+    """Threshold gating baseline: exit at the first exit whose confidence reaches its threshold.
+
+    One threshold repeated at every exit is the global-threshold (DeeBERT-style) baseline.
+
+    Args:
+        thresholds: one threshold per intermediate exit, shape ``(L-1,)``.
+        measure: ``maxprob``, ``entropy`` (negative entropy as confidence) or ``margin``.
+
+    Example:
+        >>> gates = ThresholdGates([0.9, 0.8], measure="maxprob")
+        >>> gates.exits(torch.randn(4, 3, 5)).shape  # per-exit logits (N, L, C) -> 0-based exits (N,)
+        torch.Size([4])
+    """
+
+    def __init__(self, thresholds: Sequence[float] | Tensor, measure: ConfidenceMeasure = "maxprob") -> None:
+        super().__init__()
+        if measure not in MEASURES:
+            raise JeidnnError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
+        self.measure: ConfidenceMeasure = measure
+        # Not a buffer: the thresholds live in the model's config, readable by a person. On the CPU whatever
+        # the default device (a model is built on the meta device before its weights load); they move to the
+        # confidences' device and dtype where they are compared.
+        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device="cpu").flatten().clone()
+
+    @property
+    def num_exits(self) -> int:
+        return self.thresholds.numel() + 1
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Per-exit logits ``(N, L, C)`` -> confidence at every exit ``(N, L)``."""
+        return confidence(logits.softmax(dim=-1), self.measure)
+
+    def exits(self, exit_logits: Tensor) -> Tensor:
+        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exit: the first at or above its threshold."""
+        return apply_thresholds(self(exit_logits), self.thresholds)
+
+    def reads_exit(self, index: int) -> bool:
+        return True
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> None:
+        return None
+
+    def step(self, index: int, exit_logits: Tensor, state: None) -> tuple[Tensor, None]:
+        """Whether each running sample exits at intermediate exit ``index``: ``(B, C)`` -> ``(B,)`` bool."""
+        # A Python float holding the float32 threshold compares in the confidences' dtype, as the full path.
+        return confidence(exit_logits.softmax(dim=-1), self.measure) >= float(self.thresholds[index]), None
+
+
+@dataclass
+class PatienceState:
+    """Per-sample state of :class:`PatienceGates` between exits."""
+
+    run: Tensor  # (B,) long: consecutive exits so far whose argmax equals their predecessor's
+    pred: Tensor  # (B,) long: argmax at the last exit seen
+
+    def __getitem__(self, idx: Tensor) -> PatienceState:
+        return PatienceState(self.run[idx], self.pred[idx])
+
+
+def _predictions(exit_logits: Tensor) -> Tensor:
+    """Argmax of the softmax, as the evaluation takes it (float32 softmax ties resolve the same way)."""
+    return exit_logits.float().softmax(dim=-1).argmax(dim=-1)
+
+
+class PatienceGates(nn.Module):
+    """PABEE: exit once the argmax has stayed the same for ``patience`` consecutive exits.
+
+    The rule of :func:`jeidnn.model.policies.patience_exits`: a sample leaves at the first exit ``l`` whose
+    prediction equals those of exits ``l - 1 .. l - patience``; ``patience = 0`` leaves at the first exit.
+
+    Args:
+        patience: ``t >= 0``.
+
+    Example:
+        >>> PatienceGates(1).exits(torch.tensor([[[0.0, 1.0], [0.0, 2.0], [3.0, 0.0]]])).tolist()
+        [1]
+    """
+
+    def __init__(self, patience: int) -> None:
+        super().__init__()
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise JeidnnError(f"patience must be a non-negative integer, got {patience!r}")
+        self.patience = patience
+
+    def exits(self, exit_logits: Tensor) -> Tensor:
+        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exits."""
+        # The evaluation's own function (it works on the CPU): the reference path is the baseline's rule.
+        return patience_exits(_predictions(exit_logits).cpu(), self.patience).to(exit_logits.device)
+
+    def reads_exit(self, index: int) -> bool:
+        return True
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> PatienceState:
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        return PatienceState(zeros, zeros)
+
+    def step(self, index: int, exit_logits: Tensor, state: PatienceState) -> tuple[Tensor, PatienceState]:
+        """Whether each running sample exits at exit ``index`` ``(B,)`` bool, and the state after it."""
+        pred = _predictions(exit_logits)  # (B,)
+        run = torch.where(pred == state.pred, state.run + 1, 0) if index > 0 else state.run
+        return run >= self.patience, PatienceState(run, pred)
+
+
+class StaticGates(nn.Module):
+    """Static depth (layer pruning): every sample exits at the 0-based exit ``exit_index``.
+
+    The layer-skipping path never runs the layers after that exit, nor the exit heads before it.
+
+    Example:
+        >>> StaticGates(1).exits(torch.randn(4, 3, 5)).tolist()
+        [1, 1, 1, 1]
+    """
+
+    def __init__(self, exit_index: int) -> None:
+        super().__init__()
+        if isinstance(exit_index, bool) or not isinstance(exit_index, int) or exit_index < 0:
+            raise JeidnnError(f"the static exit index must be a non-negative integer, got {exit_index!r}")
+        self.exit_index = exit_index
+
+    def exits(self, exit_logits: Tensor) -> Tensor:
+        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exits, all ``exit_index``."""
+        return static_exits(exit_logits.shape[0], self.exit_index).to(exit_logits.device)
+
+    def reads_exit(self, index: int) -> bool:
+        return index == self.exit_index
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> None:
+        return None
+
+    def step(self, index: int, exit_logits: Tensor, state: None) -> tuple[Tensor, None]:
+        stop = index == self.exit_index
+        return torch.full((exit_logits.shape[0],), stop, dtype=torch.bool, device=exit_logits.device), None
+
+
+RuleGates = ThresholdGates | PatienceGates | StaticGates
+"""Gates without parameters: an exit rule on the exits' logits (the baselines of docs/evaluation.md)."""
+
+
+GATE_KINDS = ("learned", "threshold", "patience", "static", "none")
+"""The ``kind`` of a model config's ``gates`` entry (:class:`jeidnn.hf.modeling.EarlyExitConfig`)."""
+
+
+def _json_float(value: float) -> float | str:
+    """JSON has no infinity: a threshold that no (or every) confidence passes is written "inf" ("-inf")."""
+    return value if math.isfinite(value) else str(value)
+
+
+def gate_config(gates: Gates | RuleGates | None, exit_threshold: float = DEFAULT_TAU) -> dict[str, Any]:
+    """The ``gates`` entry of a model config (:class:`~jeidnn.hf.modeling.EarlyExitConfig`) for ``gates``."""
+    if isinstance(gates, Gates):
+        return {
+            "kind": "learned",
+            "settings": gates.settings.to_dict(),
+            "hidden_size": int(gates.hidden_mean.shape[-1]),
+            "exit_threshold": float(exit_threshold),
+        }
+    if isinstance(gates, ThresholdGates):
+        values = [_json_float(t) for t in gates.thresholds.tolist()]
+        return {"kind": "threshold", "measure": gates.measure, "thresholds": values}
+    if isinstance(gates, PatienceGates):
+        return {"kind": "patience", "patience": gates.patience}
+    if isinstance(gates, StaticGates):
+        return {"kind": "static", "exit_index": gates.exit_index}
+    if gates is None:
+        return {"kind": "none"}
+    raise JeidnnError(
+        f"unknown gates {type(gates).__name__}; use Gates, ThresholdGates, PatienceGates, StaticGates or None"
+    )
+
+
+def build_gates(entry: Mapping[str, Any], num_exits: int) -> Gates | RuleGates | None:
+    """Gates (weights freshly initialised) from the ``gates`` entry of a model config."""
+    kind = entry.get("kind")
+    try:
+        if kind == "learned":
+            return Gates(num_exits, GateSettings(**entry["settings"]), int(entry["hidden_size"]))
+        if kind == "threshold":
+            return ThresholdGates([float(t) for t in entry["thresholds"]], entry["measure"])
+        if kind == "patience":
+            return PatienceGates(entry["patience"])
+        if kind == "static":
+            return StaticGates(entry["exit_index"])
+    except KeyError as exc:
+        raise JeidnnError(f"the {kind} gates entry of the model config lacks the key {exc}") from None
+    except TypeError as exc:
+        raise JeidnnError(
+            f"the {kind} gates entry of the model config is invalid: {first_line(exc)}"
+        ) from None
+    if kind == "none":
+        return None
+    raise JeidnnError(
+        f"unknown gate kind {kind!r} in the model config; expected one of {', '.join(GATE_KINDS)}"
+    )
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """Result of an early-exit forward on a batch of ``B`` samples (``L`` exits, ``C`` classes).
+
+    A Hugging Face ``ModelOutput`` (``SequenceClassifierOutput`` plus the exit taken): fields that are None
+    are left out of ``to_tuple()`` and of the dict view.
+
+    Attributes:
+        loss: cross-entropy of ``logits`` against the given labels, a scalar (only when labels are given).
+        logits: logits of the exit each sample took, ``(B, C)``.
+        probs: their softmax, ``(B, C)``.
+        exit_index: 0-based exit taken, ``(B,)`` long.
+        exit_layer: 1-based backbone layer of that exit, ``(B,)`` long.
+        cost: normalised cost of that exit (1 = the plain backbone), ``(B,)``.
+        exit_logits: logits of every exit, ``(B, L, C)`` (full path only, else None).
+        gate_scores: learned gates' exit scores, ``(B, L-1)`` (full path with learned gates only).
+    """
+
+    loss: Tensor | None = None  # ()
+    logits: Tensor | None = None  # (B, C)
+    probs: Tensor | None = None  # (B, C)
+    exit_index: Tensor | None = None  # (B,)
+    exit_layer: Tensor | None = None  # (B,)
+    cost: Tensor | None = None  # (B,)
+    exit_logits: Tensor | None = None  # (B, L, C)
+    gate_scores: Tensor | None = None  # (B, L-1)
+
+
+def _exit_after_layer(layers: list[int], num_layers: int) -> list[int | None]:
+    """For each 0-based backbone layer: the exit after it, or None (exits may sit on a subset of layers)."""
+    exit_at = {layer: k for k, layer in enumerate(layers)}
+    return [exit_at.get(i + 1) for i in range(num_layers)]
+
+
+def run_full(
+    backbone: Backbone,
+    heads: ExitHeads,
+    gates: Gates | RuleGates | None,
+    exit_threshold: float,
+    inputs: Mapping[str, Tensor],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Every layer and every exit for every sample; the gates then choose the exit (reference path).
+
+    Returns:
+        exit_logits ``(B, L, C)``, exit_index ``(B,)`` long and, for learned gates, their exit scores
+        ``(B, L-1)`` (else None).
+    """
+    features = backbone(dict(inputs), heads.layers)  # (B, L, H)
+    exit_logits = heads(features)  # (B, L, C)
+    gate_scores = None
+    if isinstance(gates, Gates):
+        gate_scores = gates.scores(exit_logits, features)  # (B, L-1)
+        exit_index = score_exits(gate_scores, exit_threshold)
+    elif gates is not None:
+        exit_index = gates.exits(exit_logits)
+    else:
+        last = heads.num_exits - 1
+        exit_index = torch.full((exit_logits.shape[0],), last, dtype=torch.long, device=exit_logits.device)
+    return exit_logits, exit_index, gate_scores
+
+
+@torch.inference_mode()
+def run_dynamic(
+    backbone: Backbone,
+    heads: ExitHeads,
+    gates: Gates | RuleGates | None,
+    exit_threshold: float,
+    inputs: Mapping[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Layer-skipping inference: each layer runs only on the rows that have not exited yet.
+
+    Inference only (runs under ``torch.inference_mode``); call ``eval()`` first so dropout is off.
+    Each gated exit costs one host synchronisation (how many rows stop there); an exit where nobody
+    stops costs nothing else but the exit head and the gate on the running rows.
+
+    Returns:
+        logits of the exit each sample took ``(B, C)`` and that exit's 0-based index ``(B,)`` long.
+    """
+    last = heads.num_exits - 1
+    hidden, mask = backbone.embed(dict(inputs))  # (B, T, H), mask (B, 1, T, T) or None
+    # Mean pooling needs the (B, T) padding mask of the rows still running; cast once, not per exit.
+    token_mask = inputs.get("attention_mask") if backbone.pooling == "mean" else None
+    if token_mask is not None:
+        token_mask = token_mask.to(hidden.dtype)
+    batch = hidden.shape[0]
+    learned = isinstance(gates, Gates)
+    state = gates.init_state(batch, device=hidden.device) if gates is not None else None
+    rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
+    # (rows, logits (b, C), exit) of each group of samples that left, in the order they left.
+    left: list[tuple[Tensor | None, Tensor, int]] = []
+    for i, k in enumerate(_exit_after_layer(heads.layers, backbone.num_layers)):
+        hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
+        if k is None or (k < last and (gates is None or not (learned or gates.reads_exit(k)))):
+            continue
+        pooled = backbone.pool(hidden, token_mask)  # (b, H)
+        logits = heads.heads[k](pooled)  # (b, C)
+        if k == last:  # everyone still running exits here
+            left.append((rows, logits, k))
+            break
+        if learned:
+            score, state = gates.step(k, logits, pooled, state)  # (b,)
+            stop = score >= exit_threshold
+        else:
+            stop, state = gates.step(k, logits, state)
+        n_stop = int(stop.sum())  # the one host sync of this exit
+        if n_stop == 0:
+            continue
+        running = stop.shape[0]
+        if n_stop == running:
+            left.append((rows, logits, k))
+            break
+        # A stable sort puts the continuing rows first, in order, without a second sync (nonzero syncs).
+        order = torch.argsort(stop, stable=True)  # (b,)
+        keep, leave = order[: running - n_stop], order[running - n_stop :]
+        left.append((rows[leave] if rows is not None else leave, logits.index_select(0, leave), k))
+        # Only the per-sample tensors shrink: hidden states, the padding masks, the gate state.
+        hidden = hidden.index_select(0, keep)
+        mask = Backbone.select_rows(mask, keep)
+        if token_mask is not None:
+            token_mask = token_mask.index_select(0, keep)
+        rows = rows[keep] if rows is not None else keep
+        if state is not None:
+            state = state[keep]
+    if len(left) == 1:  # everyone left at the same exit: no scatter
+        _, logits, k = left[0]
+        return logits, torch.full((batch,), k, dtype=torch.long, device=logits.device)
+    out_logits = hidden.new_empty(batch, heads.num_classes)  # (B, C)
+    out_exit = hidden.new_empty(batch, dtype=torch.long)  # (B,)
+    for dest, logits, k in left:
+        out_logits[dest], out_exit[dest] = logits, k
+    return out_logits, out_exit
+
+
+def __getattr__(name: str) -> object:
+    # The model class moved to jeidnn.hf.modeling (which imports this module); keep the old import path.
+    if name == "EarlyExitModel":
+        from jeidnn.hf.modeling import EarlyExitModel
+
+        return EarlyExitModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,480 @@
+"""Learned gates: what each gate reads, the gate network, and the rules that turn gate outputs into exits.
+
+An early-exit model has ``L`` exits (0-based ``0 .. L-1`` in code); exits ``0 .. L-2`` carry a gate, the
+last exit (the backbone's final classifier) has none. Every gate reads *detached* probabilities of the IMs,
+so a gate loss never trains an IM (docs/method.md).
+
+Gate **inputs** (``GateSettings.inputs``):
+
+* ``confidence`` (the paper): four confidence features of the gate's own exit, see
+  :func:`confidence_features`;
+* ``trajectory`` (extension): the confidence features of every exit so far, the number of consecutive
+  earlier exits whose argmax agrees with this exit's (PABEE's patience counter) and the change of ``p_max``
+  since the previous exit;
+* ``hidden`` (extension): ``trajectory`` plus a learned projection of the exit's pooled hidden state.
+
+**Exit rules** (``GateSettings.exit_rule``), both giving a per-exit *exit score* in ``[0, 1]``; a sample
+leaves at the first exit whose score reaches the threshold ``tau`` (0.5 = the rule each was trained for):
+
+* ``paper``: JEI-DNN's ``π_l = max(0, min(g_l, 1 - Σ_{j<l} g_j))`` and the score ``a_l = clip(π_l /
+  Π_{j<l}(1 - a_j), 0, 1)``, the probability of exiting at ``l`` given the sample got there;
+* ``conditional`` (extension): the gate output *is* that conditional probability, ``a_l = g_l``, so ``π_l =
+  g_l Π_{j<l}(1 - g_j)`` (a stopping process, differentiable everywhere).
+
+:class:`StackedGates` holds ``K`` gate sets of one kind side by side (stage 2 trains every λ at once); a
+deployed model uses ``K = 1``. :meth:`StackedGates.forward` scores all exits of a batch at once;
+:meth:`StackedGates.step` scores one exit for the rows still running (layer-skipping inference) through the
+same functions, so both paths give the same exits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from jeidnn.model.policies import score_exits
+
+GateInputs = Literal["confidence", "trajectory", "hidden"]
+GateArch = Literal["linear", "mlp"]
+ExitRule = Literal["paper", "conditional"]
+
+NUM_CONFIDENCE_FEATURES = 4
+"""p_max, entropy, margin p(1) - p(2), entropy of p² / Σp²."""
+
+__all__ = [
+    "DEFAULT_TAU",
+    "GateSettings",
+    "GateState",
+    "Gates",
+    "StackedGates",
+    "conditional_distribution",
+    "confidence_features",
+    "exit_distribution",
+    "exit_inputs",
+    "exit_scores",
+    "paper_distribution",
+    "score_exits",
+]
+
+DEFAULT_TAU = 0.5
+"""The exit threshold of both rules as trained: exit once the conditional exit probability reaches 1/2."""
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The shape of a gate (what it reads, its network, its exit rule); saved with a model.
+
+    Attributes:
+        inputs: ``confidence`` | ``trajectory`` | ``hidden``.
+        arch: ``linear`` or ``mlp`` (one hidden ReLU layer of ``width`` units).
+        exit_rule: ``paper`` or ``conditional``.
+        standardize: standardise the gate inputs with statistics of the training split.
+        width: hidden units of the ``mlp`` gate.
+        projection: size of the learned projection of the hidden state (``hidden`` inputs).
+    """
+
+    inputs: GateInputs = "confidence"
+    arch: GateArch = "linear"
+    exit_rule: ExitRule = "paper"
+    standardize: bool = False
+    width: int = 16
+    projection: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _entropy(p: Tensor) -> Tensor:
+    """Shannon entropy (nats) over the last dim with 0 · log 0 = 0."""
+    # Clamping inside the log gives 0 · log(tiny) = 0 for empty classes and a finite derivative there.
+    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim=-1)
+
+
+def confidence_features(probs: Tensor) -> Tensor:
+    """The four confidence features of the paper's gate.
+
+    Args:
+        probs: class probabilities, shape ``(..., C)``, rows summing to 1.
+
+    Returns:
+        ``(..., 4)``: max probability, entropy ``H(p)``, margin ``p(1) - p(2)`` and the entropy of the
+        sharpened distribution ``p² / Σ p²``. Uniform over ``C`` classes gives ``(1/C, log C, 0, log C)``;
+        one-hot gives ``(1, 0, 1, 0)``.
+    """
+    top = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # (..., 2)
+    p_max = top[..., 0]
+    # With a single class there is no runner-up: the margin is the whole max probability.
+    margin = top[..., 0] - top[..., 1] if top.shape[-1] > 1 else p_max
+    squared = probs.square()
+    sharpened = squared / squared.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    return torch.stack([p_max, _entropy(probs), margin, _entropy(sharpened)], dim=-1)  # (..., 4)
+
+
+def input_size(inputs: GateInputs, num_gates: int, projection: int = 0) -> int:
+    """Number of gate inputs per exit (the hidden projection included)."""
+    if inputs == "confidence":
+        return NUM_CONFIDENCE_FEATURES
+    trajectory = NUM_CONFIDENCE_FEATURES * num_gates + 2
+    return trajectory + (projection if inputs == "hidden" else 0)
+
+
+def exit_inputs(index: int, conf: Tensor, preds: Tensor, inputs: GateInputs, num_gates: int) -> Tensor:
+    """Confidence or trajectory inputs of gate ``index`` from the exits seen so far.
+
+    Args:
+        index: 0-based gated exit.
+        conf: confidence features of exits ``0 .. index`` (at least), shape ``(..., ≥ index + 1, 4)``.
+        preds: argmax of the same exits, shape ``(..., ≥ index + 1)``.
+        inputs: ``confidence`` or ``trajectory``/``hidden`` (the projection is added by the gate).
+        num_gates: ``L - 1``.
+
+    Returns:
+        ``(..., 4)`` for ``confidence``; ``(..., 4 (L-1) + 2)`` otherwise: this exit's four features, those of
+        the earlier exits (zeros for exits not reached yet, so every gate has the same input size), the
+        agreement count divided by ``L - 1`` and ``p_max`` minus the previous exit's.
+    """
+    own = conf[..., index, :]  # (..., 4)
+    if inputs == "confidence":
+        return own
+    earlier = conf[..., :index, :].flatten(-2)  # (..., 4 index)
+    pad = own.new_zeros(*own.shape[:-1], NUM_CONFIDENCE_FEATURES * (num_gates - 1 - index))
+    # Consecutive earlier exits (walking back from index - 1) that predict what exit `index` predicts.
+    same = (preds[..., :index] == preds[..., index : index + 1]).flip(-1)  # (..., index)
+    agree = same.to(own.dtype).cumprod(-1).sum(-1, keepdim=True) if index > 0 else own[..., :1] * 0
+    delta = own[..., :1] - conf[..., index - 1, :1] if index > 0 else own[..., :1] * 0
+    return torch.cat([own, earlier, pad, agree / num_gates, delta], dim=-1)
+
+
+# --------------------------------------------------------------------------- exit rules
+
+
+def paper_distribution(g: Tensor) -> Tensor:
+    """JEI-DNN's exit distribution ``π`` from gate probabilities ``g`` of shape ``(..., L-1)``.
+
+    ``π_l = max(0, min(g_l, 1 - Σ_{j<l} g_j))`` for ``l < L`` (the sum runs over earlier *gate values*, as in
+    the paper) and ``π_L = 1 - Σ_{l<L} π_l``. Returns ``(..., L)``, rows summing to 1.
+    """
+    # An explicit running sum rather than cumsum: the sequential rule repeats these exact additions.
+    g_sum = torch.zeros_like(g[..., 0])
+    columns = []
+    for k in range(g.shape[-1]):
+        columns.append(torch.minimum(g[..., k], 1 - g_sum).clamp_min(0))
+        g_sum = g_sum + g[..., k]
+    pi = torch.stack(columns, dim=-1)  # (..., L-1)
+    last = (1 - pi.sum(dim=-1, keepdim=True)).clamp_min(0)  # clamp only absorbs rounding
+    return torch.cat([pi, last], dim=-1)
+
+
+def conditional_distribution(g: Tensor) -> Tensor:
+    """Stopping-process distribution ``π_l = g_l Π_{j<l} (1 - g_j)``, ``π_L = Π_{j<L} (1 - g_j)``.
+
+    Args:
+        g: ``(..., L-1)`` conditional exit probabilities.
+
+    Returns:
+        ``(..., L)``, rows summing to 1.
+    """
+    survive = torch.cumprod(1 - g, dim=-1)  # (..., L-1) Π_{j≤l}(1 - g_j)
+    before = torch.cat([torch.ones_like(g[..., :1]), survive[..., :-1]], dim=-1)  # Π_{j<l}
+    return torch.cat([g * before, survive[..., -1:]], dim=-1)
+
+
+def exit_distribution(g: Tensor, rule: ExitRule) -> Tensor:
+    """``π`` of shape ``(..., L)`` from gate probabilities ``(..., L-1)`` under ``rule``."""
+    return paper_distribution(g) if rule == "paper" else conditional_distribution(g)
+
+
+def _conditional_exit(pi_l: Tensor, survival: Tensor) -> Tensor:
+    """``a_l = clip(π_l / Π_{j<l}(1 - a_j), 0, 1)``; a zero survival (already exited) divides by 1 instead."""
+    safe = torch.where(survival > 0, survival, 1.0)
+    return (pi_l / safe).clamp(0, 1)
+
+
+@dataclass
+class RuleState:
+    """Per-sample state of the paper rule between exits: ``Σ_{j<l} g_j`` and ``Π_{j<l}(1 - a_j)``, each
+    ``(B,)``."""
+
+    g_sum: Tensor
+    survival: Tensor
+
+    def __getitem__(self, idx: Tensor | slice) -> RuleState:
+        return RuleState(self.g_sum[idx], self.survival[idx])
+
+
+def paper_step(g: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+    """One exit of the paper rule: score ``a_l`` ``(B,)`` and the state after this exit."""
+    a = _conditional_exit(torch.minimum(g, 1 - state.g_sum).clamp_min(0), state.survival)
+    return a, RuleState(state.g_sum + g, state.survival * (1 - a))
+
+
+def exit_scores(g: Tensor, rule: ExitRule) -> Tensor:
+    """Per-exit exit scores ``(N, L-1)`` from gate probabilities ``(N, L-1)``.
+
+    ``paper``: ``a_l`` (for example ``g = (0.2, 0.5)`` gives ``π = (0.2, 0.5, 0.3)``, ``a = (0.2, 0.625)``);
+    ``conditional``: ``g`` itself.
+    """
+    if rule == "conditional":
+        return g
+    state = RuleState(torch.zeros_like(g[:, 0]), torch.ones_like(g[:, 0]))
+    scores = []
+    for k in range(g.shape[1]):
+        a, state = paper_step(g[:, k], state)
+        scores.append(a)
+    return torch.stack(scores, dim=1)
+
+
+# --------------------------------------------------------------------------- the gate network
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None) -> Tensor:
+    """``nn.Linear``'s default initialisation: U(-1/√fan_in, 1/√fan_in)."""
+    bound = 1 / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+class StackedGates(nn.Module):
+    """``K`` gate sets of one kind, one gate per intermediate exit, evaluated in one batched pass.
+
+    Parameters per model ``k`` and exit ``l``: ``linear`` gates ``w (F,)``, ``b``; ``mlp`` gates
+    ``W1 (F, width)``, ``b1``, ``w2 (width,)``, ``b2``; ``hidden`` inputs add a projection
+    ``P (H, projection)`` of the standardised pooled hidden state, whose output joins the
+    ``F - projection`` other inputs.
+
+    Args:
+        settings: the gate kind.
+        num_exits: ``L`` (at least 2).
+        hidden_size: ``H`` of the pooled features (used by ``hidden`` inputs).
+        num_models: ``K``.
+        generator: draws the initial weights (each model its own draw).
+
+    Example:
+        >>> gates = StackedGates(GateSettings(), num_exits=3, hidden_size=8, num_models=2)
+        >>> gates(torch.randn(2, 5, 3, 4)).shape  # per-exit logits (K, N, L, C) -> gate logits (K, N, L-1)
+        torch.Size([2, 5, 2])
+    """
+
+    def __init__(
+        self,
+        settings: GateSettings,
+        num_exits: int,
+        hidden_size: int,
+        num_models: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if num_exits < 2:
+            raise ValueError(
+                f"gates need at least 2 exits (gated IMs + the final classifier), got {num_exits}"
+            )
+        self.settings, self.num_exits, self.num_models = settings, num_exits, num_models
+        g, k = num_exits - 1, num_models
+        proj = settings.projection if settings.inputs == "hidden" else 0
+        f = input_size(settings.inputs, g, proj)
+        self.num_inputs = f
+        if proj:
+            self.proj = nn.Parameter(_uniform((k, g, hidden_size, proj), hidden_size, generator))
+        if settings.arch == "linear":
+            self.w = nn.Parameter(_uniform((k, g, f), f, generator))
+            self.b = nn.Parameter(_uniform((k, g), f, generator))
+        else:
+            self.w1 = nn.Parameter(_uniform((k, g, f, settings.width), f, generator))
+            self.b1 = nn.Parameter(_uniform((k, g, settings.width), f, generator))
+            self.w = nn.Parameter(_uniform((k, g, settings.width), settings.width, generator))
+            self.b = nn.Parameter(_uniform((k, g), settings.width, generator))
+        # Standardisation statistics (identity until set_statistics): inputs (L-1, F - proj), hidden (L-1, H).
+        self.register_buffer("input_mean", torch.zeros(g, f - proj))
+        self.register_buffer("input_std", torch.ones(g, f - proj))
+        self.register_buffer("hidden_mean", torch.zeros(g, hidden_size))
+        self.register_buffer("hidden_std", torch.ones(g, hidden_size))
+
+    # ------------------------------------------------------------------ inputs
+
+    def _raw_inputs(self, probs: Tensor) -> Tensor:
+        """Unstandardised inputs ``(..., L-1, F - proj)`` from IM probabilities ``(..., L-1, C)``."""
+        conf = confidence_features(probs)  # (..., L-1, 4)
+        preds = probs.argmax(dim=-1)  # (..., L-1)
+        g = self.num_exits - 1
+        return torch.stack([exit_inputs(i, conf, preds, self.settings.inputs, g) for i in range(g)], dim=-2)
+
+    @torch.no_grad()
+    def set_statistics(self, im_logits: Tensor, hidden: Tensor | None = None) -> None:
+        """Standardisation statistics from training data: IM logits ``(N, L-1, C)``, hidden ``(N, L-1, H)``.
+
+        A no-op unless ``settings.standardize``. Constant inputs (for example the zero padding of early
+        gates' trajectories) keep mean 0 and std 1.
+        """
+        if not self.settings.standardize:
+            return
+        x = self._raw_inputs(im_logits.float().softmax(dim=-1))  # (N, L-1, F')
+        std = x.std(dim=0)
+        self.input_mean.copy_(torch.where(std > 1e-6, x.mean(dim=0), torch.zeros_like(std)))
+        self.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        if hidden is not None and self.settings.inputs == "hidden":
+            h_std = hidden.float().std(dim=0)
+            self.hidden_mean.copy_(hidden.float().mean(dim=0))
+            self.hidden_std.copy_(h_std.clamp_min(1e-6))
+
+    def _net(self, x: Tensor, hidden: Tensor | None, index: int) -> Tensor:
+        """Logits ``(K, N)`` of gate ``index`` from its raw inputs ``(K, N, F')`` and hidden ``(K, N, H)``.
+
+        Training, evaluation and layer-by-layer inference all go through here, exit by exit, so they
+        compute every gate with the same operations.
+        """
+        # The small gate layers as products and sums rather than matmuls, whose rounding may depend on the
+        # number of rows: the layer-skipping path scores fewer rows and should reproduce these values. The
+        # hidden projection (H inputs) stays a matmul for speed; its scores may differ in the last bit.
+        standardize = self.settings.standardize
+        if standardize:
+            x = (x - self.input_mean[index]) / self.input_std[index]
+        if self.settings.inputs == "hidden":
+            h = (hidden - self.hidden_mean[index]) / self.hidden_std[index] if standardize else hidden
+            x = torch.cat([x, torch.bmm(h, self.proj[:, index])], dim=-1)  # (K, N, F)
+        if self.settings.arch == "mlp":
+            x = (x[..., None] * self.w1[:, index, None]).sum(-2) + self.b1[:, index, None]  # (K, N, width)
+            x = torch.relu(x)
+        return (x * self.w[:, index, None]).sum(-1) + self.b[:, index, None]  # (K, N)
+
+    def forward(self, logits: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """Gate logits of every intermediate exit.
+
+        Args:
+            logits: per-exit classifier logits ``(K, N, L, C)`` (or ``(N, L, C)`` when ``K = 1``); the last
+                exit is ignored. Detached here: the gate loss never reaches the IMs.
+            hidden: pooled features of the gated exits ``(N, L-1, H)``, shared by the ``K`` models
+                (``hidden`` inputs only).
+
+        Returns:
+            ``(K, N, L-1)`` gate logits (``(N, L-1)`` for unbatched input).
+        """
+        unbatched = logits.dim() == 3
+        if unbatched:
+            logits = logits[None]
+        g = self.num_exits - 1
+        if logits.shape[-2] != self.num_exits:
+            raise ValueError(f"expected logits for {self.num_exits} exits, got shape {tuple(logits.shape)}")
+        x = self._raw_inputs(logits[..., :g, :].detach().float().softmax(dim=-1))  # (K, N, L-1, F')
+        if self.settings.inputs == "hidden" and hidden is None:
+            raise ValueError("gates with `hidden` inputs need the pooled hidden states")
+        k = x.shape[0]
+        columns = []
+        for i in range(g):
+            h = hidden[:, i].float()[None].expand(k, -1, -1) if self.settings.inputs == "hidden" else None
+            columns.append(self._net(x[:, :, i], h, i))  # (K, N)
+        out = torch.stack(columns, dim=-1)  # (K, N, L-1)
+        return out[0] if unbatched else out
+
+    def scores(self, logits: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """Exit scores ``(K, N, L-1)`` (or ``(N, L-1)``) under the gates' exit rule."""
+        g = torch.sigmoid(self.forward(logits, hidden))
+        flat = g.reshape(-1, g.shape[-1])
+        return exit_scores(flat, self.settings.exit_rule).view(g.shape)
+
+    # ------------------------------------------------------------------ one exit at a time (K = 1)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> GateState:
+        """State of ``batch`` samples before the first exit."""
+        g = self.num_exits - 1
+        z = torch.zeros(batch, device=device)
+        return GateState(
+            conf=torch.zeros(batch, g * NUM_CONFIDENCE_FEATURES, device=device),
+            agree=z,
+            pred=torch.zeros(batch, dtype=torch.long, device=device),
+            p_max=z[:, None],
+            rule=RuleState(z, torch.ones(batch, device=device)),
+        )
+
+    def step(
+        self, index: int, exit_logits: Tensor, hidden: Tensor | None, state: GateState
+    ) -> tuple[Tensor, GateState]:
+        """Exit score of gate ``index`` for the running rows (``K = 1``).
+
+        Args:
+            index: 0-based gated exit.
+            exit_logits: that exit's logits ``(B, C)``.
+            hidden: its pooled features ``(B, H)`` (``hidden`` inputs only).
+            state: the rows' state (``len == B``); filled in for this exit and returned.
+
+        Returns:
+            ``(B,)`` scores, equal to ``scores(...)[:, index]`` of the full forward, and the new state.
+        """
+        probs = exit_logits.float().softmax(dim=-1)  # (B, C)
+        if self.settings.inputs == "confidence":  # no trajectory to keep
+            x = confidence_features(probs)
+        else:
+            own = confidence_features(probs)
+            pred = probs.argmax(dim=-1)
+            g = self.num_exits - 1
+            f = NUM_CONFIDENCE_FEATURES
+            if index > 0:
+                agree = torch.where(pred == state.pred, state.agree + 1, 0.0)
+                delta = own[:, :1] - state.p_max
+            else:
+                agree, delta = state.agree, own[:, :1] * 0
+            x = torch.cat([own, state.conf[:, : f * (g - 1)], (agree / g)[:, None], delta], dim=-1)
+            state.conf[:, f * index : f * index + f] = own
+            state.agree, state.pred, state.p_max = agree, pred, own[:, :1]
+        h = hidden.float()[None] if self.settings.inputs == "hidden" else None
+        g = torch.sigmoid(self._net(x[None], h, index)[0])  # (B,)
+        if self.settings.exit_rule == "conditional":
+            return g, state
+        a, state.rule = paper_step(g, state.rule)
+        return a, state
+
+    def select(self, model: int) -> Gates:
+        """A ``K = 1`` copy holding model ``model``'s gates."""
+        single = Gates.__new__(Gates)
+        nn.Module.__init__(single)
+        single.settings, single.num_exits, single.num_models = self.settings, self.num_exits, 1
+        single.num_inputs = self.num_inputs
+        for name, param in self.named_parameters(recurse=False):
+            single.register_parameter(name, nn.Parameter(param.detach()[model : model + 1].clone()))
+        for name, buf in self.named_buffers(recurse=False):
+            single.register_buffer(name, buf.detach().clone())
+        return single
+
+
+@dataclass
+class GateState:
+    """Per-sample state of layer-by-layer gating: the confidence features of the exits seen so far, the
+    running agreement count, the last argmax and max probability, and the paper rule's state."""
+
+    conf: Tensor  # (B, 4 (L-1)): exits seen so far, zeros after
+    agree: Tensor  # (B,)
+    pred: Tensor  # (B,)
+    p_max: Tensor  # (B, 1)
+    rule: RuleState
+
+    def __getitem__(self, idx: Tensor) -> GateState:
+        """Keep the rows ``idx`` (the samples that continue)."""
+        return GateState(self.conf[idx], self.agree[idx], self.pred[idx], self.p_max[idx], self.rule[idx])
+
+
+class Gates(StackedGates):
+    """The gates of one model (``K = 1``), as a deployed early-exit model holds them.
+
+    Args:
+        num_exits: ``L``.
+        settings: the gate kind (default: the paper's ``Linear(4, 1)`` on confidence features).
+        hidden_size: ``H`` of the pooled features (only ``hidden`` inputs use it).
+        generator: draws the initial weights.
+
+    Example:
+        >>> gates = Gates(num_exits=3)
+        >>> scores = gates.scores(torch.randn(8, 3, 5))  # per-exit logits (N, L, C) -> exit scores (N, L-1)
+        >>> score_exits(scores).shape
+        torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        num_exits: int,
+        settings: GateSettings | None = None,
+        hidden_size: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(settings or GateSettings(), num_exits, hidden_size, 1, generator)

@@ -1,0 +1,1 @@
+"""The run: resume state and the order of stages, from config to report.json and the exported model."""

@@ -1,0 +1,313 @@
+"""Stage 0 (backbone + final head) and the joint phase (backbone + every exit): train until validation stops
+improving.
+
+Bounded by `finetune.epochs`, `max_steps` and `max_time_minutes`; validation every `val_check_interval`
+steps, stopping after `patience` validations without a higher val accuracy, and the best validation's
+weights restored. The joint phase of `regime: joint | mixed` runs the same loop with the `joint` section's
+step budget, learning rates and stopping rules (:func:`phase_config`). With stage 0 off,
+:func:`final_head_without_finetune` says where the final classifier comes from instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from jeidnn.config.schema import FinetuneConfig, RunConfig
+from jeidnn.data.datamodule import length_sorted_batches
+from jeidnn.errors import JeidnnError
+from jeidnn.model.backbone import checkpoint_classifier
+from jeidnn.pipeline.resume import pause_point
+from jeidnn.train.devices import GlobalBatches, ShardedBatches, make_trainer
+from jeidnn.train.modules import FinetuneModule, JointModule
+
+if TYPE_CHECKING:
+    from jeidnn.pipeline.run import Prepared
+
+logger = logging.getLogger(__name__)
+
+
+class ValidationRecord(pl.Callback):
+    """Every validation's (step, value of `monitor`); kept in the checkpoints, so a resumed stage 0
+    reports the validations of both its parts."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.history: list[tuple[int, float]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None and not trainer.sanity_checking:
+            self.history.append((int(trainer.global_step), float(value)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(step), float(value)) for step, value in state_dict["history"]]
+
+
+class _PausePoints(pl.Callback):
+    """`stage0:step<N>` / `joint:step<N>` pause points for the resume tests (see
+    :func:`jeidnn.pipeline.resume.pause_point`)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        pause_point(f"{self.prefix}:step{trainer.global_step}")
+
+
+class _StoppedStaysStopped(pl.Callback):
+    """A run killed after the validation that ended stage 0 on patience resumes with that validation's
+    checkpoint; EarlyStopping only looks again at the next validation, so stop here instead."""
+
+    def __init__(self, stop: pl.callbacks.EarlyStopping) -> None:
+        self.stop = stop
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stop.wait_count >= max(self.stop.patience, 1):
+            trainer.should_stop = True
+
+
+Phase = Literal["finetune", "joint"]
+
+
+def phase_config(cfg: RunConfig, phase: Phase) -> FinetuneConfig:
+    """The loop settings of `phase`: stage 0's, or stage 0's data settings (batch size, samples, epochs) with
+    the `joint` section's step budget, learning rates and stopping rules."""
+    if phase == "finetune":
+        return cfg.finetune
+    jt = cfg.joint
+    return dataclasses.replace(
+        cfg.finetune,
+        max_steps=jt.max_steps,
+        lr=jt.lr,
+        head_lr=jt.head_lr,
+        weight_decay=jt.weight_decay,
+        warmup_fraction=jt.warmup_fraction,
+        val_check_interval=jt.val_check_interval,
+        patience=jt.patience,
+        max_time_minutes=jt.max_time_minutes,
+    )
+
+
+def exit_weights(cfg: RunConfig, num_exits: int) -> torch.Tensor:
+    """(L,) weights of the joint phase's per-exit cross-entropies (`joint.exit_weights`, default ones)."""
+    weights = cfg.joint.exit_weights
+    if weights is None:
+        return torch.ones(num_exits)
+    if len(weights) != num_exits:
+        raise JeidnnError(
+            f"joint.exit_weights has {len(weights)} weights but the model has {num_exits} exits; "
+            "give one weight per exit, first exit first"
+        )
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def finetune(p: Prepared, run_dir: Path, progress: bool, resume: bool, phase: Phase = "finetune") -> dict:
+    """Stage 0 (backbone + final head) or the joint phase (backbone + every exit) until val accuracy stops
+    improving (or a step / time / epoch budget runs out); the best validation's weights are restored.
+    Returns what it did, for report.json (`finetune` or `regime.joint`).
+
+    Every validation saves `checkpoints/<phase>/resume.ckpt`; `resume` continues from it.
+    """
+    cfg = phase_config(p.cfg, phase)
+    pl.seed_everything(p.cfg.seed, verbose=False)
+    p.dm.setup()
+    train_set: Any = p.dm.datasets["train"]
+    if cfg.max_samples is not None and cfg.max_samples < len(train_set):
+        train_set = Subset(train_set, range(cfg.max_samples))  # splits are already shuffled
+    batches = GlobalBatches(len(train_set), cfg.batch_size, p.cfg.seed)
+    steps_per_epoch = -(-len(train_set) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    steps = min(total, cfg.max_steps or total)
+    if phase == "finetune":
+        module = FinetuneModule(p.backbone, p.heads.final, cfg, steps, p.heads.num_classes, batches)
+    else:
+        weights = exit_weights(p.cfg, p.heads.num_exits)
+        module = JointModule(p.backbone, p.heads, p.exit_layers, cfg, steps, batches, weights)
+    folder = run_dir / "checkpoints" / phase
+    monitor = f"{phase}/val_acc"
+    best = pl.callbacks.ModelCheckpoint(
+        dirpath=str(folder),
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
+    )
+    # Every validation, whether it improved or not (Lightning's save_last only follows a new best).
+    latest = pl.callbacks.ModelCheckpoint(dirpath=str(folder), filename="resume", save_top_k=1)
+    stop = pl.callbacks.EarlyStopping(
+        monitor=monitor, mode="max", patience=cfg.patience, check_on_train_epoch_end=False
+    )
+    record = ValidationRecord(monitor)
+    trainer = make_trainer(
+        p.cfg,
+        run_dir,
+        phase,
+        progress,
+        distributed=True,
+        max_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        max_time={"minutes": cfg.max_time_minutes} if cfg.max_time_minutes else None,
+        val_check_interval=cfg.val_check_interval or 1.0,
+        check_val_every_n_epoch=None if cfg.val_check_interval else 1,
+        num_sanity_val_steps=0,
+        callbacks=[record, stop, _StoppedStaysStopped(stop), _PausePoints(_PAUSE[phase]), best, latest],
+    )
+    # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as found:
+    # without this the backbone would fine-tune with dropout off.
+    module.train()
+    last = folder / "resume.ckpt"
+    ckpt_path = str(last) if resume and last.is_file() else None
+    if ckpt_path:
+        logger.info("%s continues from %s", _NAME[phase], last)
+    if trainer.world_size > 1:
+        logger.info("stage 0 and the feature cache in %d processes (Lightning DDP)", trainer.world_size)
+    val_batches = ShardedBatches(length_sorted_batches(p.dm.lengths("val"), p.dm.cfg.eval_batch_size))
+    train_loader = _loader(p, train_set, batches)
+    val_loader = _loader(p, p.dm.datasets["val"], val_batches)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
+    if best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    return _summary(trainer, record, stop, cfg, steps_per_epoch, phase)
+
+
+_PAUSE = {"finetune": "stage0", "joint": "joint"}
+_NAME = {"finetune": "stage 0", "joint": "the joint phase"}
+
+
+def _loader(p: Prepared, dataset: Any, batch_sampler: Any) -> DataLoader:
+    # Its own generator: creating an iterator must not draw from the global random state, or a run resumed
+    # from a checkpoint would draw other dropout masks than an uninterrupted one.
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=p.dm.collator,
+        num_workers=p.dm.cfg.num_workers,
+        generator=torch.Generator().manual_seed(p.cfg.seed),
+    )
+
+
+def _summary(
+    trainer: pl.Trainer,
+    record: ValidationRecord,
+    stop: pl.callbacks.EarlyStopping,
+    cfg: FinetuneConfig,
+    steps_per_epoch: int,
+    phase: Phase = "finetune",
+) -> dict:
+    """report.json's `finetune` (or `regime.joint`): steps, validations, the one kept, and why training
+    stopped. The joint phase's val accuracy is the mean over the exits."""
+    section = "joint" if phase == "joint" else "finetune"
+    steps = int(trainer.global_step)
+    timer = next((c for c in trainer.callbacks if isinstance(c, pl.callbacks.Timer)), None)
+    if stop.wait_count >= max(cfg.patience, 1):
+        why = f"val accuracy did not rise for {cfg.patience} validations ({section}.patience)"
+    elif timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        why = f"time budget {section}.max_time_minutes {cfg.max_time_minutes} reached"
+    elif cfg.max_steps is not None and steps >= cfg.max_steps:
+        why = f"step budget {section}.max_steps {cfg.max_steps} reached"
+    else:
+        why = f"finetune.epochs {cfg.epochs} done"
+    history = record.history
+    summary: dict[str, Any] = {
+        "processes": int(trainer.world_size),
+        "steps": steps,
+        "epochs": round(steps / max(steps_per_epoch, 1), 3),
+        "validations": [{"step": step, "val_accuracy": acc} for step, acc in history],
+        "stopped": why,
+    }
+    if history:
+        best_step, best_acc = max(history, key=lambda h: h[1])  # the first of equal ones, as the checkpoint
+        summary.update(best_step=best_step, best_val_accuracy=best_acc, kept="the best validation's weights")
+        logger.info(
+            "%s: %d steps (%.2f epochs), %d validations, kept the best (val accuracy %.4f at step %d); "
+            "stopped: %s",
+            _NAME[phase], steps, summary["epochs"], len(history), best_acc, best_step, why,
+        )  # fmt: skip
+    else:
+        summary["kept"] = (
+            f"the last weights (no validation ran: {section}.val_check_interval exceeds the steps)"
+        )
+        logger.warning(
+            "%s: %d steps and no validation; the last weights are kept (%s)", _NAME[phase], steps, why
+        )
+    return summary
+
+
+def final_head_without_finetune(p: Prepared) -> tuple[dict, bool]:
+    """Where the final classifier comes from when stage 0 does not run: the checkpoint's own trained
+    classifier, else training with the IMs in stage 1. Returns report.json's `finetune` entry and whether
+    stage 1 trains the final head."""
+    found = checkpoint_classifier(p.cfg.model, p.raw.label_names, p.backbone.pooling)
+    off = "finetune.enabled is false" if not p.cfg.finetune.enabled else "finetune.epochs is 0"
+    if found.state is not None:
+        p.heads.final.load_state_dict(found.state)
+        logger.info("stage 0 skipped (%s): the final exit is %s", off, found.reason)
+        return {"skipped": off, "final_head": found.reason}, False
+    if p.cfg.warmup.max_epochs == 0:
+        raise JeidnnError(
+            f"{off} and the final classifier would stay untrained ({found.reason}) with warmup.max_epochs 0; "
+            "enable finetune or set warmup.max_epochs > 0"
+        )
+    reason = f"trained with the IMs in stage 1 on frozen features ({found.reason})"
+    logger.info("stage 0 skipped (%s): the final exit is %s", off, reason)
+    return {"skipped": off, "final_head": reason}, True
+
+
+def _budget(steps: int | None) -> str:
+    return "no step limit (epochs only)" if steps is None else f"at most {steps} steps"
+
+
+def regime_entry(cfg: RunConfig, info: dict, trained: dict[str, list]) -> dict:
+    """report.json's `regime`: its name, the backbone updates of each phase, and how they were matched
+    across regimes.
+
+    Args:
+        info: the run state's report entries (`finetune`: stage 0's summary, `joint`: the joint phase's).
+        trained: stage 2's models per variant; a model trained end to end counts its backbone updates.
+    """
+    updates: dict[str, int] = {}
+    if cfg.regime != "joint" and "steps" in info.get("finetune", {}):
+        updates["stage0"] = int(info["finetune"]["steps"])
+    if "joint" in info:
+        updates["joint"] = int(info["joint"]["steps"])
+    end_to_end = [m for models in trained.values() for m in models if m.history.get("backbone_updates")]
+    if end_to_end:
+        updates["stage2"] = int(end_to_end[0].history["backbone_updates"][-1])
+    updates["total"] = sum(updates.values())
+    f, jt = cfg.finetune, cfg.joint
+    if cfg.regime == "disjoint":
+        how = f"stage 0 trains the backbone ({_budget(f.max_steps)}, finetune.max_steps)"
+    elif cfg.regime == "joint":
+        same = "the same budget as" if jt.max_steps == f.max_steps else "NOT the budget of"
+        how = (
+            f"the joint phase replaces stage 0: {_budget(jt.max_steps)} (joint.max_steps), {same} disjoint's "
+            f"stage 0 ({_budget(f.max_steps)}), on stage 0's batches"
+        )
+    else:
+        total = None if f.max_steps is None or jt.max_steps is None else f.max_steps + jt.max_steps
+        how = (
+            f"stage 0 as in disjoint ({_budget(f.max_steps)}), then the joint phase "
+            f"({_budget(jt.max_steps)}): {_budget(total)} in all; mixed cannot match the other regimes "
+            "without shortening stage 0, which would no longer be disjoint's stage 0"
+        )
+    how += (
+        "; each phase may stop earlier on patience or its time guard, so the counts taken are the ones above"
+    )
+    if end_to_end:
+        how += "; jeidnn.train_backbone: stage 2's IM-phase steps update the backbone too (stage2)"
+    entry: dict[str, Any] = {"name": cfg.regime, "backbone_updates": updates, "how_matched": how}
+    if "joint" in info:
+        entry["joint"] = info["joint"]
+    return entry
