@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         reports[regime] = json.loads((run_dir / "report.json").read_text())
     e2e_runs: dict[str, dict] = {}
     if args.end_to_end:
-        from jeidnn.config.schema import load_config
+        from jeidnn.config.parser import load_config
 
         cfg = load_config(ROOT / args.config, [a for a in extra if a not in ("--no-progress", "--quiet")])
         variant = next((v for v in cfg.jeidnn.variants if v.name == args.e2e_variant), None)

@@ -17,7 +17,8 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from jeidnn.config.schema import RunConfig, load_config
+from jeidnn.config.parser import load_config
+from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import (
     EarlyExitConfig,

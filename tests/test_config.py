@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jeidnn.config.parser import packaged_config
-from jeidnn.config.schema import RunConfig, check_against_model, config_from_dict, load_config
+from jeidnn.config.parser import config_from_dict, load_config, packaged_config
+from jeidnn.config.schema import RunConfig
+from jeidnn.config.validate import check_against_model
 from jeidnn.errors import JeidnnError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from tiny_models import tiny_run_overrides
 
 from jeidnn import EarlyExitModel
 from jeidnn.cli.main import train_main
-from jeidnn.config.schema import load_config
+from jeidnn.config.parser import load_config
 from jeidnn.data.datamodule import load_raw, make_splits
 from jeidnn.export.exporter import _plain, export_run, main
 from jeidnn.export.operating_point import Run

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jeidnn.cli.main import evaluate_main, main, train_main
-from jeidnn.config.schema import load_config
+from jeidnn.config.parser import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = load_config(ROOT / "configs" / "smoke.yaml")
@@ -149,7 +149,7 @@ def test_export(report, smoke_run):
 def test_exported_model_takes_the_reported_exits_on_test(report, smoke_run):
     """The saved model, fed the test texts, leaves where the report says its operating point leaves."""
     from jeidnn import EarlyExitModel
-    from jeidnn.config.schema import load_config
+    from jeidnn.config.parser import load_config
     from jeidnn.data.datamodule import load_raw, make_splits
 
     cfg = load_config(smoke_run / "config.yaml")

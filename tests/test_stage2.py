@@ -207,7 +207,7 @@ def test_gates_can_learn_on_val_with_frozen_ims(data):
     assert all(math.isfinite(v) for v in model.history["gate_loss"])  # its gates trained, in their own fit
     assert len(trained["jeidnn_paper"]) == 1
     with pytest.raises(Exception, match="gate_data val needs im_loss frozen"):
-        from jeidnn.config.schema import config_from_dict
+        from jeidnn.config.parser import config_from_dict
 
         config_from_dict({"jeidnn": {"variants": [{"name": "v", "gate_data": "val"}]}})
 

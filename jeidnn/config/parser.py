@@ -5,6 +5,9 @@ Every field is an option documented by the docstring under it (``python train.py
 read as YAML but keep a YAML type only where the field's type asks for it: ``--name 2024`` is the string
 "2024" and ``--data.labels '[no, yes]'`` two strings, while ``--model.exit_layers '[2, 4]'`` is a list of
 ints and ``--jeidnn.lambdas null`` is None. Unknown keys and wrong types raise JeidnnError naming the key.
+
+Two ways in: :func:`load_config` (a YAML file and overrides) and :func:`config_from_dict` (nested dicts);
+both end in :func:`jeidnn.config.validate.validate`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_loader, set_parsing_settings
 
-from jeidnn.config.schema import RunConfig, validate
+from jeidnn.config.schema import RunConfig
+from jeidnn.config.validate import validate
 from jeidnn.errors import JeidnnError, first_line
 
 
@@ -169,8 +173,18 @@ def parse_config(
     return cfg, namespace
 
 
-def parse_dict(data: dict) -> RunConfig:
-    """RunConfig from nested dicts (a loaded YAML file), checked like a config file."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the dataclass defaults when `path` is None) and apply `--key value` overrides.
+
+    Example:
+        >>> cfg = load_config("configs/smoke.yaml", ["--data.max_train_samples", "200"])
+    """
+    config = ["--config", str(path)] if path is not None else []
+    return parse_config(default_parser(), [*config, *(overrides or [])])[0]
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """RunConfig from nested dicts (a loaded YAML file), with the checks of :func:`load_config`."""
     try:
         built = default_parser().instantiate(default_parser().parse_object(_checked(data, RunConfig, "")))
     except argparse.ArgumentError as exc:

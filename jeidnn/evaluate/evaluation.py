@@ -37,7 +37,8 @@ import yaml
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from jeidnn.config.schema import EvalConfig, config_from_dict
+from jeidnn.config.parser import config_from_dict
+from jeidnn.config.schema import EvalConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import (
     DEFAULT_BUDGETS,

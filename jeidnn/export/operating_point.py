@@ -26,7 +26,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from jeidnn.config.schema import RunConfig, load_config
+from jeidnn.config.parser import load_config
+from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import (
     CalibSplit,
