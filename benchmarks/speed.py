@@ -66,7 +66,8 @@ COLUMNS = [  # (title, key, width, decimals) of the printed table
 def run_test_texts(run_dir: Path, num: int) -> tuple[list[str], str]:
     """The first `num` texts of the run's own test split (rebuilt from its config: splits are seeded)."""
     from jeidnn.config.parser import load_config
-    from jeidnn.data.datamodule import load_raw, make_splits
+    from jeidnn.data.sources import load_raw
+    from jeidnn.data.splits import make_splits
 
     cfg = load_config(run_dir / "config.yaml")
     raw = load_raw(cfg.data, "text")

@@ -14,7 +14,8 @@ from tiny_models import tiny_run_overrides
 from jeidnn import EarlyExitModel
 from jeidnn.cli.main import train_main
 from jeidnn.config.parser import load_config
-from jeidnn.data.datamodule import load_raw, make_splits
+from jeidnn.data.sources import load_raw
+from jeidnn.data.splits import make_splits
 from jeidnn.export.exporter import _plain, export_run, main
 from jeidnn.export.operating_point import Run
 from jeidnn.hf.predict import make_batches

@@ -20,7 +20,8 @@ from jeidnn.cli.main import train_main
 from jeidnn.compress.importance import importance, least_important
 from jeidnn.compress.pruning import PruneSettings, prune_model, prune_run, run_data
 from jeidnn.config.parser import load_config
-from jeidnn.data.datamodule import load_raw, make_splits
+from jeidnn.data.sources import load_raw
+from jeidnn.data.splits import make_splits
 from jeidnn.errors import JeidnnError
 from jeidnn.export.exporter import build_model, load_backbone
 from jeidnn.export.operating_point import Run, choose, default_choice

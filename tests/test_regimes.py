@@ -161,7 +161,8 @@ def test_end_to_end_stage2_trains_its_own_backbone_and_exports_it(e2e_run):
     # The exported model carries that backbone, and on the test texts it scores what the report says.
     from jeidnn import EarlyExitModel
     from jeidnn.config.parser import load_config
-    from jeidnn.data.datamodule import load_raw, make_splits
+    from jeidnn.data.sources import load_raw
+    from jeidnn.data.splits import make_splits
 
     exported = EarlyExitModel.from_pretrained(run_dir / "model")
     state = exported.backbone.model.state_dict()

@@ -150,7 +150,8 @@ def test_exported_model_takes_the_reported_exits_on_test(report, smoke_run):
     """The saved model, fed the test texts, leaves where the report says its operating point leaves."""
     from jeidnn import EarlyExitModel
     from jeidnn.config.parser import load_config
-    from jeidnn.data.datamodule import load_raw, make_splits
+    from jeidnn.data.sources import load_raw
+    from jeidnn.data.splits import make_splits
 
     cfg = load_config(smoke_run / "config.yaml")
     raw = load_raw(cfg.data, "text")

@@ -1,4 +1,4 @@
-"""Command line: `jeidnn train | evaluate | predict | export`; `python train.py` is `jeidnn train`.
+"""Command line: `jeidnn train | evaluate | predict | export | prune`; `python train.py` is `jeidnn train`.
 
 `train` takes one option per config field (jeidnn/config/parser.py), so `--help` lists every key with its
 documentation. User errors print one line on stderr and exit with status 2, without a traceback or a
@@ -7,13 +7,12 @@ usage dump; status messages are logged as `[jeidnn] ...` lines on stderr (`--qui
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from jeidnn.errors import JeidnnError
+from jeidnn.cli.common import CommandParser, guarded
 from jeidnn.log import setup_logging
 
 log = logging.getLogger(__name__)
@@ -23,22 +22,6 @@ TRAIN_HELP = (
     "configs/default.yaml); any key below overrides it, e.g. --data.max_train_samples 2000. Values are "
     "YAML: --model.exit_layers '[2, 4]', --jeidnn.lambdas null."
 )
-
-
-def guarded(fn: Callable[[], int | None]) -> int:
-    """Run `fn`, turning JeidnnError into a one-line message and exit status 2."""
-    try:
-        return int(fn() or 0)
-    except JeidnnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse with one-line errors: `error: ...; see PROG --help` on stderr and exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def train_main(argv: list[str], prog: str = "train.py") -> int:
@@ -135,7 +118,7 @@ def export_main(argv: list[str]) -> int:
 
 
 def prune_main(argv: list[str]) -> int:
-    from jeidnn.compress.pruning import main as prune  # torch-heavy: loaded only for this command
+    from jeidnn.cli.prune import main as prune  # torch-heavy: loaded only for this command
 
     return prune(argv)
 

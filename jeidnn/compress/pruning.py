@@ -1,4 +1,5 @@
-"""`jeidnn prune`: a structurally pruned copy of a finished run's early-exit model.
+"""A structurally pruned copy of a finished run's early-exit model (the library behind `jeidnn prune`,
+whose command line is :mod:`jeidnn.cli.prune`).
 
     jeidnn prune runs/default --heads 0.25 --ffn 0.25 --layers auto --recover-steps 200 --out pruned
 
@@ -7,8 +8,8 @@
 2. ``--layers auto`` drops every layer after the deepest exit that operating point takes on calib
    (``--layers N`` keeps the first N layers, N an exit layer); that exit becomes the last one, so a test
    sample the gates would send deeper leaves there.
-3. Heads and FFN neurons are scored on val (:func:`jeidnn.compress.importance.importance`, Michel et al. 2019) and
-   the least important ``--heads`` / ``--ffn`` fraction of all of them is removed.
+3. Heads and FFN neurons are scored on val (:func:`jeidnn.compress.importance.importance`, Michel et al.
+   2019) and the least important ``--heads`` / ``--ffn`` fraction of all of them is removed.
 4. ``--recover-steps N``: N optimizer steps on train of the pruned backbone and exit heads, the
    cross-entropy summed over the exits (the gates stay as they are).
 5. The gates, thresholds and exit threshold are kept; the conformal quantiles are refitted on calib half B
@@ -51,7 +52,7 @@ from jeidnn.model.structured import (
 if TYPE_CHECKING:
     from jeidnn.pipeline.run import Prepared
 
-__all__ = ["PruneSettings", "main", "prune_model", "prune_run"]
+__all__ = ["PruneSettings", "prune_model", "prune_run"]
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +129,17 @@ def last_exit(layers: str | int | None, exit_layers: list[int], calib_exits: Ten
 
 
 def run_data(run: Any, backbone: Backbone, preprocessor: Any) -> Prepared:
-    """The run's splits, encoded by the model's preprocessor as training encoded them (no model parts)."""
-    from jeidnn.data.datamodule import JeidnnDataModule, load_raw, make_splits
+    """The run's splits, encoded by the model's preprocessor as training encoded them (no model parts);
+    refused when the data no longer gives the splits the run recorded."""
+    from jeidnn.data.datamodule import JeidnnDataModule
+    from jeidnn.data.sources import load_raw
+    from jeidnn.data.splits import check_fingerprint, make_splits
     from jeidnn.pipeline.run import Prepared
 
     cfg = run.cfg
     raw = load_raw(cfg.data, backbone.modality)
-    splits = make_splits(len(raw.labels), cfg.data, cfg.seed)
+    splits = make_splits(len(raw.labels), cfg.data, cfg.seed, raw.test_positions)
+    check_fingerprint(raw, splits, run.report["dataset"].get("fingerprint"), cfg.data)
     dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
     dm.setup()
     return Prepared(cfg, backbone, raw, splits, dm, None, [], torch.device("cpu"))
@@ -484,61 +489,3 @@ def _log_result(info: dict) -> None:
         info["test_cost"],
     )
     log.info("refitted: %s", info["refitted"])
-
-
-def main(argv: list[str]) -> int:
-    """``jeidnn prune RUN --heads F --ffn F [--layers auto|N] [--recover-steps N] --out DIR``."""
-    from jeidnn.cli.main import CommandParser, guarded
-    from jeidnn.log import setup_logging
-
-    parser = CommandParser(
-        prog="jeidnn prune",
-        description="Structurally prune a finished run's early-exit model (attention heads, FFN neurons, "
-        "layers after the deepest exit used) and write it as a smaller model folder.",
-    )
-    parser.add_argument("run_dir", metavar="RUN", help="a finished run folder, runs/<name>")
-    parser.add_argument("--heads", type=float, default=0.0, help="fraction of all attention heads to remove")
-    parser.add_argument("--ffn", type=float, default=0.0, help="fraction of all FFN neurons to remove")
-    parser.add_argument(
-        "--layers",
-        help="auto: drop the layers after the deepest exit the operating point takes on calib; "
-        "N: keep the first N layers (an exit layer); default: keep all",
-    )
-    parser.add_argument("--recover-steps", type=int, default=0, help="recovery fine-tune steps on train")
-    parser.add_argument("--recover-lr", type=float, help="its learning rate (default: the run's finetune.lr)")
-    parser.add_argument("--importance-samples", type=int, help="val samples scored (default: all of val)")
-    parser.add_argument(
-        "--method", help="a learned or baseline method of the run (default: train.py's choice)"
-    )
-    parser.add_argument(
-        "--budget", type=float, help="calib cost budget (default: the run's export.cost_budget)"
-    )
-    parser.add_argument("--out", required=True, help="output model folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, ...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars; log only warnings and errors")
-    args = parser.parse_args(argv)
-
-    def go() -> int:
-        setup_logging(args.quiet)
-        settings = PruneSettings(
-            heads=args.heads,
-            ffn=args.ffn,
-            layers=parse_layers(args.layers),
-            recover_steps=args.recover_steps,
-            recover_lr=args.recover_lr,
-            importance_samples=args.importance_samples,
-        )
-        prune_run(
-            args.run_dir,
-            settings,
-            method=args.method,
-            budget=args.budget,
-            out=args.out,
-            overwrite=args.overwrite,
-            device=args.device,
-            progress=not args.quiet,
-        )
-        return 0
-
-    return guarded(go)

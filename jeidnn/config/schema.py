@@ -57,6 +57,12 @@ class DataConfig:
     hf_splits: list[str] | None = None
     """Dataset splits pooled before our own deterministic split (None = all splits
     that carry labels)."""
+    test_split: str | None = None
+    """`hf` only: the dataset split that becomes `test` whole, e.g. `validation` of GLUE SST-2, whose train
+    split holds phrases cut from its own sentences: a random split of the pool would put sub-phrases of
+    train sentences in test. `val` and `calib` are then drawn from the other pooled splits
+    (`val_fraction` and `calib_fraction` of their samples) and `test_fraction` is unused.
+    None = one seeded permutation of every pooled sample gives all four splits."""
     text_column: str = "text"
     """Column holding the text (text backbones)."""
     image_column: str = "image"
@@ -73,7 +79,7 @@ class DataConfig:
     """Share held out for calibration: half A chooses operating points, half B fits temperatures and
     conformal quantiles (docs/evaluation.md)."""
     test_fraction: float = 0.2
-    """Share held out for the reported test numbers."""
+    """Share held out for the reported test numbers (unused with `test_split`)."""
     drop_duplicates: bool = True
     """Drop exact duplicate texts (the first one stays) so no text lands in two splits; the
     embedded tweet corpus repeats some retweets hundreds of times."""

@@ -36,14 +36,22 @@ def exportable_methods(cfg: RunConfig) -> list[str]:
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     d = cfg.data
-    fractions = (d.val_fraction, d.calib_fraction, d.test_fraction)
+    keys = ("val_fraction", "calib_fraction") + (("test_fraction",) if d.test_split is None else ())
+    fractions = tuple(getattr(d, key) for key in keys)
     if any(f <= 0 or f >= 1 for f in fractions) or sum(fractions) >= 1:
-        raise JeidnnError(
-            f"data.val_fraction, data.calib_fraction and data.test_fraction must each lie in (0, 1) and sum "
-            f"to less than 1, got {fractions}"
-        )
+        named = ", ".join(f"data.{key}" for key in keys[:-1]) + f" and data.{keys[-1]}"
+        raise JeidnnError(f"{named} must each lie in (0, 1) and sum to less than 1, got {fractions}")
     if d.source in ("csv", "jsonl", "hf") and not d.path:
         raise JeidnnError(f"data.source is {d.source!r} but data.path is not set; name the file or dataset")
+    if d.test_split is not None and d.source != "hf":
+        raise JeidnnError(
+            f"data.test_split names a split of a `datasets` dataset, but data.source is {d.source!r}; "
+            "set data.source hf or remove data.test_split"
+        )
+    if d.test_split is not None and d.hf_splits is not None and d.test_split not in d.hf_splits:
+        raise JeidnnError(
+            f"data.test_split {d.test_split!r} is not one of data.hf_splits {d.hf_splits}; add it there"
+        )
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(d, key)
         if value is not None and value < 1:

@@ -1,3 +1,3 @@
-"""Data: labelled samples from embedded corpora, CSV/JSONL files or `datasets`, deterministic splits,
-batches.
+"""Data: labelled samples from embedded corpora, CSV/JSONL files or `datasets` (sources), deterministic
+splits and their fingerprint (splits), batches (datamodule).
 """

@@ -382,7 +382,7 @@ def export_trained(
 
 def main(argv: list[str]) -> int:
     """``jeidnn export RUN [--method NAME] [--budget B | --lam L] [--alpha A] [--out DIR] [--overwrite]``."""
-    from jeidnn.cli.main import CommandParser, guarded
+    from jeidnn.cli.common import CommandParser, guarded
     from jeidnn.log import setup_logging
 
     parser = CommandParser(

@@ -24,15 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jeidnn.config.schema import RunConfig
-from jeidnn.data.datamodule import (
-    SPLITS,
-    JeidnnDataModule,
-    RawData,
-    Splits,
-    load_raw,
-    make_splits,
-    model_inputs,
-)
+from jeidnn.data.datamodule import JeidnnDataModule, model_inputs
+from jeidnn.data.sources import RawData, load_raw
+from jeidnn.data.splits import SPLITS, Splits, make_splits
 from jeidnn.errors import JeidnnError
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.cost import ExitCosts, exit_costs, text_cost_samples
@@ -80,7 +74,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     pl.seed_everything(cfg.seed, verbose=False)
     backbone = Backbone.load(cfg.model)
     raw = load_raw(cfg.data, backbone.modality)
-    splits = make_splits(len(raw.labels), cfg.data, cfg.seed)
+    splits = make_splits(len(raw.labels), cfg.data, cfg.seed, raw.test_positions)
     train_inputs = [raw.inputs[i] for i in splits.indices["train"]]
     preprocessor = build_preprocessor(
         cfg.model, backbone, train_inputs if backbone.modality == "text" else None
