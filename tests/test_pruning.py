@@ -21,7 +21,7 @@ from jeidnn.compress.importance import importance, least_important
 from jeidnn.compress.pruning import PruneSettings, prune_model, prune_run, run_data
 from jeidnn.config.parser import load_config
 from jeidnn.data.sources import load_raw
-from jeidnn.data.splits import make_splits
+from jeidnn.data.splits import make_splits, split_fingerprint
 from jeidnn.errors import JeidnnError
 from jeidnn.export.exporter import build_model, load_backbone
 from jeidnn.export.operating_point import Run, choose, default_choice
@@ -300,6 +300,18 @@ def test_pruning_nothing_gives_back_the_same_model(run, test_texts):
     assert same.conformal_quantiles == model.conformal_quantiles
     assert same.costs == pytest.approx(model.costs, rel=1e-9)  # recounted by the same counter
     assert [p.to_json() for p in same.predict(test_texts)] == [p.to_json() for p in model.predict(test_texts)]
+
+
+def test_run_data_refuses_data_that_changed_since_the_run(run):
+    r, model = Run.open(run), unpruned(run)
+    data = run_data(r, model.backbone, model.preprocessor)
+    r.report["dataset"]["fingerprint"] = split_fingerprint(data.raw, data.splits)
+    run_data(r, model.backbone, model.preprocessor)  # the data the run saw: accepted
+    r.report["dataset"]["fingerprint"] = "0" * 64
+    with pytest.raises(
+        JeidnnError, match=r"^the data file \S+d\.csv changed since the run: .*train a new run$"
+    ):
+        run_data(r, model.backbone, model.preprocessor)
 
 
 def test_recovery_trains_deterministically_and_refits(run):
