@@ -79,6 +79,17 @@ def test_test_split_frees_test_fraction():
     assert load_config(ROOT / "configs" / "sst2-bert.yaml").data.test_split == "validation"
 
 
+def test_conformal_min_samples_help_describes_the_exit_groups():
+    from jeidnn.config.parser import default_parser
+    from jeidnn.evaluate.conformal import group_exits
+
+    text = " ".join(default_parser().format_help().split())
+    entry = text.split("--eval.conformal_min_samples")[1].split("--eval.")[0]
+    assert "pooled" not in entry  # no pooled quantile exists: small exits join a group
+    assert "consecutive exits are merged into one group until it holds at least this many" in entry
+    assert group_exits([10, 25, 3, 40, 2], min_samples=30) == [[0, 1], [2, 3, 4]]  # as described
+
+
 def test_override_forms():
     cfg = load_config(None, ["--name=abc", "--finetune.enabled", "false", "--model.exit_layers", "[1, 3]"])
     assert (cfg.name, cfg.finetune.enabled, cfg.model.exit_layers) == ("abc", False, [1, 3])

@@ -294,9 +294,10 @@ class EvalConfig:
     ece_bins: int = 15
     """Equal-width confidence bins of the expected calibration error."""
     conformal_min_samples: int = 30
-    """Smallest group of the conformal sets: walking the exits in order, consecutive exits are merged into one
-    group until it holds at least this many calib-half-A samples (a short tail joins the previous group);
-    the exits of a group share one quantile, fitted on calib half B (jeidnn/evaluate/conformal.py)."""
+    """Fewest calib-half-A samples a group of exits of the conformal sets holds: walking the exits in order,
+    consecutive exits are merged into one group until it holds at least this many (a short tail joins the
+    previous group); the exits of a group share one quantile, fitted on calib half B
+    (jeidnn/evaluate/conformal.py)."""
     threshold_ps: list[float] = field(
         default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
     )
