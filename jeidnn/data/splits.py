@@ -29,6 +29,8 @@ SPLITS = ("train", "val", "calib", "test")
 
 @dataclass
 class Splits:
+    """Which samples each of train / val / calib / test holds, in split order."""
+
     indices: dict[str, list[int]]
     """Positions into `RawData.inputs` per split."""
     sizes: dict[str, int] = field(default_factory=dict)
