@@ -14,18 +14,11 @@ from torch import nn
 from jeidnn.config.schema import GateVariant, JeidnnConfig
 from jeidnn.model.gates import Gates, StackedGates, paper_distribution, score_exits
 from jeidnn.model.heads import ExitHeads
+from jeidnn.train.lambda_search import fit_stage2, next_lambdas
 from jeidnn.train.losses import gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
-from jeidnn.train.stage2 import (
-    TrainedModel,
-    _batches,
-    _CachedRows,
-    fit_stage2,
-    gate_settings,
-    load_models,
-    next_lambdas,
-    save_models,
-    train_models,
-)
+from jeidnn.train.stage2 import TrainedModel, gate_settings
+from jeidnn.train.stage2_fit import _batches, _CachedRows, train_models
+from jeidnn.train.stage2_store import load_models, save_models
 
 NUM_EXITS, HIDDEN, NUM_CLASSES = 4, 8, 3
 COSTS = torch.tensor([0.25, 0.5, 0.75, 1.0])
