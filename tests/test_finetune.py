@@ -248,9 +248,11 @@ def test_backbone_folder_loads_as_the_run_pools_and_resumes_exactly(tmp_path):
     inputs = {"input_ids": ids, "attention_mask": (ids > 0).long()}
     with torch.no_grad():
         torch.testing.assert_close(again(inputs), run.backbone(inputs), rtol=0, atol=0)
-    restore_saved_backbone(
-        other.backbone, other.heads.final, tmp_path
-    )  # a resumed run: same weights in its freshly built backbone and head
+    import jeidnn.pipeline.run
+
+    assert not hasattr(jeidnn.pipeline.run, "load_backbone")  # one `load_backbone` only: the export's
+    # A resumed run: same weights in its freshly built backbone and head.
+    restore_saved_backbone(other.backbone, other.heads.final, tmp_path)
     for module in ("backbone", "heads"):
         mine, theirs = getattr(run, module).state_dict(), getattr(other, module).state_dict()
         final = [k for k in mine if module == "backbone" or k.startswith("heads.1.")]
