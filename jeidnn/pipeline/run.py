@@ -70,7 +70,8 @@ def prepare(cfg: RunConfig, progress: bool = True) -> tuple[RunContext, RunInput
 def stage0(
     ctx: RunContext, inputs: RunInputs, state: RunState, timer: Timer, skipped: Stage0Result | None
 ) -> Stage0Result:
-    """Stage 0 (`skipped` None) or its saved result; writes `backbone/`."""
+    """Stage 0 (`skipped` None) or its saved result, in `inputs.backbone` and `inputs.heads.final` (in place);
+    writes `backbone/`."""
     if state.finished("stage0"):
         checkpoints.restore_saved_backbone(inputs.backbone, inputs.heads.final, ctx.run_dir)
         return Stage0Result(state.info["finetune"], bool(state.info["train_final_head"]))
@@ -87,8 +88,8 @@ def stage0(
 
 
 def joint_phase(ctx: RunContext, inputs: RunInputs, state: RunState, timer: Timer) -> JointResult:
-    """The joint phase of `regime: joint | mixed` (or its saved result), then `backbone/` and the final head
-    rewritten with its weights.
+    """The joint phase of `regime: joint | mixed` (or its saved result), in `inputs.backbone` and
+    `inputs.heads` (in place), then `backbone/` and the final head rewritten with its weights.
 
     Its weights (backbone and every exit) are saved before the stage is recorded and `backbone/` is rewritten
     after: a mixed run killed in between still finds stage 0's backbone there to restart the phase from.
@@ -145,7 +146,7 @@ def feature_cache(ctx: RunContext, inputs: RunInputs, state: RunState, timer: Ti
 def warmup(
     ctx: RunContext, inputs: RunInputs, state: RunState, timer: Timer, cache: FeatureCache, train_final: bool
 ) -> WarmupResult:
-    """Stage 1 (or its saved exits) and the warmed-up exits' predictions."""
+    """Stage 1 (or its saved exits), in `inputs.heads` (in place), and the warmed-up exits' predictions."""
     best_epoch = None
     if state.finished("warmup"):
         checkpoints.restore_warmup_heads(inputs.heads, ctx.run_dir)
@@ -233,7 +234,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
             stage = "export"
             with timer.stage("export model"):
                 report["export"] = export_model(ctx, inputs, report, trained, predictions)
-        report["timings_s"] = {**state.timings, **timer.timings}  # now with the evaluation and export
+        del report["timings_s"]  # written again, last, now with the evaluation and export
+        report["timings_s"] = {**state.timings, **timer.timings}
         write_json(run_dir / "report.json", report)
         state.mark("report")
     except BaseException as exc:
