@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 
 
@@ -56,3 +57,16 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+
+
+PAUSE_ENV = "JEIDNN_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    """Test hook: with the environment variable JEIDNN_PAUSE_AT=<name>, log a line and wait here to be killed
+    (tests/test_resume.py kills a run at a known point this way)."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    logging.getLogger(__name__).warning("paused at %s (%s); waiting to be killed", name, PAUSE_ENV)
+    while True:
+        time.sleep(1)

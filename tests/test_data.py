@@ -471,3 +471,12 @@ def test_changed_data_is_refused_in_one_line_naming_the_file(tmp_path):
         f"{now[:12]}, the run recorded {recorded[:12]}); use the data the run was trained on, or train a "
         "new run"
     )
+
+
+def test_the_data_module_has_no_unused_train_dataloader():
+    """Stage 0, the warm-up and pruning build their own loaders; a second, unused train loader with other
+    batching would only mislead."""
+    from jeidnn.data.datamodule import JeidnnDataModule
+
+    assert "train_dataloader" not in vars(JeidnnDataModule)
+    assert "train_dataloader" not in (JeidnnDataModule.__doc__ or "")

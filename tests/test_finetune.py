@@ -124,14 +124,16 @@ def test_tensorboard_without_its_package_is_refused_before_any_work(monkeypatch)
         check_logger(RunConfig(logger="tensorboard"))
 
 
-def prepared(model: ModelConfig, labels: list[str], max_epochs: int = 5) -> SimpleNamespace:
+def without_stage0(
+    model: ModelConfig, labels: list[str], max_epochs: int = 5
+) -> tuple[dict, bool, ExitHeads]:
+    """final_head_without_finetune on fresh heads: (its `finetune` entry, train_final_head, the heads)."""
     cfg = RunConfig(
         model=model, finetune=FinetuneConfig(enabled=False), warmup=WarmupConfig(max_epochs=max_epochs)
     )
     heads = ExitHeads([1, 2], 32, len(labels), "tanh")
-    return SimpleNamespace(
-        cfg=cfg, raw=SimpleNamespace(label_names=labels), backbone=SimpleNamespace(pooling="cls"), heads=heads
-    )
+    result = final_head_without_finetune(cfg, labels, "cls", heads.final)
+    return result.finetune, result.train_final_head, heads
 
 
 def test_without_stage0_the_final_head_is_the_checkpoints_or_trains_with_the_ims(tmp_path):
@@ -140,21 +142,20 @@ def test_without_stage0_the_final_head_is_the_checkpoints_or_trains_with_the_ims
     tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37}
     model = BertForSequenceClassification(BertConfig(**tiny, vocab_size=99, id2label={0: "no", 1: "yes"}))
     model.save_pretrained(tmp_path / "clf")
-    p = prepared(ModelConfig(name_or_path=str(tmp_path / "clf")), ["no", "yes"])
-    entry, train_final = final_head_without_finetune(p)
+    entry, train_final, heads = without_stage0(ModelConfig(name_or_path=str(tmp_path / "clf")), ["no", "yes"])
     assert (
         not train_final
         and "trained classifier" in entry["final_head"]
         and entry["skipped"] == "finetune.enabled is false"
     )
-    assert torch.equal(p.heads.final.net[3].weight, model.classifier.weight)
-    assert torch.equal(p.heads.final.net[0].weight, model.bert.pooler.dense.weight)
+    assert torch.equal(heads.final.net[3].weight, model.classifier.weight)
+    assert torch.equal(heads.final.net[0].weight, model.bert.pooler.dense.weight)
 
     random = ModelConfig(random_config={"model_type": "bert", **tiny})
-    entry, train_final = final_head_without_finetune(prepared(random, ["no", "yes"]))
+    entry, train_final, _ = without_stage0(random, ["no", "yes"])
     assert train_final and "trained with the IMs in stage 1" in entry["final_head"]
     with pytest.raises(JeidnnError, match="final classifier would stay untrained .* warmup.max_epochs 0"):
-        final_head_without_finetune(prepared(random, ["no", "yes"], max_epochs=0))
+        without_stage0(random, ["no", "yes"], max_epochs=0)
 
 
 def test_warmup_can_train_the_final_head_too():
@@ -227,7 +228,7 @@ def test_backbone_folder_loads_as_the_run_pools_and_resumes_exactly(tmp_path):
     like the run, and a resumed run loads it back bit for bit."""
     from jeidnn.model.backbone import Backbone
     from jeidnn.model.preprocess import build_word_tokenizer
-    from jeidnn.pipeline.run import load_backbone, save_backbone
+    from jeidnn.train.checkpoints import restore_saved_backbone, save_backbone
 
     def parts(seed: int) -> SimpleNamespace:
         torch.manual_seed(seed)
@@ -237,19 +238,21 @@ def test_backbone_folder_loads_as_the_run_pools_and_resumes_exactly(tmp_path):
         )
         heads = ExitHeads([1, 2], 32, 3, "tanh")
         tokenizer = build_word_tokenizer(["a great day", "a bad day"], 30522)
-        return SimpleNamespace(
-            backbone=backbone.eval(), heads=heads, dm=SimpleNamespace(preprocessor=tokenizer)
-        )
+        return SimpleNamespace(backbone=backbone.eval(), heads=heads, preprocessor=tokenizer)
 
     run, other = parts(0), parts(1)
-    save_backbone(run, tmp_path)
+    save_backbone(run.backbone, run.heads.final, run.preprocessor, tmp_path)
     again = Backbone.load(ModelConfig(name_or_path=str(tmp_path / "backbone"))).eval()
     assert again.pooling == "mean"
     ids = torch.tensor([[2, 7, 8, 3, 0]])
     inputs = {"input_ids": ids, "attention_mask": (ids > 0).long()}
     with torch.no_grad():
         torch.testing.assert_close(again(inputs), run.backbone(inputs), rtol=0, atol=0)
-    load_backbone(other, tmp_path)  # a resumed run: same weights in its freshly built backbone and head
+    import jeidnn.pipeline.run
+
+    assert not hasattr(jeidnn.pipeline.run, "load_backbone")  # one `load_backbone` only: the export's
+    # A resumed run: same weights in its freshly built backbone and head.
+    restore_saved_backbone(other.backbone, other.heads.final, tmp_path)
     for module in ("backbone", "heads"):
         mine, theirs = getattr(run, module).state_dict(), getattr(other, module).state_dict()
         final = [k for k in mine if module == "backbone" or k.startswith("heads.1.")]

@@ -24,6 +24,7 @@ from jeidnn.train.losses import (
     im_loss,
     per_exit_ce,
     positive_weights,
+    summed_exit_ce,
     warmup_loss,
 )
 
@@ -174,3 +175,33 @@ def test_warmup_loss_by_hand():
     sample0 = LN(2) + LN(4 / 3) + LN(10 / 9)
     sample1 = LN(4) + LN(2) + LN(5 / 4)
     assert warmup_loss(toy_logits(), LABELS).item() == pytest.approx((sample0 + sample1) / 2, abs=1e-5)
+
+
+def test_summed_exit_ce_against_hand_computed_values():
+    """Two samples, two exits, two classes: per-exit CEs log 2 (uniform logits) and log(1 + e^-2)."""
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)
+    labels = torch.tensor([0, 0])
+    ce = torch.tensor([[math.log(2), math.log(1 + math.exp(-2))], [math.log(2), math.log(1 + math.exp(2))]])
+    ce = ce.double()
+    torch.testing.assert_close(summed_exit_ce(logits, labels), ce.sum(1).mean())
+    torch.testing.assert_close(summed_exit_ce(logits, labels, "sum"), ce.sum())
+    weights = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(summed_exit_ce(logits, labels, "sum", weights), (ce * weights).sum())
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        summed_exit_ce(logits, labels, "none")
+
+
+def test_every_phase_that_trains_all_exits_uses_the_one_summed_exit_ce():
+    """The warm-up, the joint phase, pruning's recovery and importance: one implementation, not four."""
+    import inspect
+
+    import jeidnn.compress.importance
+    import jeidnn.compress.pruning
+    from jeidnn.train.modules import JointModule
+
+    for module in (jeidnn.compress.importance, jeidnn.compress.pruning):
+        source = inspect.getsource(module)
+        assert "summed_exit_ce(" in source and "cross_entropy(" not in source.replace("summed_exit_ce(", "")
+    assert "summed_exit_ce(" in inspect.getsource(JointModule.loss_sum)
+    logits, labels = torch.randn(6, 3, 4), torch.randint(0, 4, (6,))
+    assert torch.equal(warmup_loss(logits, labels), summed_exit_ce(logits, labels))

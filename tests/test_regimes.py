@@ -83,10 +83,11 @@ def joint_run(runs):
     seen = {}
     original = jeidnn.pipeline.run.joint_phase
 
-    def watched(p, *rest):
-        seen["before"] = snapshot(p.backbone), snapshot(p.heads)
-        original(p, *rest)
-        seen["after"] = snapshot(p.backbone), snapshot(p.heads)
+    def watched(ctx, inputs, *rest):
+        seen["before"] = snapshot(inputs.backbone), snapshot(inputs.heads)
+        result = original(ctx, inputs, *rest)
+        seen["after"] = snapshot(inputs.backbone), snapshot(inputs.heads)
+        return result
 
     mp = pytest.MonkeyPatch()
     mp.setattr(jeidnn.pipeline.run, "joint_phase", watched)

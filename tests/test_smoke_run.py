@@ -286,3 +286,22 @@ def test_speed_benchmark_exit_threshold_and_other_inputs(smoke_run, tmp_path):
     model = str(smoke_run / "model")
     result = run_speed_benchmark([model, "--exit-threshold", "0", "--no-test-split", *common])
     assert [s["rows"][0]["exit_counts"] for s in result["input_sets"]] == [[3, 0, 0]]  # every score >= 0
+
+
+def test_exit_costs_are_counted_on_the_train_split(report):
+    """Stage 2's λ·c, the gate targets and the calib budgets read these costs: counted on the split the
+    models train on (300 samples here), not on test."""
+    counted = report["exits"]["cost_counted_on"]
+    assert "train split" in counted and f"({report['dataset']['splits']['train']} samples" in counted
+
+
+def test_an_over_long_max_length_is_refused_before_the_run_folder_exists(tmp_path, capsys):
+    """smoke.yaml's backbone has 64 token positions: max_length 65 is refused in one line, no folder made."""
+    code = train_main(
+        ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(tmp_path / "runs"),
+         "--model.max_length", "65", "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert any("model.max_length 65 exceeds the backbone's 64 token positions" in line for line in err)
+    assert not (tmp_path / "runs").exists()

@@ -14,18 +14,11 @@ from torch import nn
 from jeidnn.config.schema import GateVariant, JeidnnConfig
 from jeidnn.model.gates import Gates, StackedGates, paper_distribution, score_exits
 from jeidnn.model.heads import ExitHeads
+from jeidnn.train.lambda_search import fit_stage2, next_lambdas
 from jeidnn.train.losses import gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
-from jeidnn.train.stage2 import (
-    TrainedModel,
-    _batches,
-    _CachedRows,
-    fit_stage2,
-    gate_settings,
-    load_models,
-    next_lambdas,
-    save_models,
-    train_models,
-)
+from jeidnn.train.stage2 import TrainedModel, gate_settings
+from jeidnn.train.stage2_fit import _batches, _CachedRows, train_models
+from jeidnn.train.stage2_store import load_models, save_models
 
 NUM_EXITS, HIDDEN, NUM_CLASSES = 4, 8, 3
 COSTS = torch.tensor([0.25, 0.5, 0.75, 1.0])
@@ -251,3 +244,37 @@ def test_a_stored_model_keeps_its_own_backbone(data, tmp_path):
     first, second = load_models(tmp_path / "fit.safetensors", [PAPER], warm_heads(), x.shape[-1])
     assert set(first.backbone) == set(own) and all(torch.equal(first.backbone[k], own[k]) for k in own)
     assert second.backbone is None
+
+
+def test_learned_costs_stay_float64_from_counting_to_val_cost():
+    """A cost like 1/3 rounded to float32 is off by ~1e-8, beyond the 1e-9 budget checks downstream."""
+    from jeidnn.train.learned import cost_tensors
+    from jeidnn.train.stage2 import VariantBlock
+    from jeidnn.train.stage2_fit import native_point
+
+    costs = [1 / 3, 2 / 3, 0.7, 1.0]
+    (tensor,) = cost_tensors({"v": costs}).values()
+    assert tensor.dtype == torch.float64 and tensor.tolist() == costs
+    block = VariantBlock(PAPER, warm_heads(), HIDDEN, tensor, [0.1], torch.Generator().manual_seed(0))
+    assert block.costs.dtype == torch.float64 and block.costs.tolist() == costs
+    # Every sample leaves at exit 0 (scores far above the native threshold): val cost is exactly 1/3.
+    logits, scores = torch.zeros(5, NUM_EXITS, NUM_CLASSES), torch.full((5, NUM_EXITS - 1), 10.0)
+    assert native_point(logits, scores, torch.zeros(5, dtype=torch.long), block.costs)[1] == 1 / 3
+
+
+def test_gate_statistics_read_the_train_split_in_chunks_with_the_unchunked_result():
+    """`im_head: mlp` over a whole train split at once held (K, N, L-1, hidden) activations; chunked, the
+    IM logits that set the gate statistics are the same bit for bit."""
+    from jeidnn.train.stage2 import StackedIMs
+    from jeidnn.train.stage2_fit import first_model_logits
+
+    torch.manual_seed(0)
+    heads = ExitHeads([1, 2, 3, 4], HIDDEN, NUM_CLASSES, "tanh", dropout=0.1, im_head="mlp")
+    ims = StackedIMs(heads.heads[:-1], 3)
+    features = torch.randn(1000, NUM_EXITS - 1, HIDDEN)
+    with torch.no_grad():
+        whole = ims.eval()(features)[0]  # (N, L-1, C)
+    ims.train()
+    chunked = first_model_logits(ims, features, rows=64)
+    assert chunked.shape == (1000, NUM_EXITS - 1, NUM_CLASSES) and torch.equal(chunked, whole)
+    assert ims.training

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from jeidnn.errors import JeidnnError
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.heads import ExitHeads
 from jeidnn.model.structured import head_dim, layer_sizes, layer_stack, projection
+from jeidnn.train.losses import summed_exit_ce
 
 __all__ = ["Importance", "importance", "least_important", "removal_count"]
 
@@ -82,9 +82,7 @@ def importance(
                 masks.clear()
                 logits = heads(backbone(inputs, heads.layers))  # (B, L, C)
                 # A sum over samples: each sample's mask gradient is then its own ∂L(x)/∂ξ.
-                loss = F.cross_entropy(
-                    logits.flatten(0, 1).float(), labels.repeat_interleave(logits.shape[1]), reduction="sum"
-                )
+                loss = summed_exit_ce(logits.float(), labels, "sum")
                 keys = list(masks)
                 grads = torch.autograd.grad(loss, [masks[k] for k in keys])
                 for (kind, i), grad in zip(keys, grads, strict=True):

@@ -30,13 +30,16 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from jeidnn.compress.importance import importance, least_important, removal_count
+from jeidnn.config.schema import RunConfig
+from jeidnn.data.datamodule import JeidnnDataModule
+from jeidnn.data.sources import load_raw
+from jeidnn.data.splits import check_fingerprint, make_splits
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.conformal import alpha_key, fit_conformal, group_exits
 from jeidnn.model.backbone import Backbone
@@ -48,9 +51,8 @@ from jeidnn.model.structured import (
     prune_ffn,
     prune_heads,
 )
-
-if TYPE_CHECKING:
-    from jeidnn.pipeline.run import Prepared
+from jeidnn.train.costs import count_exit_costs
+from jeidnn.train.losses import summed_exit_ce
 
 __all__ = ["PruneSettings", "prune_model", "prune_run"]
 
@@ -128,21 +130,24 @@ def last_exit(layers: str | int | None, exit_layers: list[int], calib_exits: Ten
 # --------------------------------------------------------------------------- the run's data
 
 
-def run_data(run: Any, backbone: Backbone, preprocessor: Any) -> Prepared:
+@dataclass(frozen=True)
+class RunData:
+    """A run's config and its splits, encoded by the model's preprocessor as training encoded them."""
+
+    cfg: RunConfig
+    dm: JeidnnDataModule
+
+
+def run_data(run: Any, backbone: Backbone, preprocessor: Any) -> RunData:
     """The run's splits, encoded by the model's preprocessor as training encoded them (no model parts);
     refused when the data no longer gives the splits the run recorded."""
-    from jeidnn.data.datamodule import JeidnnDataModule
-    from jeidnn.data.sources import load_raw
-    from jeidnn.data.splits import check_fingerprint, make_splits
-    from jeidnn.pipeline.run import Prepared
-
     cfg = run.cfg
     raw = load_raw(cfg.data, backbone.modality)
     splits = make_splits(len(raw.labels), cfg.data, cfg.seed, raw.test_positions)
     check_fingerprint(raw, splits, run.report["dataset"].get("fingerprint"), cfg.data)
     dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
     dm.setup()
-    return Prepared(cfg, backbone, raw, splits, dm, None, [], torch.device("cpu"))
+    return RunData(cfg, dm)
 
 
 def _batches(
@@ -156,7 +161,7 @@ def _batches(
 
 @torch.no_grad()
 def _forward_split(
-    model: Any, data: Prepared, split: str, device: torch.device
+    model: Any, data: RunData, split: str, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Every exit's logits ``(N, L, C)``, the exit taken ``(N,)`` and the labels ``(N,)`` of ``split``, in
     split order (the full path; the layer-skipping path takes the same exits)."""
@@ -180,7 +185,7 @@ def _forward_split(
 def _recover(
     backbone: Backbone,
     heads: Any,
-    data: Prepared,
+    data: RunData,
     steps: int,
     lr: float,
     device: torch.device,
@@ -203,7 +208,7 @@ def _recover(
         while len(losses) < steps:
             for inputs, labels, _ in _batches(loader, backbone.input_names, device):
                 logits = heads(backbone(inputs, heads.layers))  # (B, L, C)
-                loss = sum(F.cross_entropy(logits[:, e].float(), labels) for e in range(logits.shape[1]))
+                loss = summed_exit_ce(logits.float(), labels)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -228,12 +233,11 @@ def _gate_flops(gates: Any, num_exits: int, num_classes: int) -> float:
         return count_flops(lambda: gates(logits, pooled)) / (num_exits - 1)
 
 
-def exit_flops(data: Prepared, backbone: Backbone, heads: Any, gates: Any) -> tuple[list[float], float]:
+def exit_flops(data: RunData, backbone: Backbone, heads: Any, gates: Any) -> tuple[list[float], float]:
     """FLOPs per sample of leaving at each exit (heads and gates up to it included) and of the plain
-    backbone + its final head, counted by :func:`jeidnn.pipeline.run.count_costs` on the test split."""
-    from jeidnn.pipeline.run import count_costs
-
-    costs = count_costs(dataclasses.replace(data, backbone=backbone, heads=heads, exit_layers=heads.layers))
+    backbone + its final head, counted as the run counts them (:func:`jeidnn.train.costs.count_exit_costs`,
+    on the train split)."""
+    costs = count_exit_costs(backbone, heads, data.dm, torch.device("cpu"))
     gate = _gate_flops(gates, heads.num_exits, heads.num_classes)
     last = heads.num_exits - 1
     flops = [c * costs.full_flops + min(e + 1, last) * gate for e, c in enumerate(costs.cost)]
@@ -275,7 +279,7 @@ class _Shrunk:
 
 
 def _shrink(
-    model: Any, settings: PruneSettings, data: Prepared, last: int, device: torch.device, progress: bool
+    model: Any, settings: PruneSettings, data: RunData, last: int, device: torch.device, progress: bool
 ) -> _Shrunk:
     """Copies of ``model``'s parts with the layers after exit ``last`` dropped, the least important heads
     and FFN neurons removed and (``recover_steps``) a recovery fine-tune; on the CPU."""
@@ -308,7 +312,7 @@ def _shrink(
     return out
 
 
-def _measure(pruned: Any, data: Prepared, split: Any, device: torch.device) -> tuple[dict, tuple]:
+def _measure(pruned: Any, data: RunData, split: Any, device: torch.device) -> tuple[dict, tuple]:
     """Calib-B and test accuracy, test cost and exit fractions of ``pruned``, and its calib predictions."""
     pruned.to(device)
     calib = _forward_split(pruned, data, "calib", device)
@@ -333,7 +337,7 @@ def prune_model(
     run: Any,
     model: Any,
     settings: PruneSettings,
-    data: Prepared,
+    data: RunData,
     *,
     calib_exits: Tensor | None = None,
     device: torch.device | str = "cpu",

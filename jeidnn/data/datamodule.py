@@ -71,7 +71,7 @@ class JeidnnDataModule(pl.LightningDataModule):
     Example:
         >>> dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, max_length=64, seed=0)
         >>> dm.setup()
-        >>> batch = next(iter(dm.train_dataloader(batch_size=32)))
+        >>> batch = next(iter(dm.loader("train", batch_size=32, shuffle=True)))
     """
 
     def __init__(
@@ -131,9 +131,6 @@ class JeidnnDataModule(pl.LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.cfg.num_workers,
         )
-
-    def train_dataloader(self, batch_size: int = 32) -> DataLoader:
-        return self.loader("train", batch_size, shuffle=True)
 
     def val_dataloader(self, batch_size: int | None = None) -> DataLoader:
         return self.sorted_loader("val", batch_size or self.cfg.eval_batch_size)

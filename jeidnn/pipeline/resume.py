@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import yaml
 
 from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError, first_line
+from jeidnn.io import write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,6 @@ STATE_FILE = "state.json"
 FAILED_FILE = "FAILED"
 NOT_HASHED = ("resume", "overwrite", "output_dir", "devices", "eval", "export")
 """Config keys a resumed run may change."""
-PAUSE_ENV = "JEIDNN_PAUSE_AT"
 
 
 def training_config(cfg: RunConfig) -> dict[str, Any]:
@@ -87,10 +85,7 @@ class RunState:
         if self.run_dir is None:
             return
         data = {k: v for k, v in asdict(self).items() if k != "run_dir"}
-        path = self.run_dir / STATE_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)  # a kill leaves the old state or the new one, never half
+        write_json(self.run_dir / STATE_FILE, data)  # a kill leaves the old state or the new one, never half
 
     @classmethod
     def read(cls, run_dir: Path) -> RunState | None:
@@ -140,7 +135,7 @@ def open_run_dir(cfg: RunConfig) -> RunState:
         run_dir.mkdir(parents=True, exist_ok=True)
         state = RunState(config_hash(cfg), run_dir=run_dir)
         state.write()  # first: a folder with it can always be resumed
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
         return state
     state = RunState.read(run_dir)
     if state is None:
@@ -156,7 +151,7 @@ def open_run_dir(cfg: RunConfig) -> RunState:
     if state.config_hash != config_hash(cfg):
         raise JeidnnError(_config_mismatch(run_dir, cfg))
     state.run_dir = run_dir
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())  # eval / export settings may have changed
+    write_text(run_dir / "config.yaml", cfg.to_yaml())  # eval / export settings may have changed
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
     logger.info("resuming %s (%s)", run_dir, _describe(state))
     return state
@@ -196,17 +191,8 @@ def worker_state(cfg: RunConfig) -> RunState:
 def mark_failed(run_dir: Path, stage: str, exc: BaseException, state: RunState) -> None:
     """Leave a FAILED marker saying which stage failed; every finished artifact stays."""
     reason = first_line(exc) if str(exc) else ""
-    (run_dir / FAILED_FILE).write_text(
+    write_text(
+        run_dir / FAILED_FILE,
         f"{stage} failed: {type(exc).__name__}{': ' + reason if reason else ''}\n"
-        f"{_describe(state)}; fix the cause and pass --resume true to continue from there\n"
+        f"{_describe(state)}; fix the cause and pass --resume true to continue from there\n",
     )
-
-
-def pause_point(name: str) -> None:
-    """Test hook: with the environment variable JEIDNN_PAUSE_AT=<name>, log a line and wait here to be killed
-    (tests/test_resume.py kills a run at a known point this way)."""
-    if os.environ.get(PAUSE_ENV) != name:
-        return
-    logger.warning("paused at %s (%s); waiting to be killed", name, PAUSE_ENV)
-    while True:
-        time.sleep(1)

@@ -1,120 +1,45 @@
 """The whole run: config -> data -> model -> stage 0..4 -> report.json -> exported model.
 
-`train.py` is a thin recipe over these functions; every piece can be imported and tested. A run records each
-finished stage and continues from there with `--resume true` (:mod:`jeidnn.pipeline.resume`); with `devices` > 1,
-stage 0, the joint phase and the feature cache run in several processes (:mod:`jeidnn.train.devices`). The
-`regime` decides what trains the backbone before the cache: stage 0 (`disjoint`), the joint phase
-(`joint`), or both (`mixed`).
+`train.py` is a thin recipe over these functions; every piece can be imported and tested. This module wires
+the run context, the resume state and the ORDER of the stages; their bodies live in :mod:`jeidnn.train`
+(and :mod:`jeidnn.evaluate`, :mod:`jeidnn.export`). A run records each finished stage and continues from there
+with `--resume true` (:mod:`jeidnn.pipeline.resume`); with `devices` > 1, stage 0, the joint phase and the
+feature cache run in several processes (:mod:`jeidnn.train.devices`). The `regime` decides what trains the
+backbone before the cache: stage 0 (`disjoint`), the joint phase (`joint`), or both (`mixed`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from safetensors.torch import load_file, save_file
 
 from jeidnn.config.schema import RunConfig
-from jeidnn.data.datamodule import JeidnnDataModule, model_inputs
-from jeidnn.data.sources import RawData, load_raw
-from jeidnn.data.splits import SPLITS, Splits, make_splits
-from jeidnn.errors import JeidnnError
-from jeidnn.model.backbone import Backbone
-from jeidnn.model.cost import ExitCosts, exit_costs, text_cost_samples
-from jeidnn.model.heads import ExitHeads
-from jeidnn.model.preprocess import build_preprocessor
-from jeidnn.pipeline.resume import RunState, mark_failed, open_run_dir, pause_point, worker_state
+from jeidnn.data.splits import SPLITS
+from jeidnn.io import write_json, write_safetensors
+from jeidnn.log import pause_point
+from jeidnn.pipeline.resume import RunState, mark_failed, open_run_dir, worker_state
+from jeidnn.train import checkpoints, finetune
+from jeidnn.train.context import RunContext
+from jeidnn.train.costs import count_exit_costs
 from jeidnn.train.devices import check_logger, end_processes, global_rank, make_trainer, run_device
 from jeidnn.train.features import FeatureSplit, extract_features
-from jeidnn.train.finetune import exit_weights, final_head_without_finetune, finetune, regime_entry
-from jeidnn.train.learned import save_predictions, train_stage2
-from jeidnn.train.modules import WarmupModule, exit_logits, feature_loader, freeze
+from jeidnn.train.inputs import RunInputs, load_inputs
+from jeidnn.train.learned import predictions_file, train_stage2
+from jeidnn.train.modules import freeze
+from jeidnn.train.report import STAGE2_TIMING, training_report
+from jeidnn.train.results import FeatureCache, JointResult, Stage0Result, Stage2Result, WarmupResult
+from jeidnn.train.warmup import warm_up, warmup_result
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class Prepared:
-    """Everything checked before a run folder is created."""
-
-    cfg: RunConfig
-    backbone: Backbone
-    raw: RawData
-    splits: Splits
-    dm: JeidnnDataModule
-    heads: ExitHeads
-    exit_layers: list[int]
-    device: torch.device
-    """Where the backbone passes run (feature cache, cost counting): `cfg.accelerator` resolved."""
-
-
-def exit_layers_of(cfg: RunConfig, num_layers: int) -> list[int]:
-    layers = cfg.model.exit_layers
-    if layers is None:
-        return list(range(1, num_layers + 1))
-    bad = [x for x in layers if x > num_layers]
-    if bad:
-        raise JeidnnError(f"model.exit_layers {bad} exceed the backbone's {num_layers} layers")
-    return sorted(set(layers) | {num_layers})
-
-
-def prepare(cfg: RunConfig) -> Prepared:
-    """Load model and data and validate them; raises JeidnnError on any bad input."""
-    device = run_device(cfg.accelerator)
-    check_logger(cfg)
-    pl.seed_everything(cfg.seed, verbose=False)
-    backbone = Backbone.load(cfg.model)
-    raw = load_raw(cfg.data, backbone.modality)
-    splits = make_splits(len(raw.labels), cfg.data, cfg.seed, raw.test_positions)
-    train_inputs = [raw.inputs[i] for i in splits.indices["train"]]
-    preprocessor = build_preprocessor(
-        cfg.model, backbone, train_inputs if backbone.modality == "text" else None
-    )
-    dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
-    dm.setup()
-    layers = exit_layers_of(cfg, backbone.num_layers)
-    if cfg.regime != "disjoint":
-        exit_weights(cfg, len(layers))  # one weight per exit, refused before any folder exists
-    heads = ExitHeads(
-        layers,
-        backbone.hidden_size,
-        len(raw.label_names),
-        backbone.spec.head_activation,
-        dropout=backbone.classifier_dropout,
-        im_head=cfg.model.im_head,
-    )
-    if backbone.pooling == "cls":
-        _init_final_head_from_pooler(backbone, heads)
-    return Prepared(cfg, backbone, raw, splits, dm, heads, layers, device)
-
-
-def _init_final_head_from_pooler(backbone: Backbone, heads: ExitHeads) -> None:
-    # BERT-style checkpoints ship a trained pooler (dense + tanh): the HF classification head
-    # starts from it, and so does our final head.
-    pooler = getattr(backbone.model, "pooler", None)
-    dense = getattr(pooler, "dense", None)
-    first = heads.final.net[0]
-    if (
-        backbone.spec.head_activation == "tanh"
-        and isinstance(dense, torch.nn.Linear)
-        and dense.weight.shape == first.weight.shape
-    ):
-        first.load_state_dict(dense.state_dict())
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+STAGE0 = "stage 0: fine-tune backbone + final head"
+JOINT = "joint phase: backbone + every exit"
+WARMUP = "stage 1: IM warm-up"
+WARMUP_PREDICTIONS = "predictions/warmup.safetensors"
 
 
 class Timer:
@@ -134,113 +59,78 @@ class Timer:
             logger.info("%s done in %.1f s", name, self.timings[name])
 
 
-def save_backbone(p: Prepared, run_dir: Path) -> None:
-    """The frozen backbone as a Hugging Face folder (safetensors + tokenizer / image processor) in
-    `backbone/`, and the final head in `checkpoints/final_head.safetensors`.
-
-    `Backbone.load` of the folder pools as this run does: a mean-pooling run also writes the
-    sentence-transformers pooling config that selects it.
-    """
-    folder = run_dir / "backbone"
-    p.backbone.model.save_pretrained(folder)
-    if hasattr(p.dm.preprocessor, "save_pretrained"):
-        p.dm.preprocessor.save_pretrained(folder)
-    if p.backbone.pooling == "mean":
-        (folder / "1_Pooling").mkdir(exist_ok=True)
-        modes = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
-        (folder / "1_Pooling" / "config.json").write_text(json.dumps(modes))
-    head = {k: v.contiguous() for k, v in p.heads.final.state_dict().items()}
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    save_file(head, str(run_dir / "checkpoints" / "final_head.safetensors"))
-
-
-def load_backbone(p: Prepared, run_dir: Path) -> None:
-    """The weights :func:`save_backbone` wrote, into the prepared backbone and final head."""
-    weights: dict[str, torch.Tensor] = {}
-    for shard in sorted(
-        (run_dir / "backbone").glob("model*.safetensors")
-    ):  # one file, or shards of a big one
-        weights.update(load_file(str(shard)))
-    p.backbone.model.load_state_dict(weights)
-    p.heads.final.load_state_dict(load_file(str(run_dir / "checkpoints" / "final_head.safetensors")))
+def prepare(cfg: RunConfig, progress: bool = True) -> tuple[RunContext, RunInputs]:
+    """The run context and the loaded, checked model and data; raises JeidnnError on any bad input, before
+    the run folder exists."""
+    device = run_device(cfg.accelerator)
+    check_logger(cfg)
+    return RunContext(cfg, cfg.run_dir, device, progress), load_inputs(cfg)
 
 
 def stage0(
-    p: Prepared, state: RunState, run_dir: Path, timer: Timer, progress: bool, skipped: dict | None
-) -> bool:
-    """Stage 0 (`skipped` None) or its saved result; writes `backbone/`. Returns whether stage 1 must train
-    the final head (stage 0 off and no trained classifier in the checkpoint)."""
+    ctx: RunContext, inputs: RunInputs, state: RunState, timer: Timer, skipped: Stage0Result | None
+) -> Stage0Result:
+    """Stage 0 (`skipped` None) or its saved result, in `inputs.backbone` and `inputs.heads.final` (in place);
+    writes `backbone/`."""
     if state.finished("stage0"):
-        load_backbone(p, run_dir)
-        return bool(state.info["train_final_head"])
-    name = "stage 0: fine-tune backbone + final head"
-    if skipped is None:
-        with timer.stage(name):
-            summary = finetune(p, run_dir, progress, resume=p.cfg.resume)
+        checkpoints.restore_saved_backbone(inputs.backbone, inputs.heads.final, ctx.run_dir)
+        return Stage0Result(state.info["finetune"], bool(state.info["train_final_head"]))
+    result = skipped
+    if result is None:
+        with timer.stage(STAGE0):
+            result = finetune.stage0(ctx, inputs.backbone, inputs.heads, inputs.dm)
         pause_point("stage0:trained")
-    train_final = skipped is not None and skipped["train_final_head"]
     if state.run_dir is not None:
-        save_backbone(p, run_dir)
-        times = {name: timer.timings[name]} if skipped is None else {}
-        finetune_entry = summary if skipped is None else skipped["finetune"]
-        state.mark("stage0", times, finetune=finetune_entry, train_final_head=train_final)
-    return train_final
+        checkpoints.save_backbone(inputs.backbone, inputs.heads.final, inputs.dm.preprocessor, ctx.run_dir)
+        times = {STAGE0: timer.timings[STAGE0]} if skipped is None else {}
+        state.mark("stage0", times, finetune=result.finetune, train_final_head=result.train_final_head)
+    return result
 
 
-JOINT = "joint phase: backbone + every exit"
-JOINT_WEIGHTS = "checkpoints/joint.safetensors"
-
-
-def joint_phase(p: Prepared, state: RunState, run_dir: Path, timer: Timer, progress: bool) -> None:
-    """The joint phase of `regime: joint | mixed` (or its saved result), then `backbone/` and the final head
-    rewritten with its weights.
+def joint_phase(ctx: RunContext, inputs: RunInputs, state: RunState, timer: Timer) -> JointResult:
+    """The joint phase of `regime: joint | mixed` (or its saved result), in `inputs.backbone` and
+    `inputs.heads` (in place), then `backbone/` and the final head rewritten with its weights.
 
     Its weights (backbone and every exit) are saved before the stage is recorded and `backbone/` is rewritten
     after: a mixed run killed in between still finds stage 0's backbone there to restart the phase from.
     """
-    path = run_dir / JOINT_WEIGHTS
     if state.finished("joint"):
-        weights = load_file(str(path))
-        p.backbone.model.load_state_dict({k[9:]: v for k, v in weights.items() if k.startswith("backbone.")})
-        p.heads.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("heads.")})
+        checkpoints.restore_joint_weights(inputs.backbone, inputs.heads, ctx.run_dir)
+        result = JointResult(state.info["joint"])
     else:
         with timer.stage(JOINT):
-            summary = finetune(p, run_dir, progress, resume=p.cfg.resume, phase="joint")
+            result = finetune.joint_phase(ctx, inputs.backbone, inputs.heads, inputs.dm)
         pause_point("joint:trained")
         if state.run_dir is None:
-            return
-        # Clones: safetensors refuses tensors that share memory (tied weights).
-        weights = {f"backbone.{k}": v.clone() for k, v in p.backbone.model.state_dict().items()}
-        weights.update({f"heads.{k}": v.clone() for k, v in p.heads.state_dict().items()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(path.with_suffix(".tmp")))
-        os.replace(path.with_suffix(".tmp"), path)
-        state.mark("joint", {JOINT: timer.timings[JOINT]}, joint=summary)
+            return result
+        checkpoints.save_joint_weights(inputs.backbone, inputs.heads, ctx.run_dir)
+        state.mark("joint", {JOINT: timer.timings[JOINT]}, joint=result.summary)
     if state.run_dir is not None:
-        save_backbone(p, run_dir)
+        checkpoints.save_backbone(inputs.backbone, inputs.heads.final, inputs.dm.preprocessor, ctx.run_dir)
+    return result
 
 
-def feature_cache(
-    p: Prepared, state: RunState, run_dir: Path, timer: Timer, progress: bool
-) -> dict[str, FeatureSplit] | None:
+def feature_cache(ctx: RunContext, inputs: RunInputs, state: RunState, timer: Timer) -> FeatureCache | None:
     """Each split's features, computed once (in `devices` processes) and kept in `cache/` until the run
     ends; None in processes other than the first, whose work ends here."""
-    p.backbone.eval()
+    inputs.backbone.eval()
     trainer = None
     cache: dict[str, FeatureSplit] = {}
     with timer.stage("feature cache"):
         for split in SPLITS:
-            path = run_dir / "cache" / f"{split}.safetensors"
+            path = ctx.run_dir / "cache" / f"{split}.safetensors"
             if state.finished(f"cache:{split}"):
                 if state.run_dir is not None:
                     cache[split] = FeatureSplit.load(path)
                 continue
             if trainer is None:
                 # progress=False: the cache shows its own bar per split; Lightning's would be a second one.
-                trainer = make_trainer(p.cfg, run_dir, "cache", False, distributed=True, logger=False)
+                trainer = make_trainer(ctx.cfg, ctx.run_dir, "cache", False, distributed=True, logger=False)
             name = f"feature cache [{split}]"
             with timer.stage(name, quiet=True):
-                features = extract_features(p.backbone, p.dm, split, p.exit_layers, progress, trainer=trainer)
+                features = extract_features(
+                    inputs.backbone, inputs.dm, split, inputs.heads.layers, ctx.progress, trainer=trainer
+                )
             if features is not None and state.run_dir is not None:
                 features.save(path)
                 state.mark(f"cache:{split}", {name: timer.timings[name]})
@@ -249,175 +139,104 @@ def feature_cache(
     if state.run_dir is None:
         return None
     for phase in ("finetune", "joint"):  # every process is past stage 0 and the joint phase
-        shutil.rmtree(run_dir / "checkpoints" / phase, ignore_errors=True)
-    return cache
+        shutil.rmtree(ctx.run_dir / "checkpoints" / phase, ignore_errors=True)
+    return FeatureCache(cache)
 
 
 def warmup(
-    p: Prepared, cache: dict[str, FeatureSplit], run_dir: Path, progress: bool, train_final: bool = False
-) -> list[int]:
-    """Stage 1: IMs (and the final head when `train_final`) on cached features; returns each trained head's
-    best epoch (-1: the joint phase's weights were kept)."""
-    cfg = p.cfg.warmup
-    pl.seed_everything(p.cfg.seed, verbose=False)
-    keep_start = p.cfg.regime != "disjoint"  # IMs trained in the joint phase: keep them unless beaten on val
-    module = WarmupModule(p.heads, cache["val"], cfg, train_final=train_final, keep_start=keep_start)
-    if module.trained and cfg.max_epochs > 0:
-        trainer = make_trainer(
-            p.cfg, run_dir, "warmup", progress, max_epochs=cfg.max_epochs, enable_checkpointing=False
-        )
-        trainer.fit(module, feature_loader(cache["train"], cfg.batch_size, True, p.cfg.seed))
-        module.restore_best()
-    p.heads.eval()
-    save_file(
-        {k: v.contiguous() for k, v in p.heads.state_dict().items()},
-        str(run_dir / "checkpoints" / "warmup_heads.safetensors"),
-    )
-    return module.best_epoch
-
-
-def count_costs(p: Prepared) -> ExitCosts:
-    """FLOPs of every exit, counted on the configured device."""
-    ds = p.dm.datasets["test"]
-    if p.raw.modality == "text":
-        samples = text_cost_samples(ds.encoded)
-        counted = f"mean over the test split's real token lengths ({len(ds)} samples, unpadded)"
+    ctx: RunContext, inputs: RunInputs, state: RunState, timer: Timer, cache: FeatureCache, train_final: bool
+) -> WarmupResult:
+    """Stage 1 (or its saved exits), in `inputs.heads` (in place), and the warmed-up exits' predictions."""
+    best_epoch = None
+    if state.finished("warmup"):
+        checkpoints.restore_warmup_heads(inputs.heads, ctx.run_dir)
     else:
-        batch = p.dm.collator([ds[i] for i in range(min(8, len(ds)))])
-        samples = [(model_inputs(batch, p.backbone.input_names), 1.0)]
-        counted = "test images (all the same size)"
-    samples = [({k: v.to(p.device) for k, v in inputs.items()}, weight) for inputs, weight in samples]
-    p.backbone.to(p.device)
-    p.heads.to(p.device)
-    try:
-        return exit_costs(p.backbone, p.heads, samples, counted)
-    finally:
-        p.backbone.cpu()
-        p.heads.cpu()
+        with timer.stage(WARMUP):
+            best_epoch = warm_up(ctx, inputs.heads, cache, train_final)
+            checkpoints.save_warmup_heads(inputs.heads, ctx.run_dir)
+        state.mark("warmup", {WARMUP: timer.timings[WARMUP]})
+        pause_point("warmup")
+    return warmup_result(inputs.heads, cache, best_epoch)
 
 
-def base_report(p: Prepared, costs: ExitCosts, test_logits: torch.Tensor, test_labels: torch.Tensor) -> dict:
-    acc = (test_logits.argmax(-1) == test_labels[:, None]).float().mean(0)  # (L,)
-    return {
-        "backbone": {
-            "name": p.backbone.source,
-            "architecture": p.backbone.arch,
-            "num_layers": p.backbone.num_layers,
-            "hidden_size": p.backbone.hidden_size,
-            "pooling": p.backbone.pooling,
-            "im_head": p.heads.im_head,
-            "gflops_full": costs.gflops_full,
-        },
-        "dataset": {
-            "name": p.raw.name,
-            "num_classes": len(p.raw.label_names),
-            "labels": p.raw.label_names,
-            "splits": dict(p.splits.sizes),
-            "duplicates_dropped": p.raw.duplicates_dropped,
-        },
-        "exits": {
-            "layers": p.exit_layers,
-            "cost": costs.cost,
-            "cost_with_gates": costs.cost_with_gates,
-            "gflops": costs.gflops,
-            "test_accuracy": acc.tolist(),
-            "cost_counted_on": costs.counted_on,
-        },
-    }
-
-
-STAGE2 = "stage 2: learned gates, every variant and λ"
+def prediction_tensors(warm: WarmupResult, stage2: Stage2Result | None) -> dict[str, dict[str, torch.Tensor]]:
+    """Every predictions file's tensors keyed by its path in the run folder, as `evaluate` and
+    `export_trained` read them."""
+    tensors = {WARMUP_PREDICTIONS: warm.tensors()}
+    for variant, per_model in (stage2.predictions if stage2 is not None else {}).items():
+        tensors.update({predictions_file(variant, k): t for k, t in enumerate(per_model)})
+    return tensors
 
 
 def run(cfg: RunConfig, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the final report.json content.
 
     Every finished stage is recorded in `state.json`; with `cfg.resume` an interrupted run continues from
-    there (:mod:`jeidnn.pipeline.resume`). A failure leaves a FAILED marker and every finished artifact; report.json
-    is written once, at the end. With `devices` > 1 every process runs this function; the others stop after
-    their share of the feature cache and return only their `rank` and `timings_s`.
+    there (:mod:`jeidnn.pipeline.resume`). A failure leaves a FAILED marker and every finished artifact;
+    report.json is written once, at the end. With `devices` > 1 every process runs this function; the others
+    stop after their share of the feature cache and return only their `rank` and `timings_s`.
     """
     rank = global_rank()
     if rank != 0:
         logging.getLogger("jeidnn").setLevel(logging.WARNING)  # progress is the first process's to report
     timer = Timer()
     with timer.stage("load model and data"):
-        p = prepare(cfg)
+        ctx, inputs = prepare(cfg, progress)
         skipped = None
         if cfg.regime == "disjoint" and not (cfg.finetune.enabled and cfg.finetune.epochs > 0):
-            entry, train_final = final_head_without_finetune(p)  # its errors come before any folder exists
-            skipped = {"finetune": entry, "train_final_head": train_final}
+            # Its errors come before any folder exists.
+            skipped = finetune.final_head_without_finetune(
+                cfg, inputs.raw.label_names, inputs.backbone.pooling, inputs.heads.final
+            )
     state = open_run_dir(cfg) if rank == 0 else worker_state(cfg)
-    run_dir = cfg.run_dir
+    run_dir = ctx.run_dir
     logger.info("run folder: %s", run_dir)
     stage = "stage 0" if cfg.regime != "joint" else "joint phase"
     try:
-        train_final = stage0(p, state, run_dir, timer, progress, skipped) if cfg.regime != "joint" else False
+        s0 = stage0(ctx, inputs, state, timer, skipped) if cfg.regime != "joint" else None
+        joint = None
         if cfg.regime != "disjoint":
             stage = "joint phase"
-            joint_phase(p, state, run_dir, timer, progress)
-        freeze(p.backbone)
-        freeze(p.heads.final)
+            joint = joint_phase(ctx, inputs, state, timer)
+        freeze(inputs.backbone)
+        freeze(inputs.heads.final)
         stage = "feature cache"
-        cache = feature_cache(p, state, run_dir, timer, progress)
+        cache = feature_cache(ctx, inputs, state, timer)
         end_processes()
         if cache is None:
             return {"rank": rank, "timings_s": dict(timer.timings)}
         stage = "stage 1"
-        if state.finished("warmup"):
-            p.heads.load_state_dict(load_file(str(run_dir / "checkpoints" / "warmup_heads.safetensors")))
-        else:
-            with timer.stage("stage 1: IM warm-up"):
-                warmup(p, cache, run_dir, progress, train_final)
-            state.mark("warmup", {"stage 1: IM warm-up": timer.timings["stage 1: IM warm-up"]})
-            pause_point("warmup")
-        p.heads.eval()
+        warm = warmup(ctx, inputs, state, timer, cache, s0 is not None and s0.train_final_head)
         stage = "cost counting"
         with timer.stage("cost counting"):
-            costs = count_costs(p)
-        logits = {s: exit_logits(p.heads, cache[s]) for s in ("val", "calib", "test")}
-        warm = {
-            f"{s}_{k}": v for s in logits for k, v in (("logits", logits[s]), ("labels", cache[s].labels))
-        }
-        save_predictions(run_dir / "predictions" / "warmup.safetensors", warm)
-        # Every prediction file also stays in memory for the evaluation (keyed by its path in the run).
-        predictions = {"predictions/warmup.safetensors": warm}
-        report = base_report(p, costs, logits["test"], cache["test"].labels)
-        report["finetune"] = state.info.get(
-            "finetune", {"skipped": "regime joint: the joint phase replaces it"}
-        )
-        trained: dict[str, list] = {}
-        if cfg.jeidnn.enabled and p.heads.num_exits > 1:
+            costs = count_exit_costs(inputs.backbone, inputs.heads, inputs.dm, ctx.device)
+        write_safetensors(run_dir / WARMUP_PREDICTIONS, warm.tensors())
+        stage2 = None
+        if cfg.jeidnn.enabled and inputs.heads.num_exits > 1:
             stage = "stage 2"
-            with timer.stage(STAGE2):
-                report["learned"], trained, learned_predictions = train_stage2(
-                    p, cache, costs, run_dir, progress
-                )
-            state.mark("stage2", {STAGE2: timer.timings[STAGE2]})
-            predictions.update(learned_predictions)
-            timings = {**state.timings, **timer.timings}
-            if "feature cache [train]" in timings:
-                train_pass = timings["feature cache [train]"]
-                report["stage2_time_vs_train_pass"] = {
-                    "stage2_s": timings[STAGE2],
-                    "train_pass_s": train_pass,
-                    "ratio": timings[STAGE2] / max(train_pass, 1e-9),
-                }
-        report["regime"] = regime_entry(cfg, state.info, trained)
+            with timer.stage(STAGE2_TIMING):
+                stage2 = train_stage2(ctx, inputs.backbone, inputs.heads, inputs.dm, cache, costs)
+            state.mark("stage2", {STAGE2_TIMING: timer.timings[STAGE2_TIMING]})
+        timings = {**state.timings, **timer.timings}
+        report = training_report(cfg, inputs, costs, warm, s0, joint, stage2, timings)
         # What `jeidnn evaluate` needs should the evaluation below fail.
-        write_json_atomic(run_dir / "report.partial.json", report)
+        write_json(run_dir / "report.partial.json", report)
+        # Adapter to evaluate / export_trained's dict-and-path-keyed interfaces.
+        trained = stage2.models if stage2 is not None else {}
+        predictions = prediction_tensors(warm, stage2)
         stage = "stages 3-4"
         with timer.stage("stages 3-4: calibrate, baselines, evaluate"):
             from jeidnn.evaluate.evaluation import evaluate
 
             report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions, progress=progress)
         # A baseline named in export.method is exported even without stage 2.
-        if trained or (cfg.export.method and p.heads.num_exits > 1):
+        if trained or (cfg.export.method and inputs.heads.num_exits > 1):
             stage = "export"
             with timer.stage("export model"):
-                report["export"] = export_model(p, report, trained, run_dir, predictions)
+                report["export"] = export_model(ctx, inputs, report, trained, predictions)
+        del report["timings_s"]  # written again, last, now with the evaluation and export
         report["timings_s"] = {**state.timings, **timer.timings}
-        write_json_atomic(run_dir / "report.json", report)
+        write_json(run_dir / "report.json", report)
         state.mark("report")
     except BaseException as exc:
         if rank == 0:
@@ -426,26 +245,31 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     # Only needed to resume: the run is complete.
     for leftover in ("cache", "checkpoints/stage2"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
-    (run_dir / JOINT_WEIGHTS).unlink(missing_ok=True)
+    (run_dir / checkpoints.JOINT_WEIGHTS).unlink(missing_ok=True)
     (run_dir / "report.partial.json").unlink(missing_ok=True)
     return report
 
 
 def export_model(
-    p: Prepared, report: dict, trained: dict[str, list], run_dir: Path, predictions: dict[str, dict]
+    ctx: RunContext,
+    inputs: RunInputs,
+    report: dict,
+    trained: dict[str, list],
+    predictions: dict[str, dict],
 ) -> dict:
     """Write the default operating point (`export.method`, else the best learned one on calib half A within
-    `export.cost_budget`) to `runs/<name>/model/` with its conformal quantiles; see :mod:`jeidnn.export.exporter`.
-    `trained` and `predictions` are stage 2's models and every predictions file, already in memory."""
+    `export.cost_budget`) to `runs/<name>/model/` with its conformal quantiles; see
+    :mod:`jeidnn.export.exporter`. `trained` and `predictions` are stage 2's models and every predictions
+    file, already in memory."""
     from jeidnn.export.exporter import export_trained
 
     return export_trained(
-        p.cfg,
+        ctx.cfg,
         report,
-        run_dir,
-        p.backbone,
-        p.dm.preprocessor,
+        ctx.run_dir,
+        inputs.backbone,
+        inputs.dm.preprocessor,
         trained=trained,
-        warmup_heads=p.heads,
+        warmup_heads=inputs.heads,
         tensors=predictions,
     )

@@ -1,10 +1,10 @@
 """End-to-end stage 2 (`jeidnn.train_backbone`): the IM phases also update the backbone and the final head.
 
-Stage 2 of :mod:`jeidnn.train.stage2` for one variant and one λ (config validation refuses more: each model would
-need a backbone of its own). Gate phases as there, on features the backbone computes in eval mode without
-gradient. IM phases run the backbone in train mode and let the variant's IM loss (every exit's CE, the final
-exit's included, weighted as `im_loss` says) reach it: the backbone and the final head take AdamW steps at
-`jeidnn.backbone_lr`, the IMs stage 2's SGD step. The features come from the backbone in the loop, not the
+Stage 2 of :mod:`jeidnn.train.stage2` for one variant and one λ (config validation refuses more: each model
+would need a backbone of its own). Gate phases as there, on features the backbone computes in eval mode
+without gradient. IM phases run the backbone in train mode and let the variant's IM loss (every exit's CE, the
+final exit's included, weighted as `im_loss` says) reach it: the backbone and the final head take AdamW steps
+at `jeidnn.backbone_lr`, the IMs stage 2's SGD step. The features come from the backbone in the loop, not the
 cache; the cache (the backbone before stage 2) only sets the gates' input statistics and initial BCE weights,
 as in stage 2. The trained model keeps its own backbone (:attr:`jeidnn.train.stage2.TrainedModel.backbone`).
 """
@@ -16,7 +16,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -24,23 +24,15 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from jeidnn.config.schema import JeidnnConfig
-from jeidnn.data.datamodule import length_sorted_batches, model_inputs
+from jeidnn.data.datamodule import JeidnnDataModule, length_sorted_batches, model_inputs
 from jeidnn.model.backbone import Backbone
+from jeidnn.model.heads import ExitHeads
+from jeidnn.train.context import RunContext
 from jeidnn.train.devices import make_trainer
-from jeidnn.train.features import FeatureSplit
-from jeidnn.train.stage2 import (
-    Stage2Module,
-    TrainedModel,
-    VariantBlock,
-    alternation_phase,
-    eval_logits,
-    load_models,
-    save_models,
-    start_blocks,
-)
-
-if TYPE_CHECKING:
-    from jeidnn.pipeline.run import Prepared
+from jeidnn.train.results import FeatureCache
+from jeidnn.train.stage2 import TrainedModel, VariantBlock
+from jeidnn.train.stage2_fit import Stage2Module, alternation_phase, eval_logits, start_blocks
+from jeidnn.train.stage2_store import load_models, save_models
 
 logger = logging.getLogger(__name__)
 
@@ -124,24 +116,25 @@ class EndToEndModule(Stage2Module):
 
 
 def train_end_to_end(
-    p: Prepared,
-    cache: dict[str, FeatureSplit],
+    ctx: RunContext,
+    backbone: Backbone,
+    heads: ExitHeads,
+    dm: JeidnnDataModule,
+    cache: FeatureCache,
     costs: Tensor,
-    run_dir: Path,
-    progress: bool,
 ) -> TrainedModel:
-    """Train the single (variant, λ) of ``p.cfg.jeidnn`` end to end on a copy of ``p.backbone``.
+    """Train the single (variant, λ) of ``ctx.cfg.jeidnn`` end to end on a copy of ``backbone`` (``backbone``
+    and ``heads`` stay as they are).
 
     Args:
         cache: the cached features of the backbone before stage 2 (train and val: gate statistics and
             initial BCE weights).
         costs: the variant's exit costs ``(L,)``.
     """
-    cfg = p.cfg.jeidnn
+    cfg = ctx.cfg.jeidnn
     (variant,), (lam,) = cfg.variants, cfg.lambdas or []
-    seed = p.cfg.seed
+    seed = ctx.cfg.seed
     pl.seed_everything(seed, verbose=False)
-    heads = p.heads
     val = cache["val"]
     val_final = eval_logits(heads.heads[-1], val.features[:, -1])
     (block,) = start_blocks(
@@ -152,10 +145,9 @@ def train_end_to_end(
         cfg,
         seed,
     )
-    backbone = copy.deepcopy(p.backbone)
+    backbone = copy.deepcopy(backbone)
     final_head = copy.deepcopy(heads.heads[-1])
-    module = EndToEndModule(block, cfg, backbone, final_head, p.exit_layers)
-    dm = p.dm
+    module = EndToEndModule(block, cfg, backbone, final_head, heads.layers)
     train = DataLoader(
         dm.datasets["train"],
         batch_sampler=BatchSampler(
@@ -173,10 +165,10 @@ def train_end_to_end(
         num_workers=dm.cfg.num_workers,
     )
     trainer = make_trainer(
-        p.cfg,
-        run_dir,
+        ctx.cfg,
+        ctx.run_dir,
         "stage2",
-        progress,
+        ctx.progress,
         max_epochs=cfg.epochs,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
@@ -204,23 +196,24 @@ def train_end_to_end(
 
 
 def fit_end_to_end(
-    p: Prepared,
-    cache: dict[str, FeatureSplit],
+    ctx: RunContext,
+    backbone: Backbone,
+    heads: ExitHeads,
+    dm: JeidnnDataModule,
+    cache: FeatureCache,
     costs: dict[str, Tensor],
-    run_dir: Path,
-    progress: bool,
     store: Path | None = None,
     after_fit: Callable[[str], Any] | None = None,
 ) -> dict[str, list[TrainedModel]]:
     """:func:`train_end_to_end`, or its result kept in ``store`` (``round1-train.safetensors``, as stage 2
     names its fits) by an earlier, interrupted run. Returns ``{variant name: [the model]}``."""
-    (variant,) = p.cfg.jeidnn.variants
+    (variant,) = ctx.cfg.jeidnn.variants
     path = store / "round1-train.safetensors" if store is not None else None
     if path is not None and path.is_file():
         logger.info("stage 2 end to end: loaded from %s", path)
-        (model,) = load_models(path, [variant], p.heads, p.backbone.hidden_size)
+        (model,) = load_models(path, [variant], heads, backbone.hidden_size)
     else:
-        model = train_end_to_end(p, cache, costs[variant.name], run_dir, progress)
+        model = train_end_to_end(ctx, backbone, heads, dm, cache, costs[variant.name])
         if path is not None:
             save_models(path, [model])
             if after_fit is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
@@ -20,15 +19,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from jeidnn.config.schema import FinetuneConfig, RunConfig
-from jeidnn.data.datamodule import length_sorted_batches
+from jeidnn.data.datamodule import JeidnnDataModule, length_sorted_batches
 from jeidnn.errors import JeidnnError
-from jeidnn.model.backbone import checkpoint_classifier
-from jeidnn.pipeline.resume import pause_point
+from jeidnn.log import pause_point
+from jeidnn.model.backbone import Backbone, checkpoint_classifier
+from jeidnn.model.heads import ExitHead, ExitHeads
 from jeidnn.train.devices import GlobalBatches, ShardedBatches, make_trainer
 from jeidnn.train.modules import FinetuneModule, JointModule
+from jeidnn.train.results import JointResult, Stage0Result
 
 if TYPE_CHECKING:
-    from jeidnn.pipeline.run import Prepared
+    from jeidnn.train.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class ValidationRecord(pl.Callback):
 
 class _PausePoints(pl.Callback):
     """`stage0:step<N>` / `joint:step<N>` pause points for the resume tests (see
-    :func:`jeidnn.pipeline.resume.pause_point`)."""
+    :func:`jeidnn.log.pause_point`)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -111,28 +112,42 @@ def exit_weights(cfg: RunConfig, num_exits: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def finetune(p: Prepared, run_dir: Path, progress: bool, resume: bool, phase: Phase = "finetune") -> dict:
-    """Stage 0 (backbone + final head) or the joint phase (backbone + every exit) until val accuracy stops
-    improving (or a step / time / epoch budget runs out); the best validation's weights are restored.
-    Returns what it did, for report.json (`finetune` or `regime.joint`).
+def stage0(ctx: RunContext, backbone: Backbone, heads: ExitHeads, dm: JeidnnDataModule) -> Stage0Result:
+    """Stage 0: fine-tunes ``backbone`` and ``heads.final`` in place (see :func:`finetune`)."""
+    return Stage0Result(finetune(ctx, backbone, heads, dm, "finetune"), train_final_head=False)
 
-    Every validation saves `checkpoints/<phase>/resume.ckpt`; `resume` continues from it.
+
+def joint_phase(ctx: RunContext, backbone: Backbone, heads: ExitHeads, dm: JeidnnDataModule) -> JointResult:
+    """The joint phase: trains ``backbone`` and every exit of ``heads`` in place (see :func:`finetune`)."""
+    return JointResult(finetune(ctx, backbone, heads, dm, "joint"))
+
+
+def finetune(
+    ctx: RunContext, backbone: Backbone, heads: ExitHeads, dm: JeidnnDataModule, phase: Phase = "finetune"
+) -> dict:
+    """Stage 0 (backbone + final head) or the joint phase (backbone + every exit) until val accuracy stops
+    improving (or a step / time / epoch budget runs out); the best validation's weights are restored into
+    ``backbone`` and ``heads`` (trained in place). Returns what it did, for report.json (`finetune` or
+    `regime.joint`).
+
+    Every validation saves `checkpoints/<phase>/resume.ckpt`; `ctx.cfg.resume` continues from it.
     """
-    cfg = phase_config(p.cfg, phase)
-    pl.seed_everything(p.cfg.seed, verbose=False)
-    p.dm.setup()
-    train_set: Any = p.dm.datasets["train"]
+    run_dir, progress, resume = ctx.run_dir, ctx.progress, ctx.cfg.resume
+    cfg = phase_config(ctx.cfg, phase)
+    pl.seed_everything(ctx.cfg.seed, verbose=False)
+    dm.setup()
+    train_set: Any = dm.datasets["train"]
     if cfg.max_samples is not None and cfg.max_samples < len(train_set):
         train_set = Subset(train_set, range(cfg.max_samples))  # splits are already shuffled
-    batches = GlobalBatches(len(train_set), cfg.batch_size, p.cfg.seed)
+    batches = GlobalBatches(len(train_set), cfg.batch_size, ctx.cfg.seed)
     steps_per_epoch = -(-len(train_set) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     steps = min(total, cfg.max_steps or total)
     if phase == "finetune":
-        module = FinetuneModule(p.backbone, p.heads.final, cfg, steps, p.heads.num_classes, batches)
+        module = FinetuneModule(backbone, heads.final, cfg, steps, heads.num_classes, batches)
     else:
-        weights = exit_weights(p.cfg, p.heads.num_exits)
-        module = JointModule(p.backbone, p.heads, p.exit_layers, cfg, steps, batches, weights)
+        weights = exit_weights(ctx.cfg, heads.num_exits)
+        module = JointModule(backbone, heads, heads.layers, cfg, steps, batches, weights)
     folder = run_dir / "checkpoints" / phase
     monitor = f"{phase}/val_acc"
     best = pl.callbacks.ModelCheckpoint(
@@ -150,7 +165,7 @@ def finetune(p: Prepared, run_dir: Path, progress: bool, resume: bool, phase: Ph
     )
     record = ValidationRecord(monitor)
     trainer = make_trainer(
-        p.cfg,
+        ctx.cfg,
         run_dir,
         phase,
         progress,
@@ -172,9 +187,9 @@ def finetune(p: Prepared, run_dir: Path, progress: bool, resume: bool, phase: Ph
         logger.info("%s continues from %s", _NAME[phase], last)
     if trainer.world_size > 1:
         logger.info("stage 0 and the feature cache in %d processes (Lightning DDP)", trainer.world_size)
-    val_batches = ShardedBatches(length_sorted_batches(p.dm.lengths("val"), p.dm.cfg.eval_batch_size))
-    train_loader = _loader(p, train_set, batches)
-    val_loader = _loader(p, p.dm.datasets["val"], val_batches)
+    val_batches = ShardedBatches(length_sorted_batches(dm.lengths("val"), dm.cfg.eval_batch_size))
+    train_loader = _loader(dm, train_set, batches, ctx.cfg.seed)
+    val_loader = _loader(dm, dm.datasets["val"], val_batches, ctx.cfg.seed)
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
     if best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -186,15 +201,15 @@ _PAUSE = {"finetune": "stage0", "joint": "joint"}
 _NAME = {"finetune": "stage 0", "joint": "the joint phase"}
 
 
-def _loader(p: Prepared, dataset: Any, batch_sampler: Any) -> DataLoader:
+def _loader(dm: JeidnnDataModule, dataset: Any, batch_sampler: Any, seed: int) -> DataLoader:
     # Its own generator: creating an iterator must not draw from the global random state, or a run resumed
     # from a checkpoint would draw other dropout masks than an uninterrupted one.
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
-        collate_fn=p.dm.collator,
-        num_workers=p.dm.cfg.num_workers,
-        generator=torch.Generator().manual_seed(p.cfg.seed),
+        collate_fn=dm.collator,
+        num_workers=dm.cfg.num_workers,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -245,69 +260,22 @@ def _summary(
     return summary
 
 
-def final_head_without_finetune(p: Prepared) -> tuple[dict, bool]:
+def final_head_without_finetune(
+    cfg: RunConfig, label_names: list[str], pooling: str, final_head: ExitHead
+) -> Stage0Result:
     """Where the final classifier comes from when stage 0 does not run: the checkpoint's own trained
-    classifier, else training with the IMs in stage 1. Returns report.json's `finetune` entry and whether
-    stage 1 trains the final head."""
-    found = checkpoint_classifier(p.cfg.model, p.raw.label_names, p.backbone.pooling)
-    off = "finetune.enabled is false" if not p.cfg.finetune.enabled else "finetune.epochs is 0"
+    classifier (loaded into ``final_head`` in place), else training with the IMs in stage 1."""
+    found = checkpoint_classifier(cfg.model, label_names, pooling)
+    off = "finetune.enabled is false" if not cfg.finetune.enabled else "finetune.epochs is 0"
     if found.state is not None:
-        p.heads.final.load_state_dict(found.state)
+        final_head.load_state_dict(found.state)
         logger.info("stage 0 skipped (%s): the final exit is %s", off, found.reason)
-        return {"skipped": off, "final_head": found.reason}, False
-    if p.cfg.warmup.max_epochs == 0:
+        return Stage0Result({"skipped": off, "final_head": found.reason}, train_final_head=False)
+    if cfg.warmup.max_epochs == 0:
         raise JeidnnError(
             f"{off} and the final classifier would stay untrained ({found.reason}) with warmup.max_epochs 0; "
             "enable finetune or set warmup.max_epochs > 0"
         )
     reason = f"trained with the IMs in stage 1 on frozen features ({found.reason})"
     logger.info("stage 0 skipped (%s): the final exit is %s", off, reason)
-    return {"skipped": off, "final_head": reason}, True
-
-
-def _budget(steps: int | None) -> str:
-    return "no step limit (epochs only)" if steps is None else f"at most {steps} steps"
-
-
-def regime_entry(cfg: RunConfig, info: dict, trained: dict[str, list]) -> dict:
-    """report.json's `regime`: its name, the backbone updates of each phase, and how they were matched
-    across regimes.
-
-    Args:
-        info: the run state's report entries (`finetune`: stage 0's summary, `joint`: the joint phase's).
-        trained: stage 2's models per variant; a model trained end to end counts its backbone updates.
-    """
-    updates: dict[str, int] = {}
-    if cfg.regime != "joint" and "steps" in info.get("finetune", {}):
-        updates["stage0"] = int(info["finetune"]["steps"])
-    if "joint" in info:
-        updates["joint"] = int(info["joint"]["steps"])
-    end_to_end = [m for models in trained.values() for m in models if m.history.get("backbone_updates")]
-    if end_to_end:
-        updates["stage2"] = int(end_to_end[0].history["backbone_updates"][-1])
-    updates["total"] = sum(updates.values())
-    f, jt = cfg.finetune, cfg.joint
-    if cfg.regime == "disjoint":
-        how = f"stage 0 trains the backbone ({_budget(f.max_steps)}, finetune.max_steps)"
-    elif cfg.regime == "joint":
-        same = "the same budget as" if jt.max_steps == f.max_steps else "NOT the budget of"
-        how = (
-            f"the joint phase replaces stage 0: {_budget(jt.max_steps)} (joint.max_steps), {same} disjoint's "
-            f"stage 0 ({_budget(f.max_steps)}), on stage 0's batches"
-        )
-    else:
-        total = None if f.max_steps is None or jt.max_steps is None else f.max_steps + jt.max_steps
-        how = (
-            f"stage 0 as in disjoint ({_budget(f.max_steps)}), then the joint phase "
-            f"({_budget(jt.max_steps)}): {_budget(total)} in all; mixed cannot match the other regimes "
-            "without shortening stage 0, which would no longer be disjoint's stage 0"
-        )
-    how += (
-        "; each phase may stop earlier on patience or its time guard, so the counts taken are the ones above"
-    )
-    if end_to_end:
-        how += "; jeidnn.train_backbone: stage 2's IM-phase steps update the backbone too (stage2)"
-    entry: dict[str, Any] = {"name": cfg.regime, "backbone_updates": updates, "how_matched": how}
-    if "joint" in info:
-        entry["joint"] = info["joint"]
-    return entry
+    return Stage0Result({"skipped": off, "final_head": reason}, train_final_head=True)

@@ -2,33 +2,29 @@
 
 Each trained model's predictions (`predictions/learned/<variant>/<k>.safetensors`) and weights
 (`checkpoints/learned/<variant>/<k>.safetensors`: heads, gates and, for a model trained end to end, its own
-backbone), and report.json's `learned` entries.
+backbone), kept in memory as a :class:`~jeidnn.train.results.Stage2Result`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 
 from jeidnn.config.schema import GateVariant
+from jeidnn.data.datamodule import JeidnnDataModule
+from jeidnn.io import write_safetensors
+from jeidnn.log import pause_point
+from jeidnn.model.backbone import Backbone
 from jeidnn.model.cost import ExitCosts
-from jeidnn.pipeline.resume import pause_point
+from jeidnn.model.heads import ExitHeads
+from jeidnn.train.context import RunContext
 from jeidnn.train.devices import make_trainer, stage_logger
+from jeidnn.train.end_to_end import fit_end_to_end
 from jeidnn.train.features import FeatureSplit, extract_features
-
-if TYPE_CHECKING:
-    from jeidnn.pipeline.run import Prepared
-    from jeidnn.train.stage2 import TrainedModel
-
-
-def save_predictions(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+from jeidnn.train.lambda_search import fit_stage2
+from jeidnn.train.results import EVAL_SPLITS, FeatureCache, Stage2Result
+from jeidnn.train.stage2 import TrainedModel
 
 
 def gate_flops(variant: GateVariant, num_exits: int, hidden_size: int, num_classes: int) -> float:
@@ -43,136 +39,111 @@ def gate_flops(variant: GateVariant, num_exits: int, hidden_size: int, num_class
         return count_flops(lambda: gates(logits, hidden)) / (num_exits - 1)
 
 
-LEARNED_LABELS = {
-    "jeidnn_paper": "JEI-DNN, paper preset",
-}
+def cost_tensors(costs: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+    """Per variant, its exit costs as a float64 tensor ``(L,)``: a float32 copy would move val costs off the
+    costs the evaluation compares budgets with at 1e-9."""
+    return {name: torch.tensor(c, dtype=torch.float64) for name, c in costs.items()}
 
 
-def _learned_entries(variant: GateVariant, costs: list[float], models: list[dict]) -> dict[str, dict]:
-    """report.json `learned` entries of one variant: as configured, and for a `native` variant also with
-    the exit threshold chosen on calib (an extension sharing the same models)."""
-    label = LEARNED_LABELS.get(variant.name, variant.name.replace("_", " "))
-    settings = dataclasses.asdict(variant)
-    entry = {
-        "label": label + (" (extension)" if variant.extension else ""),
-        "extension": variant.extension,
-        "operating_point": variant.operating_point,
-        "costs": costs,
-        "settings": settings,
-        "models": models,
-    }
-    entries = {variant.name: entry}
-    if variant.operating_point == "native":
-        entries[f"{variant.name}_tau"] = {
-            **entry,
-            "label": f"{label} + exit threshold on calib (extension)",
-            "extension": True,
-            "operating_point": "calib_threshold",
-        }
-    return entries
+def predictions_file(variant: str, k: int) -> str:
+    """Where model ``k`` (λ ascending) of ``variant`` keeps its predictions, relative to the run folder."""
+    return f"predictions/learned/{variant}/{k}.safetensors"
 
 
 def train_stage2(
-    p: Prepared, cache: dict[str, FeatureSplit], costs: ExitCosts, run_dir: Path, progress: bool
-) -> tuple[dict[str, dict], dict[str, list], dict[str, dict]]:
-    """Stage 2 for every variant and λ; writes each model's predictions and weights.
+    ctx: RunContext,
+    backbone: Backbone,
+    heads: ExitHeads,
+    dm: JeidnnDataModule,
+    cache: FeatureCache,
+    costs: ExitCosts,
+) -> Stage2Result:
+    """Stage 2 for every variant and λ; writes each model's predictions and weights. ``backbone`` and
+    ``heads`` (the warmed-up exits) stay as they are: each model holds copies.
 
     Each finished fit is kept in `checkpoints/stage2/` (a resumed run loads it instead of training again).
-
-    Returns:
-        report.json's `learned` entries, the trained models per variant (for the export), and every
-        predictions file's tensors keyed by its path in the run folder.
     """
-    from jeidnn.train.stage2 import fit_stage2
-
-    cfg = p.cfg
-    num_exits, hidden = p.heads.num_exits, p.backbone.hidden_size
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    num_exits, hidden = heads.num_exits, backbone.hidden_size
     variant_costs = {
-        v.name: costs.with_gates(gate_flops(v, num_exits, hidden, p.heads.num_classes))
+        v.name: costs.with_gates(gate_flops(v, num_exits, hidden, heads.num_classes))
         for v in cfg.jeidnn.variants
     }
     store = run_dir / "checkpoints" / "stage2"
     after_fit = lambda name: pause_point(f"stage2:{name}")  # noqa: E731
     if cfg.jeidnn.train_backbone:
-        from jeidnn.train.end_to_end import fit_end_to_end
+        trained = fit_end_to_end(
+            ctx, backbone, heads, dm, cache, cost_tensors(variant_costs), store=store, after_fit=after_fit
+        )
+    else:
+        trained = fit_stage2(
+            cache["train"].features,
+            cache["train"].labels,
+            cache["val"].features,
+            cache["val"].labels,
+            heads,
+            cost_tensors(variant_costs),
+            cfg.jeidnn,
+            seed=cfg.seed,
+            trainer_kwargs={
+                # Heads and gates on cached features: tensors too small for a GPU to pay off unless asked for.
+                "accelerator": "cpu" if cfg.accelerator == "auto" else cfg.accelerator,
+                "logger": stage_logger(cfg, run_dir, "stage2"),
+                "enable_progress_bar": ctx.progress,
+                "default_root_dir": str(run_dir),
+            },
+            store=store,
+            after_fit=after_fit,
+        )
+    predictions = {
+        variant.name: [
+            _save_model(ctx, backbone, heads, dm, cache, variant.name, k, model)
+            for k, model in enumerate(trained[variant.name])
+        ]
+        for variant in cfg.jeidnn.variants
+    }
+    return Stage2Result(variant_costs, trained, predictions)
 
-        costs_of = {name: torch.tensor(c) for name, c in variant_costs.items()}
-        trained = fit_end_to_end(p, cache, costs_of, run_dir, progress, store=store, after_fit=after_fit)
-        return _outputs(p, cache, variant_costs, trained, run_dir, progress)
-    trained = fit_stage2(
-        cache["train"].features,
-        cache["train"].labels,
-        cache["val"].features,
-        cache["val"].labels,
-        p.heads,
-        {name: torch.tensor(c) for name, c in variant_costs.items()},
-        cfg.jeidnn,
-        seed=cfg.seed,
-        trainer_kwargs={
-            # Heads and gates on cached features: tensors too small for a GPU to pay off unless asked for.
-            "accelerator": "cpu" if cfg.accelerator == "auto" else cfg.accelerator,
-            "logger": stage_logger(cfg, run_dir, "stage2"),
-            "enable_progress_bar": progress,
-            "default_root_dir": str(run_dir),
-        },
-        store=store,
-        after_fit=after_fit,
-    )
-    return _outputs(p, cache, variant_costs, trained, run_dir, progress)
 
-
-def own_features(p: Prepared, model: TrainedModel, run_dir: Path, progress: bool) -> dict[str, FeatureSplit]:
-    """The val, calib and test features of the backbone a model trained end to end brought."""
-    backbone = copy.deepcopy(p.backbone)
+def own_features(
+    ctx: RunContext, backbone: Backbone, layers: list[int], dm: JeidnnDataModule, model: TrainedModel
+) -> dict[str, FeatureSplit]:
+    """The val, calib and test features of the backbone a model trained end to end brought (``backbone``:
+    the run's, copied)."""
+    backbone = copy.deepcopy(backbone)
     backbone.model.load_state_dict(model.backbone)
-    trainer = make_trainer(p.cfg, run_dir, "cache", progress, logger=False)
+    trainer = make_trainer(ctx.cfg, ctx.run_dir, "cache", ctx.progress, logger=False)
     cache = {}
-    for split in ("val", "calib", "test"):
-        cache[split] = extract_features(backbone, p.dm, split, p.exit_layers, progress, trainer=trainer)
+    for split in EVAL_SPLITS:
+        cache[split] = extract_features(backbone, dm, split, layers, ctx.progress, trainer=trainer)
     return cache
 
 
-def _outputs(
-    p: Prepared,
-    cache: dict[str, FeatureSplit],
-    variant_costs: dict[str, list[float]],
-    trained: dict[str, list[TrainedModel]],
-    run_dir: Path,
-    progress: bool,
-) -> tuple[dict[str, dict], dict[str, list], dict[str, dict]]:
-    """Each trained model's predictions and weights (files and memory) and report.json's entries."""
-    cfg = p.cfg
-    learned: dict[str, dict] = {}
-    predictions: dict[str, dict] = {}
-    for variant in cfg.jeidnn.variants:
-        models = []
-        for k, model in enumerate(trained[variant.name]):
-            tensors = {}
-            # A model trained end to end reads its own backbone's features: computed again here.
-            splits = cache if model.backbone is None else own_features(p, model, run_dir, progress)
-            for split in ("val", "calib", "test"):
-                features = splits[split].features
-                with torch.no_grad():
-                    logits = model.heads(features)  # (N, L, C)
-                    tensors[f"{split}_scores"] = model.gates.scores(logits, features[:, :-1])  # (N, L-1)
-                tensors[f"{split}_logits"] = logits
-                tensors[f"{split}_labels"] = cache[split].labels
-            rel = f"predictions/learned/{variant.name}/{k}.safetensors"
-            save_predictions(run_dir / rel, tensors)
-            predictions[rel] = tensors
-            weights = {f"heads.{n}": v for n, v in model.heads.state_dict().items()}
-            weights.update({f"gates.{n}": v for n, v in model.gates.state_dict().items()})
-            weights.update({f"backbone.{n}": v for n, v in (model.backbone or {}).items()})
-            save_predictions(run_dir / "checkpoints" / "learned" / variant.name / f"{k}.safetensors", weights)
-            entry = {
-                "lambda": model.lam,
-                "file": rel,
-                "val_cost": model.val_cost,
-                "val_accuracy": model.val_accuracy,
-            }
-            if model.backbone is not None:
-                entry["backbone"] = "its own, trained end to end in stage 2 (in its checkpoint)"
-                entry["backbone_updates"] = int(model.history["backbone_updates"][-1])
-            models.append(entry)
-        learned.update(_learned_entries(variant, variant_costs[variant.name], models))
-    return learned, trained, predictions
+def _save_model(
+    ctx: RunContext,
+    backbone: Backbone,
+    heads: ExitHeads,
+    dm: JeidnnDataModule,
+    cache: FeatureCache,
+    variant: str,
+    k: int,
+    model: TrainedModel,
+) -> dict[str, torch.Tensor]:
+    """Model ``k`` of ``variant``: its predictions on every evaluated split (returned, and written with its
+    weights)."""
+    tensors = {}
+    # A model trained end to end reads its own backbone's features: computed again here.
+    splits = cache.splits if model.backbone is None else own_features(ctx, backbone, heads.layers, dm, model)
+    for split in EVAL_SPLITS:
+        features = splits[split].features
+        with torch.no_grad():
+            logits = model.heads(features)  # (N, L, C)
+            tensors[f"{split}_scores"] = model.gates.scores(logits, features[:, :-1])  # (N, L-1)
+        tensors[f"{split}_logits"] = logits
+        tensors[f"{split}_labels"] = cache[split].labels
+    write_safetensors(ctx.run_dir / predictions_file(variant, k), tensors)
+    weights = {f"heads.{n}": v for n, v in model.heads.state_dict().items()}
+    weights.update({f"gates.{n}": v for n, v in model.gates.state_dict().items()})
+    weights.update({f"backbone.{n}": v for n, v in (model.backbone or {}).items()})
+    write_safetensors(ctx.run_dir / "checkpoints" / "learned" / variant / f"{k}.safetensors", weights)
+    return tensors

@@ -37,6 +37,37 @@ def per_exit_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return -log_probs.gather(-1, index).squeeze(-1)  # (..., N, L)
 
 
+def summed_exit_ce(
+    logits: Tensor,
+    labels: Tensor,
+    reduction: Literal["mean", "sum"] = "mean",
+    exit_weights: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy summed over exits, ``Σ_l w_l CE_l(x)`` (``w`` = ones by default), reduced over samples.
+
+    The one loss of every phase that trains all exits at once: the IM warm-up, the joint phase, the pruning
+    recovery fine-tune and the pruning importance scores.
+
+    Args:
+        logits: per-exit logits, shape ``(N, L, C)``.
+        labels: class indices, shape ``(N,)``.
+        reduction: ``"mean"`` or ``"sum"`` over samples (a sum keeps each sample's gradient its own).
+        exit_weights: ``(L,)`` per-exit weights ``w_l``.
+
+    Returns:
+        Scalar loss. Example: two exits with CEs ``(1, 2)`` and ``(3, 4)`` on two samples give ``mean`` 5 and
+        ``sum`` 10.
+    """
+    ce = per_exit_ce(logits, labels)  # (N, L)
+    if exit_weights is not None:
+        ce = ce * exit_weights
+    if reduction == "sum":
+        return ce.sum()
+    if reduction != "mean":
+        raise ValueError(f"summed_exit_ce reduction must be 'mean' or 'sum', got {reduction!r}")
+    return ce.sum(dim=1).mean()  # (N, L) -> (N,) -> scalar
+
+
 def im_loss(logits: Tensor, labels: Tensor, pi: Tensor, mode: IMLossMode = "weighted") -> Tensor:
     """IM loss with the gates fixed.
 
@@ -181,4 +212,4 @@ def warmup_loss(logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         Scalar loss.
     """
-    return per_exit_ce(logits, labels).sum(dim=1).mean()  # (N, L) -> scalar
+    return summed_exit_ce(logits, labels)

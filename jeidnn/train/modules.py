@@ -1,7 +1,8 @@
 """Stage 0 (fine-tune backbone + final head), the joint phase (backbone + every exit, `regime: joint |
 mixed`) and stage 1 (IM warm-up on cached features).
 
-All are LightningModules driven by `pl.Trainer` from :mod:`jeidnn.train.finetune` and :mod:`jeidnn.pipeline.run`.
+All are LightningModules driven by `pl.Trainer` from :mod:`jeidnn.train.finetune` and
+:mod:`jeidnn.train.warmup`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jeidnn.model.backbone import Backbone
 from jeidnn.model.heads import ExitHead, ExitHeads
 from jeidnn.train.devices import GlobalBatches
 from jeidnn.train.features import FeatureSplit
-from jeidnn.train.losses import per_exit_ce, warmup_loss
+from jeidnn.train.losses import summed_exit_ce, warmup_loss
 
 
 class FinetuneModule(pl.LightningModule):
@@ -169,7 +170,7 @@ class JointModule(FinetuneModule):
         return self.head(pooled)  # (B, L, C)
 
     def loss_sum(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return (per_exit_ce(logits, labels) * self.exit_weights).sum()  # (b, L) weighted, summed
+        return summed_exit_ce(logits, labels, "sum", self.exit_weights)
 
     def val_pairs(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         # Every (sample, exit) pair counts once: their accuracy is the mean of the exits' accuracies.

@@ -1,0 +1,285 @@
+"""One side-by-side fit of stage 2: every (variant, λ) of a plan trained at once by one LightningModule.
+
+See :mod:`jeidnn.train.stage2` for the method; batches are rows of the feature cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from jeidnn.config.schema import GateVariant, JeidnnConfig
+from jeidnn.model.gates import score_exits
+from jeidnn.train.stage2 import StackedIMs, TrainedModel, VariantBlock
+
+
+def alternation_phase(step: int, alternate_steps: int) -> str:
+    """``"gate"`` or ``"im"``: the phase of optimizer step ``step`` (0-based); gate phase first."""
+    return "gate" if (step // alternate_steps) % 2 == 0 else "im"
+
+
+class Stage2Module(pl.LightningModule):
+    """All variant blocks trained side by side with manual optimisation (one SGD, cosine schedule).
+
+    Batches are ``(features (B, L-1, H), labels (B,), final_logits (B, C))``: the IMs' pooled features and the
+    frozen final head's logits, computed once. Each step only one phase's parameters get gradients; SGD skips
+    parameters without gradient, so the idle part is truly fixed. Validation (once per epoch) records each
+    model's val accuracy and cost at the native threshold and recounts the BCE positive weights.
+    """
+
+    def __init__(self, blocks: Sequence[VariantBlock], cfg: JeidnnConfig) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self._steps = 0
+        self.blocks = nn.ModuleList(blocks)
+        self.cfg = cfg
+        self.history: list[list[dict[str, list[float]]]] = [
+            [
+                {key: [] for key in ("gate_loss", "im_loss", "val_accuracy", "val_cost")}
+                for _ in range(b.num_models)
+            ]
+            for b in blocks
+        ]
+
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        cfg = self.cfg
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=cfg.min_lr)
+        return [optimizer], [scheduler]
+
+    def on_train_epoch_start(self) -> None:
+        self._losses: dict[str, list[list[Tensor]]] = {"gate": [], "im": []}
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        features, labels, final_logits = batch  # (B, L-1, H), (B,), (B, C)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        # Own step count: Lightning's global_step counts optimizer steps, and a phase with every variant's
+        # IMs frozen takes none.
+        phase = alternation_phase(self._steps, self.cfg.alternate_steps)
+        self._steps += 1
+        losses: list[Tensor | None] = [
+            b.gate_phase_loss(features, labels, final_logits)
+            if phase == "gate"
+            else None
+            if b.variant.im_loss == "frozen"  # no IM phase: these gates learn on the warm-up IMs
+            else b.im_phase_loss(features, labels, final_logits)
+            for b in self.blocks
+        ]  # one (K_v,) per block
+        trained = [loss for loss in losses if loss is not None]
+        if trained:
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(torch.cat(trained).sum())
+            optimizer.step()
+        scheduler.step()
+        self._losses[phase].append(
+            [
+                loss.detach() if loss is not None else torch.full((b.num_models,), math.nan)
+                for loss, b in zip(losses, self.blocks)
+            ]
+        )
+
+    def on_train_epoch_end(self) -> None:
+        for phase in ("gate", "im"):
+            steps = self._losses[phase]
+            for i, history in enumerate(self.history):
+                # NaN marks an epoch without any step of that phase.
+                means = (
+                    torch.stack([s[i] for s in steps]).mean(0).tolist()
+                    if steps
+                    else [math.nan] * len(history)
+                )
+                for k, h in enumerate(history):
+                    h[f"{phase}_loss"].append(means[k])
+
+    def on_validation_epoch_start(self) -> None:
+        self._val: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in self.blocks]
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        features, labels, final_logits = batch
+        for i, block in enumerate(self.blocks):
+            logits, scores = block.predict(features, final_logits)  # (K, B, L, C), (K, B, L-1)
+            self._val[i].append((logits, scores, labels))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return  # a partial pass over val must not change the weights
+        for i, block in enumerate(self.blocks):
+            logits = torch.cat([x[0] for x in self._val[i]], dim=1)  # (K, N, L, C)
+            scores = torch.cat([x[1] for x in self._val[i]], dim=1)  # (K, N, L-1)
+            labels = torch.cat([x[2] for x in self._val[i]])  # (N,)
+            for k in range(block.num_models):
+                accuracy, cost = native_point(logits[k], scores[k], labels, block.costs)
+                self.history[i][k]["val_accuracy"].append(accuracy)
+                self.history[i][k]["val_cost"].append(cost)
+            if block.variant.objective == "bce":
+                block.set_positive_weights(block.ce(logits, labels), self.cfg.max_positive_weight)
+
+
+def native_point(logits: Tensor, scores: Tensor, labels: Tensor, costs: Tensor) -> tuple[float, float]:
+    """(accuracy, mean cost) of one model at its native exit threshold."""
+    exits = score_exits(scores)
+    taken = logits[torch.arange(len(exits)), exits]  # (N, C)
+    return float((taken.argmax(-1) == labels).float().mean()), float(costs.double()[exits].mean())
+
+
+class _CachedRows(Dataset):
+    """Cached rows fetched a whole batch at a time: ``(features[:, :L-1], labels, final_logits)``."""
+
+    def __init__(self, features: Tensor, labels: Tensor, final_logits: Tensor) -> None:
+        self.features, self.labels, self.final_logits = features, labels, final_logits
+        self.num_ims = features.shape[1] - 1
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, rows: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        index = torch.as_tensor(rows)
+        return self.features[index, : self.num_ims], self.labels[index], self.final_logits[index]
+
+
+def _batches(rows: _CachedRows, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
+    sampler = RandomSampler(rows, generator=generator) if generator is not None else SequentialSampler(rows)
+    return DataLoader(
+        rows, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None, generator=generator
+    )
+
+
+def eval_logits(module: nn.Module, inputs: Tensor) -> Tensor:
+    """``module(inputs)`` in eval mode, 4096 rows at a time (``module`` is copied, its mode untouched)."""
+    module = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        return torch.cat([module(chunk) for chunk in inputs.split(4096)])
+
+
+@torch.no_grad()
+def first_model_logits(ims: StackedIMs, features: Tensor, rows: int = 4096) -> Tensor:
+    """Model 0's eval-mode IM logits ``(N, L-1, C)`` from IM features ``(N, L-1, H)``, ``rows`` samples at a
+    time: all ``K`` models over a whole split at once would hold ``(K, N, L-1, hidden)`` activations (about
+    11 GB for `im_head: mlp` at SST-2 size). Leaves ``ims`` in train mode."""
+    ims.eval()
+    out = torch.cat([ims(chunk)[0] for chunk in features.split(rows)])
+    ims.train()
+    return out
+
+
+def start_blocks(
+    train_features: Tensor,
+    val: tuple[Tensor, Tensor, Tensor],
+    heads: nn.Module,
+    plan: Sequence[tuple[GateVariant, Tensor, Sequence[float]]],
+    cfg: JeidnnConfig,
+    seed: int,
+) -> list[VariantBlock]:
+    """The variant blocks of ``plan`` as training starts: fresh gates (each variant from its own random
+    stream), gate-input statistics from the warm-up IMs on ``train_features`` ``(N, L, H)``, and BCE positive
+    weights from ``val`` = (IM features ``(M, L-1, H)``, labels ``(M,)``, final logits ``(M, C)``)."""
+    hidden_size = train_features.shape[-1]
+    blocks = []
+    for variant, costs, lambdas in plan:
+        # Each variant's gates drawn from its own stream: adding a variant never changes another's start.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(variant.name.encode()))
+        block = VariantBlock(variant, heads, hidden_size, costs, lambdas, generator)
+        # The warm-up IMs' outputs (every model starts from them) set the statistics.
+        im_logits = first_model_logits(block.ims, train_features[:, :-1])  # (N, L-1, C)
+        block.gates.set_statistics(im_logits, train_features[:, :-1])
+        if variant.objective == "bce":  # initial BCE weights from the warm-up IMs on val
+            with torch.no_grad():
+                block.set_positive_weights(
+                    block.ce(block.predict(*val[::2])[0], val[1]), cfg.max_positive_weight
+                )
+        blocks.append(block)
+    return blocks
+
+
+def train_models(
+    train_features: Tensor,
+    train_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    heads: nn.Module,
+    plan: Sequence[tuple[GateVariant, Tensor, Sequence[float]]],
+    cfg: JeidnnConfig,
+    *,
+    seed: int = 0,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> list[list[TrainedModel]]:
+    """Train every (variant, λ) of ``plan`` side by side; deterministic given ``seed``.
+
+    Args:
+        train_features: cached pooled features ``(N, L, H)`` of every exit layer.
+        train_labels: ``(N,)``.
+        val_features: ``(M, L, H)``; BCE positive weights and per-epoch val metrics.
+        val_labels: ``(M,)``.
+        heads: the warm-up heads (:class:`~jeidnn.model.heads.ExitHeads`; copied, never modified).
+        plan: ``(variant, costs (L,), lambdas)`` per block; costs include that variant's gates.
+        cfg: stage-2 settings.
+        seed: seeds the gate initialisation, dropout and shuffling.
+        trainer_kwargs: extra ``pl.Trainer`` arguments (logger, accelerator, progress bar, root dir).
+
+    Returns:
+        Per block, one :class:`TrainedModel` per λ, in order.
+    """
+    num_exits = len(heads.heads)
+    if train_features.dim() != 3 or train_features.shape[1] != num_exits:
+        raise ValueError(
+            f"expected train features of shape (N, {num_exits}, H), got {tuple(train_features.shape)}"
+        )
+    pl.seed_everything(seed, verbose=False)
+    train_rows = _CachedRows(
+        train_features, train_labels, eval_logits(heads.heads[-1], train_features[:, -1])
+    )
+    val_rows = _CachedRows(val_features, val_labels, eval_logits(heads.heads[-1], val_features[:, -1]))
+    blocks = start_blocks(train_features, val_rows[list(range(len(val_rows)))], heads, plan, cfg, seed)
+    module = Stage2Module(blocks, cfg)
+
+    trainer = pl.Trainer(
+        max_epochs=cfg.epochs,
+        devices=1,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+        **{"accelerator": "cpu", "logger": False, "enable_progress_bar": False, **(trainer_kwargs or {})},
+    )
+    threads = torch.get_num_threads()
+    on_cpu = trainer_kwargs is None or trainer_kwargs.get("accelerator", "cpu") == "cpu"
+    if on_cpu:
+        # Every tensor of a step is tiny: intra-op threads only add hand-offs, and on a busy machine their
+        # spin-waits made a step several times slower.
+        torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            trainer.fit(
+                module,
+                _batches(train_rows, cfg.batch_size, torch.Generator().manual_seed(seed)),
+                _batches(val_rows, max(cfg.batch_size, 1024)),
+            )
+    finally:
+        torch.set_num_threads(threads)
+    module.cpu().eval()
+    results = []
+    for block, histories in zip(module.blocks, module.history):
+        models = []
+        for k, history in enumerate(histories):
+            model_heads = copy.deepcopy(heads).cpu().eval()
+            block.ims.write_into(k, model_heads.heads[:-1])
+            models.append(
+                TrainedModel(
+                    block.variant, block.lambda_values[k], model_heads, block.gates.select(k).eval(), history
+                )
+            )
+        results.append(models)
+    return results
