@@ -17,7 +17,7 @@ from jeidnn.config.schema import load_config
 from jeidnn.data.datamodule import load_raw, make_splits
 from jeidnn.export.exporter import _plain, export_run, main
 from jeidnn.export.operating_point import Run
-from jeidnn.hf.predict import make_batches
+from jeidnn.hf.batches import make_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNS = ["--finetune.epochs", "8", "--finetune.lr", "0.003", "--finetune.batch_size", "16"]

@@ -35,25 +35,15 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from jeidnn.config.schema import GateVariant, JeidnnConfig
-from jeidnn.model.gates import Gates, GateSettings, StackedGates, exit_distribution, score_exits
+from jeidnn.model.exit_rules import exit_distribution
+from jeidnn.model.gates import Gates, StackedGates
+from jeidnn.model.policies import score_exits
 from jeidnn.train.losses import expected_loss, gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
 
 logger = logging.getLogger(__name__)
 
 # IM layers that act on each element alike, so one call covers all K models.
 _ELEMENTWISE = (nn.Identity, nn.Tanh, nn.GELU, nn.ReLU)
-
-
-def gate_settings(variant: GateVariant) -> GateSettings:
-    """The gate shape of a variant (what a saved model needs to rebuild its gates)."""
-    return GateSettings(
-        inputs=variant.inputs,
-        arch=variant.arch,
-        exit_rule=variant.exit_rule,
-        standardize=variant.standardize,
-        width=variant.width,
-        projection=variant.projection,
-    )
 
 
 def _leaf_layers(module: nn.Module) -> list[nn.Module]:
@@ -160,7 +150,7 @@ class VariantBlock(nn.Module):
         self.lambda_values = [float(x) for x in lambdas]
         num_exits = len(heads.heads)
         self.ims = StackedIMs(heads.heads[:-1], len(lambdas))
-        self.gates = StackedGates(gate_settings(variant), num_exits, hidden_size, len(lambdas), generator)
+        self.gates = StackedGates(variant, num_exits, hidden_size, len(lambdas), generator)
         self.register_buffer("costs", costs.detach().float().clone())
         self.register_buffer("lambdas", torch.tensor([float(x) for x in lambdas]))
         self.register_buffer("pos_weight", torch.ones(len(lambdas), num_exits - 1))
@@ -559,7 +549,7 @@ def load_models(
         model_heads.load_state_dict(
             {n[len(f"{k}.heads.") :]: v for n, v in tensors.items() if n.startswith(f"{k}.heads.")}
         )
-        gates = Gates(len(heads.heads), gate_settings(variant), hidden_size)
+        gates = Gates(len(heads.heads), variant, hidden_size)
         gates.load_state_dict(
             {n[len(f"{k}.gates.") :]: v for n, v in tensors.items() if n.startswith(f"{k}.gates.")}
         )
