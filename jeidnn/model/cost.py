@@ -94,8 +94,9 @@ class ExitCosts:
 
     def with_gates(self, gate_flops: float) -> list[float]:
         """Normalised cost per exit when each gated exit up to it runs a gate of ``gate_flops`` FLOPs."""
-        num_exits = len(self.cost)
-        return [c + min(e + 1, num_exits - 1) * gate_flops / self.full_flops for e, c in enumerate(self.cost)]
+        # FLOPs first, then normalised: the same float operations as the pruning's recount of a model.
+        last, full = len(self.cost) - 1, self.full_flops
+        return [(c * full + min(e + 1, last) * gate_flops) / full for e, c in enumerate(self.cost)]
 
     @property
     def gflops_full(self) -> float:
