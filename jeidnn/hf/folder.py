@@ -1,4 +1,5 @@
-"""A saved model's folder on disk: the checks before loading it, its preprocessor, the earlier layout.
+"""A saved model's folder: writing and reading it (:class:`SavedModel`), the checks before loading, its
+preprocessor, and the earlier layout.
 
 The current layout is a Hugging Face model folder (:mod:`jeidnn.hf.modeling`, :mod:`jeidnn.hf.config`)::
 
