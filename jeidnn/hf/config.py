@@ -9,7 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from jeidnn.errors import JeidnnError
 from jeidnn.model.backbone import Backbone
-from jeidnn.model.early_exit import StaticGates, ThresholdGates
+from jeidnn.model.early_exit import StaticGates, ThresholdGates, json_float
 from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
 
@@ -84,10 +84,27 @@ class EarlyExitConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as config.json holds it: strict JSON, an infinite threshold or quantile as ``"inf"``."""
         out = super().to_dict()
         if isinstance(self.backbone_config, PretrainedConfig):
             out["backbone_config"] = self.backbone_config.to_dict()
-        return out
+        return strict_json(out)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as a string (:func:`~jeidnn.model.early_exit.json_float`).
+
+    JSON has no infinity: Python would write ``Infinity``, which strict parsers refuse. The config's float
+    fields (``gates.exit_threshold``, thresholds, costs, quantiles) go through ``float()`` on load, which
+    reads the strings back as the same floats.
+    """
+    if isinstance(value, float):
+        return json_float(value)
+    if isinstance(value, Mapping):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(strict_json(item) for item in value)
+    return value
 
 
 def check_parts(config: EarlyExitConfig, backbone: Backbone, heads: ExitHeads, gates: Any) -> None:

@@ -213,8 +213,8 @@ GATE_KINDS = ("learned", "threshold", "patience", "static", "none")
 """The ``kind`` of a model config's ``gates`` entry (:class:`jeidnn.hf.config.EarlyExitConfig`)."""
 
 
-def _json_float(value: float) -> float | str:
-    """JSON has no infinity: a threshold that no (or every) confidence passes is written "inf" ("-inf")."""
+def json_float(value: float) -> float | str:
+    """JSON has no infinity: ±inf (a threshold nobody / everybody passes) as "inf" / "-inf"."""
     return value if math.isfinite(value) else str(value)
 
 
@@ -225,10 +225,10 @@ def gate_config(gates: Gates | RuleGates | None, exit_threshold: float = DEFAULT
             "kind": "learned",
             "settings": gates.settings.to_dict(),
             "hidden_size": int(gates.hidden_mean.shape[-1]),
-            "exit_threshold": _json_float(float(exit_threshold)),  # float() reads "inf" back
+            "exit_threshold": json_float(float(exit_threshold)),
         }
     if isinstance(gates, ThresholdGates):
-        values = [_json_float(t) for t in gates.thresholds.tolist()]
+        values = [json_float(t) for t in gates.thresholds.tolist()]
         return {"kind": "threshold", "measure": gates.measure, "thresholds": values}
     if isinstance(gates, PatienceGates):
         return {"kind": "patience", "patience": gates.patience}
