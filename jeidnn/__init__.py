@@ -20,13 +20,13 @@ from transformers import (
 from jeidnn.config.parser import load_config
 from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError
+from jeidnn.hf.batches import Prediction
+from jeidnn.hf.config import EarlyExitConfig
 from jeidnn.hf.modeling import (
-    EarlyExitConfig,
     EarlyExitForImageClassification,
     EarlyExitForSequenceClassification,
     EarlyExitModel,
 )
-from jeidnn.hf.predict import Prediction
 from jeidnn.model.early_exit import EarlyExitOutput, PatienceGates, StaticGates, ThresholdGates
 
 # exist_ok: a second registration of the same classes (e.g. a reloaded module) is harmless.

@@ -192,3 +192,37 @@ def test_checkpoint_classifier_matches_classes_by_name_or_says_why_not(tmp_path)
     tiny("bert").model.save_pretrained(tmp_path / "base")
     base = checkpoint_classifier(ModelConfig(name_or_path=str(tmp_path / "base")), ["x", "y"], "cls")
     assert base.state is None and "is a base model (BertModel)" in base.reason
+
+
+def _fake_hub_cache(root, repo_id: str, pooling: dict) -> None:
+    """A Hugging Face cache holding only `1_Pooling/config.json` of `repo_id` (the hub's cache layout)."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    snapshot = repo / "snapshots" / revision / "1_Pooling"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(pooling))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_sentence_transformers_pooling_is_read_from_a_folder_and_from_the_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from jeidnn.model.backbone import sentence_transformers_pooling
+
+    mean = {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}
+    folder = tmp_path / "local" / "1_Pooling"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(mean))
+    assert sentence_transformers_pooling(str(tmp_path / "local")) == "mean"
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "sentence-transformers/tiny-mean", mean)
+    _fake_hub_cache(
+        cache, "org/tiny-cls", {"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network
+    assert sentence_transformers_pooling("sentence-transformers/tiny-mean") == "mean"
+    assert sentence_transformers_pooling("org/tiny-cls") == "cls"
+    # Offline and not cached: CLS, as before.
+    assert sentence_transformers_pooling("sentence-transformers/not-cached") == "cls"

@@ -111,11 +111,12 @@ def _field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of dataclass `cls`, read from its source (not through jsonargparse)."""
     import inspect
 
-    body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(getattr(after, "value", None), ast.Constant):
-            docs[node.target.id] = after.value.value
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # GateVariant's base too
+        body = ast.parse(inspect.getsource(base)).body[0].body
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(getattr(after, "value", None), ast.Constant):
+                docs[node.target.id] = after.value.value
     return docs
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from tiny_models import TEXT_ARCHS, TINY_CONFIGS, VISION_ARCHS
 
-from jeidnn.config.schema import ModelConfig
+from jeidnn.config.schema import GateSettings, ModelConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.early_exit import PatienceGates, StaticGates, ThresholdGates
-from jeidnn.model.gates import Gates, GateSettings, score_exits
+from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
-from jeidnn.model.policies import confidence, patience_exits, static_exits
+from jeidnn.model.policies import confidence, patience_exits, score_exits, static_exits
 
 ARCHS = list(TINY_CONFIGS)
 NUM_CLASSES = 3

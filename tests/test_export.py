@@ -18,7 +18,7 @@ from jeidnn.data.sources import load_raw
 from jeidnn.data.splits import make_splits
 from jeidnn.export.exporter import _plain, export_run, main
 from jeidnn.export.operating_point import Run
-from jeidnn.hf.predict import make_batches
+from jeidnn.hf.batches import make_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNS = ["--finetune.epochs", "8", "--finetune.lr", "0.003", "--finetune.batch_size", "16"]

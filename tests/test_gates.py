@@ -5,16 +5,11 @@ import math
 import pytest
 import torch
 
-from jeidnn.model.gates import (
-    Gates,
-    GateSettings,
-    conditional_distribution,
-    confidence_features,
-    exit_inputs,
-    exit_scores,
-    paper_distribution,
-    score_exits,
-)
+from jeidnn.config.schema import GateSettings
+from jeidnn.model.exit_rules import conditional_distribution, exit_scores, paper_distribution
+from jeidnn.model.gate_inputs import confidence_features, exit_inputs
+from jeidnn.model.gates import Gates
+from jeidnn.model.policies import score_exits
 
 # ----------------------------------------------------------------------------- gate features
 
@@ -205,3 +200,35 @@ def test_score_exits_threshold_and_last_exit():
     assert score_exits(scores, tau=0.15).tolist() == [0, 3, 0]
     assert score_exits(scores, tau=float("inf")).tolist() == [3, 3, 3]
     assert torch.equal(exit_scores(scores, "conditional"), scores)
+
+
+# ----------------------------------------------------------------------------- gate FLOPs
+
+
+def test_gate_flops_count_every_multiply_add_of_the_gate():
+    from jeidnn.config.schema import GateVariant
+    from jeidnn.model.cost import GATE_FLOPS, gate_flops
+    from jeidnn.train.learned import gate_flops as learned_gate_flops
+
+    # The paper's gate: Linear(4 -> 1), 4 multiply-adds, 2 FLOPs each (as FlopCounterMode counts a matmul).
+    assert gate_flops(GateSettings(), num_exits=4, hidden_size=8) == 8.0 == GATE_FLOPS
+    # Trajectory inputs with L = 4: 4 features x 3 exits + agreement + delta = 14 inputs; an MLP of
+    # width 16: 14 x 16 + 16 x 1 multiply-adds.
+    mlp = GateSettings("trajectory", "mlp", "conditional", width=16)
+    assert gate_flops(mlp, num_exits=4, hidden_size=8) == 2 * (14 * 16 + 16) == 480.0
+    # Hidden inputs with L = 3, H = 8: the projection 8 x 3, then a linear gate on 4 x 2 + 2 + 3 = 13 inputs.
+    hidden = GateSettings("hidden", "linear", projection=3)
+    assert gate_flops(hidden, num_exits=3, hidden_size=8) == 2 * (8 * 3 + 13) == 74.0
+    # A learned method pays for its gates (a GateVariant is a GateSettings).
+    variant = GateVariant(inputs="trajectory", arch="mlp", width=16)
+    assert learned_gate_flops(variant, 4, 8, num_classes=3) == 480.0
+
+
+def test_gate_flops_match_the_gate_networks_parameters():
+    from jeidnn.model.cost import gate_flops
+
+    # Every weight of a gate (not its biases) is used once per sample in one multiply-add.
+    for settings in SETTINGS:
+        gates = Gates(4, settings, hidden_size=6)
+        weights = sum(p.numel() for name, p in gates.named_parameters() if name in ("w", "w1", "proj"))
+        assert gate_flops(settings, 4, 6) == 2 * weights / 3, settings

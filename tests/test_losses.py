@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from jeidnn.model.gates import conditional_distribution, paper_distribution
+from jeidnn.model.exit_rules import conditional_distribution, paper_distribution
 from jeidnn.train.losses import (
     best_exit,
     expected_loss,

@@ -29,8 +29,8 @@ from transformers import (
 
 import jeidnn  # noqa: F401  (registers the Auto classes)
 from jeidnn.errors import JeidnnError
+from jeidnn.hf.config import EarlyExitConfig
 from jeidnn.hf.modeling import (
-    EarlyExitConfig,
     EarlyExitForImageClassification,
     EarlyExitForSequenceClassification,
     EarlyExitModel,
@@ -367,3 +367,35 @@ def test_inconsistent_parts_are_refused():
         lambda: EarlyExitModel.from_parts(*parts, None, conformal_quantiles={"0.1": [0.5]}),
         "conformal quantiles for alpha 0.1 have 1 values, need 3",
     )
+
+
+def test_an_infinite_exit_threshold_is_written_as_strict_json_and_read_back(tmp_path):
+    model = gated_text_model(tmp_path, "learned")
+    model.exit_threshold = float("inf")  # no sample leaves early
+    model.save_pretrained(tmp_path / "model")
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    config = json.loads((tmp_path / "model" / "config.json").read_text(), parse_constant=no_constants)
+    assert config["gates"]["exit_threshold"] == "inf"
+    loaded = EarlyExitModel.from_pretrained(tmp_path / "model")
+    assert loaded.exit_threshold == float("inf")
+    out = loaded(**model.preprocessor(["a b c", "d e"], return_tensors="pt", padding=True))
+    assert out.exit_index.tolist() == [model.num_exits - 1] * 2
+
+
+def test_infinite_quantiles_and_metadata_are_strict_json_too(tmp_path):
+    model = gated_text_model(tmp_path, "threshold")
+    model.conformal_quantiles = {"0.1": [float("inf")] * model.num_exits}
+    model.metadata = {"exit_threshold": float("inf"), "note": [float("-inf")]}
+    model.save_pretrained(tmp_path / "model")
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    json.loads((tmp_path / "model" / "config.json").read_text(), parse_constant=no_constants)
+    loaded = EarlyExitModel.from_pretrained(tmp_path / "model")
+    assert loaded.conformal_quantiles == {"0.1": [float("inf")] * model.num_exits}
+    assert loaded.metadata == {"exit_threshold": "inf", "note": ["-inf"]}
+    assert model.metadata["exit_threshold"] == float("inf")  # in memory: still the float

@@ -8,12 +8,12 @@ import torch
 from test_early_exit import TEXTS, split_on_texts, tiny_tokenizer
 from tiny_models import TINY_CONFIGS
 
-from jeidnn.config.schema import ModelConfig
+from jeidnn.config.schema import GateSettings, ModelConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.hf.predict import predict_cli
 from jeidnn.model.backbone import Backbone
-from jeidnn.model.gates import Gates, GateSettings
+from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
 
 LABELS = ["negative", "neutral", "positive"]
@@ -178,3 +178,26 @@ def test_jeidnn_predict_command(model_dir, tmp_path, capsys):
     assert main(["predict", str(model_dir), "--input", str(tmp_path / "nope.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope.csv" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_training_and_prediction_feed_the_same_pixels_for_any_image_mode(mode):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from jeidnn.data.datamodule import Collator
+    from jeidnn.hf.batches import make_batches
+
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).convert(mode)
+    trained = Collator("image", processor)([(0, image, 1)])["pixel_values"]
+    model = SimpleNamespace(preprocessor=processor, backbone=SimpleNamespace(modality="image"))
+    _, batch = next(make_batches(model, [image], batch_size=4))
+    assert trained.shape == (1, 3, 8, 8)
+    assert torch.equal(batch["pixel_values"], trained)
+    reference = processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+    assert torch.equal(trained, reference)

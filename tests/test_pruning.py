@@ -20,15 +20,16 @@ from jeidnn.cli.main import train_main
 from jeidnn.compress.importance import importance, least_important
 from jeidnn.compress.pruning import PruneSettings, prune_model, prune_run, run_data
 from jeidnn.config.parser import load_config
+from jeidnn.config.schema import GateSettings
 from jeidnn.data.sources import load_raw
 from jeidnn.data.splits import make_splits, split_fingerprint
 from jeidnn.errors import JeidnnError
 from jeidnn.export.exporter import build_model, load_backbone
 from jeidnn.export.operating_point import Run, choose, default_choice
-from jeidnn.hf.predict import make_batches
+from jeidnn.hf.batches import make_batches
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.early_exit import PatienceGates, StaticGates, ThresholdGates
-from jeidnn.model.gates import Gates, GateSettings
+from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
 from jeidnn.model.structured import (
     head_dim,

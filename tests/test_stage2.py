@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from jeidnn.config.schema import GateVariant, JeidnnConfig
-from jeidnn.model.gates import Gates, StackedGates, paper_distribution, score_exits
+from jeidnn.model.exit_rules import paper_distribution
+from jeidnn.model.gates import Gates, StackedGates
 from jeidnn.model.heads import ExitHeads
+from jeidnn.model.policies import score_exits
 from jeidnn.train.lambda_search import fit_stage2, next_lambdas
 from jeidnn.train.losses import gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
-from jeidnn.train.stage2 import TrainedModel, gate_settings
+from jeidnn.train.stage2 import TrainedModel
 from jeidnn.train.stage2_fit import _batches, _CachedRows, train_models
 from jeidnn.train.stage2_store import load_models, save_models
 
@@ -65,7 +67,7 @@ def reference_paper(
     heads = copy.deepcopy(heads)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(PAPER.name.encode()))
     # The initial gates train_models draws for this model.
-    gates = StackedGates(gate_settings(PAPER), NUM_EXITS, HIDDEN, len(lambdas), gen).select(index)
+    gates = StackedGates(PAPER, NUM_EXITS, HIDDEN, len(lambdas), gen).select(index)
     with torch.no_grad():
         final = heads.final(x[:, -1]), heads.final(vx[:, -1])
     ims = [p for h in heads.heads[:-1] for p in h.parameters()]

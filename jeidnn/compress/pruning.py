@@ -43,6 +43,7 @@ from jeidnn.data.splits import check_fingerprint, make_splits
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.conformal import alpha_key, fit_conformal, group_exits
 from jeidnn.model.backbone import Backbone
+from jeidnn.model.cost import gate_flops
 from jeidnn.model.gates import Gates
 from jeidnn.model.structured import (
     drop_layers,
@@ -221,24 +222,17 @@ def _recover(
     return losses
 
 
-def _gate_flops(gates: Any, num_exits: int, num_classes: int) -> float:
-    """FLOPs of one learned gate on one sample (rules cost nothing, as in report.json)."""
-    from jeidnn.model.cost import count_flops
-
-    if not isinstance(gates, Gates):
-        return 0.0
-    hidden = int(gates.hidden_mean.shape[-1])
-    logits, pooled = torch.zeros(1, num_exits, num_classes), torch.zeros(1, num_exits - 1, hidden)
-    with torch.no_grad():
-        return count_flops(lambda: gates(logits, pooled)) / (num_exits - 1)
-
-
 def exit_flops(data: RunData, backbone: Backbone, heads: Any, gates: Any) -> tuple[list[float], float]:
     """FLOPs per sample of leaving at each exit (heads and gates up to it included) and of the plain
     backbone + its final head, counted as the run counts them (:func:`jeidnn.train.costs.count_exit_costs`,
     on the train split)."""
     costs = count_exit_costs(backbone, heads, data.dm, torch.device("cpu"))
-    gate = _gate_flops(gates, heads.num_exits, heads.num_classes)
+    # Rules cost nothing, as in report.json.
+    gate = (
+        gate_flops(gates.settings, heads.num_exits, gates.hidden_mean.shape[-1])
+        if isinstance(gates, Gates)
+        else 0.0
+    )
     last = heads.num_exits - 1
     flops = [c * costs.full_flops + min(e + 1, last) * gate for e, c in enumerate(costs.cost)]
     return flops, costs.full_flops

@@ -176,9 +176,44 @@ class WarmupConfig:
     """AdamW weight decay."""
 
 
+GateInputs = Literal["confidence", "trajectory", "hidden"]
+GateArch = Literal["linear", "mlp"]
+ExitRule = Literal["paper", "conditional"]
+
+
 @dataclass
-class GateVariant:
-    """One learned gating method of stage 2: its gates, objective and operating point (docs/method.md).
+class GateSettings:
+    """The shape of a gate network: what it reads, its layers and its exit rule.
+
+    What :class:`~jeidnn.model.gates.Gates` is built from and what a saved model keeps in config.json
+    (``gates.settings``); a :class:`GateVariant` is one, plus how stage 2 trains it.
+    """
+
+    inputs: GateInputs = "confidence"
+    """`confidence` = the four confidence features of the gate's own exit (paper); `trajectory` = those of
+    every exit so far, argmax agreement with earlier exits and the change of p_max; `hidden` = trajectory
+    plus a learned projection of the exit's pooled hidden state."""
+    arch: GateArch = "linear"
+    """Gate network: `linear` (paper) or `mlp` (one hidden ReLU layer of `width` units)."""
+    exit_rule: ExitRule = "paper"
+    """`paper` = π_l = min(g_l, 1 − Σ_{j<l} g_j); `conditional` = g_l is the probability of exiting at l
+    given the sample got there (a stopping process)."""
+    standardize: bool = False
+    """Standardise the gate inputs with training-split statistics of the warm-up IMs."""
+    width: int = 16
+    """Hidden units of the `mlp` gate."""
+    projection: int = 8
+    """Size of the learned hidden-state projection (`inputs: hidden`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The gate-network fields alone (also of a GateVariant): config.json's ``gates.settings``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(GateSettings)}
+
+
+@dataclass
+class GateVariant(GateSettings):
+    """One learned gating method of stage 2: its gates (the :class:`GateSettings` fields), objective and
+    operating point (docs/method.md).
 
     The defaults are the paper's method (JEI-DNN as published); anything else is an extension and is
     labelled as such in the report.
@@ -186,24 +221,9 @@ class GateVariant:
 
     name: str = "jeidnn_paper"
     """Method name in report.json and report.md (letters, digits, `_`)."""
-    inputs: Literal["confidence", "trajectory", "hidden"] = "confidence"
-    """`confidence` = the four confidence features of the gate's own exit (paper); `trajectory` = those of
-    every exit so far, argmax agreement with earlier exits and the change of p_max; `hidden` = trajectory
-    plus a learned projection of the exit's pooled hidden state."""
-    arch: Literal["linear", "mlp"] = "linear"
-    """Gate network: `linear` (paper) or `mlp` (one hidden ReLU layer of `width` units)."""
-    width: int = 16
-    """Hidden units of the `mlp` gate."""
-    projection: int = 8
-    """Size of the learned hidden-state projection (`inputs: hidden`)."""
-    standardize: bool = False
-    """Standardise the gate inputs with training-split statistics of the warm-up IMs."""
     objective: Literal["bce", "expected"] = "bce"
     """`bce` = the paper's weighted BCE towards oracle targets; `expected` = E_π[loss] + λ·E_π[cost]
     minimised through the differentiable exit distribution π."""
-    exit_rule: Literal["paper", "conditional"] = "paper"
-    """`paper` = π_l = min(g_l, 1 − Σ_{j<l} g_j); `conditional` = g_l is the probability of exiting at l
-    given the sample got there (a stopping process)."""
     exit_loss: Literal["error", "ce"] = "error"
     """Per-exit loss of the `expected` objective: 0-1 error (accuracy) or cross-entropy."""
     positive_weight: Literal["exact", "cumulative", "none"] = "exact"

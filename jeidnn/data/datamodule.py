@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from jeidnn.config.schema import DataConfig
+from jeidnn.data.images import pixel_values
 from jeidnn.data.sources import RawData
 from jeidnn.data.splits import Splits
 from jeidnn.data.tables import pad_token_lists
@@ -44,7 +45,7 @@ class Collator:
         index = torch.tensor([b[0] for b in batch])
         labels = torch.tensor([b[2] for b in batch])
         if self.modality == "image":
-            pixels = self.preprocessor([b[1] for b in batch], return_tensors="pt")["pixel_values"]
+            pixels = pixel_values(self.preprocessor, [b[1] for b in batch])  # (B, 3, H, W)
             return {"pixel_values": pixels, "labels": labels, "index": index}
         padded = pad_token_lists({"input_ids": [b[1] for b in batch]}, self.pad_token_id)  # each (B, T)
         return {

@@ -1,1 +1,4 @@
-"""The early-exit model as a Hugging Face model: config, PreTrainedModel, saved folders, prediction."""
+"""The early-exit model as a Hugging Face model: its config.json (``config``), the PreTrainedModel
+(``modeling``), saved folders (``folder``), inputs -> batches -> predictions (``batches``) and
+``jeidnn predict`` (``predict``).
+"""

@@ -1,6 +1,7 @@
-"""A saved model's folder on disk: the checks before loading it, its preprocessor, the earlier layout.
+"""A saved model's folder: writing and reading it (:class:`SavedModel`), the checks before loading, its
+preprocessor, and the earlier layout.
 
-The current layout is a Hugging Face model folder (:mod:`jeidnn.hf.modeling`)::
+The current layout is a Hugging Face model folder (:mod:`jeidnn.hf.modeling`, :mod:`jeidnn.hf.config`)::
 
     folder/config.json         EarlyExitConfig: the backbone's config nested, exits, gates, costs, labels ...
     folder/model.safetensors   backbone.model.*, heads.* and gates.* weights
@@ -19,26 +20,27 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedModel
 
 from jeidnn.errors import JeidnnError, first_line
+from jeidnn.hf.config import MODEL_TYPE
 from jeidnn.model.backbone import Backbone
-from jeidnn.model.early_exit import _no_progress_bars, build_gates
-from jeidnn.model.gates import DEFAULT_TAU, Gates
+from jeidnn.model.early_exit import _no_progress_bars, build_gates, gate_config
+from jeidnn.model.exit_rules import DEFAULT_TAU
+from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
-
-if TYPE_CHECKING:
-    from jeidnn.hf.modeling import EarlyExitModel
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPE = "jeidnn"
-"""``model_type`` of :class:`~jeidnn.hf.modeling.EarlyExitConfig`: it ends up in users' folders, keep it."""
+Model = TypeVar("Model", bound=nn.Module)
+
 LEGACY_CONFIG = "jeidnn.json"
 LEGACY_VERSION = 2
 
@@ -88,8 +90,9 @@ def load_preprocessor(name: str, modality: str, local: bool) -> Any:
         return None  # a hub model saved without one
 
 
-def load_legacy_folder(cls: type[EarlyExitModel], folder: Path) -> EarlyExitModel:
-    """The model in a version-2 folder, as ``cls``, in eval mode; one-line errors name the bad file."""
+def load_legacy_folder(folder: Path, from_parts: Callable[..., Model]) -> Model:
+    """The model in a version-2 folder, built by ``from_parts`` (``EarlyExitModel.from_parts``'s
+    arguments), in eval mode; one-line errors name the bad file."""
     path = folder / LEGACY_CONFIG
     for name in ("exits.safetensors", "backbone/config.json"):
         if not (folder / name).is_file():
@@ -107,7 +110,7 @@ def load_legacy_folder(cls: type[EarlyExitModel], folder: Path) -> EarlyExitMode
         )
     try:
         with _no_progress_bars():
-            model = _build(cls, folder, config)
+            model = _build(folder, config, from_parts)
     except KeyError as exc:
         raise JeidnnError(f"{path} lacks the key {exc}; re-export the model") from None
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
@@ -116,7 +119,7 @@ def load_legacy_folder(cls: type[EarlyExitModel], folder: Path) -> EarlyExitMode
     return model.eval()
 
 
-def _build(cls: type[EarlyExitModel], folder: Path, config: dict[str, Any]) -> EarlyExitModel:
+def _build(folder: Path, config: dict[str, Any], from_parts: Callable[..., Model]) -> Model:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     backbone = Backbone(
@@ -148,7 +151,7 @@ def _build(cls: type[EarlyExitModel], folder: Path, config: dict[str, Any]) -> E
     default_alpha = metadata.get("default_alpha", 0.1)
     if quantiles and not any(abs(float(a) - default_alpha) < 1e-9 for a in quantiles):
         default_alpha = None
-    return cls.from_parts(
+    return from_parts(
         backbone,
         heads,
         gates,
@@ -161,3 +164,57 @@ def _build(cls: type[EarlyExitModel], folder: Path, config: dict[str, Any]) -> E
         float(entry["exit_threshold"]) if isinstance(gates, Gates) else DEFAULT_TAU,
         default_alpha,
     )
+
+
+class SavedModel(PreTrainedModel):
+    """How :class:`~jeidnn.hf.modeling.EarlyExitModel` is written to and read from a folder (or the hub).
+
+    Expects ``gates``, ``exit_threshold``, ``preprocessor`` and a ``from_parts`` classmethod of the model.
+    """
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """Write config.json, model.safetensors and the tokenizer / image processor to ``save_directory``.
+
+        Takes ``PreTrainedModel.save_pretrained``'s arguments (``push_to_hub=True`` uploads the folder).
+        """
+        self.config.gates = gate_config(self.gates, self.exit_threshold)
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Before the weights: with push_to_hub the upload follows the weights, and must include these files.
+        if self.preprocessor is not None and kwargs.get("is_main_process", True):
+            self.preprocessor.save_pretrained(folder)
+        with _no_progress_bars():
+            super().save_pretrained(folder, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """Load a saved model (a folder or a hub name), with its tokenizer or image processor.
+
+        Takes ``PreTrainedModel.from_pretrained``'s arguments; the model comes back in eval mode. A folder
+        of the earlier layout (jeidnn.json) is converted on load. A broken folder raises a one-line
+        :class:`~jeidnn.errors.JeidnnError` naming the bad file.
+        """
+        name = str(pretrained_model_name_or_path)
+        folder = Path(name).expanduser()
+        if folder.is_dir():
+            if not (folder / "config.json").is_file() and (folder / LEGACY_CONFIG).is_file():
+                return load_legacy_folder(folder, cls.from_parts)  # type: ignore[attr-defined]
+            check_folder(folder)
+            name = str(folder)
+        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise JeidnnError(f"model folder not found: {folder}")
+        weights = f"{name}/model.safetensors"
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)  # never unpickle a weights file
+        try:
+            with _no_progress_bars():
+                model, info = super().from_pretrained(name, *args, output_loading_info=True, **kwargs)
+        except JeidnnError as exc:
+            raise JeidnnError(f"{name}/config.json: {exc}") from None
+        except SafetensorError as exc:
+            raise JeidnnError(f"{weights} cannot be read ({first_line(exc)}); save the model again") from None
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+            raise JeidnnError(f"cannot load the jeidnn model {name}: {first_line(exc)}") from None
+        check_loading_info(info, weights)
+        model.preprocessor = load_preprocessor(name, model.config.modality, local=folder.is_dir())
+        return (model, info) if want_info else model

@@ -1,4 +1,4 @@
-"""The early-exit model as a Hugging Face model: :class:`EarlyExitConfig` and :class:`EarlyExitModel`.
+"""The early-exit model as a Hugging Face model: :class:`EarlyExitModel` (config: :mod:`jeidnn.hf.config`).
 
 ``import jeidnn`` registers both with the Auto classes (``model_type = "jeidnn"``), so a saved folder loads
 like any Hugging Face model, and pipelines work on it::
@@ -20,163 +20,36 @@ longer texts.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from torch import Tensor
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoModel
 from transformers.initialization import no_init_weights
 
-from jeidnn.errors import JeidnnError, first_line
-from jeidnn.hf.folder import (
-    LEGACY_CONFIG,
-    MODEL_TYPE,
-    check_folder,
-    check_loading_info,
-    load_legacy_folder,
-    load_preprocessor,
-)
-from jeidnn.hf.predict import Prediction, make_batches, to_predictions
+from jeidnn.errors import JeidnnError
+from jeidnn.hf.batches import Prediction, predict_inputs
+from jeidnn.hf.config import EarlyExitConfig, check_parts, check_quantiles
+from jeidnn.hf.folder import SavedModel
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.early_exit import (
     EarlyExitOutput,
     RuleGates,
-    StaticGates,
-    ThresholdGates,
-    _no_progress_bars,
     build_gates,
     gate_config,
     run_dynamic,
     run_full,
 )
-from jeidnn.model.gates import DEFAULT_TAU, Gates
+from jeidnn.model.exit_rules import DEFAULT_TAU
+from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
 from jeidnn.model.structured import restore_pruned_shapes
 
-__all__ = [
-    "EarlyExitConfig",
-    "EarlyExitForImageClassification",
-    "EarlyExitForSequenceClassification",
-    "EarlyExitModel",
-]
-
-# --------------------------------------------------------------------------- config
+__all__ = ["EarlyExitForImageClassification", "EarlyExitForSequenceClassification", "EarlyExitModel"]
 
 
-class EarlyExitConfig(PretrainedConfig):
-    """Everything an :class:`EarlyExitModel` is but its weights; ``config.json`` of a saved model.
-
-    Args:
-        backbone_config: the encoder's own Hugging Face config (a dict in ``config.json``, rebuilt with
-            ``AutoConfig.for_model``).
-        exit_layers: 1-based backbone layers carrying an exit, ascending, the last = the last layer.
-        pooling: what an exit head reads: ``cls`` token or ``mean`` of the real tokens.
-        im_head: ``mlp`` or ``linear`` intermediate heads (:class:`~jeidnn.model.heads.ExitHeads`).
-        head_activation: the model family's head activation (``tanh``, ``gelu``, ``relu``, ``none``).
-        hidden_size: size of the pooled representation the heads read.
-        gates: the gates' kind and parameters, one of ``{"kind": "learned", "settings": GateSettings as a
-            dict, "hidden_size": H, "exit_threshold": τ}``, ``{"kind": "threshold", "measure": "maxprob",
-            "thresholds": [...]}`` (``"inf"`` for a threshold nobody passes), ``{"kind": "patience",
-            "patience": t}``, ``{"kind": "static", "exit_index": k}`` (0-based) or ``{"kind": "none"}``.
-        costs: normalised cost of each exit (1 = the plain backbone; docs/method.md).
-        conformal_quantiles: ``{"0.1": [q_1 .. q_L], ...}`` per-exit conformal quantiles per α.
-        default_alpha: the α :meth:`EarlyExitModel.predict` uses when none is given.
-        max_text_length: :meth:`EarlyExitModel.predict` truncates texts to this many tokens (not
-            ``max_length``, which transformers reserves for generation settings).
-        modality: ``text`` or ``image``.
-        jeidnn_metadata: anything JSON-serialisable kept with the model: λ, method, how the operating point
-            was chosen, GFLOPs, the training run...
-        kwargs: the standard ``PretrainedConfig`` fields, ``id2label`` / ``label2id`` among them.
-    """
-
-    model_type = MODEL_TYPE
-
-    def __init__(
-        self,
-        backbone_config: PretrainedConfig | Mapping[str, Any] | None = None,
-        exit_layers: Sequence[int] = (),
-        pooling: str = "cls",
-        im_head: str = "mlp",
-        head_activation: str = "tanh",
-        hidden_size: int = 0,
-        gates: Mapping[str, Any] | None = None,
-        costs: Sequence[float] = (),
-        conformal_quantiles: Mapping[str, Sequence[float]] | None = None,
-        default_alpha: float | None = 0.1,
-        max_text_length: int = 64,
-        modality: str = "text",
-        jeidnn_metadata: Mapping[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if isinstance(backbone_config, Mapping):
-            fields = dict(backbone_config)
-            if "model_type" not in fields:
-                raise JeidnnError("backbone_config has no model_type; the model config is incomplete")
-            backbone_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        self.backbone_config = backbone_config
-        self.exit_layers = [int(layer) for layer in exit_layers]
-        self.pooling, self.im_head, self.head_activation = pooling, im_head, head_activation
-        self.hidden_size = int(hidden_size)
-        self.gates = dict(gates or {"kind": "none"})
-        self.costs = [float(c) for c in costs]
-        quantiles = conformal_quantiles or {}
-        self.conformal_quantiles = {str(a): [float(q) for q in qs] for a, qs in quantiles.items()}
-        self.default_alpha = None if default_alpha is None else float(default_alpha)
-        self.max_text_length = int(max_text_length)
-        self.modality = modality
-        self.jeidnn_metadata = dict(jeidnn_metadata or {})
-        super().__init__(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if isinstance(self.backbone_config, PretrainedConfig):
-            out["backbone_config"] = self.backbone_config.to_dict()
-        return out
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def _check_parts(config: EarlyExitConfig, backbone: Backbone, heads: ExitHeads, gates: Any) -> None:
-    num_exits, num_layers = heads.num_exits, backbone.num_layers
-    if heads.layers[-1] != num_layers or sorted(set(heads.layers)) != heads.layers or heads.layers[0] < 1:
-        raise JeidnnError(
-            f"exit layers {heads.layers} must ascend within 1..{num_layers} and end at the last layer"
-        )
-    if isinstance(gates, (Gates, ThresholdGates)) and gates.num_exits != num_exits:
-        raise JeidnnError(f"the gates expect {gates.num_exits} exits but the heads have {num_exits}")
-    if isinstance(gates, StaticGates) and gates.exit_index >= num_exits:
-        raise JeidnnError(
-            f"static exit index {gates.exit_index} is out of range for a model with {num_exits} exits "
-            f"(0-based, at most {num_exits - 1})"
-        )
-    labels = list(config.id2label.values())
-    if len(labels) != heads.num_classes:
-        raise JeidnnError(f"{len(labels)} labels {labels} for a model with {heads.num_classes} classes")
-    if len(config.costs) != num_exits:
-        raise JeidnnError(f"{len(config.costs)} exit costs {config.costs} for a model with {num_exits} exits")
-    _check_quantiles(config.conformal_quantiles, num_exits)
-    alpha, quantiles = config.default_alpha, config.conformal_quantiles
-    if quantiles and alpha is not None and not any(abs(float(a) - alpha) < 1e-9 for a in quantiles):
-        calibrated = ", ".join(sorted(quantiles, key=float))
-        raise JeidnnError(
-            f"default alpha {alpha} has no conformal quantiles (calibrated: {calibrated}); "
-            "pass default_alpha= one of them"
-        )
-
-
-def _check_quantiles(quantiles: Mapping[str, Sequence[float]], num_exits: int) -> None:
-    for alpha, qs in quantiles.items():
-        if len(qs) != num_exits:
-            raise JeidnnError(
-                f"conformal quantiles for alpha {alpha} have {len(qs)} values, need {num_exits}"
-            )
-
-
-class EarlyExitModel(PreTrainedModel):
+class EarlyExitModel(SavedModel):
     """A backbone with exit heads and gates that stops each input at the exit its gate chooses.
 
     Build one from trained parts with :meth:`from_parts`, or load one with :meth:`from_pretrained`.
@@ -210,7 +83,7 @@ class EarlyExitModel(PreTrainedModel):
         if parts is None:
             if config.backbone_config is None:
                 raise JeidnnError("the model config has no backbone_config; build the model with from_parts")
-            # A pruned backbone records its per-layer head and FFN sizes in its config (jeidnn.model.structured).
+            # A pruned backbone records its per-layer head and FFN sizes in its config (model/structured.py).
             encoder = restore_pruned_shapes(AutoModel.from_config(config.backbone_config))
             backbone = Backbone(encoder, "config", config.pooling)
             heads = ExitHeads(
@@ -223,7 +96,7 @@ class EarlyExitModel(PreTrainedModel):
             gates = build_gates(config.gates, len(config.exit_layers))
         else:
             backbone, heads, gates = parts
-        _check_parts(config, backbone, heads, gates)
+        check_parts(config, backbone, heads, gates)
         self.backbone, self.heads, self.gates = backbone, heads, gates
         self.exit_threshold = float(config.gates.get("exit_threshold", DEFAULT_TAU))
         self.preprocessor: Any = None
@@ -276,9 +149,10 @@ class EarlyExitModel(PreTrainedModel):
         Args:
             backbone: the encoder.
             heads: one classifier per exit; ``heads.layers[-1]`` must be the backbone's last layer.
-            gates: learned :class:`~jeidnn.model.gates.Gates`, a rule (:class:`~jeidnn.model.early_exit.ThresholdGates`,
-                :class:`~jeidnn.model.early_exit.PatienceGates`, :class:`~jeidnn.model.early_exit.StaticGates`), or None
-                (always the last exit).
+            gates: learned :class:`~jeidnn.model.gates.Gates`, a rule
+                (:class:`~jeidnn.model.early_exit.ThresholdGates`,
+                :class:`~jeidnn.model.early_exit.PatienceGates`,
+                :class:`~jeidnn.model.early_exit.StaticGates`), or None (always the last exit).
             preprocessor: tokenizer (text) or image processor (images); None for tensor inputs only.
             labels: class names in class-index order (default ``"0" .. "C-1"``).
             costs: normalised cost of each exit (docs/method.md); default ``layer / num_layers`` (a guess).
@@ -351,7 +225,7 @@ class EarlyExitModel(PreTrainedModel):
 
     @conformal_quantiles.setter
     def conformal_quantiles(self, quantiles: Mapping[str, Sequence[float]]) -> None:
-        _check_quantiles(quantiles, self.num_exits)
+        check_quantiles(quantiles, self.num_exits)
         self.config.conformal_quantiles = {str(a): [float(q) for q in qs] for a, qs in quantiles.items()}
 
     @property
@@ -471,7 +345,7 @@ class EarlyExitModel(PreTrainedModel):
             batch_size: samples per forward.
 
         Returns:
-            One :class:`~jeidnn.hf.predict.Prediction` per input, in input order.
+            One :class:`~jeidnn.hf.batches.Prediction` per input, in input order.
         """
         quantiles = None
         if sets and alpha is None and self.conformal_quantiles and self.default_alpha is not None:
@@ -481,68 +355,7 @@ class EarlyExitModel(PreTrainedModel):
                 raise JeidnnError(f"the model's default {exc}; pass alpha=") from None
         elif sets and alpha is not None:
             quantiles = self.quantiles_for(alpha)
-        if batch_size < 1:
-            raise JeidnnError(f"batch size must be a positive integer, got {batch_size}")
-        was_training = self.training
-        self.eval()
-        device = self.cost_per_exit.device
-        predictions: list[tuple[int, Prediction]] = []
-        try:
-            with torch.inference_mode():
-                for positions, batch in make_batches(self, inputs, batch_size):
-                    out = self.forward_dynamic({k: v.to(device) for k, v in batch.items()})
-                    predictions.extend(zip(positions, to_predictions(self, out, quantiles)))
-        finally:
-            self.train(was_training)
-        return [p for _, p in sorted(predictions, key=lambda item: item[0])]
-
-    # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        """Write config.json, model.safetensors and the tokenizer / image processor to ``save_directory``.
-
-        Takes ``PreTrainedModel.save_pretrained``'s arguments (``push_to_hub=True`` uploads the folder).
-        """
-        self.config.gates = gate_config(self.gates, self.exit_threshold)
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        # Before the weights: with push_to_hub the upload follows the weights, and must include these files.
-        if self.preprocessor is not None and kwargs.get("is_main_process", True):
-            self.preprocessor.save_pretrained(folder)
-        with _no_progress_bars():
-            super().save_pretrained(folder, *args, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any) -> Any:
-        """Load a saved model (a folder or a hub name), with its tokenizer or image processor.
-
-        Takes ``PreTrainedModel.from_pretrained``'s arguments; the model comes back in eval mode. A folder
-        of the earlier layout (jeidnn.json) is converted on load. A broken folder raises a one-line
-        :class:`~jeidnn.errors.JeidnnError` naming the bad file.
-        """
-        name = str(pretrained_model_name_or_path)
-        folder = Path(name).expanduser()
-        if folder.is_dir():
-            if not (folder / "config.json").is_file() and (folder / LEGACY_CONFIG).is_file():
-                return load_legacy_folder(cls, folder)
-            check_folder(folder)
-            name = str(folder)
-        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-            raise JeidnnError(f"model folder not found: {folder}")
-        weights = f"{name}/model.safetensors"
-        want_info = kwargs.pop("output_loading_info", False)
-        kwargs.setdefault("use_safetensors", True)  # never unpickle a weights file
-        try:
-            with _no_progress_bars():
-                model, info = super().from_pretrained(name, *args, output_loading_info=True, **kwargs)
-        except JeidnnError as exc:
-            raise JeidnnError(f"{name}/config.json: {exc}") from None
-        except SafetensorError as exc:
-            raise JeidnnError(f"{weights} cannot be read ({first_line(exc)}); save the model again") from None
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
-            raise JeidnnError(f"cannot load the jeidnn model {name}: {first_line(exc)}") from None
-        check_loading_info(info, weights)
-        model.preprocessor = load_preprocessor(name, model.config.modality, local=folder.is_dir())
-        return (model, info) if want_info else model
+        return predict_inputs(self, inputs, quantiles, batch_size)
 
 
 class EarlyExitForSequenceClassification(EarlyExitModel):

@@ -97,14 +97,17 @@ def check_architecture(config: PretrainedConfig) -> ArchSpec:
     return ARCHITECTURES[model_type]
 
 
-def sentence_transformers_pooling(folder: Path) -> str:
-    """`mean` when a sentence-transformers model folder says its embedding is the token mean.
+def sentence_transformers_pooling(name_or_path: str) -> str:
+    """`mean` when a sentence-transformers model says its embedding is the token mean, else `cls`.
 
     Such models (all-MiniLM-L6-v2 among them) are trained for mean pooling: their CLS token is
-    almost constant across inputs in the early layers (std ≈ 1e-3), useless to an exit head.
+    almost constant across inputs in the early layers (std ≈ 1e-3), useless to an exit head. The
+    setting is `1_Pooling/config.json` of a local folder, or of a hub name (the cached file, fetched
+    like the model's own files; offline without it: `cls`).
     """
-    config = folder / "1_Pooling" / "config.json"
-    if not config.is_file():
+    folder = Path(name_or_path)
+    config = folder / POOLING_CONFIG if folder.is_dir() else _hub_file(name_or_path, POOLING_CONFIG)
+    if config is None or not config.is_file():
         return "cls"
     try:
         modes = json.loads(config.read_text())
@@ -113,6 +116,27 @@ def sentence_transformers_pooling(folder: Path) -> str:
     return (
         "mean" if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token") else "cls"
     )
+
+
+POOLING_CONFIG = "1_Pooling/config.json"
+
+
+def _hub_file(repo_id: str, filename: str) -> Path | None:
+    """``filename`` of hub model ``repo_id`` (from the Hugging Face cache, or downloaded as transformers
+    would); None when the model has no such file or it cannot be fetched."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(
+            repo_id,
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            _raise_exceptions_for_gated_repo=False,
+        )
+    except (OSError, ValueError):
+        return None
+    return None if path is None else Path(path)
 
 
 def _find_layers(model: nn.Module, paths: tuple[str, ...]) -> nn.ModuleList:
@@ -180,7 +204,7 @@ class Backbone(nn.Module):
             model = AutoModel.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise JeidnnError(f"cannot load weights of {cfg.name_or_path!r}: {first_line(exc)}") from None
-        pooling = cfg.pooling if cfg.pooling != "auto" else sentence_transformers_pooling(Path(path))
+        pooling = cfg.pooling if cfg.pooling != "auto" else sentence_transformers_pooling(path)
         return cls(model, source=cfg.name_or_path, pooling=pooling)
 
     # ------------------------------------------------------------------ properties

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from jeidnn.config.schema import GateSettings
 from jeidnn.model.backbone import Backbone
+from jeidnn.model.gate_inputs import input_size
 from jeidnn.model.heads import ExitHeads
 
 
@@ -46,8 +48,31 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-GATE_FLOPS = count_flops(lambda: nn.Linear(4, 1)(torch.zeros(1, 4)))
-"""A JEI-DNN gate is Linear(4 -> 1) on four uncertainty features: 8 FLOPs per sample."""
+def gate_flops(settings: GateSettings, num_exits: int, hidden_size: int) -> float:
+    """FLOPs of one learned gate on one sample, 2 per multiply-add as :func:`count_flops` counts a matmul.
+
+    The gate layers are written as products and sums (:meth:`jeidnn.model.gates.StackedGates._net`), which
+    ``FlopCounterMode`` does not see, so they are counted from the gate's shape: with ``F`` gate inputs
+    (:func:`jeidnn.model.gate_inputs.input_size`, the projection included), a ``linear`` gate costs ``2 F``,
+    an ``mlp`` gate ``2 (F·width + width)``, and ``hidden`` inputs add their projection ``2 H·projection``.
+    Bias additions, the ReLU, the confidence features and the exit rule are not counted, as for the heads.
+
+    Args:
+        settings: the gate's shape (a :class:`~jeidnn.config.schema.GateVariant` is one).
+        num_exits: ``L`` (the trajectory inputs grow with the number of gates ``L - 1``).
+        hidden_size: ``H`` of the pooled features (``hidden`` inputs only).
+    """
+    projection = settings.projection if settings.inputs == "hidden" else 0
+    inputs = input_size(settings.inputs, num_exits - 1, projection)
+    if settings.arch == "linear":
+        multiply_adds = inputs
+    else:
+        multiply_adds = inputs * settings.width + settings.width
+    return float(2 * (multiply_adds + hidden_size * projection))
+
+
+GATE_FLOPS = gate_flops(GateSettings(), num_exits=2, hidden_size=1)
+"""The paper's gate, Linear(4 -> 1) on four confidence features: 8 FLOPs per sample."""
 
 
 @dataclass
@@ -69,8 +94,9 @@ class ExitCosts:
 
     def with_gates(self, gate_flops: float) -> list[float]:
         """Normalised cost per exit when each gated exit up to it runs a gate of ``gate_flops`` FLOPs."""
-        num_exits = len(self.cost)
-        return [c + min(e + 1, num_exits - 1) * gate_flops / self.full_flops for e, c in enumerate(self.cost)]
+        # FLOPs first, then normalised: the same float operations as the pruning's recount of a model.
+        last, full = len(self.cost) - 1, self.full_flops
+        return [(c * full + min(e + 1, last) * gate_flops) / full for e, c in enumerate(self.cost)]
 
     @property
     def gflops_full(self) -> float:

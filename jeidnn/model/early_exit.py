@@ -25,15 +25,18 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
+from jeidnn.config.schema import GateSettings
 from jeidnn.errors import JeidnnError, first_line
 from jeidnn.model.backbone import Backbone
-from jeidnn.model.gates import DEFAULT_TAU, Gates, GateSettings, score_exits
+from jeidnn.model.exit_rules import DEFAULT_TAU
+from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
 from jeidnn.model.policies import (
     ConfidenceMeasure,
     apply_thresholds,
     confidence,
     patience_exits,
+    score_exits,
     static_exits,
 )
 
@@ -207,25 +210,25 @@ RuleGates = ThresholdGates | PatienceGates | StaticGates
 
 
 GATE_KINDS = ("learned", "threshold", "patience", "static", "none")
-"""The ``kind`` of a model config's ``gates`` entry (:class:`jeidnn.hf.modeling.EarlyExitConfig`)."""
+"""The ``kind`` of a model config's ``gates`` entry (:class:`jeidnn.hf.config.EarlyExitConfig`)."""
 
 
-def _json_float(value: float) -> float | str:
-    """JSON has no infinity: a threshold that no (or every) confidence passes is written "inf" ("-inf")."""
+def json_float(value: float) -> float | str:
+    """JSON has no infinity: ±inf (a threshold nobody / everybody passes) as "inf" / "-inf"."""
     return value if math.isfinite(value) else str(value)
 
 
 def gate_config(gates: Gates | RuleGates | None, exit_threshold: float = DEFAULT_TAU) -> dict[str, Any]:
-    """The ``gates`` entry of a model config (:class:`~jeidnn.hf.modeling.EarlyExitConfig`) for ``gates``."""
+    """The ``gates`` entry of a model config (:class:`~jeidnn.hf.config.EarlyExitConfig`) for ``gates``."""
     if isinstance(gates, Gates):
         return {
             "kind": "learned",
             "settings": gates.settings.to_dict(),
             "hidden_size": int(gates.hidden_mean.shape[-1]),
-            "exit_threshold": float(exit_threshold),
+            "exit_threshold": json_float(float(exit_threshold)),
         }
     if isinstance(gates, ThresholdGates):
-        values = [_json_float(t) for t in gates.thresholds.tolist()]
+        values = [json_float(t) for t in gates.thresholds.tolist()]
         return {"kind": "threshold", "measure": gates.measure, "thresholds": values}
     if isinstance(gates, PatienceGates):
         return {"kind": "patience", "patience": gates.patience}
@@ -394,12 +397,3 @@ def run_dynamic(
     for dest, logits, k in left:
         out_logits[dest], out_exit[dest] = logits, k
     return out_logits, out_exit
-
-
-def __getattr__(name: str) -> object:
-    # The model class moved to jeidnn.hf.modeling (which imports this module); keep the old import path.
-    if name == "EarlyExitModel":
-        from jeidnn.hf.modeling import EarlyExitModel
-
-        return EarlyExitModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,25 +1,10 @@
-"""Learned gates: what each gate reads, the gate network, and the rules that turn gate outputs into exits.
+"""The learned gate network: one small network per intermediate exit, ``K`` models side by side.
 
 An early-exit model has ``L`` exits (0-based ``0 .. L-1`` in code); exits ``0 .. L-2`` carry a gate, the
 last exit (the backbone's final classifier) has none. Every gate reads *detached* probabilities of the IMs,
-so a gate loss never trains an IM (docs/method.md).
-
-Gate **inputs** (``GateSettings.inputs``):
-
-* ``confidence`` (the paper): four confidence features of the gate's own exit, see
-  :func:`confidence_features`;
-* ``trajectory`` (extension): the confidence features of every exit so far, the number of consecutive
-  earlier exits whose argmax agrees with this exit's (PABEE's patience counter) and the change of ``p_max``
-  since the previous exit;
-* ``hidden`` (extension): ``trajectory`` plus a learned projection of the exit's pooled hidden state.
-
-**Exit rules** (``GateSettings.exit_rule``), both giving a per-exit *exit score* in ``[0, 1]``; a sample
-leaves at the first exit whose score reaches the threshold ``tau`` (0.5 = the rule each was trained for):
-
-* ``paper``: JEI-DNN's ``π_l = max(0, min(g_l, 1 - Σ_{j<l} g_j))`` and the score ``a_l = clip(π_l /
-  Π_{j<l}(1 - a_j), 0, 1)``, the probability of exiting at ``l`` given the sample got there;
-* ``conditional`` (extension): the gate output *is* that conditional probability, ``a_l = g_l``, so ``π_l =
-  g_l Π_{j<l}(1 - g_j)`` (a stopping process, differentiable everywhere).
+so a gate loss never trains an IM (docs/method.md). What a gate reads is in :mod:`jeidnn.model.gate_inputs`,
+how its outputs become exits in :mod:`jeidnn.model.exit_rules`; its shape is a
+:class:`~jeidnn.config.schema.GateSettings`.
 
 :class:`StackedGates` holds ``K`` gate sets of one kind side by side (stage 2 trains every λ at once); a
 deployed model uses ``K = 1``. :meth:`StackedGates.forward` scores all exits of a batch at once;
@@ -30,205 +15,16 @@ same functions, so both paths give the same exits.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from jeidnn.model.policies import score_exits
+from jeidnn.config.schema import GateSettings
+from jeidnn.model.exit_rules import RuleState, exit_scores, paper_step
+from jeidnn.model.gate_inputs import NUM_CONFIDENCE_FEATURES, confidence_features, exit_inputs, input_size
 
-GateInputs = Literal["confidence", "trajectory", "hidden"]
-GateArch = Literal["linear", "mlp"]
-ExitRule = Literal["paper", "conditional"]
-
-NUM_CONFIDENCE_FEATURES = 4
-"""p_max, entropy, margin p(1) - p(2), entropy of p² / Σp²."""
-
-__all__ = [
-    "DEFAULT_TAU",
-    "GateSettings",
-    "GateState",
-    "Gates",
-    "StackedGates",
-    "conditional_distribution",
-    "confidence_features",
-    "exit_distribution",
-    "exit_inputs",
-    "exit_scores",
-    "paper_distribution",
-    "score_exits",
-]
-
-DEFAULT_TAU = 0.5
-"""The exit threshold of both rules as trained: exit once the conditional exit probability reaches 1/2."""
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    """The shape of a gate (what it reads, its network, its exit rule); saved with a model.
-
-    Attributes:
-        inputs: ``confidence`` | ``trajectory`` | ``hidden``.
-        arch: ``linear`` or ``mlp`` (one hidden ReLU layer of ``width`` units).
-        exit_rule: ``paper`` or ``conditional``.
-        standardize: standardise the gate inputs with statistics of the training split.
-        width: hidden units of the ``mlp`` gate.
-        projection: size of the learned projection of the hidden state (``hidden`` inputs).
-    """
-
-    inputs: GateInputs = "confidence"
-    arch: GateArch = "linear"
-    exit_rule: ExitRule = "paper"
-    standardize: bool = False
-    width: int = 16
-    projection: int = 8
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _entropy(p: Tensor) -> Tensor:
-    """Shannon entropy (nats) over the last dim with 0 · log 0 = 0."""
-    # Clamping inside the log gives 0 · log(tiny) = 0 for empty classes and a finite derivative there.
-    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim=-1)
-
-
-def confidence_features(probs: Tensor) -> Tensor:
-    """The four confidence features of the paper's gate.
-
-    Args:
-        probs: class probabilities, shape ``(..., C)``, rows summing to 1.
-
-    Returns:
-        ``(..., 4)``: max probability, entropy ``H(p)``, margin ``p(1) - p(2)`` and the entropy of the
-        sharpened distribution ``p² / Σ p²``. Uniform over ``C`` classes gives ``(1/C, log C, 0, log C)``;
-        one-hot gives ``(1, 0, 1, 0)``.
-    """
-    top = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # (..., 2)
-    p_max = top[..., 0]
-    # With a single class there is no runner-up: the margin is the whole max probability.
-    margin = top[..., 0] - top[..., 1] if top.shape[-1] > 1 else p_max
-    squared = probs.square()
-    sharpened = squared / squared.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-    return torch.stack([p_max, _entropy(probs), margin, _entropy(sharpened)], dim=-1)  # (..., 4)
-
-
-def input_size(inputs: GateInputs, num_gates: int, projection: int = 0) -> int:
-    """Number of gate inputs per exit (the hidden projection included)."""
-    if inputs == "confidence":
-        return NUM_CONFIDENCE_FEATURES
-    trajectory = NUM_CONFIDENCE_FEATURES * num_gates + 2
-    return trajectory + (projection if inputs == "hidden" else 0)
-
-
-def exit_inputs(index: int, conf: Tensor, preds: Tensor, inputs: GateInputs, num_gates: int) -> Tensor:
-    """Confidence or trajectory inputs of gate ``index`` from the exits seen so far.
-
-    Args:
-        index: 0-based gated exit.
-        conf: confidence features of exits ``0 .. index`` (at least), shape ``(..., ≥ index + 1, 4)``.
-        preds: argmax of the same exits, shape ``(..., ≥ index + 1)``.
-        inputs: ``confidence`` or ``trajectory``/``hidden`` (the projection is added by the gate).
-        num_gates: ``L - 1``.
-
-    Returns:
-        ``(..., 4)`` for ``confidence``; ``(..., 4 (L-1) + 2)`` otherwise: this exit's four features, those of
-        the earlier exits (zeros for exits not reached yet, so every gate has the same input size), the
-        agreement count divided by ``L - 1`` and ``p_max`` minus the previous exit's.
-    """
-    own = conf[..., index, :]  # (..., 4)
-    if inputs == "confidence":
-        return own
-    earlier = conf[..., :index, :].flatten(-2)  # (..., 4 index)
-    pad = own.new_zeros(*own.shape[:-1], NUM_CONFIDENCE_FEATURES * (num_gates - 1 - index))
-    # Consecutive earlier exits (walking back from index - 1) that predict what exit `index` predicts.
-    same = (preds[..., :index] == preds[..., index : index + 1]).flip(-1)  # (..., index)
-    agree = same.to(own.dtype).cumprod(-1).sum(-1, keepdim=True) if index > 0 else own[..., :1] * 0
-    delta = own[..., :1] - conf[..., index - 1, :1] if index > 0 else own[..., :1] * 0
-    return torch.cat([own, earlier, pad, agree / num_gates, delta], dim=-1)
-
-
-# --------------------------------------------------------------------------- exit rules
-
-
-def paper_distribution(g: Tensor) -> Tensor:
-    """JEI-DNN's exit distribution ``π`` from gate probabilities ``g`` of shape ``(..., L-1)``.
-
-    ``π_l = max(0, min(g_l, 1 - Σ_{j<l} g_j))`` for ``l < L`` (the sum runs over earlier *gate values*, as in
-    the paper) and ``π_L = 1 - Σ_{l<L} π_l``. Returns ``(..., L)``, rows summing to 1.
-    """
-    # An explicit running sum rather than cumsum: the sequential rule repeats these exact additions.
-    g_sum = torch.zeros_like(g[..., 0])
-    columns = []
-    for k in range(g.shape[-1]):
-        columns.append(torch.minimum(g[..., k], 1 - g_sum).clamp_min(0))
-        g_sum = g_sum + g[..., k]
-    pi = torch.stack(columns, dim=-1)  # (..., L-1)
-    last = (1 - pi.sum(dim=-1, keepdim=True)).clamp_min(0)  # clamp only absorbs rounding
-    return torch.cat([pi, last], dim=-1)
-
-
-def conditional_distribution(g: Tensor) -> Tensor:
-    """Stopping-process distribution ``π_l = g_l Π_{j<l} (1 - g_j)``, ``π_L = Π_{j<L} (1 - g_j)``.
-
-    Args:
-        g: ``(..., L-1)`` conditional exit probabilities.
-
-    Returns:
-        ``(..., L)``, rows summing to 1.
-    """
-    survive = torch.cumprod(1 - g, dim=-1)  # (..., L-1) Π_{j≤l}(1 - g_j)
-    before = torch.cat([torch.ones_like(g[..., :1]), survive[..., :-1]], dim=-1)  # Π_{j<l}
-    return torch.cat([g * before, survive[..., -1:]], dim=-1)
-
-
-def exit_distribution(g: Tensor, rule: ExitRule) -> Tensor:
-    """``π`` of shape ``(..., L)`` from gate probabilities ``(..., L-1)`` under ``rule``."""
-    return paper_distribution(g) if rule == "paper" else conditional_distribution(g)
-
-
-def _conditional_exit(pi_l: Tensor, survival: Tensor) -> Tensor:
-    """``a_l = clip(π_l / Π_{j<l}(1 - a_j), 0, 1)``; a zero survival (already exited) divides by 1 instead."""
-    safe = torch.where(survival > 0, survival, 1.0)
-    return (pi_l / safe).clamp(0, 1)
-
-
-@dataclass
-class RuleState:
-    """Per-sample state of the paper rule between exits: ``Σ_{j<l} g_j`` and ``Π_{j<l}(1 - a_j)``, each
-    ``(B,)``."""
-
-    g_sum: Tensor
-    survival: Tensor
-
-    def __getitem__(self, idx: Tensor | slice) -> RuleState:
-        return RuleState(self.g_sum[idx], self.survival[idx])
-
-
-def paper_step(g: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
-    """One exit of the paper rule: score ``a_l`` ``(B,)`` and the state after this exit."""
-    a = _conditional_exit(torch.minimum(g, 1 - state.g_sum).clamp_min(0), state.survival)
-    return a, RuleState(state.g_sum + g, state.survival * (1 - a))
-
-
-def exit_scores(g: Tensor, rule: ExitRule) -> Tensor:
-    """Per-exit exit scores ``(N, L-1)`` from gate probabilities ``(N, L-1)``.
-
-    ``paper``: ``a_l`` (for example ``g = (0.2, 0.5)`` gives ``π = (0.2, 0.5, 0.3)``, ``a = (0.2, 0.625)``);
-    ``conditional``: ``g`` itself.
-    """
-    if rule == "conditional":
-        return g
-    state = RuleState(torch.zeros_like(g[:, 0]), torch.ones_like(g[:, 0]))
-    scores = []
-    for k in range(g.shape[1]):
-        a, state = paper_step(g[:, k], state)
-        scores.append(a)
-    return torch.stack(scores, dim=1)
-
-
-# --------------------------------------------------------------------------- the gate network
+__all__ = ["GateState", "Gates", "StackedGates"]
 
 
 def _uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None) -> Tensor:

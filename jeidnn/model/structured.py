@@ -27,7 +27,8 @@ from transformers.pytorch_utils import prune_linear_layer
 from jeidnn.errors import JeidnnError
 from jeidnn.model.backbone import ARCHITECTURES
 from jeidnn.model.early_exit import PatienceGates, RuleGates, StaticGates, ThresholdGates
-from jeidnn.model.gates import NUM_CONFIDENCE_FEATURES, Gates
+from jeidnn.model.gate_inputs import NUM_CONFIDENCE_FEATURES
+from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
 
 __all__ = [

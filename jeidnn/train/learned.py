@@ -28,15 +28,10 @@ from jeidnn.train.stage2 import TrainedModel
 
 
 def gate_flops(variant: GateVariant, num_exits: int, hidden_size: int, num_classes: int) -> float:
-    """FLOPs of one gate of ``variant`` on one sample, counted like every other component."""
-    from jeidnn.model.cost import count_flops
-    from jeidnn.model.gates import Gates
-    from jeidnn.train.stage2 import gate_settings
+    """FLOPs of one gate of ``variant`` on one sample (:func:`jeidnn.model.cost.gate_flops`)."""
+    from jeidnn.model.cost import gate_flops as count_gate_flops
 
-    gates = Gates(num_exits, gate_settings(variant), hidden_size).eval()
-    logits, hidden = torch.zeros(1, num_exits, num_classes), torch.zeros(1, num_exits - 1, hidden_size)
-    with torch.no_grad():
-        return count_flops(lambda: gates(logits, hidden)) / (num_exits - 1)
+    return count_gate_flops(variant, num_exits, hidden_size)
 
 
 def cost_tensors(costs: dict[str, list[float]]) -> dict[str, torch.Tensor]:

@@ -31,25 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jeidnn.config.schema import GateVariant
-from jeidnn.model.gates import GateSettings, StackedGates, exit_distribution
+from jeidnn.model.exit_rules import exit_distribution
+from jeidnn.model.gates import StackedGates
 from jeidnn.train.losses import expected_loss, gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights
 
 logger = logging.getLogger(__name__)
 
 # IM layers that act on each element alike, so one call covers all K models.
 _ELEMENTWISE = (nn.Identity, nn.Tanh, nn.GELU, nn.ReLU)
-
-
-def gate_settings(variant: GateVariant) -> GateSettings:
-    """The gate shape of a variant (what a saved model needs to rebuild its gates)."""
-    return GateSettings(
-        inputs=variant.inputs,
-        arch=variant.arch,
-        exit_rule=variant.exit_rule,
-        standardize=variant.standardize,
-        width=variant.width,
-        projection=variant.projection,
-    )
 
 
 def _leaf_layers(module: nn.Module) -> list[nn.Module]:
@@ -156,7 +145,7 @@ class VariantBlock(nn.Module):
         self.lambda_values = [float(x) for x in lambdas]
         num_exits = len(heads.heads)
         self.ims = StackedIMs(heads.heads[:-1], len(lambdas))
-        self.gates = StackedGates(gate_settings(variant), num_exits, hidden_size, len(lambdas), generator)
+        self.gates = StackedGates(variant, num_exits, hidden_size, len(lambdas), generator)
         # float64 as counted: a cost rounded to float32 would miss the 1e-9 budget checks downstream
         # (val_cost). The losses cast it to their own dtype.
         self.register_buffer("costs", costs.detach().double().clone())

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from jeidnn.config.schema import GateVariant, JeidnnConfig
-from jeidnn.model.gates import score_exits
+from jeidnn.model.policies import score_exits
 from jeidnn.train.stage2 import StackedIMs, TrainedModel, VariantBlock
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from jeidnn.config.schema import GateVariant
 from jeidnn.io import write_safetensors
 from jeidnn.model.gates import Gates
-from jeidnn.train.stage2 import TrainedModel, gate_settings
+from jeidnn.train.stage2 import TrainedModel
 
 
 def save_models(path: Path, models: Sequence[TrainedModel]) -> None:
@@ -43,7 +43,7 @@ def load_models(
         model_heads.load_state_dict(
             {n[len(f"{k}.heads.") :]: v for n, v in tensors.items() if n.startswith(f"{k}.heads.")}
         )
-        gates = Gates(len(heads.heads), gate_settings(variant), hidden_size)
+        gates = Gates(len(heads.heads), variant, hidden_size)
         gates.load_state_dict(
             {n[len(f"{k}.gates.") :]: v for n, v in tensors.items() if n.startswith(f"{k}.gates.")}
         )
