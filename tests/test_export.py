@@ -12,12 +12,14 @@ import torch
 from tiny_models import tiny_run_overrides
 
 from jeidnn import EarlyExitModel
+from jeidnn.cli.export import main
 from jeidnn.cli.main import train_main
 from jeidnn.config.schema import load_config
 from jeidnn.data.datamodule import load_raw, make_splits
-from jeidnn.export.exporter import _plain, export_run, main
+from jeidnn.export.exporter import export_run
 from jeidnn.export.operating_point import Run
 from jeidnn.hf.predict import make_batches
+from jeidnn.io import json_safe
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNS = ["--finetune.epochs", "8", "--finetune.lr", "0.003", "--finetune.batch_size", "16"]
@@ -126,8 +128,8 @@ def test_exported_model_plays_the_evaluation_row(method, run, report, test_split
     # The evaluation's own candidate with the row's param, built from the cached test predictions.
     cand = next(
         c
-        for c in Run.open(run).method(method).candidates_at(row["budget"])
-        if _plain(c.param) == row["param"]
+        for c in Run.open(run).methods[method].candidates_at(row["budget"])
+        if json_safe(c.param) == row["param"]
     )
     assert (exits[0] != cand.test_exits.long()).sum() <= 1  # the same exits, up to one float tie
     fractions = torch.bincount(exits[0], minlength=model.num_exits).double() / n

@@ -75,6 +75,9 @@ def exit_layers_of(cfg: RunConfig, num_layers: int) -> list[int]:
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Load model and data and validate them; raises JeidnnError on any bad input."""
+    from jeidnn.evaluate.methods import check_export_method
+
+    check_export_method(cfg)  # before any work: a bad export.method would only fail at the end
     device = run_device(cfg.accelerator)
     check_logger(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
@@ -416,12 +419,13 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         with timer.stage("stages 3-4: calibrate, baselines, evaluate"):
             from jeidnn.evaluate.evaluation import evaluate
 
-            report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions, progress=progress)
+            evaluation = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions, progress=progress)
+            report = evaluation.report
         # A baseline named in export.method is exported even without stage 2.
         if trained or (cfg.export.method and p.heads.num_exits > 1):
             stage = "export"
             with timer.stage("export model"):
-                report["export"] = export_model(p, report, trained, run_dir, predictions)
+                report["export"] = export_model(p, evaluation, trained, run_dir)
         report["timings_s"] = {**state.timings, **timer.timings}
         write_json_atomic(run_dir / "report.json", report)
         state.mark("report")
@@ -437,21 +441,12 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     return report
 
 
-def export_model(
-    p: Prepared, report: dict, trained: dict[str, list], run_dir: Path, predictions: dict[str, dict]
-) -> dict:
+def export_model(p: Prepared, evaluation: Any, trained: dict[str, list], run_dir: Path) -> dict:
     """Write the default operating point (`export.method`, else the best learned one on calib half A within
     `export.cost_budget`) to `runs/<name>/model/` with its conformal quantiles; see :mod:`jeidnn.export.exporter`.
-    `trained` and `predictions` are stage 2's models and every predictions file, already in memory."""
+    `evaluation` is what the evaluation chose and `trained` stage 2's models, both in memory."""
     from jeidnn.export.exporter import export_trained
 
     return export_trained(
-        p.cfg,
-        report,
-        run_dir,
-        p.backbone,
-        p.dm.preprocessor,
-        trained=trained,
-        warmup_heads=p.heads,
-        tensors=predictions,
+        p.cfg, evaluation, run_dir, p.backbone, p.dm.preprocessor, trained=trained, warmup_heads=p.heads
     )
