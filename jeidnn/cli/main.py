@@ -132,9 +132,12 @@ def predict_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    from jeidnn.cli.export import main as export
+    from jeidnn.cli import export
 
-    return export(argv)
+    parser = CommandParser(prog="jeidnn export", description=export.DESCRIPTION)
+    export.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return guarded(lambda: export.run(args))
 
 
 def prune_main(argv: list[str]) -> int:
