@@ -312,6 +312,8 @@ def exit_outcome(correct: Tensor, exits: Tensor, costs: Sequence[float] | Tensor
         >>> correct = torch.tensor([[False, True], [True, True]])
         >>> exit_outcome(correct, torch.tensor([0, 1]), [0.5, 1.0])
         {'accuracy': 0.5, 'cost': 0.75, 'exit_fractions': [0.5, 0.5]}
+        >>> exit_outcome(correct[:, :1], torch.tensor([0, 0]), [0.5])["exit_fractions"]
+        [1.0]
     """
     exits = exits.long()
     cost, hist = ExpectedCost(torch.as_tensor(costs, dtype=torch.float64)), ExitHistogram(correct.shape[1])
@@ -321,5 +323,5 @@ def exit_outcome(correct: Tensor, exits: Tensor, costs: Sequence[float] | Tensor
     return {
         "accuracy": float(right.double().mean()),
         "cost": float(cost.compute()),
-        "exit_fractions": hist.compute().tolist(),
+        "exit_fractions": hist.compute().reshape(-1).tolist(),  # torchmetrics squeezes a single exit
     }
