@@ -143,7 +143,7 @@ def exit_parts(
         path = run.folder / "checkpoints" / "warmup_heads.safetensors"
         heads = _new_heads(run, backbone)
         _load(heads, _weights(path), "", path)
-    return _with_weights(backbone, own, str(reads)), heads, point.choice.rule_gates(), None
+    return _with_weights(backbone, own, reads or point.method), heads, point.choice.rule_gates(), None
 
 
 def load_backbone(run: Run) -> tuple[Backbone, Any]:
