@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from jeidnn.evaluate.budgeted import (
-    TAU_GRID,
     Candidate,
     Method,
     Settings,
@@ -17,6 +16,7 @@ from jeidnn.evaluate.budgeted import (
     select_config,
     split_calib,
 )
+from jeidnn.evaluate.candidates import TAU_GRID
 from jeidnn.evaluate.metrics import paired_bootstrap
 from jeidnn.model.policies import static_exits
 

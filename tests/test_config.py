@@ -11,6 +11,7 @@ from jeidnn.config.parser import config_from_dict, load_config, packaged_config
 from jeidnn.config.schema import RunConfig
 from jeidnn.config.validate import check_against_model
 from jeidnn.errors import JeidnnError
+from jeidnn.evaluate.methods import check_export_method
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
@@ -54,20 +55,38 @@ def test_export_method_may_be_any_method_the_run_evaluates():
         "threshold_search",
         "patience",
     ):
-        assert config_from_dict({"export": {"method": method}}).export.method == method
+        cfg = config_from_dict({"export": {"method": method}})
+        check_export_method(cfg)
+        assert cfg.export.method == method
     # A `_tau` twin exists only for native variants; thresholds on the paper's IMs need the paper preset.
     for method in ("gate_trajectory_expected_tau", "jeidnn_ims_threshold_maxprob"):
+        cfg = config_from_dict(
+            {
+                "jeidnn": {"variants": [{"name": "g", "operating_point": "calib_threshold"}]},
+                "export": {"method": method},
+            }
+        )
         with pytest.raises(JeidnnError, match="choose one of"):
-            config_from_dict(
-                {
-                    "jeidnn": {"variants": [{"name": "g", "operating_point": "calib_threshold"}]},
-                    "export": {"method": method},
-                }
-            )
-    assert (
-        config_from_dict({"jeidnn": {"enabled": False}, "export": {"method": "static"}}).export.method
-        == "static"
-    )
+            check_export_method(cfg)
+    check_export_method(config_from_dict({"jeidnn": {"enabled": False}, "export": {"method": "static"}}))
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"export": {"method": "nope"}}, "export.method 'nope'"),
+        ({"export": {"method": "oracle"}}, "export.method 'oracle'"),
+        (
+            {"jeidnn": {"enabled": False}, "export": {"method": "jeidnn_paper"}},
+            "export.method 'jeidnn_paper'",
+        ),
+    ],
+)
+def test_a_method_the_run_cannot_export_is_refused_in_one_line(data, needle):
+    with pytest.raises(JeidnnError) as err:
+        check_export_method(config_from_dict(data))
+    assert needle in str(err.value) and "choose one of" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_test_split_frees_test_fraction():
@@ -108,12 +127,6 @@ def test_override_forms():
         ({"jeidnn": {"variants": [{"name": "a"}, {"name": "a"}]}}, "'a' must be unique"),
         ({"jeidnn": {"lambdas": [0.1, "x"]}}, "`jeidnn.lambdas` expects list[float] | null, got [0.1, 'x']"),
         ({"jeidnn": {"lambdas": []}}, "jeidnn.lambdas"),
-        ({"export": {"method": "nope"}}, "export.method 'nope'"),
-        ({"export": {"method": "oracle"}}, "export.method 'oracle'"),
-        (
-            {"jeidnn": {"enabled": False}, "export": {"method": "jeidnn_paper"}},
-            "export.method 'jeidnn_paper'",
-        ),
         ({"export": {"cost_budget": 0}}, "export.cost_budget"),
         # removed keys are refused by name, not silently ignored
         ({"jeidnn": {"im_loss": "weighted"}}, "`jeidnn.im_loss`"),

@@ -12,7 +12,10 @@ from safetensors.torch import save_file
 
 from jeidnn.config.schema import EvalConfig
 from jeidnn.errors import JeidnnError
+from jeidnn.evaluate.budgeted import Settings, budgeted_rows
 from jeidnn.evaluate.evaluation import evaluate, evaluate_run
+from jeidnn.evaluate.selection import build_methods
+from jeidnn.io import json_safe
 
 NUM_EXITS, NUM_CLASSES = 4, 3
 SIZES = {"val": 200, "calib": 300, "test": 400}
@@ -291,7 +294,19 @@ def test_the_export_choice_matches_the_evaluation_rows(tmp_path):
     )
     assert "methods" not in report_in  # the input is not modified
     assert not (run / "report.md").exists()
-    rows = {(r["budget"], r["method"]): r for r in out["summary"]["budgeted"]["rows"]}
+    rows = {(r["budget"], r["method"]): r for r in out.report["summary"]["budgeted"]["rows"]}
+    # The evaluation returns what each row played, in memory: one choice per row with a configuration.
+    assert set(out.chosen) == {key for key, row in rows.items() if row["accuracy"] is not None}
+    for key, choice in out.chosen.items():
+        row = rows[key]
+        assert (choice.method, choice.budget, json_safe(choice.param)) == (key[1], key[0], row["param"])
+        assert (choice.calib_accuracy, choice.calib_cost) == (row["calib_accuracy"], row["calib_cost"])
+        outcome = choice.test_outcome()
+        assert (outcome["test_accuracy"], outcome["test_cost"]) == (row["accuracy"], row["cost"])
+        assert outcome["test_exit_fractions"] == row["exit_fractions"]
+    search = out.chosen[(0.5, "threshold_search")]
+    assert search.rule_gates().thresholds.tolist() == pytest.approx(search.param["thresholds"])
+    assert out.chosen[(0.5, "patience")].uses == {"patience": out.chosen[(0.5, "patience")].param}
     opened = Run.open(run)
     for budget in (0.5, 0.7, 0.9):
         for method in ("gate_trajectory_expected", "threshold_maxprob", "patience"):
@@ -364,3 +379,18 @@ def test_evaluate_run_errors(tmp_path):
         evaluate_run(run, write=False)
     with pytest.raises(JeidnnError, match="eval.ece_bins"):
         evaluate_run(run, ece_bins=0)
+
+
+def test_threshold_search_under_its_cheapest_cost_names_that_cost(tmp_path):
+    """docs/evaluation.md: a row whose method cannot meet the budget names the cheapest candidate's cost.
+    threshold_search offers nothing below the cheapest global threshold it starts from (all at exit 0)."""
+    run = make_run(tmp_path, learned=False)
+    report = json.loads((run / "report.json").read_text())
+    methods = build_methods(report, run, EvalConfig(threshold_ps=[1.0]), 3, temperatures=False)
+    search = methods["threshold_search"]
+    assert search.candidates_at(0.2) == [] and search.floor_cost == pytest.approx(COST[0])
+    settings = Settings([0.1], 15, 30, [0.2], 100, 2, 3)
+    summary, chosen = budgeted_rows([search], methods.split, settings)
+    (row,) = summary["rows"]
+    assert row["accuracy"] is None and not chosen
+    assert row["reason"] == "no calib-A cost <= 0.2 (cheapest configuration costs 0.300)"

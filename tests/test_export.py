@@ -12,13 +12,14 @@ import torch
 from tiny_models import tiny_run_overrides
 
 from jeidnn import EarlyExitModel
-from jeidnn.cli.main import train_main
+from jeidnn.cli.main import export_main, train_main
 from jeidnn.config.parser import load_config
 from jeidnn.data.sources import load_raw
 from jeidnn.data.splits import make_splits
-from jeidnn.export.exporter import _plain, export_run, main
+from jeidnn.export.exporter import export_run
 from jeidnn.export.operating_point import Run
 from jeidnn.hf.batches import make_batches
+from jeidnn.io import json_safe
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNS = ["--finetune.epochs", "8", "--finetune.lr", "0.003", "--finetune.batch_size", "16"]
@@ -127,8 +128,8 @@ def test_exported_model_plays_the_evaluation_row(method, run, report, test_split
     # The evaluation's own candidate with the row's param, built from the cached test predictions.
     cand = next(
         c
-        for c in Run.open(run).method(method).candidates_at(row["budget"])
-        if _plain(c.param) == row["param"]
+        for c in Run.open(run).methods[method].candidates_at(row["budget"])
+        if json_safe(c.param) == row["param"]
     )
     assert (exits[0] != cand.test_exits.long()).sum() <= 1  # the same exits, up to one float tie
     fractions = torch.bincount(exits[0], minlength=model.num_exits).double() / n
@@ -206,18 +207,18 @@ def test_default_output_folder(run, tmp_path):
 )
 def test_bad_requests_get_one_line_and_write_nothing(args, needle, run, tmp_path, capsys):
     out = tmp_path / "out" / "m"
-    assert main([str(run), *args, "--out", str(out)]) == 2
+    assert export_main([str(run), *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_run_folders(tmp_path, capsys):
-    assert main([str(tmp_path / "nope")]) == 2
+    assert export_main([str(tmp_path / "nope")]) == 2
     assert "run folder " + str(tmp_path / "nope") + " does not exist" in capsys.readouterr().err
     (tmp_path / "failed").mkdir()
     (tmp_path / "failed" / "config.yaml").write_text("name: failed\n")
-    assert main([str(tmp_path / "failed")]) == 2
+    assert export_main([str(tmp_path / "failed")]) == 2
     assert "is not a finished run (no report.json)" in capsys.readouterr().err
 
 
@@ -225,10 +226,10 @@ def test_existing_output_folder(run, tmp_path, capsys):
     out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main([str(run), "--method", "patience", "--out", str(out)]) == 2
+    assert export_main([str(run), "--method", "patience", "--out", str(out)]) == 2
     assert f"{out} already exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert main([str(run), "--method", "patience", "--out", str(out), "--overwrite"]) == 0
+    assert export_main([str(run), "--method", "patience", "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) != ["keep.txt"] and not (out / "keep.txt").exists()
     assert json.loads((out / "config.json").read_text())["gates"]["kind"] == "patience"
 
@@ -257,7 +258,7 @@ def test_backbone_folder_is_preferred_and_required(run, test_split, tmp_path, ca
     texts = test_split[0][:16]
     assert torch.equal(both_paths(model, texts)[1][0], both_paths(reference, texts)[1][0])
     shutil.rmtree(copy / "backbone")
-    assert main([str(copy), "--out", str(tmp_path / "n")]) == 2
+    assert export_main([str(copy), "--out", str(tmp_path / "n")]) == 2
     assert "has neither backbone/ nor model/" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
 

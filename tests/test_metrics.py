@@ -13,6 +13,7 @@ from jeidnn.evaluate.metrics import (
     ExpectedCost,
     common_cost_range,
     envelope_auc,
+    exit_outcome,
     interpolate_envelope,
     upper_envelope,
 )
@@ -81,3 +82,14 @@ def test_envelope_stays_flat_up_to_a_dominated_costlier_point():
     assert out[1] == pytest.approx(0.65) and out[2] == pytest.approx(0.7)
     # trapezoid 0.2..0.5 (mean 0.65) + flat 0.5..0.8 at 0.7, over a width of 0.6
     assert envelope_auc(costs, accs, 0.2, 0.8) == pytest.approx((0.3 * 0.65 + 0.3 * 0.7) / 0.6)
+
+
+def test_exit_outcome_reads_each_sample_at_its_exit():
+    # Sample 0 leaves at exit 0 (wrong there), 1 and 2 at exit 2 (right), 3 at exit 1 (wrong there).
+    correct = torch.tensor(
+        [[False, True, True], [True, False, True], [False, False, True], [True, False, True]]
+    )
+    out = exit_outcome(correct, torch.tensor([0, 2, 2, 1], dtype=torch.int16), [0.25, 0.5, 1.0])
+    assert out == {"accuracy": 0.5, "cost": (0.25 + 1.0 + 1.0 + 0.5) / 4, "exit_fractions": [0.25, 0.25, 0.5]}
+    # One exit (a pruned model cut to its first layer): still a list of fractions.
+    assert exit_outcome(correct[:, :1], torch.zeros(4, dtype=torch.long), [0.3])["exit_fractions"] == [1.0]

@@ -37,6 +37,9 @@ def train_main(argv: list[str], prog: str = "train.py") -> int:
         )
         parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
         cfg, args = parse_config(parser, argv, default_config=packaged_config())
+        from jeidnn.evaluate.methods import check_export_method
+
+        check_export_method(cfg)  # a bad export.method fails here, before any data or model is loaded
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
             return 0
@@ -112,9 +115,12 @@ def predict_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    from jeidnn.export.exporter import main as export  # torch-heavy: loaded only for this command
+    from jeidnn.cli import export
 
-    return export(argv)
+    parser = CommandParser(prog="jeidnn export", description=export.DESCRIPTION)
+    export.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return guarded(lambda: export.run(args))
 
 
 def prune_main(argv: list[str]) -> int:

@@ -41,7 +41,9 @@ from jeidnn.data.datamodule import JeidnnDataModule
 from jeidnn.data.sources import load_raw
 from jeidnn.data.splits import check_fingerprint, make_splits
 from jeidnn.errors import JeidnnError
-from jeidnn.evaluate.conformal import alpha_key, fit_conformal, group_exits
+from jeidnn.evaluate.conformal import fit_at_exits
+from jeidnn.evaluate.metrics import exit_outcome
+from jeidnn.io import atomic_folder
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.cost import gate_flops
 from jeidnn.model.gates import Gates
@@ -238,21 +240,6 @@ def exit_flops(data: RunData, backbone: Backbone, heads: Any, gates: Any) -> tup
     return flops, costs.full_flops
 
 
-def _refit_quantiles(
-    alphas: list[str], model: Any, calib: tuple[Tensor, Tensor, Tensor], split: Any, min_samples: int
-) -> tuple[dict, list]:
-    """The model's conformal levels refitted on calib half B for its own exits (groups from calib A)."""
-    logits, exits, labels = calib
-    groups = group_exits(torch.bincount(exits[split.a], minlength=model.num_exits), min_samples)
-    b = split.b
-    probs = logits[b, :, :].softmax(dim=-1)[torch.arange(len(b)), exits[b]]  # (N_b, C) at the exit taken
-    quantiles = {}
-    for key in alphas:
-        fitted = fit_conformal(probs, labels[b], exits[b], model.num_exits, float(key), groups=groups)
-        quantiles[alpha_key(float(key))] = fitted.quantiles.tolist()
-    return quantiles, groups
-
-
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -314,15 +301,10 @@ def _measure(pruned: Any, data: RunData, split: Any, device: torch.device) -> tu
     pruned.cpu()
     b = split.b
     correct_b = calib[0][b].argmax(-1).gather(1, calib[1][b, None]).squeeze(1) == calib[2][b]
-    correct = logits.argmax(-1).gather(1, exits[:, None]).squeeze(1) == labels
-    costs = torch.tensor(pruned.costs, dtype=torch.float64)
+    outcome = exit_outcome(logits.argmax(-1) == labels[:, None], exits, pruned.costs)
     metrics = {
         "calib_b_accuracy": float(correct_b.double().mean()),
-        "test_accuracy": float(correct.double().mean()),
-        "test_cost": float(costs[exits].mean()),
-        "test_exit_fractions": (
-            torch.bincount(exits, minlength=pruned.num_exits).double() / len(exits)
-        ).tolist(),
+        **{f"test_{k}": v for k, v in outcome.items()},
     }
     return metrics, calib
 
@@ -376,7 +358,17 @@ def prune_model(
     elif model.conformal_quantiles:
         min_samples = run.cfg.eval.conformal_min_samples
         alphas = list(model.conformal_quantiles)
-        pruned.conformal_quantiles, groups = _refit_quantiles(alphas, pruned, calib, split, min_samples)
+        logits, exits, labels = calib
+        pruned.conformal_quantiles, groups = fit_at_exits(
+            logits.softmax(dim=-1),
+            labels,
+            exits,
+            split.a,
+            split.b,
+            pruned.num_exits,
+            [float(a) for a in alphas],
+            min_samples,
+        )
         refitted = (
             f"conformal quantiles (alpha {', '.join(alphas)}) on calib half B ({len(split.b)} samples) for "
             f"the pruned model's exits, groups {groups} from its calib-A exits; gates, thresholds and exit "
@@ -426,7 +418,7 @@ def prune_run(
     Raises:
         JeidnnError: bad settings, run, method, budget, ``--layers`` or ``out``; nothing is written then.
     """
-    from jeidnn.export.exporter import build_model, load_backbone, save_atomically
+    from jeidnn.export.exporter import build_model, load_backbone
     from jeidnn.export.operating_point import Run, choose, default_choice
     from jeidnn.train.devices import run_device
 
@@ -456,7 +448,8 @@ def prune_run(
     info["before"] = before
     pruned.metadata = {**pruned.metadata, "pruning": info}
     _log_result(info)
-    save_atomically(pruned, out, overwrite)
+    with atomic_folder(out, overwrite) as tmp:
+        pruned.save_pretrained(tmp)
     log.info("wrote %s", out)
     return {"path": str(out), **info}
 

@@ -15,24 +15,6 @@ from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError
 
 
-def exportable_methods(cfg: RunConfig) -> list[str]:
-    """Every method a run of ``cfg`` can export: learned variants (and the `_tau` twin of each native one),
-    then the baselines of the evaluation (not the oracle, which reads the labels)."""
-    from jeidnn.evaluate.evaluation import METHODS
-
-    learned: list[str] = []
-    if cfg.jeidnn.enabled:
-        for v in cfg.jeidnn.variants:
-            learned += [v.name, f"{v.name}_tau"] if v.operating_point == "native" else [v.name]
-    # Thresholds on the paper preset's IMs exist only when that preset is trained.
-    baselines = [
-        m
-        for m in METHODS
-        if m != "oracle" and (m != "jeidnn_ims_threshold_maxprob" or "jeidnn_paper" in learned)
-    ]
-    return learned + baselines
-
-
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     d = cfg.data
@@ -90,10 +72,6 @@ def validate(cfg: RunConfig) -> None:
             )
         if v.width < 1 or v.projection < 1:
             raise JeidnnError(f"jeidnn.variants[{v.name}]: width and projection must be positive integers")
-    if cfg.export.method is not None and cfg.export.method not in (exportable := exportable_methods(cfg)):
-        raise JeidnnError(
-            f"export.method {cfg.export.method!r} is not a method of this run; choose one of {exportable}"
-        )
     if not 0 < cfg.export.cost_budget <= 2:
         raise JeidnnError(f"export.cost_budget must lie in (0, 2], got {cfg.export.cost_budget}")
     if any(not 0 < b <= 2 for b in cfg.eval.budgets) or not cfg.eval.budgets:

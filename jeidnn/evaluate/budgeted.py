@@ -11,44 +11,36 @@ See docs/evaluation.md for the protocol and why each step is there. In short:
 * The chosen configurations are scored on test (:func:`evaluate_config`), and each method's
   accuracy is compared with the best baseline's by a paired bootstrap (:func:`budgeted_rows`).
 
-Learned methods (report.json ``learned``) share one exit rule (:func:`jeidnn.model.policies.score_exits`);
-``jeidnn export`` (:func:`jeidnn.export.operating_point.choose`) makes the same choice from the same candidates.
+The candidates come from :mod:`jeidnn.evaluate.candidates`; :mod:`jeidnn.evaluate.selection` keeps what was
+chosen, which ``jeidnn export`` plays.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.calibration import (
     ReliabilityDiagram,
     apply_temperatures,
     fit_temperatures,
     reliability_diagram,
 )
-from jeidnn.evaluate.conformal import alpha_key, evaluate_sets, group_exits, resplit_miss
-from jeidnn.evaluate.metrics import ExitHistogram, ExpectedCost, paired_bootstrap
-from jeidnn.model.policies import score_exits, select_exit
+from jeidnn.evaluate.conformal import alpha_key, calib_at_exit, evaluate_sets, resplit_miss
+from jeidnn.evaluate.metrics import exit_outcome, paired_bootstrap
+from jeidnn.model.policies import select_exit
 
 __all__ = [
     "DEFAULT_BUDGETS",
-    "TAU_GRID",
     "CalibSplit",
     "Candidate",
     "Method",
     "Source",
     "evaluate_config",
-    "learned_candidates",
-    "load_learned_sources",
-    "load_source",
     "make_candidate",
     "budgeted_rows",
     "select_config",
@@ -56,8 +48,6 @@ __all__ = [
 ]
 
 DEFAULT_BUDGETS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-TAU_GRID: list[float] = sorted({0.001, 0.5, 0.999, *(round(0.01 * i, 2) for i in range(1, 100))}) + [math.inf]
-"""Exit-score thresholds of a ``calib_threshold`` learned method; ``inf``: nobody exits early."""
 _TOL = 1e-9  # cost <= budget up to float noise
 
 
@@ -102,47 +92,6 @@ class Source:
         self.test_probs_ts = apply_temperatures(self.logits["test"], self.temperatures)
 
 
-def load_source(
-    run_dir: Path,
-    rel_path: str,
-    num_exits: int,
-    with_scores: bool,
-    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
-) -> Source:
-    """Read one predictions file (or take it from ``tensors``, keyed by ``rel_path``) as a Source."""
-    path = run_dir / rel_path
-    if tensors is not None and rel_path in tensors:
-        data = tensors[rel_path]
-    elif path.is_file():
-        data = load_file(str(path))
-    else:
-        raise JeidnnError(f"missing predictions file {path}; re-run training for this run folder")
-    keys = ("logits", "labels") + (("scores",) if with_scores else ())
-    missing = [f"{s}_{k}" for s in ("calib", "test") for k in keys if f"{s}_{k}" not in data]
-    if missing:
-        raise JeidnnError(
-            f"predictions file {path} lacks tensors {missing}; re-run training for this run folder"
-        )
-    logits, labels, scores = {}, {}, {}
-    for s in ("calib", "test"):
-        logits[s] = data[f"{s}_logits"].float()
-        labels[s] = data[f"{s}_labels"].long()
-        if logits[s].ndim != 3 or logits[s].shape[1] != num_exits or len(labels[s]) != len(logits[s]):
-            raise JeidnnError(
-                f"{path}: `{s}_logits` has shape {tuple(logits[s].shape)} and `{s}_labels` "
-                f"{tuple(labels[s].shape)}, expected (N, {num_exits}, C) and (N,) for the {num_exits} exits "
-                "in report.json"
-            )
-        if with_scores:
-            scores[s] = data[f"{s}_scores"].float()
-            if scores[s].shape != (len(labels[s]), num_exits - 1):
-                raise JeidnnError(
-                    f"{path}: `{s}_scores` has shape {tuple(scores[s].shape)}, expected "
-                    f"({len(labels[s])}, {num_exits - 1})"
-                )
-    return Source(rel_path, logits, labels, scores if with_scores else None)
-
-
 @dataclass
 class Candidate:
     """One configuration of a method: where every calib and test sample exits, and at what cost."""
@@ -154,10 +103,18 @@ class Candidate:
     test_exits: Tensor  # (N_test,) int16
     calib_accuracy: float  # on calib A
     calib_cost: float  # on calib A
+    uses: dict = field(default_factory=dict)
+    """What gates need to play it: ``thresholds`` and ``measure``, ``patience`` or ``exit`` (baselines)."""
 
 
 def make_candidate(
-    param: Any, source: Source, costs: Tensor, calib_exits: Tensor, test_exits: Tensor, split: CalibSplit
+    param: Any,
+    source: Source,
+    costs: Tensor,
+    calib_exits: Tensor,
+    test_exits: Tensor,
+    split: CalibSplit,
+    uses: dict | None = None,
 ) -> Candidate:
     """Wrap exits with their calib-A accuracy and cost (int16: thousands of candidates stay small)."""
     costs = torch.as_tensor(costs, dtype=torch.float64)
@@ -171,6 +128,7 @@ def make_candidate(
         test_exits.to(torch.int16),
         float(correct_a.double().mean()),
         float(costs[exits_a].mean()),
+        uses or {},
     )
 
 
@@ -196,6 +154,8 @@ class Method:
     candidates: list[Candidate] | Callable[[float], list[Candidate]]
     extension: bool = False
     settings: dict | None = None
+    floor_cost: float | None = None
+    """The lowest calib-A cost the method reaches, for a method that may offer no candidate at a budget."""
 
     def candidates_at(self, budget: float) -> list[Candidate]:
         return self.candidates(budget) if callable(self.candidates) else self.candidates
@@ -213,12 +173,6 @@ class Settings:
     resplits: int
     seed: int
     gflops_full: float | None = None
-
-
-def conformal_groups(cand: Candidate, split: CalibSplit, num_exits: int, min_samples: int) -> list[list[int]]:
-    """Exit groups from the calib-A exit counts: independent of calib B and test, so the sets stay valid."""
-    counts = torch.bincount(cand.calib_exits[split.a].long(), minlength=num_exits)
-    return group_exits(counts, min_samples)
 
 
 def evaluate_config(
@@ -240,29 +194,33 @@ def evaluate_config(
     num_exits = len(cand.costs)
     probs = select_exit(src.probs["test"], test_exits)  # (N, C) at the exit taken
     labels = src.labels["test"]
-    cost_metric, hist = ExpectedCost(cand.costs), ExitHistogram(num_exits)
-    cost_metric.update(test_exits)
-    hist.update(test_exits)
-    cost = float(cost_metric.compute())
+    outcome = exit_outcome(src.correct["test"], test_exits, cand.costs)
     diagram = reliability_diagram(probs, labels, settings.ece_bins)
     ece_ts = None
     if src.test_probs_ts is not None:
         ece_ts = reliability_diagram(
             select_exit(src.test_probs_ts, test_exits), labels, settings.ece_bins
         ).ece
-    groups = conformal_groups(cand, split, num_exits, settings.min_samples)
-    exits_b = cand.calib_exits[split.b].long()
-    calib_args = (select_exit(src.probs["calib"][split.b], exits_b), src.labels["calib"][split.b], exits_b)
+    groups, calib_b = calib_at_exit(
+        src.probs["calib"],
+        src.labels["calib"],
+        cand.calib_exits,
+        split.a,
+        split.b,
+        num_exits,
+        settings.min_samples,
+    )
     conformal = {
-        alpha_key(a): evaluate_sets(*calib_args, probs, labels, test_exits, num_exits, a, groups=groups)
+        alpha_key(a): evaluate_sets(*calib_b, probs, labels, test_exits, num_exits, a, groups=groups)
         for a in settings.alphas
     }
+    cost = outcome["cost"]
     point = {
         "param": cand.param,
-        "accuracy": float((probs.argmax(dim=1) == labels).double().mean()),
+        "accuracy": outcome["accuracy"],
         "cost": cost,
         "gflops": cost * settings.gflops_full if settings.gflops_full is not None else None,
-        "exit_fractions": hist.compute().tolist(),
+        "exit_fractions": outcome["exit_fractions"],
         "ece": diagram.ece,
         "ece_temperature_scaled": ece_ts,
         "conformal": conformal,
@@ -319,7 +277,7 @@ def budgeted_rows(
             cands = m.candidates_at(budget)
             cand = select_config(cands, budget)
             if cand is None:
-                cheapest = min((c.calib_cost for c in cands), default=None)
+                cheapest = min((c.calib_cost for c in cands), default=m.floor_cost)
                 why = (
                     "no configuration" if cheapest is None else f"cheapest configuration costs {cheapest:.3f}"
                 )
@@ -379,47 +337,3 @@ def budgeted_rows(
         "rows": rows,
     }
     return summary, chosen
-
-
-# --------------------------------------------------------------------------- learned methods
-
-
-def _learned_entry(report: dict, method: str) -> dict:
-    try:
-        entry = report["learned"][method]
-    except (KeyError, TypeError):
-        known = sorted((report.get("learned") or {}).keys())
-        raise JeidnnError(f"report.json has no learned method {method!r}; learned methods: {known}") from None
-    for key in ("operating_point", "costs", "models"):
-        if key not in entry:
-            raise JeidnnError(f"report.json learned method {method!r} lacks `{key}`; re-run training")
-    if entry["operating_point"] not in ("native", "calib_threshold"):
-        raise JeidnnError(
-            f"learned method {method!r}: operating_point must be 'native' or 'calib_threshold', got "
-            f"{entry['operating_point']!r}"
-        )
-    if not entry["models"]:
-        raise JeidnnError(f"learned method {method!r} has no models; re-run training")
-    return entry
-
-
-def load_learned_sources(
-    report: dict, run_dir: Path, method: str, tensors: Mapping[str, Mapping[str, Tensor]] | None = None
-) -> list[Source]:
-    """The Source of each model of a learned method, in the order of its ``models`` list."""
-    entry = _learned_entry(report, method)
-    num_exits = len(entry["costs"])
-    return [load_source(Path(run_dir), m["file"], num_exits, True, tensors) for m in entry["models"]]
-
-
-def learned_candidates(entry: dict, sources: list[Source], split: CalibSplit) -> list[Candidate]:
-    """Every model x every tau of the method's grid (tau = 0.5 only for ``native``)."""
-    taus = [0.5] if entry["operating_point"] == "native" else TAU_GRID
-    out = []
-    for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
-        assert src.scores is not None
-        for tau in taus:
-            param = {"model": k, "lambda": model.get("lambda"), "tau": tau}
-            calib, test = score_exits(src.scores["calib"], tau), score_exits(src.scores["test"], tau)
-            out.append(make_candidate(param, src, torch.tensor(entry["costs"]), calib, test, split))
-    return out

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from jeidnn.model.policies import select_exit
+
 __all__ = [
     "ConformalCoverage",
     "ConformalQuantiles",
@@ -342,3 +344,40 @@ def resplit_miss(
         }
         for a, m in zip(alphas, misses, strict=True)
     }
+
+
+def calib_at_exit(
+    probs: Tensor, labels: Tensor, exits: Tensor, a: Tensor, b: Tensor, num_exits: int, min_samples: int
+) -> tuple[list[list[int]], tuple[Tensor, Tensor, Tensor]]:
+    """What conformal sets are fitted on for one exit assignment of the calib split.
+
+    Args:
+        probs: (N, L, C) calib probabilities at every exit; labels: (N,); exits: (N,) the exit taken.
+        a, b: indices of calib halves A and B.
+
+    Returns:
+        The exit groups, from the calib-A exit counts (independent of calib B and test, so the sets stay
+        valid), and calib B's probabilities at the exit taken (N_b, C), labels (N_b,) and exits (N_b,).
+    """
+    groups = group_exits(torch.bincount(exits[a].long(), minlength=num_exits), min_samples)
+    exits_b = exits[b].long()
+    return groups, (select_exit(probs[b], exits_b), labels[b], exits_b)
+
+
+def fit_at_exits(
+    probs: Tensor,
+    labels: Tensor,
+    exits: Tensor,
+    a: Tensor,
+    b: Tensor,
+    num_exits: int,
+    alphas: Sequence[float],
+    min_samples: int,
+) -> tuple[dict[str, list[float]], list[list[int]]]:
+    """Per-exit quantiles ``{alpha_key: [q_1 .. q_L]}`` fitted on calib half B at the exits taken, and the
+    exit groups (see :func:`calib_at_exit`)."""
+    groups, calib_b = calib_at_exit(probs, labels, exits, a, b, num_exits, min_samples)
+    quantiles = {
+        alpha_key(x): fit_conformal(*calib_b, num_exits, x, groups=groups).quantiles.tolist() for x in alphas
+    }
+    return quantiles, groups

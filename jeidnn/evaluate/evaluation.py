@@ -24,15 +24,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
-import torch
 import yaml
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -42,44 +38,20 @@ from jeidnn.config.schema import EvalConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import (
     DEFAULT_BUDGETS,
-    TAU_GRID,
-    CalibSplit,
     Candidate,
     Method,
     Settings,
-    Source,
     budgeted_rows,
     evaluate_config,
-    learned_candidates,
-    load_learned_sources,
-    load_source,
-    make_candidate,
-    split_calib,
 )
-from jeidnn.evaluate.conformal import alpha_key
+from jeidnn.evaluate.candidates import TAU_GRID
 from jeidnn.evaluate.metrics import envelope_summary
-from jeidnn.model import policies as bl
+from jeidnn.evaluate.selection import Choice, Evaluation, build_methods
+from jeidnn.io import json_safe, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GLOBAL_GRID", "METHODS", "NOTES", "alpha_key", "evaluate", "evaluate_run"]
-
-METHODS: dict[str, tuple[str, str]] = {
-    "threshold_maxprob": ("threshold", "max-prob thresholds"),
-    "threshold_entropy": ("threshold", "entropy thresholds"),
-    "threshold_margin": ("threshold", "margin thresholds"),
-    "global_maxprob": ("threshold", "global max-prob threshold"),
-    "threshold_search": ("threshold", "per-exit max-prob thresholds searched on calib"),
-    "patience": ("patience", "patience (PABEE)"),
-    "static": ("static", "static depth"),
-    "oracle": ("oracle", "oracle (upper bound)"),
-    "jeidnn_ims_threshold_maxprob": ("threshold", "learned IMs + max-prob thresholds"),
-}
-"""Non-learned methods: name -> (kind, label), in report order (learned methods come first)."""
-
-GLOBAL_GRID: list[float] = [round(0.01 * i, 2) for i in range(101)] + [0.995, 0.999, math.inf]
-"""Global thresholds always tried besides ``eval.global_thresholds``: 0 sends everyone to the first
-exit, ``inf`` nobody exits early, so the grid spans every budget."""
+__all__ = ["NOTES", "evaluate", "evaluate_run"]
 
 ENVELOPE_NOTE = (
     "envelope on test (optimistic): `methods` points, `auc` and `matched_cost` take each method's best "
@@ -126,92 +98,6 @@ def _settings(cfg: Any, seed: int, gflops_full: float | None) -> Settings:
     )
 
 
-def geometric_candidates(
-    src: Source, costs: list[float], split: CalibSplit, measure: str, ps: list[float], tag: Any
-) -> list[Candidate]:
-    """Budgeted-batch thresholds fitted on calib A for each geometric target q_k ∝ p^k."""
-    conf = {s: bl.confidence(src.probs[s], measure) for s in ("calib", "test")}  # (N, L) each
-    out = []
-    for p in ps:
-        target = bl.geometric_exit_distribution(p, len(costs))
-        thresholds = bl.fit_budgeted_thresholds(conf["calib"][split.a], target)
-        exits = {s: bl.apply_thresholds(conf[s], thresholds) for s in conf}
-        out.append(make_candidate(tag(p), src, costs, exits["calib"], exits["test"], split))
-    return out
-
-
-def _policy(src: Source, costs: list[float], split: CalibSplit, params: list, policy: Any) -> list[Candidate]:
-    return [make_candidate(p, src, costs, policy("calib", p), policy("test", p), split) for p in params]
-
-
-def baseline_methods(
-    warm: Source, costs: list[float], layers: list[int], split: CalibSplit, cfg: Any
-) -> tuple[list[Method], dict]:
-    """The baseline methods on the warm-up IMs, and the grids they used."""
-    num_exits = len(costs)
-    ps = list(cfg.threshold_ps)
-    methods = [
-        Method(
-            f"threshold_{m}",
-            *METHODS[f"threshold_{m}"],
-            geometric_candidates(warm, costs, split, m, ps, lambda p: p),
-        )
-        for m in ("maxprob", "entropy", "margin")
-    ]
-    maxprob = {s: bl.confidence(warm.probs[s], "maxprob") for s in ("calib", "test")}
-    grid = sorted(set(cfg.global_thresholds) | set(GLOBAL_GRID))
-    methods.append(
-        Method(
-            "global_maxprob",
-            *METHODS["global_maxprob"],
-            _policy(warm, costs, split, grid, lambda s, t: bl.global_threshold_exits(maxprob[s], t)),
-        )
-    )
-    searched: dict[float, list[Candidate]] = {}
-
-    def search(budget: float) -> list[Candidate]:
-        if budget not in searched:
-            a = split.a
-            thr = bl.search_thresholds(maxprob["calib"][a], warm.correct["calib"][a], costs, budget, grid)
-            searched[budget] = (
-                []
-                if thr is None
-                else [
-                    make_candidate(
-                        {"budget": budget, "thresholds": thr.tolist()},
-                        warm,
-                        costs,
-                        bl.apply_thresholds(maxprob["calib"], thr),
-                        bl.apply_thresholds(maxprob["test"], thr),
-                        split,
-                    )
-                ]
-            )
-        return searched[budget]
-
-    methods.append(Method("threshold_search", *METHODS["threshold_search"], search))
-    patience = list(cfg.patience_values) if cfg.patience_values is not None else list(range(num_exits))
-    preds = {s: warm.probs[s].argmax(-1) for s in ("calib", "test")}
-    methods.append(
-        Method(
-            "patience",
-            *METHODS["patience"],
-            _policy(warm, costs, split, patience, lambda s, t: bl.patience_exits(preds[s], t)),
-        )
-    )
-    exit_of_layer = {layer: e for e, layer in enumerate(layers)}  # param = 1-based backbone layer
-    n = {s: len(warm.labels[s]) for s in ("calib", "test")}
-    static = _policy(warm, costs, split, list(layers), lambda s, la: bl.static_exits(n[s], exit_of_layer[la]))
-    methods.append(Method("static", *METHODS["static"], static))
-    oracle = _policy(warm, costs, split, [None], lambda s, _: bl.oracle_exits(preds[s], warm.labels[s]))
-    methods.append(Method("oracle", *METHODS["oracle"], oracle))
-    return methods, {"threshold_ps": ps, "global_thresholds": grid, "patience_values": patience}
-
-
-def model_tag(k: int, lam: float | None) -> Any:
-    return lambda p: {"model": k, "lambda": lam, "p": p}
-
-
 def _envelope_candidates(method: Method, chosen: dict) -> list[Candidate]:
     """Envelope points: learned methods at tau 0.5 only, threshold_search as chosen per budget."""
     if method.kind == "learned":
@@ -240,21 +126,6 @@ def _reliability_panels(budgeted: dict, chosen: dict, labels: dict[str, str]) ->
     return panels
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON: NaN/inf -> None, tensors and numpy scalars -> Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (Tensor, np.ndarray)):
-        return _json_safe(value.tolist())
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def evaluate(
     report: dict,
     run_dir: str | Path,
@@ -264,7 +135,7 @@ def evaluate(
     tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
     write_markdown: bool = True,
     progress: bool = False,
-) -> dict:
+) -> Evaluation:
     """Evaluate every method of a run in memory; report.json itself is left to the caller.
 
     Args:
@@ -279,58 +150,26 @@ def evaluate(
         progress: a progress bar over the configurations evaluated on test.
 
     Returns:
-        A copy of ``report`` (JSON-safe) with ``methods``, ``summary`` and ``evaluation`` added.
+        ``report``: a copy of ``report`` (JSON-safe) with ``methods``, ``summary`` and ``evaluation`` added;
+        ``chosen``: the configuration of each (budget, method) row of ``summary.budgeted``; ``methods``:
+        every method's candidates, for a choice at another budget (:meth:`Evaluation.choice`).
 
     Raises:
         JeidnnError: a predictions file or a report entry is missing or malformed.
 
     Example:
         >>> out = evaluate(report, Path("runs/default"), cfg.eval, cfg.seed)  # doctest: +SKIP
-        >>> out["summary"]["budgeted"]["rows"][0]["accuracy"]  # doctest: +SKIP
+        >>> out.report["summary"]["budgeted"]["rows"][0]["accuracy"]  # doctest: +SKIP
+        >>> out.choice("patience", 0.5).param  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
     try:
-        costs = list(report["exits"]["cost"])
+        report["exits"]["cost"]
     except (KeyError, TypeError):
         raise JeidnnError("report lacks exits.cost; re-run training for this run folder") from None
-    num_exits = len(costs)
-    layers = report["exits"].get("layers") or list(range(1, num_exits + 1))
     settings = _settings(cfg, seed, report.get("backbone", {}).get("gflops_full"))
-    warm = load_source(run_dir, "predictions/warmup.safetensors", num_exits, False, tensors)
-    split = split_calib(len(warm.labels["calib"]), seed)
-    warm.fit_temperatures_on(split)
-    baselines, grids = baseline_methods(warm, costs, layers, split, cfg)
-    temperatures: dict[str, Any] = {"warmup": warm.temperatures.tolist(), "learned": {}}
-    learned_methods, derived = [], []
-    for name, entry in (report.get("learned") or {}).items():
-        sources = load_learned_sources(report, run_dir, name, tensors)
-        for src in sources:
-            if not torch.equal(src.labels["calib"], warm.labels["calib"]):
-                raise JeidnnError(
-                    f"{src.name}: calib labels differ from the warm-up predictions'; re-run training"
-                )
-            src.fit_temperatures_on(split)
-        temperatures["learned"][name] = [src.temperatures.tolist() for src in sources]
-        label = entry.get("label", name)
-        learned_methods.append(
-            Method(
-                name,
-                "learned",
-                label,
-                learned_candidates(entry, sources, split),
-                extension=bool(entry.get("extension", False)),
-                settings=entry.get("settings"),
-            )
-        )
-        if name == "jeidnn_paper":
-            cands = []
-            for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
-                tag = model_tag(k, model.get("lambda"))
-                cands += geometric_candidates(src, costs, split, "maxprob", grids["threshold_ps"], tag)
-            derived.append(
-                Method("jeidnn_ims_threshold_maxprob", *METHODS["jeidnn_ims_threshold_maxprob"], cands)
-            )
-    methods = learned_methods + baselines + derived
+    built = build_methods(report, run_dir, cfg, seed, tensors)
+    methods, split = built.methods, built.split
 
     cache: dict = {}  # each candidate is evaluated on test once, whichever view asks
     budgeted, chosen = budgeted_rows(methods, split, settings, cache)
@@ -360,22 +199,23 @@ def evaluate(
         "alphas": settings.alphas,
         "ece_bins": settings.ece_bins,
         "conformal_min_samples": settings.min_samples,
-        **grids,
+        **built.inputs.grids(),
         "tau_grid": TAU_GRID,
         "budgets": settings.budgets,
         "bootstrap": settings.bootstrap,
         "resplits": settings.resplits,
         "seed": seed,
-        "temperatures": temperatures,
+        "temperatures": built.temperatures,
         "notes": NOTES,
     }
-    out = _json_safe(out)
+    out = json_safe(out)
     if write_markdown:
         from jeidnn.evaluate.report import write_report
 
         panels = _reliability_panels(budgeted, chosen, {m.name: m.label for m in methods})
         write_report(run_dir, out, reliability=panels)
-    return out
+    choices = {key: Choice(built.specs[key[1]], key[0], cand, split) for key, (cand, _) in chosen.items()}
+    return Evaluation(out, built, choices)
 
 
 _NEW_EVAL_KEYS = {"budgets": None, "bootstrap": 1000, "resplits": 20}
@@ -462,9 +302,7 @@ def evaluate_run(
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise JeidnnError(f"{source} is malformed ({exc!r}); re-run training for this run folder") from None
     cfg, seed = _run_settings(run_dir, alphas, ece_bins)
-    report = evaluate(report, run_dir, cfg, seed, write_markdown=write, progress=progress)
+    evaluation = evaluate(report, run_dir, cfg, seed, write_markdown=write, progress=progress)
     if write:
-        tmp = report_path.with_name(report_path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, report_path)  # atomic on POSIX: readers see the old or the new file, never half
-    return report
+        write_json(report_path, evaluation.report)
+    return evaluation.report

@@ -299,3 +299,29 @@ class ExitHistogram(Metric):
     def compute(self) -> Tensor:
         total = self.counts.sum()
         return self.counts.double() / total if total > 0 else torch.full((self.num_exits,), float("nan"))
+
+
+def exit_outcome(correct: Tensor, exits: Tensor, costs: Sequence[float] | Tensor) -> dict[str, Any]:
+    """Accuracy, mean cost and exit fractions of one exit assignment.
+
+    Args:
+        correct: (N, L) bool, the prediction at each exit is right; exits: (N,) the exit each sample takes;
+            costs: (L,) normalised cost of each exit.
+
+    Example:
+        >>> correct = torch.tensor([[False, True], [True, True]])
+        >>> exit_outcome(correct, torch.tensor([0, 1]), [0.5, 1.0])
+        {'accuracy': 0.5, 'cost': 0.75, 'exit_fractions': [0.5, 0.5]}
+        >>> exit_outcome(correct[:, :1], torch.tensor([0, 0]), [0.5])["exit_fractions"]
+        [1.0]
+    """
+    exits = exits.long()
+    cost, hist = ExpectedCost(torch.as_tensor(costs, dtype=torch.float64)), ExitHistogram(correct.shape[1])
+    cost.update(exits)
+    hist.update(exits)
+    right = correct.gather(1, exits[:, None]).squeeze(1)
+    return {
+        "accuracy": float(right.double().mean()),
+        "cost": float(cost.compute()),
+        "exit_fractions": hist.compute().reshape(-1).tolist(),  # torchmetrics squeezes a single exit
+    }

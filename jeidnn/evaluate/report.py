@@ -1,4 +1,4 @@
-"""Human-readable report of an evaluated run: ``report.md`` and PNG plots in ``plots/``.
+"""Human-readable report of an evaluated run: ``report.md`` (its plots: :mod:`jeidnn.evaluate.plots`).
 
 Everything is drawn from the report dict :func:`jeidnn.evaluate.evaluation.evaluate` returns, except the
 reliability diagrams, which need per-bin statistics that report.json does not keep and are passed
@@ -11,29 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; never open a window (servers, CI)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jeidnn.evaluate.metrics import upper_envelope  # noqa: E402
+from jeidnn.evaluate.plots import PLOT_DIR, budget_rows, label_of, write_plots
+from jeidnn.io import write_text
 
 __all__ = ["write_report"]
-
-_PLOT_DIR = "plots"
-_BASELINE_STYLE = {  # name -> (colour, marker)
-    "threshold_maxprob": ("#1f77b4", "s"),
-    "threshold_entropy": ("#2ca02c", "^"),
-    "threshold_margin": ("#9467bd", "v"),
-    "global_maxprob": ("#8c564b", "D"),
-    "threshold_search": ("#17becf", "<"),
-    "patience": ("#e377c2", "P"),
-    "static": ("#7f7f7f", "X"),
-    "oracle": ("#000000", "*"),
-    "jeidnn_ims_threshold_maxprob": ("#bcbd22", "h"),
-}
-_LEARNED_COLOURS = ["#d62728", "#ff7f0e", "#8b0000", "#ff1493", "#b8860b", "#4b0082"]
 
 
 def _fmt(value: Any, pct: bool = False, digits: int = 3) -> str:
@@ -50,28 +33,6 @@ def _signed(value: float) -> str:
     return f"{100 * value:+.1f}".replace("-", "−")
 
 
-def _label(method: dict) -> str:
-    extension = method.get("extension") and "(extension)" not in method["label"]
-    return method["label"] + (" (extension)" if extension else "")
-
-
-def _style(report: dict, name: str) -> dict:
-    learned = [n for n, m in report["methods"].items() if m["kind"] == "learned"]
-    if name in learned:
-        colour, marker = _LEARNED_COLOURS[learned.index(name) % len(_LEARNED_COLOURS)], "o"
-    else:
-        colour, marker = _BASELINE_STYLE.get(name, ("#17becf", "o"))
-    # Learned methods drawn thicker and on top: they are what the plots compare against.
-    top = name in learned
-    return {"color": colour, "marker": marker, "lw": 2.5 if top else 1.5, "ms": 5, "zorder": 5 if top else 2}
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(r) + " |" for r in rows
@@ -79,12 +40,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- budgeted (headline)
-
-
-def _budget_rows(report: dict) -> tuple[list[float], list[str], dict[tuple[float, str], dict]]:
-    b = report["summary"]["budgeted"]
-    names = list(dict.fromkeys(r["method"] for r in b["rows"]))
-    return b["budgets"], names, {(r["budget"], r["method"]): r for r in b["rows"]}
 
 
 def _budget_cell(row: dict | None) -> str:
@@ -99,7 +54,7 @@ def _budget_cell(row: dict | None) -> str:
 
 def _budgeted_section(report: dict, plot: str) -> list[str]:
     b = report["summary"]["budgeted"]
-    budgets, names, rows = _budget_rows(report)
+    budgets, names, rows = budget_rows(report)
     methods = report["methods"]
     split = b["calib_split"]
     out = [
@@ -114,7 +69,7 @@ def _budgeted_section(report: dict, plot: str) -> list[str]:
         "reference. – = the method cannot meet the budget on calib A.",
         "",
     ]
-    header = ["budget"] + [_label(methods[n]) for n in names] + ["best baseline"]
+    header = ["budget"] + [label_of(methods[n]) for n in names] + ["best baseline"]
     table = []
     for budget in budgets:
         best = next(
@@ -123,7 +78,7 @@ def _budgeted_section(report: dict, plot: str) -> list[str]:
         table.append(
             [f"{budget:g}"]
             + [_budget_cell(rows.get((budget, n))) for n in names]
-            + [_label(methods[best]) if best else "–"]
+            + [label_of(methods[best]) if best else "–"]
         )
     out += _table(header, table)
     alphas = [a for a in ("0.05", "0.1") if a in report["evaluation"]["alphas_keys"]]
@@ -148,7 +103,7 @@ def _budgeted_section(report: dict, plot: str) -> list[str]:
                 continue
             line = [
                 f"{budget:g}",
-                _label(methods[n]),
+                label_of(methods[n]),
                 _fmt(r["cost"]),
                 f"{_pct(r['ece'])} / {_pct(r['ece_temperature_scaled'])}",
             ]
@@ -167,7 +122,9 @@ def _budgeted_section(report: dict, plot: str) -> list[str]:
         out += [
             "",
             "Budgets not met on calib A: "
-            + "; ".join(f"{_label(methods[r['method']])} at {r['budget']:g} ({r['reason']})" for r in missing)
+            + "; ".join(
+                f"{label_of(methods[r['method']])} at {r['budget']:g} ({r['reason']})" for r in missing
+            )
             + ".",
         ]
     out += [
@@ -181,167 +138,7 @@ def _budgeted_section(report: dict, plot: str) -> list[str]:
     return out
 
 
-def _plot_budgeted(report: dict, path: Path) -> None:
-    budgets, names, rows = _budget_rows(report)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for n in names:
-        pts = [(bud, r) for bud in budgets if (r := rows.get((bud, n))) and r["accuracy"] is not None]
-        if not pts:
-            continue
-        xs, ys = [bud for bud, _ in pts], [100 * r["accuracy"] for _, r in pts]
-        st = _style(report, n)
-        method = report["methods"][n]
-        deltas = [r["delta_vs_best_baseline"] for _, r in pts]
-        if method["kind"] == "learned" and all(deltas):
-            err = [
-                [100 * (d["mean"] - d["ci_low"]) for d in deltas],
-                [100 * (d["ci_high"] - d["mean"]) for d in deltas],
-            ]
-            ax.errorbar(xs, ys, yerr=err, capsize=3, label=_label(method), **st)
-        else:
-            ax.plot(xs, ys, label=_label(method), **st)
-    ax.set_xlabel("cost budget (calib A), 1.0 = original model")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Budgeted, test-blind: accuracy of each method's calib-chosen configuration")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    _save(fig, path)
-
-
-def _plot_exits(report: dict, path: Path, layers: list[int]) -> float | None:
-    budgets, names, rows = _budget_rows(report)
-    usable = [b for b in budgets if any((rows.get((b, n)) or {}).get("accuracy") is not None for n in names)]
-    if not usable:
-        return None
-    budget = min(usable, key=lambda b: abs(b - 0.5))
-    chosen = [(n, r) for n in names if (r := rows.get((budget, n))) and r["accuracy"] is not None]
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(layers) * len(chosen) / 3), 4.8))
-    width = 0.8 / len(chosen)
-    x = np.arange(len(layers))
-    for i, (n, r) in enumerate(chosen):
-        ax.bar(
-            x + (i - (len(chosen) - 1) / 2) * width,
-            100 * np.asarray(r["exit_fractions"]),
-            width,
-            color=_style(report, n)["color"],
-            label=f"{_label(report['methods'][n])} (cost {r['cost']:.2f})",
-        )
-    ax.set_xticks(x, [str(la) for la in layers])
-    ax.set_xlabel("exit (backbone layer)")
-    ax.set_ylabel("test samples exiting (%)")
-    ax.set_title(f"Exit distribution of each method's configuration at budget {budget:g}")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
-    _save(fig, path)
-    return budget
-
-
 # --------------------------------------------------------------------------- envelope (optimistic)
-
-
-def _envelope(points: list[dict]) -> list[dict]:
-    idx = upper_envelope([p["cost"] for p in points], [p["accuracy"] for p in points])
-    return [points[i] for i in idx]
-
-
-def _curves(report: dict) -> list[tuple[str, dict]]:
-    return [(n, m) for n, m in report["methods"].items() if m["points"] and m["kind"] != "oracle"]
-
-
-def _plot_accuracy(report: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    lo, hi = report["summary"]["cost_range"]
-    if lo is not None and hi is not None and hi > lo:
-        ax.axvspan(lo, hi, color="0.9", zorder=0, label="AUC cost range")
-    for name, method in _curves(report):
-        pts, st = method["points"], _style(report, name)
-        ax.scatter(
-            [p["cost"] for p in pts], [100 * p["accuracy"] for p in pts], color=st["color"], s=10, alpha=0.3
-        )
-        env = _envelope(pts)
-        ax.plot([p["cost"] for p in env], [100 * p["accuracy"] for p in env], label=_label(method), **st)
-    oracle = report["methods"].get("oracle", {}).get("points")
-    if oracle:
-        o = oracle[0]
-        ax.axhline(
-            100 * o["accuracy"],
-            color="black",
-            ls="--",
-            lw=1.2,
-            label=f"oracle, upper bound (cost {o['cost']:.2f})",
-        )
-    ax.set_xlabel("normalised cost (1.0 = original model)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Envelope on test (optimistic): lines = upper envelopes, dots = all points")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    _save(fig, path)
-
-
-def _plot_ece(report: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for ax, key, title in zip(
-        axes, ("ece", "ece_temperature_scaled"), ("raw", "temperature-scaled"), strict=True
-    ):
-        for name, method in _curves(report):
-            env = [p for p in _envelope(method["points"]) if p[key] is not None]
-            if env:
-                ax.plot(
-                    [p["cost"] for p in env],
-                    [100 * p[key] for p in env],
-                    label=_label(method),
-                    **_style(report, name),
-                )
-        ax.set_title(f"ECE on the accuracy envelope, {title}")
-        ax.set_xlabel("normalised cost")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"ECE (%, {report['evaluation'].get('ece_bins', 15)} bins)")
-    axes[1].legend(fontsize=7)
-    _save(fig, path)
-
-
-def _plot_conformal(report: dict, path: Path, alphas: list[str]) -> None:
-    fig, axes = plt.subplots(2, len(alphas), figsize=(6 * len(alphas), 8), squeeze=False)
-    for col, a in enumerate(alphas):
-        for name, method in _curves(report):
-            env = [p for p in _envelope(method["points"]) if a in p["conformal"]]
-            xs, st = [p["cost"] for p in env], _style(report, name)
-            axes[0, col].plot(
-                xs, [100 * p["conformal"][a]["coverage"] for p in env], label=_label(method), **st
-            )
-            axes[1, col].plot(xs, [p["conformal"][a]["mean_set_size"] for p in env], **st)
-        axes[0, col].axhline(
-            100 * (1 - float(a)), color="black", ls="--", lw=1, label=f"1 − α = {1 - float(a):g}"
-        )
-        axes[0, col].set_title(f"coverage, α = {a}")
-        axes[1, col].set_title(f"mean set size, α = {a}")
-        axes[0, col].set_ylabel("test coverage (%)")
-        axes[1, col].set_ylabel("labels per set")
-        for row in range(2):
-            axes[row, col].set_xlabel("normalised cost")
-            axes[row, col].grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7)
-    _save(fig, path)
-
-
-def _plot_reliability(panels: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
-        ax.plot([0, 1], [0, 1], color="0.5", ls=":", lw=1, label="perfect calibration")
-        for i, (label, diag) in enumerate(panel["curves"]):
-            keep = diag.bin_counts > 0
-            ax.plot(
-                diag.bin_confidence[keep],
-                diag.bin_accuracy[keep],
-                marker="o",
-                color=f"C{3 if i == 0 else i - 1}",
-                label=f"{label}: ECE {100 * diag.ece:.1f}%",
-            )
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (mean of bin)", ylabel="accuracy in bin")
-        ax.set_title(panel["title"], fontsize=9)
-        ax.legend(fontsize=7, loc="upper left")
-        ax.grid(alpha=0.3)
-    _save(fig, path)
 
 
 def _matched_table(report: dict) -> list[str]:
@@ -361,7 +158,7 @@ def _matched_table(report: dict) -> list[str]:
     for r in matched:
         lam = r["param"].get("lambda") if isinstance(r["param"], dict) else r["param"]
         row = [
-            _label(methods[r["method"]]),
+            label_of(methods[r["method"]]),
             "–" if lam is None else f"{lam:g}",
             _fmt(r["cost"]),
             _pct(r["accuracy"]),
@@ -391,7 +188,7 @@ def _envelope_section(report: dict, plots: dict[str, str]) -> list[str]:
     auc = sorted(s["auc"].items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1))
     out += _table(
         ["method", "kind", "AUC (mean acc. %)"],
-        [[_label(methods[n]), methods[n]["kind"], _pct(v)] for n, v in auc],
+        [[label_of(methods[n]), methods[n]["kind"], _pct(v)] for n, v in auc],
     )
     out += [
         "",
@@ -409,7 +206,7 @@ def _envelope_section(report: dict, plots: dict[str, str]) -> list[str]:
             size = [r["mean_set_size"] for r in res if r["mean_set_size"] is not None]
             rows.append(
                 [
-                    _label(method),
+                    label_of(method),
                     a,
                     _pct(min(cov) if cov else None),
                     _pct(float(np.mean(cov)) if cov else None),
@@ -475,37 +272,17 @@ def write_report(run_dir: str | Path, report: dict, reliability: list[dict] | No
         Path of report.md.
     """
     run_dir = Path(run_dir)
-    (run_dir / _PLOT_DIR).mkdir(parents=True, exist_ok=True)
     report = {**report, "evaluation": {**report["evaluation"]}}
     report["evaluation"]["alphas_keys"] = [format(a, "g") for a in report["evaluation"].get("alphas", [])]
-    plots: dict[str, str] = {}
-
-    def target(stem: str, title: str | None = None) -> Path:
-        if title:
-            plots[title] = f"{_PLOT_DIR}/{stem}.png"
-        return run_dir / _PLOT_DIR / f"{stem}.png"
-
-    _plot_budgeted(report, target("budgeted_accuracy"))
-    layers = report["exits"].get("layers") or list(range(1, len(report["exits"]["cost"]) + 1))
-    exit_budget = _plot_exits(report, target("exit_fractions"), layers)
-    _plot_accuracy(report, target("accuracy_vs_cost", "Accuracy vs. cost"))
-    _plot_ece(report, target("ece_vs_cost", "ECE vs. cost"))
-    present = report["evaluation"]["alphas_keys"]
-    alphas = [a for a in ("0.05", "0.1") if a in present] or present[:2]
-    if alphas:
-        _plot_conformal(
-            report, target("conformal_vs_cost", "Conformal coverage and set size vs. cost"), alphas
-        )
-    if reliability:
-        _plot_reliability(reliability, target("reliability", "Reliability diagrams (budgeted choices)"))
+    plots, exit_budget = write_plots(run_dir, report, reliability)
     bb, ds = report.get("backbone", {}), report.get("dataset", {})
     out = [f"# jeidnn report: {bb.get('name', '?')} on {ds.get('name', '?')}", ""]
-    out += _budgeted_section(report, f"{_PLOT_DIR}/budgeted_accuracy.png") + [""]
+    out += _budgeted_section(report, f"{PLOT_DIR}/budgeted_accuracy.png") + [""]
     out += _setup(report, exit_budget) + [""]
     out += _envelope_section(report, plots)
     notes = report["evaluation"].get("notes", [])
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes]
     path = run_dir / "report.md"
-    path.write_text("\n".join(out) + "\n")
+    write_text(path, "\n".join(out) + "\n")
     return path

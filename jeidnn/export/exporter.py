@@ -1,8 +1,8 @@
 """`jeidnn export`: any method's operating point of a finished run as a deployable early-exit model.
 
-The operating point is the configuration the method plays at the budget in the run's budgeted evaluation
-(:mod:`jeidnn.export.operating_point`), so the exported model leaves where that row of report.md leaves, on calib
-and on test. Its conformal quantiles are fitted on calib half B with exit groups from the calib-A exit
+The operating point is the configuration the run's budgeted evaluation chose for the method at the budget
+(:mod:`jeidnn.export.operating_point`), so the exported model leaves where that row of report.md leaves, on
+calib and on test. Its conformal quantiles are fitted on calib half B with exit groups from the calib-A exit
 counts, for every ``eval.alphas`` and the model's default level.
 
 What each method exports:
@@ -29,9 +29,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,11 +39,13 @@ from torch import Tensor, nn
 
 from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError, first_line
-from jeidnn.export.operating_point import DERIVED, DERIVED_FROM, OperatingPoint, Run, choose, default_choice
+from jeidnn.evaluate.selection import Evaluation
+from jeidnn.export.operating_point import OperatingPoint, Run, choose, default_choice
+from jeidnn.io import atomic_folder, json_safe
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.heads import ExitHeads
 
-__all__ = ["build_model", "export_run", "export_trained", "load_backbone", "main"]
+__all__ = ["build_model", "export_run", "export_trained", "load_backbone"]
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +132,19 @@ def exit_parts(
     ``trained`` (stage 2's models per variant) and ``warmup_heads`` are the training run's objects in
     memory; without them the weights are read from the run's ``checkpoints/``.
     """
-    layers = list(run.report["exits"]["layers"])
     if point.kind == "learned":
         heads, gates, own = _learned_parts(run, point.method, point.param["model"], backbone, trained)
         return _with_weights(backbone, own, point.method), heads, gates, float(point.param["tau"])
-    own = None
-    if point.method == DERIVED:
-        heads, _, own = _learned_parts(run, DERIVED_FROM, point.param["model"], backbone, trained)
+    own, reads = None, point.choice.spec.reads
+    if reads is not None:  # thresholds on a learned model's IMs
+        heads, _, own = _learned_parts(run, reads, point.param["model"], backbone, trained)
     elif warmup_heads is not None:
         heads = warmup_heads
     else:
         path = run.folder / "checkpoints" / "warmup_heads.safetensors"
         heads = _new_heads(run, backbone)
         _load(heads, _weights(path), "", path)
-    gates = point.rule_gates(run.split, len(layers), layers)
-    return _with_weights(backbone, own, DERIVED_FROM), heads, gates, None
+    return _with_weights(backbone, own, reads or point.method), heads, point.choice.rule_gates(), None
 
 
 def load_backbone(run: Run) -> tuple[Backbone, Any]:
@@ -179,19 +176,6 @@ def load_backbone(run: Run) -> tuple[Backbone, Any]:
 # --------------------------------------------------------------------------- the model
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-able param: tensors to lists, infinities to None (as report.json writes them)."""
-    if isinstance(value, Tensor):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def build_model(
     run: Run,
     point: OperatingPoint,
@@ -221,8 +205,8 @@ def build_model(
         raise JeidnnError(f"--alpha must lie strictly between 0 and 1, got {alpha}")
     backbone, heads, gates, tau = exit_parts(run, point, backbone, trained, warmup_heads)
     alphas = sorted(set(cfg.eval.alphas) | {alpha})
-    quantiles, groups = point.conformal_quantiles(run.split, alphas, cfg.eval.conformal_min_samples)
-    param = _plain(point.param)
+    quantiles, groups = point.choice.conformal(alphas, cfg.eval.conformal_min_samples)
+    param = json_safe(point.param)
     trained_model = isinstance(param, dict) and "model" in param  # learned, or thresholds on learned IMs
     model_of = {"lambda": param["lambda"], "model_index": param["model"]} if trained_model else {}
     summary = {
@@ -255,28 +239,6 @@ def build_model(
         metadata={**summary, "run": cfg.name, "gflops_full": run.report["backbone"].get("gflops_full")},
     )
     return model.eval(), summary
-
-
-def save_atomically(model: Any, out: Path, overwrite: bool) -> None:
-    """Write ``model`` to ``out`` through a temporary sibling folder: a failure leaves no partial folder."""
-    if out.exists() and not overwrite:
-        raise JeidnnError(f"{out} already exists; pass --overwrite or choose another --out")
-    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # innermost first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
 
 
 def _log_choice(run: Run, point: OperatingPoint, summary: dict) -> None:
@@ -353,66 +315,32 @@ def export_run(
     backbone, preprocessor = load_backbone(run)
     model, summary = build_model(run, point, backbone, preprocessor, alpha)
     _log_choice(run, point, summary)
-    save_atomically(model, out, overwrite)
+    with atomic_folder(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
     log.info("wrote %s", out)
     return {"path": str(out), **summary}
 
 
 def export_trained(
     cfg: RunConfig,
-    report: dict,
+    evaluation: Evaluation,
     run_dir: Path,
     backbone: Backbone,
     preprocessor: Any,
     *,
     trained: Mapping,
     warmup_heads: ExitHeads,
-    tensors: Mapping[str, Mapping[str, Tensor]],
 ) -> dict:
-    """The training run's export, from memory: the default choice written to ``runs/<name>/model/``."""
-    run = Run(Path(run_dir), report, cfg, tensors)
+    """The training run's export, from memory: the default choice (what ``evaluation`` chose for
+    ``export.method``, else for the best learned method, at ``export.cost_budget``) written to
+    ``runs/<name>/model/``."""
+    run = Run(Path(run_dir), evaluation.report, cfg, evaluation)
     point = default_choice(run)
     model, summary = build_model(
         run, point, backbone, preprocessor, trained=trained, warmup_heads=warmup_heads
     )
     _log_choice(run, point, summary)
     # model/ belongs to the run: a run resumed after being killed while exporting replaces it.
-    save_atomically(model, run.folder / "model", overwrite=True)
+    with atomic_folder(run.folder / "model", overwrite=True) as tmp:
+        model.save_pretrained(tmp)
     return {"path": "model", **summary}
-
-
-def main(argv: list[str]) -> int:
-    """``jeidnn export RUN [--method NAME] [--budget B | --lam L] [--alpha A] [--out DIR] [--overwrite]``."""
-    from jeidnn.cli.common import CommandParser, guarded
-    from jeidnn.log import setup_logging
-
-    parser = CommandParser(
-        prog="jeidnn export",
-        description="Export any method's operating point of a finished run, chosen on calib half A as the "
-        "budgeted evaluation chooses it, with its conformal quantiles.",
-    )
-    parser.add_argument("run_dir", metavar="RUN", help="a finished run folder, runs/<name>")
-    parser.add_argument(
-        "--method", help="a learned or baseline method of the run (default: train.py's choice)"
-    )
-    parser.add_argument(
-        "--budget", type=float, help="calib cost budget (default: the run's export.cost_budget)"
-    )
-    parser.add_argument(
-        "--lam", type=float, help="learned methods: the λ of the model to export, not --budget"
-    )
-    parser.add_argument(
-        "--alpha", type=float, help="default conformal level (default: the run's export.alpha)"
-    )
-    parser.add_argument("--out", help="output folder (default: RUN/export/<method>-<budget>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
-    args = parser.parse_args(argv)
-
-    def go() -> int:
-        setup_logging(args.quiet)
-        options = {"budget": args.budget, "lam": args.lam, "alpha": args.alpha, "out": args.out}
-        export_run(args.run_dir, args.method, overwrite=args.overwrite, **options)
-        return 0
-
-    return guarded(go)

@@ -19,6 +19,10 @@ import torch
 
 from jeidnn.config.schema import RunConfig
 from jeidnn.data.splits import SPLITS
+from jeidnn.evaluate.evaluation import evaluate
+from jeidnn.evaluate.methods import check_export_method
+from jeidnn.evaluate.selection import Evaluation
+from jeidnn.export.exporter import export_trained
 from jeidnn.io import write_json, write_safetensors
 from jeidnn.log import pause_point
 from jeidnn.pipeline.resume import RunState, mark_failed, open_run_dir, worker_state
@@ -62,6 +66,7 @@ class Timer:
 def prepare(cfg: RunConfig, progress: bool = True) -> tuple[RunContext, RunInputs]:
     """The run context and the loaded, checked model and data; raises JeidnnError on any bad input, before
     the run folder exists."""
+    check_export_method(cfg)  # a bad export.method would otherwise fail only at the end of the run
     device = run_device(cfg.accelerator)
     check_logger(cfg)
     return RunContext(cfg, cfg.run_dir, device, progress), load_inputs(cfg)
@@ -226,14 +231,13 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         predictions = prediction_tensors(warm, stage2)
         stage = "stages 3-4"
         with timer.stage("stages 3-4: calibrate, baselines, evaluate"):
-            from jeidnn.evaluate.evaluation import evaluate
-
-            report = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions, progress=progress)
+            evaluation = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions, progress=progress)
+            report = evaluation.report
         # A baseline named in export.method is exported even without stage 2.
         if trained or (cfg.export.method and inputs.heads.num_exits > 1):
             stage = "export"
             with timer.stage("export model"):
-                report["export"] = export_model(ctx, inputs, report, trained, predictions)
+                report["export"] = export_model(ctx, inputs, evaluation, trained)
         del report["timings_s"]  # written again, last, now with the evaluation and export
         report["timings_s"] = {**state.timings, **timer.timings}
         write_json(run_dir / "report.json", report)
@@ -250,26 +254,17 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     return report
 
 
-def export_model(
-    ctx: RunContext,
-    inputs: RunInputs,
-    report: dict,
-    trained: dict[str, list],
-    predictions: dict[str, dict],
-) -> dict:
+def export_model(ctx: RunContext, inputs: RunInputs, evaluation: Evaluation, trained: dict[str, list]) -> dict:
     """Write the default operating point (`export.method`, else the best learned one on calib half A within
     `export.cost_budget`) to `runs/<name>/model/` with its conformal quantiles; see
-    :mod:`jeidnn.export.exporter`. `trained` and `predictions` are stage 2's models and every predictions
-    file, already in memory."""
-    from jeidnn.export.exporter import export_trained
-
+    :mod:`jeidnn.export.exporter`. `evaluation` is what the evaluation chose and `trained` stage 2's models,
+    both in memory."""
     return export_trained(
         ctx.cfg,
-        report,
+        evaluation,
         ctx.run_dir,
         inputs.backbone,
         inputs.dm.preprocessor,
         trained=trained,
         warmup_heads=inputs.heads,
-        tensors=predictions,
     )

@@ -1,0 +1,254 @@
+"""Where every sample exits under each configuration a method offers: the candidate builders.
+
+A builder reads one run's cached predictions (:class:`Source`) and returns a method's candidates
+(:class:`jeidnn.evaluate.budgeted.Candidate`), or, for ``threshold_search``, a function of the budget that
+returns them. Each candidate keeps in ``uses`` what its gates need to play it again (thresholds and their
+confidence measure, a patience, an exit), so export reads the evaluation's choice instead of refitting it.
+The registry (:mod:`jeidnn.evaluate.methods`) names which builder serves which method.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from jeidnn.errors import JeidnnError
+from jeidnn.evaluate.budgeted import CalibSplit, Candidate, Source, make_candidate
+from jeidnn.model import policies as bl
+from jeidnn.model.policies import score_exits
+
+__all__ = [
+    "GLOBAL_GRID",
+    "TAU_GRID",
+    "Inputs",
+    "learned_candidates",
+    "load_learned_sources",
+    "load_source",
+]
+
+GLOBAL_GRID: list[float] = [round(0.01 * i, 2) for i in range(101)] + [0.995, 0.999, math.inf]
+"""Global thresholds always tried besides ``eval.global_thresholds``: 0 sends everyone to the first
+exit, ``inf`` nobody exits early, so the grid spans every budget."""
+TAU_GRID: list[float] = sorted({0.001, 0.5, 0.999, *(round(0.01 * i, 2) for i in range(1, 100))}) + [math.inf]
+"""Exit-score thresholds of a ``calib_threshold`` learned method; ``inf``: nobody exits early."""
+
+
+@dataclass
+class Inputs:
+    """What the builders read: the warm-up IMs' predictions, the learned models' and the grids."""
+
+    warm: Source
+    costs: list[float]  # exits.cost, what every non-learned method pays
+    layers: list[int]  # 1-based backbone layer of each exit
+    split: CalibSplit
+    cfg: Any  # EvalConfig: threshold_ps, global_thresholds, patience_values
+    learned: dict[str, dict] = field(default_factory=dict)  # report.json `learned`
+    sources: dict[str, list[Source]] = field(default_factory=dict)  # learned method -> each model's
+
+    def __post_init__(self) -> None:
+        self.maxprob = {s: bl.confidence(self.warm.probs[s], "maxprob") for s in ("calib", "test")}
+        self.preds = {s: self.warm.probs[s].argmax(-1) for s in ("calib", "test")}
+        self.ps = list(self.cfg.threshold_ps)
+        self.grid = sorted(set(self.cfg.global_thresholds) | set(GLOBAL_GRID))
+        values = self.cfg.patience_values
+        self.patience = list(values) if values is not None else list(range(len(self.costs)))
+
+    def grids(self) -> dict:
+        """The grids the baselines used, as report.json ``evaluation`` lists them."""
+        return {"threshold_ps": self.ps, "global_thresholds": self.grid, "patience_values": self.patience}
+
+
+def geometric_candidates(
+    src: Source, costs: list[float], split: CalibSplit, measure: str, ps: list[float], tag: Callable
+) -> list[Candidate]:
+    """Budgeted-batch thresholds fitted on calib A for each geometric target q_k ∝ p^k."""
+    conf = {s: bl.confidence(src.probs[s], measure) for s in ("calib", "test")}  # (N, L) each
+    out = []
+    for p in ps:
+        target = bl.geometric_exit_distribution(p, len(costs))
+        thresholds = bl.fit_budgeted_thresholds(conf["calib"][split.a], target)
+        exits = {s: bl.apply_thresholds(conf[s], thresholds) for s in conf}
+        uses = {"thresholds": thresholds, "measure": measure}
+        out.append(make_candidate(tag(p), src, costs, exits["calib"], exits["test"], split, uses))
+    return out
+
+
+def _policy(x: Inputs, params: list, policy: Callable, uses: Callable) -> list[Candidate]:
+    return [
+        make_candidate(p, x.warm, x.costs, policy("calib", p), policy("test", p), x.split, uses(p))
+        for p in params
+    ]
+
+
+def thresholds_of(measure: str) -> Callable[[Inputs], list[Candidate]]:
+    """``threshold_<measure>``: budgeted-batch thresholds on the warm-up IMs, one per ``threshold_ps`` p."""
+    return lambda x: geometric_candidates(x.warm, x.costs, x.split, measure, x.ps, lambda p: p)
+
+
+def global_maxprob(x: Inputs) -> list[Candidate]:
+    """One max-prob threshold at every exit, over the global grid."""
+    num_gates = len(x.costs) - 1
+    return _policy(
+        x,
+        x.grid,
+        lambda s, t: bl.global_threshold_exits(x.maxprob[s], t),
+        lambda t: {"thresholds": [float(t)] * num_gates, "measure": "maxprob"},
+    )
+
+
+def threshold_search(x: Inputs) -> Callable[[float], list[Candidate]]:
+    """Per-exit max-prob thresholds searched on calib A for each budget (none when no start meets it)."""
+    searched: dict[float, list[Candidate]] = {}
+
+    def search(budget: float) -> list[Candidate]:
+        if budget not in searched:
+            a = x.split.a
+            thr = bl.search_thresholds(
+                x.maxprob["calib"][a], x.warm.correct["calib"][a], x.costs, budget, x.grid
+            )
+            searched[budget] = (
+                []
+                if thr is None
+                else [
+                    make_candidate(
+                        {"budget": budget, "thresholds": thr.tolist()},
+                        x.warm,
+                        x.costs,
+                        bl.apply_thresholds(x.maxprob["calib"], thr),
+                        bl.apply_thresholds(x.maxprob["test"], thr),
+                        x.split,
+                        {"thresholds": thr.tolist(), "measure": "maxprob"},
+                    )
+                ]
+            )
+        return searched[budget]
+
+    return search
+
+
+def patience(x: Inputs) -> list[Candidate]:
+    """PABEE: exit once the prediction has stayed the same for ``patience`` more exits."""
+    policy = lambda s, t: bl.patience_exits(x.preds[s], t)  # noqa: E731
+    return _policy(x, x.patience, policy, lambda t: {"patience": int(t)})
+
+
+def static(x: Inputs) -> list[Candidate]:
+    """Every sample at one exit; the param is its 1-based backbone layer."""
+    exit_of_layer = {layer: e for e, layer in enumerate(x.layers)}
+    n = {s: len(x.warm.labels[s]) for s in ("calib", "test")}
+    policy = lambda s, la: bl.static_exits(n[s], exit_of_layer[la])  # noqa: E731
+    return _policy(x, list(x.layers), policy, lambda la: {"exit": exit_of_layer[la]})
+
+
+def oracle(x: Inputs) -> list[Candidate]:
+    """The first correct exit of each sample (reads the labels: an upper bound)."""
+    return _policy(x, [None], lambda s, _: bl.oracle_exits(x.preds[s], x.warm.labels[s]), lambda _: {})
+
+
+def model_tag(k: int, lam: float | None) -> Callable:
+    return lambda p: {"model": k, "lambda": lam, "p": p}
+
+
+def thresholds_on_learned_ims(learned: str) -> Callable[[Inputs], list[Candidate]]:
+    """Max-prob budgeted-batch thresholds on the IMs of every model of the learned method ``learned``."""
+
+    def build(x: Inputs) -> list[Candidate]:
+        cands = []
+        for k, (model, src) in enumerate(zip(x.learned[learned]["models"], x.sources[learned], strict=True)):
+            tag = model_tag(k, model.get("lambda"))
+            cands += geometric_candidates(src, x.costs, x.split, "maxprob", x.ps, tag)
+        return cands
+
+    return build
+
+
+# --------------------------------------------------------------------------- predictions files
+
+
+def load_source(
+    run_dir: Path,
+    rel_path: str,
+    num_exits: int,
+    with_scores: bool,
+    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> Source:
+    """Read one predictions file (or take it from ``tensors``, keyed by ``rel_path``) as a Source."""
+    path = run_dir / rel_path
+    if tensors is not None and rel_path in tensors:
+        data = tensors[rel_path]
+    elif path.is_file():
+        data = load_file(str(path))
+    else:
+        raise JeidnnError(f"missing predictions file {path}; re-run training for this run folder")
+    keys = ("logits", "labels") + (("scores",) if with_scores else ())
+    missing = [f"{s}_{k}" for s in ("calib", "test") for k in keys if f"{s}_{k}" not in data]
+    if missing:
+        raise JeidnnError(
+            f"predictions file {path} lacks tensors {missing}; re-run training for this run folder"
+        )
+    logits, labels, scores = {}, {}, {}
+    for s in ("calib", "test"):
+        logits[s] = data[f"{s}_logits"].float()
+        labels[s] = data[f"{s}_labels"].long()
+        if logits[s].ndim != 3 or logits[s].shape[1] != num_exits or len(labels[s]) != len(logits[s]):
+            raise JeidnnError(
+                f"{path}: `{s}_logits` has shape {tuple(logits[s].shape)} and `{s}_labels` "
+                f"{tuple(labels[s].shape)}, expected (N, {num_exits}, C) and (N,) for the {num_exits} exits "
+                "in report.json"
+            )
+        if with_scores:
+            scores[s] = data[f"{s}_scores"].float()
+            if scores[s].shape != (len(labels[s]), num_exits - 1):
+                raise JeidnnError(
+                    f"{path}: `{s}_scores` has shape {tuple(scores[s].shape)}, expected "
+                    f"({len(labels[s])}, {num_exits - 1})"
+                )
+    return Source(rel_path, logits, labels, scores if with_scores else None)
+
+
+def _learned_entry(report: dict, method: str) -> dict:
+    try:
+        entry = report["learned"][method]
+    except (KeyError, TypeError):
+        known = sorted((report.get("learned") or {}).keys())
+        raise JeidnnError(f"report.json has no learned method {method!r}; learned methods: {known}") from None
+    for key in ("operating_point", "costs", "models"):
+        if key not in entry:
+            raise JeidnnError(f"report.json learned method {method!r} lacks `{key}`; re-run training")
+    if entry["operating_point"] not in ("native", "calib_threshold"):
+        raise JeidnnError(
+            f"learned method {method!r}: operating_point must be 'native' or 'calib_threshold', got "
+            f"{entry['operating_point']!r}"
+        )
+    if not entry["models"]:
+        raise JeidnnError(f"learned method {method!r} has no models; re-run training")
+    return entry
+
+
+def load_learned_sources(
+    report: dict, run_dir: Path, method: str, tensors: Mapping[str, Mapping[str, Tensor]] | None = None
+) -> list[Source]:
+    """The Source of each model of a learned method, in the order of its ``models`` list."""
+    entry = _learned_entry(report, method)
+    num_exits = len(entry["costs"])
+    return [load_source(Path(run_dir), m["file"], num_exits, True, tensors) for m in entry["models"]]
+
+
+def learned_candidates(entry: dict, sources: list[Source], split: CalibSplit) -> list[Candidate]:
+    """Every model x every tau of the method's grid (tau = 0.5 only for ``native``)."""
+    taus = [0.5] if entry["operating_point"] == "native" else TAU_GRID
+    out = []
+    for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
+        assert src.scores is not None
+        for tau in taus:
+            param = {"model": k, "lambda": model.get("lambda"), "tau": tau}
+            calib, test = score_exits(src.scores["calib"], tau), score_exits(src.scores["test"], tau)
+            out.append(make_candidate(param, src, torch.tensor(entry["costs"]), calib, test, split))
+    return out
