@@ -15,8 +15,9 @@ import yaml
 from tiny_models import tiny_run_overrides, write_sentiment_csv
 
 from jeidnn.cli.main import evaluate_main, main, predict_main, train_main
+from jeidnn.config.gating import GateVariant
 from jeidnn.config.parser import load_config
-from jeidnn.config.schema import GateVariant, RunConfig
+from jeidnn.config.schema import RunConfig
 from jeidnn.log import setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent

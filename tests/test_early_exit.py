@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_models import TEXT_ARCHS, TINY_CONFIGS, VISION_ARCHS
 
-from jeidnn.config.schema import GateSettings, ModelConfig
+from jeidnn.config.gating import GateSettings
+from jeidnn.config.schema import ModelConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.model.backbone import Backbone

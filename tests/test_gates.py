@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from jeidnn.config.schema import GateSettings
+from jeidnn.config.gating import GateSettings
 from jeidnn.model.exit_rules import conditional_distribution, exit_scores, paper_distribution
 from jeidnn.model.gate_inputs import confidence_features, exit_inputs
 from jeidnn.model.gates import Gates
@@ -206,7 +206,7 @@ def test_score_exits_threshold_and_last_exit():
 
 
 def test_gate_flops_count_every_multiply_add_of_the_gate():
-    from jeidnn.config.schema import GateVariant
+    from jeidnn.config.gating import GateVariant
     from jeidnn.model.cost import GATE_FLOPS, gate_flops
     from jeidnn.train.learned import gate_flops as learned_gate_flops
 

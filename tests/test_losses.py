@@ -196,10 +196,10 @@ def test_every_phase_that_trains_all_exits_uses_the_one_summed_exit_ce():
     import inspect
 
     import jeidnn.compress.importance
-    import jeidnn.compress.pruning
+    import jeidnn.compress.recovery
     from jeidnn.train.modules import JointModule
 
-    for module in (jeidnn.compress.importance, jeidnn.compress.pruning):
+    for module in (jeidnn.compress.importance, jeidnn.compress.recovery):
         source = inspect.getsource(module)
         assert "summed_exit_ce(" in source and "cross_entropy(" not in source.replace("summed_exit_ce(", "")
     assert "summed_exit_ce(" in inspect.getsource(JointModule.loss_sum)

@@ -8,7 +8,8 @@ import torch
 from test_early_exit import TEXTS, split_on_texts, tiny_tokenizer
 from tiny_models import TINY_CONFIGS
 
-from jeidnn.config.schema import GateSettings, ModelConfig
+from jeidnn.config.gating import GateSettings
+from jeidnn.config.schema import ModelConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.hf.predict import predict_cli

@@ -19,8 +19,8 @@ from jeidnn.cli.main import main as cli
 from jeidnn.cli.main import train_main
 from jeidnn.compress.importance import importance, least_important
 from jeidnn.compress.pruning import PruneSettings, prune_model, prune_run, run_data
+from jeidnn.config.gating import GateSettings
 from jeidnn.config.parser import load_config
-from jeidnn.config.schema import GateSettings
 from jeidnn.data.sources import load_raw
 from jeidnn.data.splits import make_splits, split_fingerprint
 from jeidnn.errors import JeidnnError

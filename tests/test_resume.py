@@ -90,12 +90,12 @@ def test_killed_in_stage0_twice_and_in_stage2_then_resumed(config, uninterrupted
 def test_a_failure_in_stage3_keeps_the_artifacts_and_resume_finishes(
     config, uninterrupted, tmp_path, monkeypatch
 ):
-    import jeidnn.evaluate.evaluation
+    import jeidnn.pipeline.run
 
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr(jeidnn.evaluate.evaluation, "evaluate", broken)
+    monkeypatch.setattr(jeidnn.pipeline.run, "evaluate", broken)
     with pytest.raises(RuntimeError, match="evaluation broke"):
         train_main(args(config, tmp_path))
     run_dir = tmp_path / "smoke"

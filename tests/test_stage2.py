@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from jeidnn.config.schema import GateVariant, JeidnnConfig
+from jeidnn.config.gating import GateVariant, JeidnnConfig
 from jeidnn.model.exit_rules import paper_distribution
 from jeidnn.model.gates import Gates, StackedGates
 from jeidnn.model.heads import ExitHeads

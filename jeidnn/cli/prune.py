@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 from jeidnn.cli.common import CommandParser, guarded
-from jeidnn.compress.pruning import PruneSettings, parse_layers, prune_run
+from jeidnn.compress.pruning import PruneSettings, prune_run
+from jeidnn.compress.settings import parse_layers
 from jeidnn.log import setup_logging
 
 

@@ -14,8 +14,13 @@ whose command line is :mod:`jeidnn.cli.prune`).
    cross-entropy summed over the exits (the gates stay as they are).
 5. The gates, thresholds and exit threshold are kept; the conformal quantiles are refitted on calib half B
    for the pruned model's own exits (groups from its calib-A exit counts), since pruning changes the
-   probabilities the sets are built from. Costs are recounted with :mod:`jeidnn.model.cost` on the test texts,
-   relative to the *unpruned* model's FLOPs, so they compare with report.json's.
+   probabilities the sets are built from. Costs are recounted as the run counts them (train split,
+   :mod:`jeidnn.compress.measure`), relative to the *unpruned* model's FLOPs, so they compare with
+   report.json's.
+
+Rooms: :mod:`~jeidnn.compress.settings` (what to remove), :mod:`~jeidnn.compress.run_data` (the run's
+splits), :mod:`~jeidnn.compress.importance` (what matters least), :mod:`~jeidnn.compress.recovery` (the
+recovery fine-tune), :mod:`~jeidnn.compress.measure` (costs and accuracies); this module puts them in order.
 
 The folder loads with ``EarlyExitModel.from_pretrained``; its metadata holds ``pruning`` (settings, what
 was removed, parameter counts, accuracies before and after, what was refitted).
@@ -26,8 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,212 +39,32 @@ import torch
 from torch import Tensor
 
 from jeidnn.compress.importance import importance, least_important, removal_count
-from jeidnn.config.schema import RunConfig
-from jeidnn.data.datamodule import JeidnnDataModule
-from jeidnn.data.sources import load_raw
-from jeidnn.data.splits import check_fingerprint, make_splits
+from jeidnn.compress.measure import exit_flops, measure, num_parameters
+from jeidnn.compress.recovery import recover
+from jeidnn.compress.run_data import RunData, batches, run_data
+from jeidnn.compress.settings import PruneSettings, last_exit
 from jeidnn.errors import JeidnnError
+from jeidnn.evaluate.budgeted import split_calib
 from jeidnn.evaluate.conformal import fit_at_exits
-from jeidnn.evaluate.metrics import exit_outcome
+from jeidnn.export.exporter import build_model, load_backbone
+from jeidnn.export.operating_point import Run, choose, default_choice
+from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.io import atomic_folder
 from jeidnn.model.backbone import Backbone
-from jeidnn.model.cost import gate_flops
-from jeidnn.model.gates import Gates
-from jeidnn.model.structured import (
-    drop_layers,
-    keep_exits,
-    layer_sizes,
-    prune_ffn,
-    prune_heads,
-)
-from jeidnn.train.costs import count_exit_costs
-from jeidnn.train.losses import summed_exit_ce
+from jeidnn.model.structured import drop_layers, keep_exits, layer_sizes, prune_ffn, prune_heads
+from jeidnn.train.devices import run_device
 
-__all__ = ["PruneSettings", "prune_model", "prune_run"]
+__all__ = ["PruneSettings", "prune_model", "prune_run", "run_data"]
+
 
 log = logging.getLogger(__name__)
+
 
 IMPORTANCE = (
     "Michel et al. (2019) gradient importance |dL/dmask| summed over {n} val samples, L = cross-entropy "
     "summed over the exits, l2-normalised per layer, lowest removed across layers; FFN neurons by the same "
     "mask gradient (|sum over tokens of activation x gradient| per sample)"
 )
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    """What ``jeidnn prune`` removes and how it recovers."""
-
-    heads: float = 0.0
-    """Fraction of all attention heads to remove, in [0, 1)."""
-    ffn: float = 0.0
-    """Fraction of all FFN (intermediate) neurons to remove, in [0, 1)."""
-    layers: str | int | None = None
-    """``auto``: drop the layers after the deepest exit the operating point takes on calib; N: keep the
-    first N layers (N must carry an exit); None: keep every layer."""
-    recover_steps: int = 0
-    """Optimizer steps of the recovery fine-tune on train (0: none)."""
-    recover_lr: float | None = None
-    """Its learning rate (default: the run's ``finetune.lr``)."""
-    importance_samples: int | None = None
-    """Val samples the importance sums over (default: all of val)."""
-
-    def check(self) -> None:
-        """One-line errors for values that are wrong whatever the run."""
-        for option, value in (("--heads", self.heads), ("--ffn", self.ffn)):
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise JeidnnError(f"{option} must be a fraction in [0, 1), got {value!r}")
-        if isinstance(self.layers, str) and self.layers != "auto":
-            raise JeidnnError(f"--layers must be auto or a number of layers, got {self.layers!r}")
-        if isinstance(self.layers, int) and self.layers < 1:
-            raise JeidnnError(f"--layers must keep at least 1 layer, got {self.layers}")
-        if self.recover_steps < 0:
-            raise JeidnnError(f"--recover-steps must be >= 0, got {self.recover_steps}")
-        if self.recover_lr is not None and not (math.isfinite(self.recover_lr) and self.recover_lr > 0):
-            raise JeidnnError(f"--recover-lr must be a positive number, got {self.recover_lr}")
-        if self.importance_samples is not None and self.importance_samples < 1:
-            raise JeidnnError(f"--importance-samples must be >= 1, got {self.importance_samples}")
-
-
-def parse_layers(text: str | None) -> str | int | None:
-    """``--layers``: ``auto`` or a positive integer."""
-    if text is None or text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise JeidnnError(f"--layers must be auto or a number of layers, got {text!r}") from None
-
-
-def last_exit(layers: str | int | None, exit_layers: list[int], calib_exits: Tensor | None) -> int:
-    """The 0-based exit that becomes the last one."""
-    if layers is None:
-        return len(exit_layers) - 1
-    if layers == "auto":
-        if calib_exits is None:
-            raise JeidnnError("--layers auto needs an early-exit operating point; pass --layers N")
-        return int(calib_exits.max())
-    if layers > exit_layers[-1]:
-        raise JeidnnError(f"--layers {layers} is beyond the model's {exit_layers[-1]} layers")
-    if layers not in exit_layers:
-        raise JeidnnError(
-            f"--layers {layers} carries no exit; keep up to an exit layer: {', '.join(map(str, exit_layers))}"
-        )
-    return exit_layers.index(layers)
-
-
-# --------------------------------------------------------------------------- the run's data
-
-
-@dataclass(frozen=True)
-class RunData:
-    """A run's config and its splits, encoded by the model's preprocessor as training encoded them."""
-
-    cfg: RunConfig
-    dm: JeidnnDataModule
-
-
-def run_data(run: Any, backbone: Backbone, preprocessor: Any) -> RunData:
-    """The run's splits, encoded by the model's preprocessor as training encoded them (no model parts);
-    refused when the data no longer gives the splits the run recorded."""
-    cfg = run.cfg
-    raw = load_raw(cfg.data, backbone.modality)
-    splits = make_splits(len(raw.labels), cfg.data, cfg.seed, raw.test_positions)
-    check_fingerprint(raw, splits, run.report["dataset"].get("fingerprint"), cfg.data)
-    dm = JeidnnDataModule(cfg.data, raw, splits, preprocessor, cfg.model.max_length, cfg.seed)
-    dm.setup()
-    return RunData(cfg, dm)
-
-
-def _batches(
-    loader: Any, names: tuple[str, ...], device: torch.device
-) -> Iterator[tuple[dict, Tensor, Tensor]]:
-    """``(inputs on device, labels (B,) on device, positions in the split (B,))`` per batch."""
-    for batch in loader:
-        inputs = {k: v.to(device) for k, v in batch.items() if k in names}
-        yield inputs, batch["labels"].to(device), batch["index"]
-
-
-@torch.no_grad()
-def _forward_split(
-    model: Any, data: RunData, split: str, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Every exit's logits ``(N, L, C)``, the exit taken ``(N,)`` and the labels ``(N,)`` of ``split``, in
-    split order (the full path; the layer-skipping path takes the same exits)."""
-    n = len(data.dm.datasets[split])
-    loader = data.dm.sorted_loader(split, data.cfg.data.eval_batch_size)
-    logits = torch.zeros(n, model.num_exits, model.num_classes)
-    exits, labels = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
-    for inputs, y, index in _batches(loader, model.backbone.input_names, device):
-        out = model.forward_full(inputs)
-        logits[index], exits[index], labels[index] = (
-            out.exit_logits.float().cpu(),
-            out.exit_index.cpu(),
-            y.cpu(),
-        )
-    return logits, exits, labels
-
-
-# --------------------------------------------------------------------------- steps
-
-
-def _recover(
-    backbone: Backbone,
-    heads: Any,
-    data: RunData,
-    steps: int,
-    lr: float,
-    device: torch.device,
-    progress: bool,
-) -> list[float]:
-    """``steps`` AdamW steps on train batches, the cross-entropy summed over exits; returns the losses."""
-    from tqdm.auto import tqdm
-
-    cfg = data.cfg
-    torch.manual_seed(cfg.seed)  # dropout draws; the loader's order is seeded by the data module
-    params = [p for module in (backbone, heads) for p in module.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.finetune.weight_decay)
-    loader = data.dm.loader("train", cfg.finetune.batch_size, shuffle=True)
-    backbone.train()
-    heads.train()
-    losses: list[float] = []
-    with tqdm(total=steps, desc="recover", disable=not progress) as bar:
-        while len(losses) < steps:
-            for inputs, labels, _ in _batches(loader, backbone.input_names, device):
-                logits = heads(backbone(inputs, heads.layers))  # (B, L, C)
-                loss = summed_exit_ce(logits.float(), labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                bar.update()
-                if len(losses) == steps:
-                    break
-    backbone.eval()
-    heads.eval()
-    return losses
-
-
-def exit_flops(data: RunData, backbone: Backbone, heads: Any, gates: Any) -> tuple[list[float], float]:
-    """FLOPs per sample of leaving at each exit (heads and gates up to it included) and of the plain
-    backbone + its final head, counted as the run counts them (:func:`jeidnn.train.costs.count_exit_costs`,
-    on the train split)."""
-    costs = count_exit_costs(backbone, heads, data.dm, torch.device("cpu"))
-    # Rules cost nothing, as in report.json.
-    gate = (
-        gate_flops(gates.settings, heads.num_exits, gates.hidden_mean.shape[-1])
-        if isinstance(gates, Gates)
-        else 0.0
-    )
-    last = heads.num_exits - 1
-    flops = [c * costs.full_flops + min(e + 1, last) * gate for e, c in enumerate(costs.cost)]
-    return flops, costs.full_flops
-
-
-def num_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- the pruned model
@@ -276,8 +99,8 @@ def _shrink(
     out = _Shrunk(backbone, heads, gates, {"heads": {}, "ffn": {}})
     if settings.heads or settings.ffn:
         loader = data.dm.loader("val", data.cfg.data.eval_batch_size, limit=settings.importance_samples)
-        batches = ((x, y) for x, y, _ in _batches(loader, backbone.input_names, device))
-        scores = importance(backbone, heads, batches)
+        labelled = ((x, y) for x, y, _ in batches(loader, backbone.input_names, device))
+        scores = importance(backbone, heads, labelled)
         out.importance_samples = scores.samples
         if settings.heads:
             out.removed["heads"] = least_important(scores.heads, settings.heads, "head", "--heads")
@@ -287,26 +110,10 @@ def _shrink(
             prune_ffn(hf_model, out.removed["ffn"])
     if settings.recover_steps:
         lr = settings.recover_lr or data.cfg.finetune.lr
-        out.losses = _recover(backbone, heads, data, settings.recover_steps, lr, device, progress)
+        out.losses = recover(backbone, heads, data, settings.recover_steps, lr, device, progress)
     backbone.cpu()
     heads.cpu()
     return out
-
-
-def _measure(pruned: Any, data: RunData, split: Any, device: torch.device) -> tuple[dict, tuple]:
-    """Calib-B and test accuracy, test cost and exit fractions of ``pruned``, and its calib predictions."""
-    pruned.to(device)
-    calib = _forward_split(pruned, data, "calib", device)
-    logits, exits, labels = _forward_split(pruned, data, "test", device)
-    pruned.cpu()
-    b = split.b
-    correct_b = calib[0][b].argmax(-1).gather(1, calib[1][b, None]).squeeze(1) == calib[2][b]
-    outcome = exit_outcome(logits.argmax(-1) == labels[:, None], exits, pruned.costs)
-    metrics = {
-        "calib_b_accuracy": float(correct_b.double().mean()),
-        **{f"test_{k}": v for k, v in outcome.items()},
-    }
-    return metrics, calib
 
 
 def prune_model(
@@ -329,9 +136,6 @@ def prune_model(
     Returns:
         The pruned model (eval mode, on the CPU) and its ``pruning`` metadata (also in its metadata).
     """
-    from jeidnn.evaluate.budgeted import split_calib
-    from jeidnn.hf.modeling import EarlyExitModel
-
     settings.check()
     device = torch.device(device)
     last = last_exit(settings.layers, list(model.heads.layers), calib_exits)
@@ -351,7 +155,7 @@ def prune_model(
         default_alpha=model.default_alpha,
     ).eval()
     split = split_calib(len(data.dm.datasets["calib"]), run.cfg.seed)
-    metrics, calib = _measure(pruned, data, split, device)
+    metrics, calib = measure(pruned, data, split, device)
     refitted = "nothing (the model is unchanged)"
     if not (settings.heads or settings.ffn or settings.recover_steps or last < model.num_exits - 1):
         pruned.conformal_quantiles = model.conformal_quantiles
@@ -393,7 +197,7 @@ def prune_model(
         "parameters_before": num_parameters(model),
         "parameters_after": num_parameters(pruned),
         "costs": pruned.costs,
-        "costs_relative_to": "the unpruned backbone + final head (report.json exits.cost), on the test texts",
+        "costs_relative_to": "the unpruned backbone + final head (report.json exits.cost), train split",
         "refitted": refitted,
         **metrics,
     }
@@ -418,10 +222,6 @@ def prune_run(
     Raises:
         JeidnnError: bad settings, run, method, budget, ``--layers`` or ``out``; nothing is written then.
     """
-    from jeidnn.export.exporter import build_model, load_backbone
-    from jeidnn.export.operating_point import Run, choose, default_choice
-    from jeidnn.train.devices import run_device
-
     settings.check()
     out = Path(out)
     if out.exists() and not overwrite:

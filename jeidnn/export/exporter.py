@@ -85,7 +85,7 @@ def _new_heads(run: Run, backbone: Backbone) -> ExitHeads:
 def _learned_parts(run: Run, method: str, k: int, backbone: Backbone, trained: Mapping | None):
     """Heads, gates and own backbone (a state dict; None = the run's shared one) of model ``k`` of a learned
     method: in memory after training, else its checkpoint."""
-    from jeidnn.config.schema import GateSettings
+    from jeidnn.config.gating import GateSettings
     from jeidnn.model.gates import Gates
 
     settings = run.learned[method]["settings"]

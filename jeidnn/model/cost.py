@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from jeidnn.config.schema import GateSettings
+from jeidnn.config.gating import GateSettings
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.gate_inputs import input_size
 from jeidnn.model.heads import ExitHeads
@@ -58,7 +58,7 @@ def gate_flops(settings: GateSettings, num_exits: int, hidden_size: int) -> floa
     Bias additions, the ReLU, the confidence features and the exit rule are not counted, as for the heads.
 
     Args:
-        settings: the gate's shape (a :class:`~jeidnn.config.schema.GateVariant` is one).
+        settings: the gate's shape (a :class:`~jeidnn.config.gating.GateVariant` is one).
         num_exits: ``L`` (the trajectory inputs grow with the number of gates ``L - 1``).
         hidden_size: ``H`` of the pooled features (``hidden`` inputs only).
     """

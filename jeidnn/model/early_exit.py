@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from jeidnn.config.schema import GateSettings
+from jeidnn.config.gating import GateSettings
 from jeidnn.errors import JeidnnError, first_line
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.exit_rules import DEFAULT_TAU

@@ -1,6 +1,6 @@
 """Exit rules: how gate outputs ``g`` (one per gated exit) become an exit distribution and exit scores.
 
-**Exit rules** (:attr:`~jeidnn.config.schema.GateSettings.exit_rule`), both giving a per-exit *exit score* in
+**Exit rules** (:attr:`~jeidnn.config.gating.GateSettings.exit_rule`), both giving a per-exit *exit score* in
 ``[0, 1]``; a sample leaves at the first exit whose score reaches the threshold ``tau`` (0.5 = the rule each
 was trained for):
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from jeidnn.config.schema import ExitRule
+from jeidnn.config.gating import ExitRule
 
 DEFAULT_TAU = 0.5
 """The exit threshold of both rules as trained: exit once the conditional exit probability reaches 1/2."""

@@ -1,6 +1,6 @@
 """What a learned gate reads: confidence features of its exit and, for the extensions, the trajectory so far.
 
-Gate **inputs** (:attr:`~jeidnn.config.schema.GateSettings.inputs`):
+Gate **inputs** (:attr:`~jeidnn.config.gating.GateSettings.inputs`):
 
 * ``confidence`` (the paper): four confidence features of the gate's own exit, see
   :func:`confidence_features`;
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jeidnn.config.schema import GateInputs
+from jeidnn.config.gating import GateInputs
 
 NUM_CONFIDENCE_FEATURES = 4
 """p_max, entropy, margin p(1) - p(2), entropy of p² / Σp²."""

@@ -4,7 +4,7 @@ An early-exit model has ``L`` exits (0-based ``0 .. L-1`` in code); exits ``0 ..
 last exit (the backbone's final classifier) has none. Every gate reads *detached* probabilities of the IMs,
 so a gate loss never trains an IM (docs/method.md). What a gate reads is in :mod:`jeidnn.model.gate_inputs`,
 how its outputs become exits in :mod:`jeidnn.model.exit_rules`; its shape is a
-:class:`~jeidnn.config.schema.GateSettings`.
+:class:`~jeidnn.config.gating.GateSettings`.
 
 :class:`StackedGates` holds ``K`` gate sets of one kind side by side (stage 2 trains every λ at once); a
 deployed model uses ``K = 1``. :meth:`StackedGates.forward` scores all exits of a batch at once;
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from jeidnn.config.schema import GateSettings
+from jeidnn.config.gating import GateSettings
 from jeidnn.model.exit_rules import RuleState, exit_scores, paper_step
 from jeidnn.model.gate_inputs import NUM_CONFIDENCE_FEATURES, confidence_features, exit_inputs, input_size
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from jeidnn.config.schema import JeidnnConfig
+from jeidnn.config.gating import JeidnnConfig
 from jeidnn.data.datamodule import JeidnnDataModule, length_sorted_batches, model_inputs
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.heads import ExitHeads

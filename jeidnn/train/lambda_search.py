@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from jeidnn.config.schema import JeidnnConfig
+from jeidnn.config.gating import JeidnnConfig
 from jeidnn.train.stage2 import TrainedModel
 from jeidnn.train.stage2_fit import train_models
 from jeidnn.train.stage2_store import load_models, save_models

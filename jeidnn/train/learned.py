@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from jeidnn.config.schema import GateVariant
+from jeidnn.config.gating import GateVariant
 from jeidnn.data.datamodule import JeidnnDataModule
 from jeidnn.io import write_safetensors
 from jeidnn.log import pause_point

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jeidnn.config.schema import GateVariant, RunConfig
+from jeidnn.config.gating import GateVariant
+from jeidnn.config.schema import RunConfig
 from jeidnn.data.splits import split_fingerprint
 from jeidnn.model.cost import ExitCosts
 from jeidnn.train.inputs import RunInputs

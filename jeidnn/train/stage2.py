@@ -1,7 +1,7 @@
 """Stage 2: learned gates and IMs trained jointly on cached features, every variant and every λ at once.
 
 One implementation for the paper's method and its extensions (docs/method.md). A *variant*
-(:class:`~jeidnn.config.schema.GateVariant`) fixes the gates (inputs, network, exit rule), the gate objective
+(:class:`~jeidnn.config.gating.GateVariant`) fixes the gates (inputs, network, exit rule), the gate objective
 and the IM loss; each variant trains one model per λ. All models live side by side in stacked parameters and
 share every data batch: one optimizer step is one step of every model. The models share no parameter, so the
 gradient of the summed loss is each model's own gradient, and SGD (momentum, weight decay) acts element by
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jeidnn.config.schema import GateVariant
+from jeidnn.config.gating import GateVariant
 from jeidnn.model.exit_rules import exit_distribution
 from jeidnn.model.gates import StackedGates
 from jeidnn.train.losses import expected_loss, gate_loss, gate_targets, im_loss, per_exit_ce, positive_weights

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from jeidnn.config.schema import GateVariant, JeidnnConfig
+from jeidnn.config.gating import GateVariant, JeidnnConfig
 from jeidnn.model.policies import score_exits
 from jeidnn.train.stage2 import StackedIMs, TrainedModel, VariantBlock
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from jeidnn.config.schema import GateVariant
+from jeidnn.config.gating import GateVariant
 from jeidnn.io import write_safetensors
 from jeidnn.model.gates import Gates
 from jeidnn.train.stage2 import TrainedModel
