@@ -8,9 +8,10 @@ For each pruning level ``p`` (the fraction of heads *and* of FFN neurons removed
   after its deepest exit on calib dropped (``--layers auto``; ``--layers none`` keeps them).
 
 So ``p = 0`` static is the unpruned model, ``p = 0`` early exit is early exit alone, ``p > 0`` static is
-pruning alone and ``p > 0`` early exit is both. Each model is built by :func:`jeidnn.compress.pruning.prune_model`
-(importance on val, optional ``--recover-steps``); its test accuracy and cost (FLOPs relative to the unpruned
-model, :mod:`jeidnn.model.cost`) are over the whole test split. Wall-clock: the layer-skipping forward of every
+pruning alone and ``p > 0`` early exit is both. Each model is built by
+:func:`jeidnn.compress.pruning.prune_model` (importance on val, optional ``--recover-steps``); its test
+accuracy and cost (FLOPs relative to the unpruned model, :mod:`jeidnn.model.cost`) are over the whole test
+split. Wall-clock: the layer-skipping forward of every
 model on the first ``--num-inputs`` test texts, timed with ``benchmarks/speed.py``'s functions, the models
 interleaved batch by batch (rotating order) so that a busy spell of the machine hits all alike, each batch
 counted at its best time over ``--repeats``.

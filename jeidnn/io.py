@@ -34,7 +34,9 @@ def json_safe(value: Any) -> Any:
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # torch.Tensor, np.ndarray, np scalar
+    if hasattr(value, "tolist") and not isinstance(
+        value, (str, bytes)
+    ):  # torch.Tensor, np.ndarray, np scalar
         return json_safe(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None

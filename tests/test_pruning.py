@@ -306,7 +306,9 @@ def test_pruning_nothing_gives_back_the_same_model(run, test_texts):
 def test_run_data_refuses_data_that_changed_since_the_run(run):
     r, model = Run.open(run), unpruned(run)
     data = run_data(r, model.backbone, model.preprocessor)
-    assert r.report["dataset"]["fingerprint"] == split_fingerprint(data.dm.raw, data.dm.splits)  # recorded by the run
+    assert r.report["dataset"]["fingerprint"] == split_fingerprint(
+        data.dm.raw, data.dm.splits
+    )  # recorded by the run
     run_data(r, model.backbone, model.preprocessor)  # the data the run saw: accepted
     r.report["dataset"]["fingerprint"] = "0" * 64
     with pytest.raises(

@@ -254,7 +254,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     return report
 
 
-def export_model(ctx: RunContext, inputs: RunInputs, evaluation: Evaluation, trained: dict[str, list]) -> dict:
+def export_model(
+    ctx: RunContext, inputs: RunInputs, evaluation: Evaluation, trained: dict[str, list]
+) -> dict:
     """Write the default operating point (`export.method`, else the best learned one on calib half A within
     `export.cost_budget`) to `runs/<name>/model/` with its conformal quantiles; see
     :mod:`jeidnn.export.exporter`. `evaluation` is what the evaluation chose and `trained` stage 2's models,
