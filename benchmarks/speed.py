@@ -136,7 +136,8 @@ def chosen_operating_point(
     """`model`'s backbone with the exits and gates `method` plays at `budget` in the run's evaluation.
 
     The choice and the model are `jeidnn export`'s (calib half A,
-    :func:`jeidnn.export.operating_point.choose`), built in memory on the backbone already loaded: any learned or baseline method of the run.
+    :func:`jeidnn.export.operating_point.choose`), built in memory on the backbone already loaded: any
+    learned or baseline method of the run.
     """
     from jeidnn.export.exporter import build_model
     from jeidnn.export.operating_point import Run, choose
