@@ -19,27 +19,32 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jeidnn.errors import JeidnnError
 
 
-def json_safe(value: Any) -> Any:
-    """Plain JSON values: NaN / ±inf -> None, tensors and numpy arrays -> lists, numpy scalars -> numbers,
-    tuples -> lists, dict keys -> strings.
+def json_safe(value: Any, nonfinite: Literal["null", "string"] = "null") -> Any:
+    """Plain JSON values: tensors and numpy arrays -> lists, numpy scalars -> numbers, tuples -> lists, dict
+    keys -> strings, and NaN / ±inf (JSON has none; Python would write ``Infinity``, which strict parsers
+    refuse) -> ``None`` (``nonfinite="null"``: report.json, where a missing number reads as such) or
+    ``"nan"`` / ``"inf"`` / ``"-inf"`` (``"string"``: a saved model's config.json, whose float fields go
+    through ``float()`` on load and come back as the same floats).
 
-    JSON has no infinity: a threshold that nothing passes is stored as null, and readers map it back.
+    Example:
+        >>> json_safe({"a": (1.0, float("inf"))}), json_safe(float("-inf"), nonfinite="string")
+        ({'a': [1.0, None]}, '-inf')
     """
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, nonfinite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, nonfinite) for v in value]
     if hasattr(value, "tolist") and not isinstance(
         value, (str, bytes)
     ):  # torch.Tensor, np.ndarray, np scalar
-        return json_safe(value.tolist())
+        return json_safe(value.tolist(), nonfinite)
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return None if nonfinite == "null" else str(value)
     return value
 
 

@@ -8,8 +8,9 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from jeidnn.errors import JeidnnError
+from jeidnn.io import json_safe
 from jeidnn.model.backbone import Backbone
-from jeidnn.model.early_exit import StaticGates, ThresholdGates, json_float
+from jeidnn.model.early_exit import StaticGates, ThresholdGates
 from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
 
@@ -88,23 +89,7 @@ class EarlyExitConfig(PretrainedConfig):
         out = super().to_dict()
         if isinstance(self.backbone_config, PretrainedConfig):
             out["backbone_config"] = self.backbone_config.to_dict()
-        return strict_json(out)
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with every non-finite float as a string (:func:`~jeidnn.model.early_exit.json_float`).
-
-    JSON has no infinity: Python would write ``Infinity``, which strict parsers refuse. The config's float
-    fields (``gates.exit_threshold``, thresholds, costs, quantiles) go through ``float()`` on load, which
-    reads the strings back as the same floats.
-    """
-    if isinstance(value, float):
-        return json_float(value)
-    if isinstance(value, Mapping):
-        return {key: strict_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(strict_json(item) for item in value)
-    return value
+        return json_safe(out, nonfinite="string")
 
 
 def check_parts(config: EarlyExitConfig, backbone: Backbone, heads: ExitHeads, gates: Any) -> None:

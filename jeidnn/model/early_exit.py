@@ -16,7 +16,6 @@ parts is :class:`jeidnn.hf.modeling.EarlyExitModel`.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from jeidnn.config.gating import GateSettings
 from jeidnn.errors import JeidnnError, first_line
+from jeidnn.io import json_safe
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.exit_rules import DEFAULT_TAU
 from jeidnn.model.gates import Gates
@@ -213,11 +213,6 @@ GATE_KINDS = ("learned", "threshold", "patience", "static", "none")
 """The ``kind`` of a model config's ``gates`` entry (:class:`jeidnn.hf.config.EarlyExitConfig`)."""
 
 
-def json_float(value: float) -> float | str:
-    """JSON has no infinity: ±inf (a threshold nobody / everybody passes) as "inf" / "-inf"."""
-    return value if math.isfinite(value) else str(value)
-
-
 def gate_config(gates: Gates | RuleGates | None, exit_threshold: float = DEFAULT_TAU) -> dict[str, Any]:
     """The ``gates`` entry of a model config (:class:`~jeidnn.hf.config.EarlyExitConfig`) for ``gates``."""
     if isinstance(gates, Gates):
@@ -225,10 +220,10 @@ def gate_config(gates: Gates | RuleGates | None, exit_threshold: float = DEFAULT
             "kind": "learned",
             "settings": gates.settings.to_dict(),
             "hidden_size": int(gates.hidden_mean.shape[-1]),
-            "exit_threshold": json_float(float(exit_threshold)),
+            "exit_threshold": json_safe(float(exit_threshold), nonfinite="string"),
         }
     if isinstance(gates, ThresholdGates):
-        values = [json_float(t) for t in gates.thresholds.tolist()]
+        values = json_safe(gates.thresholds.tolist(), nonfinite="string")
         return {"kind": "threshold", "measure": gates.measure, "thresholds": values}
     if isinstance(gates, PatienceGates):
         return {"kind": "patience", "patience": gates.patience}

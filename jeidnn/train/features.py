@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from jeidnn.data.datamodule import JeidnnDataModule, length_sorted_batches, model_inputs
+from jeidnn.io import write_safetensors
 from jeidnn.model.backbone import Backbone
 from jeidnn.train.devices import ShardedBatches, gather_to_first, global_rank
 
@@ -35,10 +36,9 @@ class FeatureSplit:
         return len(self.labels)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"features": self.features.contiguous(), "labels": self.labels.contiguous()}, str(tmp))
-        tmp.replace(path)  # a killed run never leaves half a file under the final name
+        write_safetensors(
+            path, {"features": self.features, "labels": self.labels}
+        )  # a kill leaves no half file
 
     @classmethod
     def load(cls, path: Path) -> FeatureSplit:
