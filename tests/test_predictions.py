@@ -56,16 +56,23 @@ def test_the_evaluation_reads_the_predictions_it_is_given_not_the_files(tmp_path
 
 
 def test_from_training_takes_stage_1_and_stage_2s_predictions():
+    """Each learned method of the report reads its variant's models; `<name>_tau` shares its variant's."""
     logits = {s: torch.randn(5, NUM_EXITS, 3) for s in ("val", "calib", "test")}
     labels = {s: torch.arange(5) % 3 for s in logits}
     warm = WarmupResult(None, logits, labels)
-    model = {f"{s}_{k}": torch.zeros(1) for s in logits for k in ("logits", "labels", "scores")}
-    stage2 = Stage2Result({"v": [1.0]}, {"v": []}, {"v": [model, dict(model)]})
-    predictions = RunPredictions.from_training(warm, stage2)
+    models = {
+        v: [{f"{s}_{k}": torch.full((1,), i) for s in logits for k in ("logits", "labels", "scores")}]
+        for i, v in enumerate(("v", "w"))
+    }
+    stage2 = Stage2Result({"v": [1.0], "w": [1.0]}, {"v": [], "w": []}, models)
+    report = {"learned": {m: {"settings": {"name": m[0]}} for m in ("v", "v_tau", "w")}}
+    predictions = RunPredictions.from_training(warm, stage2, report)
     assert _same(predictions.warmup, warm.tensors())
     assert torch.equal(predictions.warmup["calib_logits"], logits["calib"])
-    assert list(predictions.learned) == ["v"] and predictions.learned["v"] == [model, model]
-    assert RunPredictions.from_training(warm, None).learned == {}
+    assert list(predictions.learned) == ["v", "v_tau", "w"]
+    assert predictions.learned["v"] == predictions.learned["v_tau"] == models["v"]
+    assert predictions.learned["w"] == models["w"]
+    assert RunPredictions.from_training(warm, None, {}).learned == {}
 
 
 def _rewrite(path, **changes):

@@ -48,9 +48,16 @@ class RunPredictions:
     """Per learned method name, per model index (report.json's ``models`` order, λ ascending)."""
 
     @classmethod
-    def from_training(cls, warm: WarmupResult, stage2: Stage2Result | None) -> RunPredictions:
-        """What stage 1 and stage 2 (None: off) returned, as the run also wrote it to ``predictions/``."""
-        learned = {name: list(models) for name, models in stage2.predictions.items()} if stage2 else {}
+    def from_training(cls, warm: WarmupResult, stage2: Stage2Result | None, report: dict) -> RunPredictions:
+        """What stage 1 and stage 2 (None: off) returned, as the run also wrote it to ``predictions/``.
+
+        ``report``: the training report; each of its learned methods reads the models of the stage 2 variant
+        its ``settings.name`` names (a ``native`` variant's ``<name>_tau`` method shares that variant's).
+        """
+        learned = {}
+        if stage2 is not None:
+            for name, entry in (report.get("learned") or {}).items():
+                learned[name] = list(stage2.predictions[entry["settings"]["name"]])
         return cls(warm.tensors(), learned)
 
     @classmethod
@@ -65,11 +72,13 @@ class RunPredictions:
         run_dir = Path(run_dir)
         num_exits = _num_exits(report)
         warmup = _read(run_dir, WARMUP_PREDICTIONS, num_exits, False)
-        learned = {}
+        learned, files = {}, {}  # a `native` variant's `<name>_tau` method reads the same files: once
         for name in report.get("learned") or {}:
             entry = learned_entry(report, name)
-            files = [model["file"] for model in entry["models"]]
-            learned[name] = [_read(run_dir, file, len(entry["costs"]), True) for file in files]
+            for model in entry["models"]:
+                if model["file"] not in files:
+                    files[model["file"]] = _read(run_dir, model["file"], len(entry["costs"]), True)
+            learned[name] = [files[model["file"]] for model in entry["models"]]
         return cls(warmup, learned)
 
     def warmup_source(self, num_exits: int) -> Source:

@@ -216,7 +216,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         # What `jeidnn evaluate` needs should the evaluation below fail.
         write_json(run_dir / "report.partial.json", report)
         trained = stage2.models if stage2 is not None else {}
-        predictions = RunPredictions.from_training(warm, stage2)
+        predictions = RunPredictions.from_training(warm, stage2, report)
         stage = "stages 3-4"
         with timer.stage("stages 3-4: calibrate, baselines, evaluate"):
             evaluation = evaluate(
