@@ -30,7 +30,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+
+from jeidnn.evaluate.predictions import RunPredictions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -91,7 +92,8 @@ def best_learned(report: dict) -> str | None:
 def diagnostics(report: dict, run_dir: Path) -> dict:
     """Ranking quality per gated exit on test: AUROC for "this exit's prediction is correct" of the warm-up
     IM's max probability, and of each learned method's exit score (its model chosen at budget 0.5)."""
-    warm = load_file(str(run_dir / "predictions" / "warmup.safetensors"))
+    predictions = RunPredictions.read(report, run_dir)
+    warm = predictions.warmup
     labels = warm["test_labels"]
     probs = warm["test_logits"].softmax(-1)
     w_correct = probs.argmax(-1) == labels[:, None]
@@ -102,7 +104,7 @@ def diagnostics(report: dict, run_dir: Path) -> dict:
         param = (by.get(method, {}).get(0.5) or {}).get("param") or {}
         if "model" not in param:
             continue
-        learned = load_file(str(run_dir / entry["models"][param["model"]]["file"]))
+        learned = predictions.learned[method][param["model"]]
         correct = learned["test_logits"].argmax(-1) == labels[:, None]
         out["learned"][method] = {
             "label": entry["label"],

@@ -14,6 +14,7 @@ from jeidnn.config.schema import EvalConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import Settings, budgeted_rows
 from jeidnn.evaluate.evaluation import evaluate, evaluate_run
+from jeidnn.evaluate.predictions import RunPredictions
 from jeidnn.evaluate.selection import build_methods
 from jeidnn.io import json_safe
 
@@ -289,9 +290,9 @@ def test_the_export_choice_matches_the_evaluation_rows(tmp_path):
 
     run = make_run(tmp_path)
     report_in = json.loads((run / "report.json").read_text())
-    out = evaluate(
-        report_in, run, EvalConfig(threshold_ps=[0.5, 1.0, 2.0], bootstrap=100), 3, write_markdown=False
-    )
+    cfg = EvalConfig(threshold_ps=[0.5, 1.0, 2.0], bootstrap=100)
+    predictions = RunPredictions.read(report_in, run)
+    out = evaluate(report_in, run, cfg, 3, predictions=predictions, write_markdown=False)
     assert "methods" not in report_in  # the input is not modified
     assert not (run / "report.md").exists()
     rows = {(r["budget"], r["method"]): r for r in out.report["summary"]["budgeted"]["rows"]}
@@ -386,7 +387,8 @@ def test_threshold_search_under_its_cheapest_cost_names_that_cost(tmp_path):
     threshold_search offers nothing below the cheapest global threshold it starts from (all at exit 0)."""
     run = make_run(tmp_path, learned=False)
     report = json.loads((run / "report.json").read_text())
-    methods = build_methods(report, run, EvalConfig(threshold_ps=[1.0]), 3, temperatures=False)
+    predictions = RunPredictions.read(report, run)
+    methods = build_methods(report, predictions, EvalConfig(threshold_ps=[1.0]), 3, temperatures=False)
     search = methods["threshold_search"]
     assert search.candidates_at(0.2) == [] and search.floor_cost == pytest.approx(COST[0])
     settings = Settings([0.1], 15, 30, [0.2], 100, 2, 3)

@@ -6,9 +6,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from jeidnn.cli.main import evaluate_main, main, train_main
 from jeidnn.config.parser import load_config
+from jeidnn.evaluate.evaluation import evaluate
+from jeidnn.evaluate.predictions import RunPredictions
+from jeidnn.pipeline import run as pipeline_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = load_config(ROOT / "configs" / "smoke.yaml")
@@ -34,12 +38,23 @@ LAMBDAS = CFG.jeidnn.lambdas
 BUDGETS = CFG.eval.budgets
 
 
+HANDED_TO_EVALUATION: list[RunPredictions] = []
+"""The predictions the smoke run's training handed its evaluation, in memory."""
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    code = train_main(
-        ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(out), "--no-progress"]
-    )
+
+    def spy(*args, **kwargs):
+        HANDED_TO_EVALUATION.append(kwargs["predictions"])
+        return evaluate(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline_run, "evaluate", spy)
+        code = train_main(
+            ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(out), "--no-progress"]
+        )
     assert code == 0
     return out / "smoke"
 
@@ -200,6 +215,28 @@ def test_evaluate_reproduces_the_report(smoke_run, tmp_path):
     assert after["methods"] == before["methods"]
     assert after["summary"] == before["summary"]
     assert after["exits"] == before["exits"]
+
+
+def test_the_evaluation_of_the_trained_predictions_equals_that_of_the_files(smoke_run, report):
+    """Training hands its evaluation the predictions in memory; `jeidnn evaluate` reads the files it wrote:
+    the same tensors, and the same report, bit for bit."""
+    (in_memory,) = HANDED_TO_EVALUATION
+    on_disk = RunPredictions.read(report, smoke_run)
+    assert set(in_memory.warmup) == set(on_disk.warmup) and set(in_memory.learned) == set(on_disk.learned)
+    assert all(torch.equal(in_memory.warmup[k], on_disk.warmup[k]) for k in on_disk.warmup)
+    assert set(on_disk.learned) == set(LEARNED)  # each variant, and a native one's `_tau` method
+    for name, models in on_disk.learned.items():
+        assert len(models) == len(in_memory.learned[name]) == len(LAMBDAS)
+        for got, want in zip(in_memory.learned[name], models, strict=True):
+            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = load_config(smoke_run / "config.yaml")
+    reports = [
+        evaluate(report, smoke_run, cfg.eval, cfg.seed, predictions=p, write_markdown=False).report
+        for p in (in_memory, on_disk)
+    ]
+    assert reports[0] == reports[1]
+    for key in ("methods", "summary", "evaluation"):
+        assert reports[0][key] == report[key]
 
 
 def test_predict_cli_on_the_smoke_model(smoke_run, tmp_path, capsys):

@@ -74,7 +74,7 @@ def split_calib(num_calib: int, seed: int) -> CalibSplit:
 class Source:
     """Per-exit predictions of one set of IMs on calib and test (the warm-up IMs or one learned model)."""
 
-    name: str  # file it came from, relative to the run folder
+    name: str  # which predictions these are, for messages
     logits: dict[str, Tensor]  # split -> (N, L, C)
     labels: dict[str, Tensor]  # split -> (N,)
     scores: dict[str, Tensor] | None = None  # split -> (N, L - 1) exit scores of a learned model

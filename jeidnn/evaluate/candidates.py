@@ -1,6 +1,7 @@
 """Where every sample exits under each configuration a method offers: the candidate builders.
 
-A builder reads one run's cached predictions (:class:`Source`) and returns a method's candidates
+A builder reads one run's cached predictions (:class:`Source`, from
+:class:`jeidnn.evaluate.predictions.RunPredictions`) and returns a method's candidates
 (:class:`jeidnn.evaluate.budgeted.Candidate`), or, for ``threshold_search``, a function of the budget that
 returns them. Each candidate keeps in ``uses`` what its gates need to play it again (thresholds and their
 confidence measure, a patience, an exit), so export reads the evaluation's choice instead of refitting it.
@@ -10,16 +11,12 @@ The registry (:mod:`jeidnn.evaluate.methods`) names which builder serves which m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from torch import Tensor
 
-from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import CalibSplit, Candidate, Source, make_candidate
 from jeidnn.model import policies as bl
 from jeidnn.model.policies import score_exits
@@ -29,8 +26,6 @@ __all__ = [
     "TAU_GRID",
     "Inputs",
     "learned_candidates",
-    "load_learned_sources",
-    "load_source",
 ]
 
 GLOBAL_GRID: list[float] = [round(0.01 * i, 2) for i in range(101)] + [0.995, 0.999, math.inf]
@@ -167,78 +162,6 @@ def thresholds_on_learned_ims(learned: str) -> Callable[[Inputs], list[Candidate
         return cands
 
     return build
-
-
-# --------------------------------------------------------------------------- predictions files
-
-
-def load_source(
-    run_dir: Path,
-    rel_path: str,
-    num_exits: int,
-    with_scores: bool,
-    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
-) -> Source:
-    """Read one predictions file (or take it from ``tensors``, keyed by ``rel_path``) as a Source."""
-    path = run_dir / rel_path
-    if tensors is not None and rel_path in tensors:
-        data = tensors[rel_path]
-    elif path.is_file():
-        data = load_file(str(path))
-    else:
-        raise JeidnnError(f"missing predictions file {path}; re-run training for this run folder")
-    keys = ("logits", "labels") + (("scores",) if with_scores else ())
-    missing = [f"{s}_{k}" for s in ("calib", "test") for k in keys if f"{s}_{k}" not in data]
-    if missing:
-        raise JeidnnError(
-            f"predictions file {path} lacks tensors {missing}; re-run training for this run folder"
-        )
-    logits, labels, scores = {}, {}, {}
-    for s in ("calib", "test"):
-        logits[s] = data[f"{s}_logits"].float()
-        labels[s] = data[f"{s}_labels"].long()
-        if logits[s].ndim != 3 or logits[s].shape[1] != num_exits or len(labels[s]) != len(logits[s]):
-            raise JeidnnError(
-                f"{path}: `{s}_logits` has shape {tuple(logits[s].shape)} and `{s}_labels` "
-                f"{tuple(labels[s].shape)}, expected (N, {num_exits}, C) and (N,) for the {num_exits} exits "
-                "in report.json"
-            )
-        if with_scores:
-            scores[s] = data[f"{s}_scores"].float()
-            if scores[s].shape != (len(labels[s]), num_exits - 1):
-                raise JeidnnError(
-                    f"{path}: `{s}_scores` has shape {tuple(scores[s].shape)}, expected "
-                    f"({len(labels[s])}, {num_exits - 1})"
-                )
-    return Source(rel_path, logits, labels, scores if with_scores else None)
-
-
-def _learned_entry(report: dict, method: str) -> dict:
-    try:
-        entry = report["learned"][method]
-    except (KeyError, TypeError):
-        known = sorted((report.get("learned") or {}).keys())
-        raise JeidnnError(f"report.json has no learned method {method!r}; learned methods: {known}") from None
-    for key in ("operating_point", "costs", "models"):
-        if key not in entry:
-            raise JeidnnError(f"report.json learned method {method!r} lacks `{key}`; re-run training")
-    if entry["operating_point"] not in ("native", "calib_threshold"):
-        raise JeidnnError(
-            f"learned method {method!r}: operating_point must be 'native' or 'calib_threshold', got "
-            f"{entry['operating_point']!r}"
-        )
-    if not entry["models"]:
-        raise JeidnnError(f"learned method {method!r} has no models; re-run training")
-    return entry
-
-
-def load_learned_sources(
-    report: dict, run_dir: Path, method: str, tensors: Mapping[str, Mapping[str, Tensor]] | None = None
-) -> list[Source]:
-    """The Source of each model of a learned method, in the order of its ``models`` list."""
-    entry = _learned_entry(report, method)
-    num_exits = len(entry["costs"])
-    return [load_source(Path(run_dir), m["file"], num_exits, True, tensors) for m in entry["models"]]
 
 
 def learned_candidates(entry: dict, sources: list[Source], split: CalibSplit) -> list[Candidate]:

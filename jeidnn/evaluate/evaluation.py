@@ -1,7 +1,7 @@
 """Stages 3-4: evaluate a run's methods on test and write its report (docs/evaluation.md).
 
 :func:`evaluate` takes the report dict the training run built (``exits``, ``backbone``,
-``learned``...) and the cached per-exit predictions in ``predictions/``, and adds ``methods``
+``learned``...) and the cached per-exit predictions (:class:`RunPredictions`), and adds ``methods``
 (every operating point of every method on test), ``summary`` and ``evaluation``.
 :func:`evaluate_run` does the same for a finished run folder and writes report.json back.
 
@@ -24,13 +24,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import yaml
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from jeidnn.config.parser import config_from_dict
@@ -46,6 +44,7 @@ from jeidnn.evaluate.budgeted import (
 )
 from jeidnn.evaluate.candidates import TAU_GRID
 from jeidnn.evaluate.metrics import envelope_summary
+from jeidnn.evaluate.predictions import RunPredictions
 from jeidnn.evaluate.selection import Choice, Evaluation, build_methods
 from jeidnn.io import json_safe, write_json
 
@@ -132,7 +131,7 @@ def evaluate(
     cfg: Any,
     seed: int,
     *,
-    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+    predictions: RunPredictions,
     write_markdown: bool = True,
     progress: bool = False,
 ) -> Evaluation:
@@ -140,12 +139,12 @@ def evaluate(
 
     Args:
         report: the training run's report dict (``exits``, ``backbone``, optional ``learned``).
-        run_dir: the run folder; prediction files are read relative to it.
+        run_dir: the run folder, where report.md and the plots are written.
         cfg: the run's ``EvalConfig`` (``budgets``, ``bootstrap``, ``resplits`` default to 0.2..0.9,
             1000 and 20 when the object has no such attribute).
         seed: the run's seed; fixes the calib halves, the bootstrap and the conformal re-splits.
-        tensors: predictions already in memory, keyed by file path relative to ``run_dir``
-            (``predictions/warmup.safetensors``, each learned model's ``file``); others are read.
+        predictions: the warm-up exits' and each learned model's predictions
+            (:meth:`RunPredictions.from_training`, or :meth:`RunPredictions.read` for a run folder).
         write_markdown: write report.md and the PNG plots into ``run_dir``.
         progress: a progress bar over the configurations evaluated on test.
 
@@ -155,10 +154,12 @@ def evaluate(
         every method's candidates, for a choice at another budget (:meth:`Evaluation.choice`).
 
     Raises:
-        JeidnnError: a predictions file or a report entry is missing or malformed.
+        JeidnnError: a report entry is missing or malformed, or the predictions do not fit it.
 
     Example:
-        >>> out = evaluate(report, Path("runs/default"), cfg.eval, cfg.seed)  # doctest: +SKIP
+        >>> run_dir = Path("runs/default")  # doctest: +SKIP
+        >>> predictions = RunPredictions.read(report, run_dir)  # doctest: +SKIP
+        >>> out = evaluate(report, run_dir, cfg.eval, cfg.seed, predictions=predictions)  # doctest: +SKIP
         >>> out.report["summary"]["budgeted"]["rows"][0]["accuracy"]  # doctest: +SKIP
         >>> out.choice("patience", 0.5).param  # doctest: +SKIP
     """
@@ -168,7 +169,7 @@ def evaluate(
     except (KeyError, TypeError):
         raise JeidnnError("report lacks exits.cost; re-run training for this run folder") from None
     settings = _settings(cfg, seed, report.get("backbone", {}).get("gflops_full"))
-    built = build_methods(report, run_dir, cfg, seed, tensors)
+    built = build_methods(report, predictions, cfg, seed)
     methods, split = built.methods, built.split
 
     cache: dict = {}  # each candidate is evaluated on test once, whichever view asks
@@ -302,7 +303,10 @@ def evaluate_run(
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise JeidnnError(f"{source} is malformed ({exc!r}); re-run training for this run folder") from None
     cfg, seed = _run_settings(run_dir, alphas, ece_bins)
-    evaluation = evaluate(report, run_dir, cfg, seed, write_markdown=write, progress=progress)
+    predictions = RunPredictions.read(report, run_dir)
+    evaluation = evaluate(
+        report, run_dir, cfg, seed, predictions=predictions, write_markdown=write, progress=progress
+    )
     if write:
         write_json(report_path, evaluation.report)
     return evaluation.report

@@ -9,20 +9,18 @@ method and budget (:func:`jeidnn.evaluate.budgeted.select_config`); :class:`Eval
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import CalibSplit, Candidate, Method, select_config, split_calib
-from jeidnn.evaluate.candidates import Inputs, learned_candidates, load_learned_sources, load_source
+from jeidnn.evaluate.candidates import Inputs, learned_candidates
 from jeidnn.evaluate.conformal import fit_at_exits
 from jeidnn.evaluate.methods import MethodSpec, learned_spec, run_baselines
 from jeidnn.evaluate.metrics import exit_outcome
+from jeidnn.evaluate.predictions import RunPredictions
 
 __all__ = ["Choice", "Evaluation", "MethodSet", "build_methods"]
 
@@ -139,29 +137,27 @@ class Evaluation:
 
 def build_methods(
     report: dict,
-    run_dir: str | Path,
+    predictions: RunPredictions,
     cfg: Any,
     seed: int,
-    tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
     temperatures: bool = True,
 ) -> MethodSet:
     """Every method's candidates on a run's cached predictions, learned methods first.
 
     Args:
         report: report.json's content (``exits``, optional ``learned``).
+        predictions: the warm-up exits' and each learned model's predictions.
         cfg: the run's ``EvalConfig`` (``threshold_ps``, ``global_thresholds``, ``patience_values``).
         seed: the run's seed, which cuts calib into halves A and B.
-        tensors: predictions already in memory, keyed by file relative to ``run_dir``; others are read.
         temperatures: fit each source's temperatures on calib B (the evaluation's ECE; not needed to choose).
 
     Raises:
-        JeidnnError: a predictions file or a report entry is missing or malformed.
+        JeidnnError: a report entry is malformed, or the predictions do not fit it.
     """
-    run_dir = Path(run_dir)
     costs = list(report["exits"]["cost"])
     num_exits = len(costs)
     layers = report["exits"].get("layers") or list(range(1, num_exits + 1))
-    warm = load_source(run_dir, "predictions/warmup.safetensors", num_exits, False, tensors)
+    warm = predictions.warmup_source(num_exits)
     split = split_calib(len(warm.labels["calib"]), seed)
     if temperatures:
         warm.fit_temperatures_on(split)
@@ -170,7 +166,7 @@ def build_methods(
     fitted: dict[str, Any] = {"warmup": warm.temperatures.tolist() if temperatures else None, "learned": {}}
     methods, specs = [], {}
     for name, entry in learned.items():
-        sources = load_learned_sources(report, run_dir, name, tensors)
+        sources = predictions.learned_sources(report, name)
         for src in sources:
             if not torch.equal(src.labels["calib"], warm.labels["calib"]):
                 raise JeidnnError(

@@ -4,7 +4,8 @@ The evaluation (docs/evaluation.md) plays, for a budget ``B``, each method's can
 on calib half A among those whose calib-A cost is at most ``B``, and returns that choice
 (:class:`jeidnn.evaluate.selection.Choice`). :func:`choose` hands it to export: from the evaluation in memory
 after ``python train.py``, or, for a finished run folder, from the evaluation's own selection run once on the
-run's predictions (:func:`jeidnn.evaluate.selection.build_methods`). So an exported model leaves where the
+run's predictions (:meth:`jeidnn.evaluate.predictions.RunPredictions.read`,
+:func:`jeidnn.evaluate.selection.build_methods`). So an exported model leaves where the
 method's row of report.md at that budget leaves.
 
 Example:
@@ -27,6 +28,7 @@ from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import CalibSplit, Candidate
 from jeidnn.evaluate.methods import REGISTRY, exportable_names
+from jeidnn.evaluate.predictions import RunPredictions
 from jeidnn.evaluate.selection import Choice, Evaluation, MethodSet, build_methods
 
 __all__ = ["OperatingPoint", "OverBudget", "Run", "choose", "default_choice"]
@@ -80,7 +82,8 @@ class Run:
         """Every method's candidates: the evaluation's, or built once by the evaluation's own code."""
         if self.evaluation is not None:
             return self.evaluation.methods
-        return build_methods(self.report, self.folder, self.cfg.eval, self.cfg.seed, temperatures=False)
+        predictions = RunPredictions.read(self.report, self.folder)
+        return build_methods(self.report, predictions, self.cfg.eval, self.cfg.seed, temperatures=False)
 
     @property
     def split(self) -> CalibSplit:

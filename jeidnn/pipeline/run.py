@@ -15,12 +15,11 @@ import shutil
 import time
 from contextlib import contextmanager
 
-import torch
-
 from jeidnn.config.schema import RunConfig
 from jeidnn.data.splits import SPLITS
 from jeidnn.evaluate.evaluation import evaluate
 from jeidnn.evaluate.methods import check_export_method
+from jeidnn.evaluate.predictions import WARMUP_PREDICTIONS, RunPredictions
 from jeidnn.evaluate.selection import Evaluation
 from jeidnn.export.exporter import export_trained
 from jeidnn.io import write_json, write_safetensors
@@ -32,10 +31,10 @@ from jeidnn.train.costs import count_exit_costs
 from jeidnn.train.devices import check_logger, end_processes, global_rank, make_trainer, run_device
 from jeidnn.train.features import FeatureSplit, extract_features
 from jeidnn.train.inputs import RunInputs, load_inputs
-from jeidnn.train.learned import predictions_file, train_stage2
+from jeidnn.train.learned import train_stage2
 from jeidnn.train.modules import freeze
 from jeidnn.train.report import STAGE2_TIMING, training_report
-from jeidnn.train.results import FeatureCache, JointResult, Stage0Result, Stage2Result, WarmupResult
+from jeidnn.train.results import FeatureCache, JointResult, Stage0Result, WarmupResult
 from jeidnn.train.warmup import warm_up, warmup_result
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ logger = logging.getLogger(__name__)
 STAGE0 = "stage 0: fine-tune backbone + final head"
 JOINT = "joint phase: backbone + every exit"
 WARMUP = "stage 1: IM warm-up"
-WARMUP_PREDICTIONS = "predictions/warmup.safetensors"
 
 
 class Timer:
@@ -164,15 +162,6 @@ def warmup(
     return warmup_result(inputs.heads, cache, best_epoch)
 
 
-def prediction_tensors(warm: WarmupResult, stage2: Stage2Result | None) -> dict[str, dict[str, torch.Tensor]]:
-    """Every predictions file's tensors keyed by its path in the run folder, as `evaluate` and
-    `export_trained` read them."""
-    tensors = {WARMUP_PREDICTIONS: warm.tensors()}
-    for variant, per_model in (stage2.predictions if stage2 is not None else {}).items():
-        tensors.update({predictions_file(variant, k): t for k, t in enumerate(per_model)})
-    return tensors
-
-
 def run(cfg: RunConfig, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the final report.json content.
 
@@ -226,12 +215,13 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         report = training_report(cfg, inputs, costs, warm, s0, joint, stage2, timings)
         # What `jeidnn evaluate` needs should the evaluation below fail.
         write_json(run_dir / "report.partial.json", report)
-        # Adapter to evaluate / export_trained's dict-and-path-keyed interfaces.
         trained = stage2.models if stage2 is not None else {}
-        predictions = prediction_tensors(warm, stage2)
+        predictions = RunPredictions.from_training(warm, stage2, report)
         stage = "stages 3-4"
         with timer.stage("stages 3-4: calibrate, baselines, evaluate"):
-            evaluation = evaluate(report, run_dir, cfg.eval, cfg.seed, tensors=predictions, progress=progress)
+            evaluation = evaluate(
+                report, run_dir, cfg.eval, cfg.seed, predictions=predictions, progress=progress
+            )
             report = evaluation.report
         # A baseline named in export.method is exported even without stage 2.
         if trained or (cfg.export.method and inputs.heads.num_exits > 1):
