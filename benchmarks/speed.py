@@ -71,7 +71,7 @@ def run_test_texts(run_dir: Path, num: int) -> tuple[list[str], str]:
 
     cfg = load_config(run_dir / "config.yaml")
     raw = load_raw(cfg.data, "text")
-    test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"][:num]
+    test = make_splits(len(raw.labels), cfg.data, cfg.seed, raw.test_positions).indices["test"][:num]
     return [raw.inputs[i] for i in test], f"first {len(test)} texts of the test split of {run_dir}"
 
 

@@ -162,3 +162,20 @@ def test_budgeted_rows_bootstrap_on_a_known_difference():
     # Paired differences are 0 or +1 (60 of 1000): the interval is about 0.06 ± 1.96 * sqrt(.06 * .94 / 1000).
     assert delta["ci_low"] == pytest.approx(0.06 - 0.0147, abs=0.004)
     assert delta["ci_high"] == pytest.approx(0.06 + 0.0147, abs=0.004)
+
+
+def test_learned_candidates_keep_the_counted_costs_in_float64():
+    """Learned costs go from counting to the 1e-9 budget check in float64: a float32 copy of 1/3 is
+    0.3333333433, which would put a candidate costing exactly a budget above it."""
+    from jeidnn.evaluate.budgeted import split_calib
+    from jeidnn.evaluate.candidates import learned_candidates
+
+    gen = torch.Generator().manual_seed(0)
+    src = _source(40, 10, 3, gen)
+    src.scores = {"calib": torch.zeros(40, 2), "test": torch.zeros(10, 2)}  # never exit early: last exit
+    costs = [1 / 9, 2 / 9, 1 / 3]
+    entry = {"operating_point": "native", "costs": costs, "models": [{"lambda": 0.1}]}
+    (cand,) = learned_candidates(entry, [src], split_calib(40, 0))
+    assert cand.costs.dtype == torch.float64 and cand.costs.tolist() == costs
+    assert cand.calib_cost == 1 / 3  # every calib-A sample at the last exit, exactly
+    assert select_config([cand], 1 / 3) is cand

@@ -275,7 +275,7 @@ def test_dynamic_matches_full_threshold_gates(arch, scenario, measure):
 
 
 def test_patience_and_static_gates_follow_the_baselines_on_random_logits():
-    """The gates' exits are the evaluation's (baselines.py) on logits with many argmax agreements."""
+    """The gates' exits are the evaluation's (model/policies.py) on logits with many argmax agreements."""
     generator = torch.Generator().manual_seed(3)
     exit_logits = torch.randn(200, 5, 2, generator=generator) * 3  # 2 classes: long agreeing runs are common
     preds = exit_logits.softmax(-1).argmax(-1)  # (N, L)

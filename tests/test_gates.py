@@ -208,7 +208,6 @@ def test_score_exits_threshold_and_last_exit():
 def test_gate_flops_count_every_multiply_add_of_the_gate():
     from jeidnn.config.gating import GateVariant
     from jeidnn.model.cost import GATE_FLOPS, gate_flops
-    from jeidnn.train.learned import gate_flops as learned_gate_flops
 
     # The paper's gate: Linear(4 -> 1), 4 multiply-adds, 2 FLOPs each (as FlopCounterMode counts a matmul).
     assert gate_flops(GateSettings(), num_exits=4, hidden_size=8) == 8.0 == GATE_FLOPS
@@ -221,7 +220,7 @@ def test_gate_flops_count_every_multiply_add_of_the_gate():
     assert gate_flops(hidden, num_exits=3, hidden_size=8) == 2 * (8 * 3 + 13) == 74.0
     # A learned method pays for its gates (a GateVariant is a GateSettings).
     variant = GateVariant(inputs="trajectory", arch="mlp", width=16)
-    assert learned_gate_flops(variant, 4, 8, num_classes=3) == 480.0
+    assert gate_flops(variant, 4, 8) == 480.0  # a variant is its gate settings
 
 
 def test_gate_flops_match_the_gate_networks_parameters():

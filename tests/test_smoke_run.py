@@ -325,11 +325,23 @@ def test_speed_benchmark_exit_threshold_and_other_inputs(smoke_run, tmp_path):
     assert [s["rows"][0]["exit_counts"] for s in result["input_sets"]] == [[3, 0, 0]]  # every score >= 0
 
 
-def test_exit_costs_are_counted_on_the_train_split(report):
+def test_exit_costs_are_counted_on_the_train_split(smoke_run, report):
     """Stage 2's λ·c, the gate targets and the calib budgets read these costs: counted on the split the
-    models train on (300 samples here), not on test."""
+    models train on (300 samples here), not on test. FLOPs depend on shapes only, so the run's own model and
+    data loaded again count the same costs on train, and other ones on test."""
+    from jeidnn.config.parser import load_config
+    from jeidnn.train.costs import count_exit_costs
+    from jeidnn.train.inputs import load_inputs
+
     counted = report["exits"]["cost_counted_on"]
     assert "train split" in counted and f"({report['dataset']['splits']['train']} samples" in counted
+    inputs = load_inputs(load_config(smoke_run / "config.yaml"))
+    on = {
+        split: count_exit_costs(inputs.backbone, inputs.heads, inputs.dm, torch.device("cpu"), split).cost
+        for split in ("train", "test")
+    }
+    assert report["exits"]["cost"] == pytest.approx(on["train"], rel=1e-12)
+    assert report["exits"]["cost"] != pytest.approx(on["test"], rel=1e-9)
 
 
 def test_an_over_long_max_length_is_refused_before_the_run_folder_exists(tmp_path, capsys):

@@ -37,12 +37,12 @@ def train_main(argv: list[str], prog: str = "train.py") -> int:
         )
         parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
         cfg, args = parse_config(parser, argv, default_config=packaged_config())
-        from jeidnn.evaluate.methods import check_export_method
-
-        check_export_method(cfg)  # a bad export.method fails here, before any data or model is loaded
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
             return 0
+        from jeidnn.evaluate.methods import check_export_method
+
+        check_export_method(cfg)  # a bad export.method fails here, before any data or model is loaded
         setup_logging(args.quiet)
         from jeidnn.pipeline.run import run
 

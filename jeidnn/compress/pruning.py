@@ -232,6 +232,7 @@ def prune_run(
         last_exit(settings.layers, list(run.report["exits"]["layers"]), None)  # refuse before any work
     point = choose(run, method, budget) if method else default_choice(run, budget)
     backbone, preprocessor = load_backbone(run)
+    data = run_data(run, backbone, preprocessor)  # data that changed since the run is refused here
     model, summary = build_model(run, point, backbone, preprocessor)
     cand, split = point.candidate, run.split
     correct_b = cand.source.correct["calib"][split.b].gather(1, cand.calib_exits[split.b].long()[:, None])
@@ -241,7 +242,6 @@ def prune_run(
         "test_cost": summary["test_cost"],
     }
     log.info("operating point: %s (%s), %s", point.method, point.label, point.chosen_by)
-    data = run_data(run, backbone, preprocessor)
     pruned, info = prune_model(
         run, model, settings, data, calib_exits=cand.calib_exits, device=target, progress=progress
     )

@@ -43,6 +43,20 @@ class GateSettings:
         """The gate-network fields alone (also of a GateVariant): config.json's ``gates.settings``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(GateSettings)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], extra: bool = False) -> GateSettings:
+        """The settings :meth:`to_dict` wrote (missing fields take their defaults). ``extra``: ignore keys
+        that are not gate-network fields (a variant's report.json ``settings``); else they are refused.
+
+        Raises:
+            TypeError: an unknown key (with ``extra`` false).
+        """
+        fields = {f.name for f in dataclasses.fields(GateSettings)}
+        unknown = sorted(set(data) - fields)
+        if unknown and not extra:
+            raise TypeError(f"unknown gate settings {unknown}; expected some of {sorted(fields)}")
+        return GateSettings(**{k: v for k, v in data.items() if k in fields})
+
 
 @dataclass
 class GateVariant(GateSettings):

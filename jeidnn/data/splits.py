@@ -6,8 +6,8 @@ fractions from its front, `train` the rest. With `data.test_split` the named dat
 other samples. Optional caps keep the first samples of a split, so a capped split is a subset of the
 uncapped one.
 
-`jeidnn export` and `jeidnn prune` read the data again and rebuild the splits from the config, then match
-them to the run's saved predictions by position: :func:`split_fingerprint` identifies the splits a run
+`jeidnn prune` reads the data again and rebuilds the splits from the config, then matches them to the
+run's saved predictions by position: :func:`split_fingerprint` identifies the splits a run
 saw, and :func:`check_fingerprint` refuses data that no longer gives them.
 """
 

@@ -8,7 +8,7 @@ byte, except where a caller names the encoding of a file it knows (the embedded 
 latin-1). A leading ``~`` in a path is the user's home folder.
 
 :func:`pad_token_lists` right-pads per-sample token lists into a batch for both the training
-collator (:class:`jeidnn.data.datamodule.Collator`) and prediction (:func:`jeidnn.hf.predict.make_batches`).
+collator (:class:`jeidnn.data.datamodule.Collator`) and prediction (:func:`jeidnn.hf.batches.make_batches`).
 """
 
 from __future__ import annotations

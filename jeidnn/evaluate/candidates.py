@@ -167,11 +167,13 @@ def thresholds_on_learned_ims(learned: str) -> Callable[[Inputs], list[Candidate
 def learned_candidates(entry: dict, sources: list[Source], split: CalibSplit) -> list[Candidate]:
     """Every model x every tau of the method's grid (tau = 0.5 only for ``native``)."""
     taus = [0.5] if entry["operating_point"] == "native" else TAU_GRID
+    # float64 as counted: float32 costs would move calib costs off the budgets they are compared with at 1e-9.
+    costs = torch.tensor(entry["costs"], dtype=torch.float64)
     out = []
     for k, (model, src) in enumerate(zip(entry["models"], sources, strict=True)):
         assert src.scores is not None
         for tau in taus:
             param = {"model": k, "lambda": model.get("lambda"), "tau": tau}
             calib, test = score_exits(src.scores["calib"], tau), score_exits(src.scores["test"], tau)
-            out.append(make_candidate(param, src, torch.tensor(entry["costs"]), calib, test, split))
+            out.append(make_candidate(param, src, costs, calib, test, split))
     return out

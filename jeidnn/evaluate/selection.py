@@ -185,7 +185,7 @@ def build_methods(
         method = Method(spec.name, spec.report_kind, spec.label, spec.candidates(x))
         if spec.name == "threshold_search":
             # The search starts from the global thresholds: it offers nothing cheaper than their cheapest.
-            assert methods[-1].name == "global_maxprob"
-            method.floor_cost = min(c.calib_cost for c in methods[-1].candidates)
+            start = next(m for m in methods if m.name == "global_maxprob")
+            method.floor_cost = min(c.calib_cost for c in start.candidates)
         methods.append(method)
     return MethodSet(methods, specs, split, x, fitted)

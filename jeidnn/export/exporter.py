@@ -26,7 +26,6 @@ thresholds on its IMs). ``python train.py`` exports the default choice
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -96,9 +95,7 @@ def _learned_parts(run: Run, method: str, k: int, backbone: Backbone, trained: M
     weights = _weights(path)
     heads = _new_heads(run, backbone)
     _load(heads, weights, "heads.", path)
-    fields = {f.name for f in dataclasses.fields(GateSettings)}
-    gate_settings = GateSettings(**{f: settings[f] for f in fields if f in settings})
-    gates = Gates(len(heads.layers), gate_settings, backbone.hidden_size)
+    gates = Gates(len(heads.layers), GateSettings.from_dict(settings, extra=True), backbone.hidden_size)
     _load(gates, weights, "gates.", path)
     own = {k[len("backbone.") :]: v for k, v in weights.items() if k.startswith("backbone.")}
     return heads, gates, own or None

@@ -17,6 +17,7 @@ from pathlib import Path
 from jeidnn.data.tables import check_texts, read_texts
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
+from jeidnn.io import write_text
 
 # ---------------------------------------------------------------------- CLI
 # Texts per call of EarlyExitModel.predict, so that the progress bar moves: long enough for its
@@ -81,7 +82,7 @@ def predict_cli(
         sys.stdout.write("".join(lines))
     else:
         try:
-            Path(output).expanduser().write_text("".join(lines))
+            write_text(Path(output).expanduser(), "".join(lines))
         except OSError as exc:
             raise JeidnnError(f"cannot write --output {output}: {exc.strerror}") from None
     return 0

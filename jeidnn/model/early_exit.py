@@ -241,7 +241,7 @@ def build_gates(entry: Mapping[str, Any], num_exits: int) -> Gates | RuleGates |
     kind = entry.get("kind")
     try:
         if kind == "learned":
-            return Gates(num_exits, GateSettings(**entry["settings"]), int(entry["hidden_size"]))
+            return Gates(num_exits, GateSettings.from_dict(entry["settings"]), int(entry["hidden_size"]))
         if kind == "threshold":
             return ThresholdGates([float(t) for t in entry["thresholds"]], entry["measure"])
         if kind == "patience":

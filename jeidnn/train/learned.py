@@ -11,12 +11,11 @@ import copy
 
 import torch
 
-from jeidnn.config.gating import GateVariant
 from jeidnn.data.datamodule import JeidnnDataModule
 from jeidnn.io import write_safetensors
 from jeidnn.log import pause_point
 from jeidnn.model.backbone import Backbone
-from jeidnn.model.cost import ExitCosts
+from jeidnn.model.cost import ExitCosts, gate_flops
 from jeidnn.model.heads import ExitHeads
 from jeidnn.train.context import RunContext
 from jeidnn.train.devices import make_trainer, stage_logger
@@ -25,13 +24,6 @@ from jeidnn.train.features import FeatureSplit, extract_features
 from jeidnn.train.lambda_search import fit_stage2
 from jeidnn.train.results import EVAL_SPLITS, FeatureCache, Stage2Result
 from jeidnn.train.stage2 import TrainedModel
-
-
-def gate_flops(variant: GateVariant, num_exits: int, hidden_size: int, num_classes: int) -> float:
-    """FLOPs of one gate of ``variant`` on one sample (:func:`jeidnn.model.cost.gate_flops`)."""
-    from jeidnn.model.cost import gate_flops as count_gate_flops
-
-    return count_gate_flops(variant, num_exits, hidden_size)
 
 
 def cost_tensors(costs: dict[str, list[float]]) -> dict[str, torch.Tensor]:
@@ -61,7 +53,7 @@ def train_stage2(
     cfg, run_dir = ctx.cfg, ctx.run_dir
     num_exits, hidden = heads.num_exits, backbone.hidden_size
     variant_costs = {
-        v.name: costs.with_gates(gate_flops(v, num_exits, hidden, heads.num_classes))
+        v.name: costs.with_gates(gate_flops(v, num_exits, hidden))
         for v in cfg.jeidnn.variants
     }
     store = run_dir / "checkpoints" / "stage2"

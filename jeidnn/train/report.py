@@ -35,7 +35,7 @@ def training_report(
     stage2: Stage2Result | None,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    """report.json's training part (its schema is docs/outputs.md's).
+    """report.json's training part (its keys are listed in README.md and docs/evaluation.md).
 
     Args:
         stage0: None when the regime has no stage 0 (`joint`).
@@ -61,7 +61,7 @@ def training_report(
             "labels": raw.label_names,
             "splits": dict(inputs.splits.sizes),
             "duplicates_dropped": raw.duplicates_dropped,
-            # `jeidnn export` and `jeidnn prune` read the data again: they refuse data that changed since.
+            # `jeidnn prune` reads the data again: it refuses data that changed since.
             "fingerprint": split_fingerprint(raw, inputs.splits),
         },
         "exits": {
