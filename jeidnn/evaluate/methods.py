@@ -17,6 +17,7 @@ from typing import Any
 
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate import candidates as build
+from jeidnn.model.early_exit import PatienceGates, StaticGates, ThresholdGates
 
 __all__ = [
     "REGISTRY",
@@ -36,20 +37,14 @@ LEARNED_COLOURS = ["#d62728", "#ff7f0e", "#8b0000", "#ff1493", "#b8860b", "#4b00
 
 
 def _threshold_gates(uses: dict) -> Any:
-    from jeidnn.model.early_exit import ThresholdGates
-
     return ThresholdGates(uses["thresholds"], uses["measure"])
 
 
 def _patience_gates(uses: dict) -> Any:
-    from jeidnn.model.early_exit import PatienceGates
-
     return PatienceGates(uses["patience"])
 
 
 def _static_gates(uses: dict) -> Any:
-    from jeidnn.model.early_exit import StaticGates
-
     return StaticGates(uses["exit"])
 
 

@@ -228,7 +228,6 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
             stage = "export"
             with timer.stage("export model"):
                 report["export"] = export_model(ctx, inputs, evaluation, trained)
-        del report["timings_s"]  # written again, last, now with the evaluation and export
         report["timings_s"] = {**state.timings, **timer.timings}
         write_json(run_dir / "report.json", report)
         state.mark("report")

@@ -52,10 +52,7 @@ def train_stage2(
     """
     cfg, run_dir = ctx.cfg, ctx.run_dir
     num_exits, hidden = heads.num_exits, backbone.hidden_size
-    variant_costs = {
-        v.name: costs.with_gates(gate_flops(v, num_exits, hidden))
-        for v in cfg.jeidnn.variants
-    }
+    variant_costs = {v.name: costs.with_gates(gate_flops(v, num_exits, hidden)) for v in cfg.jeidnn.variants}
     store = run_dir / "checkpoints" / "stage2"
     after_fit = lambda name: pause_point(f"stage2:{name}")  # noqa: E731
     if cfg.jeidnn.train_backbone:

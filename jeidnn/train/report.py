@@ -1,7 +1,7 @@
 """report.json's training part, assembled once from the stages' typed results.
 
-`backbone`, `dataset`, `exits`, `finetune`, `learned`, `stage2_time_vs_train_pass`, `regime` and `timings_s`;
-the evaluation adds its sections to this dict (:mod:`jeidnn.evaluate`).
+`backbone`, `dataset`, `exits`, `finetune`, `learned`, `stage2_time_vs_train_pass` and `regime`; the
+evaluation adds its sections to this dict (:mod:`jeidnn.evaluate`) and the pipeline `timings_s`, last.
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ def training_report(
                 "ratio": timings[STAGE2_TIMING] / max(train_pass, 1e-9),
             }
     report["regime"] = regime_entry(cfg, stage0, joint, stage2.models if stage2 is not None else {})
-    report["timings_s"] = dict(timings)
     return report
 
 

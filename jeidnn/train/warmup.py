@@ -17,9 +17,8 @@ def warm_up(ctx: RunContext, heads: ExitHeads, cache: FeatureCache, train_final:
     end in eval mode."""
     cfg = ctx.cfg.warmup
     pl.seed_everything(ctx.cfg.seed, verbose=False)
-    keep_start = (
-        ctx.cfg.regime != "disjoint"
-    )  # IMs trained in the joint phase: keep them unless beaten on val
+    # IMs trained in the joint phase: keep them unless beaten on val.
+    keep_start = ctx.cfg.regime != "disjoint"
     module = WarmupModule(heads, cache["val"], cfg, train_final=train_final, keep_start=keep_start)
     if module.trained and cfg.max_epochs > 0:
         trainer = make_trainer(
