@@ -29,7 +29,7 @@ def batch_for(backbone: Backbone) -> dict:
 @pytest.mark.parametrize("arch", TEXT_ARCHS + VISION_ARCHS)
 def test_exit_logits_equal_heads_on_output_hidden_states(arch):
     backbone = tiny(arch)
-    heads = ExitHeads([1, 2, 3], backbone.hidden_size, 4, backbone.spec.head_activation).eval()
+    heads = ExitHeads([1, 2, 3], backbone.hidden_size, 4, backbone.family.head_activation).eval()
     inputs = batch_for(backbone)
     with torch.no_grad():
         logits = heads(backbone(inputs))  # (B, L, C)
@@ -55,7 +55,7 @@ def test_subset_of_exit_layers():
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "vit"])
 def test_exit_costs_increase_with_depth(arch):
     backbone = tiny(arch)
-    heads = ExitHeads([1, 2, 3], backbone.hidden_size, 4, backbone.spec.head_activation)
+    heads = ExitHeads([1, 2, 3], backbone.hidden_size, 4, backbone.family.head_activation)
     if backbone.modality == "text":
         samples = text_cost_samples([[5, 6, 7], [5, 6, 7, 8, 9, 10, 11, 12]])
     else:
@@ -159,14 +159,14 @@ def saved_classifier(tmp_path, arch: str, id2label: dict[int, str]):
 @pytest.mark.parametrize("arch", ["bert", "roberta", "electra", "distilbert", "vit"])
 def test_checkpoint_classifier_is_the_checkpoints_own_head(tmp_path, arch):
     """With stage 0 off, the final exit is the checkpoint's trained classifier: the HF model's logits."""
-    from jeidnn.model.backbone import checkpoint_classifier
+    from jeidnn.model.checkpoint_head import checkpoint_classifier
     from jeidnn.model.heads import ExitHead
 
     model, cfg = saved_classifier(tmp_path, arch, {0: "neg", 1: "neu", 2: "pos"})
     backbone = Backbone.load(cfg).eval()
     found = checkpoint_classifier(cfg, ["neg", "neu", "pos"], backbone.pooling)
     assert found.state is not None and "classes matched by name" in found.reason
-    head = ExitHead(backbone.hidden_size, 3, backbone.spec.head_activation).eval()
+    head = ExitHead(backbone.hidden_size, 3, backbone.family.head_activation).eval()
     head.load_state_dict(found.state)
     inputs = batch_for(backbone)
     with torch.no_grad():
@@ -176,7 +176,7 @@ def test_checkpoint_classifier_is_the_checkpoints_own_head(tmp_path, arch):
 
 
 def test_checkpoint_classifier_matches_classes_by_name_or_says_why_not(tmp_path):
-    from jeidnn.model.backbone import checkpoint_classifier
+    from jeidnn.model.checkpoint_head import checkpoint_classifier
 
     model, cfg = saved_classifier(tmp_path, "bert", {0: "NEG", 1: "neu", 2: "pos"})
     found = checkpoint_classifier(cfg, ["pos", "neg", "neu"], "cls")  # the data orders its classes otherwise
@@ -225,4 +225,4 @@ def test_sentence_transformers_pooling_is_read_from_a_folder_and_from_the_hub_ca
     assert sentence_transformers_pooling("sentence-transformers/tiny-mean") == "mean"
     assert sentence_transformers_pooling("org/tiny-cls") == "cls"
     # Offline and not cached: CLS, as before.
-    assert sentence_transformers_pooling("sentence-transformers/not-cached") == "cls"
+    assert sentence_transformers_pooling("sentence-transformers/not-cached") is None

@@ -74,7 +74,7 @@ def tiny_model(
     layers = layers or list(range(1, backbone.num_layers + 1))
     torch.manual_seed(0)
     heads = ExitHeads(
-        layers, backbone.hidden_size, NUM_CLASSES, backbone.spec.head_activation, im_head=im_head
+        layers, backbone.hidden_size, NUM_CLASSES, backbone.family.head_activation, im_head=im_head
     )
     with torch.no_grad():  # larger logits than the default init, so the exits disagree visibly
         for head in heads.heads:

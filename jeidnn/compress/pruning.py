@@ -94,7 +94,9 @@ def _shrink(
     heads_now, ffn_now = layer_sizes(hf_model)
     removal_count(heads_now, settings.heads, "head", "--heads")  # refuse before the importance pass
     removal_count(ffn_now, settings.ffn, "FFN neuron", "--ffn")
-    backbone = Backbone(hf_model, model.backbone.source, model.backbone.pooling).to(device)
+    backbone = Backbone(hf_model, model.backbone.source, model.backbone.pooling, model.backbone.exit_norm).to(
+        device
+    )
     heads.to(device)
     out = _Shrunk(backbone, heads, gates, {"heads": {}, "ffn": {}})
     if settings.heads or settings.ffn:

@@ -36,10 +36,16 @@ class ModelConfig:
     exit_layers: list[int] | None = None
     """1-based layers that get an intermediate classifier (IM). None = every layer.
     The last layer always carries the final classifier."""
-    pooling: Literal["auto", "cls", "mean"] = "auto"
-    """Representation each exit reads: `cls` token, or `mean` over real tokens (text only).
-    `auto` = the model's own sentence-transformers pooling config when it ships one
-    (1_Pooling/config.json, e.g. all-MiniLM-L6-v2 -> mean), else `cls`."""
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    """Representation each exit reads: `cls` token, `mean` over real tokens, or the `last` real token
+    (text only; decoders read the last token, whichever side pads). `auto` = the model's own
+    sentence-transformers pooling config when it ships one (1_Pooling/config.json, e.g.
+    all-MiniLM-L6-v2 -> mean), else the family's own (`last` for decoders, `cls` otherwise)."""
+    exit_norm: bool | None = None
+    """Apply the family's final norm to what every exit reads. Pre-norm families (ViT, DeiT,
+    ModernBERT, decoders) leave intermediate states unnormalised, and their own head reads normalised
+    states: None = true for them, false for post-norm families (BERT, RoBERTa, ...), which have no
+    final norm to apply."""
     im_head: Literal["linear", "mlp"] = "linear"
     """IM architecture: `linear` (dropout + linear) or `mlp` (dense + activation + linear, like
     the final classifier). The final exit is always the model family's own classifier head."""

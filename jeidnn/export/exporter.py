@@ -76,7 +76,7 @@ def _new_heads(run: Run, backbone: Backbone) -> ExitHeads:
         list(run.report["exits"]["layers"]),
         backbone.hidden_size,
         len(run.report["dataset"]["labels"]),
-        backbone.spec.head_activation,
+        backbone.family.head_activation,
         im_head=run.report["backbone"].get("im_head", "mlp"),
     )
 
@@ -157,7 +157,9 @@ def load_backbone(run: Run) -> tuple[Backbone, Any]:
         try:
             with _no_progress_bars():
                 model = AutoModel.from_pretrained(folder)
-                backbone = Backbone(model, source=info.get("name", str(folder)), pooling=info["pooling"])
+                backbone = Backbone(
+                    model, info.get("name", str(folder)), info["pooling"], info.get("exit_norm")
+                )
                 loader = AutoTokenizer if backbone.modality == "text" else AutoImageProcessor
                 return backbone, loader.from_pretrained(folder)
         except (OSError, ValueError, KeyError) as exc:

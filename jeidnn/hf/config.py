@@ -27,7 +27,8 @@ class EarlyExitConfig(PretrainedConfig):
         backbone_config: the encoder's own Hugging Face config (a dict in ``config.json``, rebuilt with
             ``AutoConfig.for_model``).
         exit_layers: 1-based backbone layers carrying an exit, ascending, the last = the last layer.
-        pooling: what an exit head reads: ``cls`` token or ``mean`` of the real tokens.
+        pooling: what an exit head reads: ``cls`` token, ``mean`` of the real tokens, ``last`` real token.
+        exit_norm: apply the backbone family's final norm before every exit head (None: family default).
         im_head: ``mlp`` or ``linear`` intermediate heads (:class:`~jeidnn.model.heads.ExitHeads`).
         head_activation: the model family's head activation (``tanh``, ``gelu``, ``relu``, ``none``).
         hidden_size: size of the pooled representation the heads read.
@@ -53,6 +54,7 @@ class EarlyExitConfig(PretrainedConfig):
         backbone_config: PretrainedConfig | Mapping[str, Any] | None = None,
         exit_layers: Sequence[int] = (),
         pooling: str = "cls",
+        exit_norm: bool | None = None,
         im_head: str = "mlp",
         head_activation: str = "tanh",
         hidden_size: int = 0,
@@ -73,6 +75,7 @@ class EarlyExitConfig(PretrainedConfig):
         self.backbone_config = backbone_config
         self.exit_layers = [int(layer) for layer in exit_layers]
         self.pooling, self.im_head, self.head_activation = pooling, im_head, head_activation
+        self.exit_norm = exit_norm
         self.hidden_size = int(hidden_size)
         self.gates = dict(gates or {"kind": "none"})
         self.costs = [float(c) for c in costs]

@@ -85,7 +85,7 @@ class EarlyExitModel(SavedModel):
                 raise JeidnnError("the model config has no backbone_config; build the model with from_parts")
             # A pruned backbone records its per-layer head and FFN sizes in its config (model/structured.py).
             encoder = restore_pruned_shapes(AutoModel.from_config(config.backbone_config))
-            backbone = Backbone(encoder, "config", config.pooling)
+            backbone = Backbone(encoder, "config", config.pooling, getattr(config, "exit_norm", None))
             heads = ExitHeads(
                 config.exit_layers,
                 config.hidden_size,
@@ -170,6 +170,7 @@ class EarlyExitModel(SavedModel):
             backbone_config=backbone.config,
             exit_layers=heads.layers,
             pooling=backbone.pooling,
+            exit_norm=backbone.exit_norm,
             im_head=heads.im_head,
             head_activation=heads.activation,
             hidden_size=backbone.hidden_size,

@@ -16,42 +16,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_bidirectional_mask
 
 from jeidnn.config.schema import EMBEDDED_MODEL, ModelConfig
 from jeidnn.errors import JeidnnError, first_line
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    modality: Literal["text", "image"]
-    layers: tuple[str, ...]
-    """Candidate dotted paths of the layer ModuleList inside the base model (they moved across
-    transformers releases: ViT's `encoder.layer` became `layers` in 5.x)."""
-    head_activation: Literal["tanh", "gelu", "relu", "none"]
-    """Activation of the model family's own sequence-classification head."""
-    final_norm: str | None = None
-    """Pre-LayerNorm models (ViT) normalise the CLS token before any head."""
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "bert": ArchSpec("text", ("encoder.layer", "layers"), "tanh"),
-    "roberta": ArchSpec("text", ("encoder.layer", "layers"), "tanh"),
-    "electra": ArchSpec("text", ("encoder.layer", "layers"), "gelu"),
-    "distilbert": ArchSpec("text", ("transformer.layer", "layers"), "relu"),
-    "vit": ArchSpec("image", ("layers", "encoder.layer"), "none", final_norm="layernorm"),
-    "deit": ArchSpec("image", ("layers", "encoder.layer"), "none", final_norm="layernorm"),
-}
-
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-IMAGE_INPUTS = ("pixel_values",)
+from jeidnn.model.families import Family, LayerState, family_of
 
 
 def embedded_model_path() -> Path:
@@ -88,31 +62,29 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def check_architecture(config: PretrainedConfig) -> ArchSpec:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise JeidnnError(
-            f"unsupported architecture {model_type!r}; jeidnn supports {', '.join(sorted(ARCHITECTURES))}"
-        )
-    return ARCHITECTURES[model_type]
+def check_architecture(config: PretrainedConfig) -> Family:
+    return family_of(getattr(config, "model_type", None))
 
 
-def sentence_transformers_pooling(name_or_path: str) -> str:
-    """`mean` when a sentence-transformers model says its embedding is the token mean, else `cls`.
+def sentence_transformers_pooling(name_or_path: str) -> str | None:
+    """`mean` when a sentence-transformers model says its embedding is the token mean, `cls` when it
+    says CLS, None when it ships no pooling config (the family's default applies).
 
     Such models (all-MiniLM-L6-v2 among them) are trained for mean pooling: their CLS token is
     almost constant across inputs in the early layers (std ≈ 1e-3), useless to an exit head. The
     setting is `1_Pooling/config.json` of a local folder, or of a hub name (the cached file, fetched
-    like the model's own files; offline without it: `cls`).
+    like the model's own files; offline without it: None).
     """
     folder = Path(name_or_path)
     config = folder / POOLING_CONFIG if folder.is_dir() else _hub_file(name_or_path, POOLING_CONFIG)
     if config is None or not config.is_file():
-        return "cls"
+        return None
     try:
         modes = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
-        return "cls"
+        return None
+    if modes.get("pooling_mode_lasttoken"):
+        return "last"
     return (
         "mean" if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token") else "cls"
     )
@@ -153,21 +125,39 @@ def _find_layers(model: nn.Module, paths: tuple[str, ...]) -> nn.ModuleList:
 
 
 class Backbone(nn.Module):
-    """A Hugging Face encoder viewed as embeddings -> L layers -> pooled representation per layer."""
+    """A Hugging Face backbone viewed as embeddings -> L layers -> pooled representation per layer.
 
-    def __init__(self, model: PreTrainedModel, source: str = "random", pooling: str = "cls") -> None:
+    What differs between families (embeddings, what a layer needs besides the hidden states) is its
+    :class:`~jeidnn.model.families.base.Family` adapter's; this class runs the layers and pools.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        source: str = "random",
+        pooling: str = "cls",
+        exit_norm: bool | None = None,
+    ) -> None:
         super().__init__()
-        self.spec = check_architecture(model.config)
-        if pooling not in ("cls", "mean"):
-            raise JeidnnError(f"model.pooling must be cls or mean, got {pooling!r}")
-        if pooling == "mean" and self.spec.modality != "text":
-            raise JeidnnError(f"model.pooling 'mean' is for text models; {model.config.model_type} uses cls")
+        self.family = check_architecture(model.config)
+        if pooling not in ("cls", "mean", "last"):
+            raise JeidnnError(f"model.pooling must be cls, mean or last, got {pooling!r}")
+        if pooling != "cls" and self.family.modality != "text":
+            raise JeidnnError(
+                f"model.pooling {pooling!r} is for text models; {model.config.model_type} uses cls"
+            )
+        norm = self.family.norm_before_exits if exit_norm is None else bool(exit_norm)
+        if norm and self.family.final_norm is None:
+            raise JeidnnError(
+                f"model.exit_norm is true but {model.config.model_type} has no final norm; leave it unset"
+            )
         self.pooling = pooling
+        self.exit_norm = norm
         self.model = model
         self.source = source
         self.arch: str = model.config.model_type
-        self.layers = _find_layers(model, self.spec.layers)
-        self.final_norm = getattr(model, self.spec.final_norm) if self.spec.final_norm else None
+        self.layers = _find_layers(model, self.family.layers)
+        self.final_norm = model.get_submodule(self.family.final_norm) if norm else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -176,11 +166,7 @@ class Backbone(nn.Module):
         if cfg.random_config is not None:
             kwargs = dict(cfg.random_config)
             model_type = kwargs.pop("model_type")
-            if model_type not in ARCHITECTURES:
-                raise JeidnnError(
-                    f"unsupported architecture {model_type!r} in model.random_config; "
-                    f"jeidnn supports {', '.join(sorted(ARCHITECTURES))}"
-                )
+            family_of(model_type, " in model.random_config")
             try:
                 config = AutoConfig.for_model(model_type, **kwargs)
                 model = AutoModel.from_config(config)
@@ -188,9 +174,9 @@ class Backbone(nn.Module):
                 raise JeidnnError(
                     f"model.random_config is not a valid {model_type} config: {first_line(exc)}"
                 ) from None
-            return cls(
-                model, source=f"random:{model_type}", pooling="cls" if cfg.pooling == "auto" else cfg.pooling
-            )
+            family = family_of(model_type)
+            pooling = family.default_pooling if cfg.pooling == "auto" else cfg.pooling
+            return cls(model, source=f"random:{model_type}", pooling=pooling, exit_norm=cfg.exit_norm)
         path = resolve_model_path(cfg.name_or_path)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -199,13 +185,15 @@ class Backbone(nn.Module):
                 f"cannot load model {cfg.name_or_path!r} ({first_line(exc)}); "
                 "give a local model folder or a hub name reachable from this machine"
             ) from None
-        check_architecture(config)
+        family = check_architecture(config)
         try:
             model = AutoModel.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise JeidnnError(f"cannot load weights of {cfg.name_or_path!r}: {first_line(exc)}") from None
-        pooling = cfg.pooling if cfg.pooling != "auto" else sentence_transformers_pooling(path)
-        return cls(model, source=cfg.name_or_path, pooling=pooling)
+        pooling = cfg.pooling
+        if pooling == "auto":
+            pooling = sentence_transformers_pooling(path) or family.default_pooling
+        return cls(model, source=cfg.name_or_path, pooling=pooling, exit_norm=cfg.exit_norm)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -214,7 +202,7 @@ class Backbone(nn.Module):
 
     @property
     def modality(self) -> Literal["text", "image"]:
-        return self.spec.modality
+        return self.family.modality
 
     @property
     def num_layers(self) -> int:
@@ -222,178 +210,62 @@ class Backbone(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return int(self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.dim)
+        return int(self.config.hidden_size)
 
     @property
     def classifier_dropout(self) -> float:
-        """Dropout of the family's own classification head, as Hugging Face builds it (BERT-style
-        `classifier_dropout` else `hidden_dropout_prob`; DistilBERT `seq_classif_dropout`; ViT 0)."""
-        for key in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob"):
-            value = getattr(self.config, key, None)
-            if value is not None:
-                return float(value)
-        return 0.1
+        """Dropout of the family's own classification head, as Hugging Face builds it."""
+        return self.family.classifier_dropout(self.config)
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return TEXT_INPUTS if self.modality == "text" else IMAGE_INPUTS
+        return self.family.input_names
 
     # ------------------------------------------------------------------ the three pieces
-    def embed(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """Embeddings and the attention mask every layer receives.
+    def embed(self, inputs: dict[str, Tensor]) -> tuple[Tensor, LayerState]:
+        """Hidden states entering layer 1, (B, T, H), and what every layer and exit reads besides them."""
+        return self.family.embed(self.model, inputs)
 
-        Returns:
-            hidden: (B, T, H) input of layer 1.
-            mask: the backbone's own per-layer mask (4-D, first dim B) or None when nothing is masked.
-        """
-        m = self.model
-        if self.modality == "image":
-            return m.embeddings(inputs["pixel_values"]), None
-        input_ids = inputs["input_ids"]
-        if self.arch == "distilbert":
-            hidden = m.embeddings(input_ids)
-        else:
-            hidden = m.embeddings(input_ids=input_ids, token_type_ids=inputs.get("token_type_ids"))
-            if self.arch == "electra" and hasattr(m, "embeddings_project"):
-                hidden = m.embeddings_project(hidden)
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=inputs.get("attention_mask")
-        )
-        return hidden, mask
-
-    def run_layer(self, index: int, hidden: Tensor, mask: Tensor | None) -> Tensor:
+    def run_layer(self, index: int, hidden: Tensor, state: LayerState) -> Tensor:
         """Apply layer `index` (0-based) to `hidden` (B, T, H)."""
-        out = self.layers[index](hidden, mask)
-        # Some versions return a tuple (hidden, attentions, ...).
-        return out[0] if isinstance(out, tuple) else out
+        return self.family.run_layer(self.model, self.layers[index], index, hidden, state)
 
-    def pool(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(B, T, H) -> (B, H): the CLS token (after the final norm for pre-LN models), or the
-        mean over real tokens when `pooling == "mean"` (`attention_mask` (B, T) marks them)."""
+    def pool(self, hidden: Tensor, state: LayerState | None = None) -> Tensor:
+        """(B, T, H) -> (B, H) float32, what an exit head reads: the CLS token, the last real token
+        (decoders, either padding side) or the mean over real tokens; after the family's final norm
+        when `exit_norm` (per token, as the family's own head sees it). `state`: from :meth:`embed`."""
+        mask = state.token_mask if state is not None else None  # (B, T); None = no padding
         if self.pooling == "mean":
-            if attention_mask is None:
-                return hidden.mean(dim=1)
-            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-        cls = hidden[:, 0]
-        return self.final_norm(cls) if self.final_norm is not None else cls
-
-    @staticmethod
-    def select_rows(mask: Tensor | None, rows: Tensor) -> Tensor | None:
-        """Keep the mask rows of the samples still running (a broadcast mask is kept whole)."""
-        if mask is None or mask.shape[0] == 1:
-            return mask
-        return mask[rows]
+            if self.final_norm is not None:
+                hidden = self.final_norm(hidden)
+            if mask is None:
+                return hidden.float().mean(dim=1)
+            weights = mask.float().unsqueeze(-1)  # (B, T, 1)
+            return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        if self.pooling == "last" and mask is not None:
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            last = (positions * (mask > 0)).argmax(dim=1)  # (B,) last real token, whichever side pads
+            picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        elif self.pooling == "last":
+            picked = hidden[:, -1]
+        else:
+            picked = hidden[:, 0]
+        if self.final_norm is not None:
+            picked = self.final_norm(picked)
+        return picked.float()
 
     def forward(self, inputs: dict[str, Tensor], layers: list[int] | None = None) -> Tensor:
         """Pooled representation after each of `layers` (1-based; default all).
 
         Returns:
-            (B, len(layers), H)
+            (B, len(layers), H) float32
         """
         wanted = list(range(1, self.num_layers + 1)) if layers is None else layers
         last = max(wanted)
-        hidden, mask = self.embed(inputs)
+        hidden, state = self.embed(inputs)
         pooled = []
-        attention_mask = inputs.get("attention_mask")
         for i in range(last):
-            hidden = self.run_layer(i, hidden, mask)
+            hidden = self.run_layer(i, hidden, state)
             if i + 1 in wanted:
-                pooled.append(self.pool(hidden, attention_mask))
+                pooled.append(self.pool(hidden, state))
         return torch.stack(pooled, dim=1)  # (B, L, H)
-
-
-# The classifier inside a checkpoint's own *ForSequenceClassification / *ForImageClassification model:
-# (dense layer before the activation or None, output layer), as module paths. Each maps onto an ExitHead
-# of the family's activation (dense -> activation -> dropout -> output; dropout -> output for vision).
-_CLASSIFIER_PARTS: dict[str, tuple[str | None, str]] = {
-    "bert": ("bert.pooler.dense", "classifier"),
-    "roberta": ("classifier.dense", "classifier.out_proj"),
-    "electra": ("classifier.dense", "classifier.out_proj"),
-    "distilbert": ("pre_classifier", "classifier"),
-    "vit": (None, "classifier"),
-    "deit": (None, "classifier"),
-}
-
-
-@dataclass
-class CheckpointClassifier:
-    """What a model checkpoint brings for the final exit when stage 0 does not fine-tune."""
-
-    state: dict[str, Tensor] | None
-    """State dict of an :class:`~jeidnn.model.heads.ExitHead` holding the checkpoint's trained classifier, its
-    classes in the data's label order; None when the checkpoint has none usable."""
-    reason: str
-    """One sentence for the log and report.json: what was found, or why it cannot be used."""
-
-
-def _generic(name: str, index: int) -> bool:
-    return name == f"LABEL_{index}"
-
-
-def checkpoint_classifier(cfg: ModelConfig, label_names: list[str], pooling: str) -> CheckpointClassifier:
-    """The trained sequence/image classifier of `cfg.name_or_path`, when its config says it has one.
-
-    Its classes are matched to `label_names` by name (case-insensitive; rows reordered), or taken in index
-    order when the checkpoint only has generic names (`LABEL_0`, ...) and the same number of classes.
-    """
-    if cfg.random_config is not None:
-        return CheckpointClassifier(None, "a randomly initialised backbone has no trained classifier")
-    path = resolve_model_path(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path)
-    architectures = getattr(config, "architectures", None) or []
-    kind = next(
-        (a for a in architectures if a.endswith(("ForSequenceClassification", "ForImageClassification"))),
-        None,
-    )
-    if kind is None or config.model_type not in _CLASSIFIER_PARTS:
-        return CheckpointClassifier(
-            None,
-            f"{cfg.name_or_path} is a base model ({', '.join(architectures) or 'no architectures listed'})",
-        )
-    if pooling != "cls":
-        return CheckpointClassifier(
-            None, f"its classifier reads the CLS token, but the exits pool by {pooling}"
-        )
-    names = [str(config.id2label[i]) for i in range(config.num_labels)]
-    if len(names) != len(label_names):
-        return CheckpointClassifier(
-            None, f"its classifier has {len(names)} classes, the data has {len(label_names)}"
-        )
-    if all(_generic(n, i) for i, n in enumerate(names)):
-        order = list(range(len(names)))
-        how = "class order taken to be data.labels' (the checkpoint names its classes LABEL_0, ...)"
-    else:
-        lookup = {n.lower(): i for i, n in enumerate(names)}
-        if sorted(lookup) != sorted(n.lower() for n in label_names):
-            return CheckpointClassifier(None, f"its classes {names} are not the data's {label_names}")
-        order = [lookup[n.lower()] for n in label_names]
-        how = "classes matched by name"
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
-
-    auto = (
-        AutoModelForSequenceClassification
-        if kind.endswith("SequenceClassification")
-        else AutoModelForImageClassification
-    )
-    try:
-        model, info = auto.from_pretrained(path, output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise JeidnnError(f"cannot load the classifier of {cfg.name_or_path!r}: {first_line(exc)}") from None
-    dense_path, out_path = _CLASSIFIER_PARTS[config.model_type]
-    prefixes = [p for p in (dense_path, out_path) if p is not None]
-    if any(key.startswith(prefix) for key in info["missing_keys"] for prefix in prefixes):
-        return CheckpointClassifier(
-            None, f"{cfg.name_or_path} lists {kind} but its classifier weights are missing"
-        )
-    out = model.get_submodule(out_path)
-    state = {}
-    if dense_path is None:
-        prefix = "net.1"
-    else:
-        dense = model.get_submodule(dense_path)
-        state = {"net.0.weight": dense.weight.detach().clone(), "net.0.bias": dense.bias.detach().clone()}
-        prefix = "net.3"
-    state[f"{prefix}.weight"] = out.weight.detach()[order].clone()  # (C, H) rows in the data's class order
-    state[f"{prefix}.bias"] = out.bias.detach()[order].clone()
-    return CheckpointClassifier(state, f"the trained classifier of {cfg.name_or_path} ({kind}; {how})")

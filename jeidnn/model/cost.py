@@ -111,17 +111,17 @@ def _component_flops(backbone: Backbone, heads: ExitHeads, inputs: dict[str, Ten
     """FLOPs of embeddings, each layer and each head on one batch, per sample."""
     batch = next(iter(inputs.values())).shape[0]
     with FlopCounterMode(display=False) as counter:
-        hidden, mask = backbone.embed(inputs)
+        hidden, state = backbone.embed(inputs)
     embed = counter.get_total_flops()
     exit_of_layer = {layer: i for i, layer in enumerate(heads.layers)}
     layers, head_flops = [], [0.0] * heads.num_exits
     for i in range(backbone.num_layers):
         with FlopCounterMode(display=False) as counter:
-            hidden = backbone.run_layer(i, hidden, mask)
+            hidden = backbone.run_layer(i, hidden, state)
         layers.append(counter.get_total_flops() / batch)
         if i + 1 in exit_of_layer:
             e = exit_of_layer[i + 1]
-            pooled = backbone.pool(hidden, inputs.get("attention_mask"))
+            pooled = backbone.pool(hidden, state)
             with FlopCounterMode(display=False) as counter:
                 heads.heads[e](pooled)
             head_flops[e] = counter.get_total_flops() / batch

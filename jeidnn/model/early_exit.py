@@ -340,11 +340,7 @@ def run_dynamic(
         logits of the exit each sample took ``(B, C)`` and that exit's 0-based index ``(B,)`` long.
     """
     last = heads.num_exits - 1
-    hidden, mask = backbone.embed(dict(inputs))  # (B, T, H), mask (B, 1, T, T) or None
-    # Mean pooling needs the (B, T) padding mask of the rows still running; cast once, not per exit.
-    token_mask = inputs.get("attention_mask") if backbone.pooling == "mean" else None
-    if token_mask is not None:
-        token_mask = token_mask.to(hidden.dtype)
+    hidden, layer_state = backbone.embed(dict(inputs))  # (B, T, H) and the masks etc. of the family
     batch = hidden.shape[0]
     learned = isinstance(gates, Gates)
     state = gates.init_state(batch, device=hidden.device) if gates is not None else None
@@ -352,10 +348,10 @@ def run_dynamic(
     # (rows, logits (b, C), exit) of each group of samples that left, in the order they left.
     left: list[tuple[Tensor | None, Tensor, int]] = []
     for i, k in enumerate(_exit_after_layer(heads.layers, backbone.num_layers)):
-        hidden = backbone.run_layer(i, hidden, mask)  # (b, T, H)
+        hidden = backbone.run_layer(i, hidden, layer_state)  # (b, T, H)
         if k is None or (k < last and (gates is None or not (learned or gates.reads_exit(k)))):
             continue
-        pooled = backbone.pool(hidden, token_mask)  # (b, H)
+        pooled = backbone.pool(hidden, layer_state)  # (b, H) float32
         logits = heads.heads[k](pooled)  # (b, C)
         if k == last:  # everyone still running exits here
             left.append((rows, logits, k))
@@ -376,18 +372,16 @@ def run_dynamic(
         order = torch.argsort(stop, stable=True)  # (b,)
         keep, leave = order[: running - n_stop], order[running - n_stop :]
         left.append((rows[leave] if rows is not None else leave, logits.index_select(0, leave), k))
-        # Only the per-sample tensors shrink: hidden states, the padding masks, the gate state.
+        # Only the per-sample tensors shrink: hidden states, the layers' per-row state, the gate state.
         hidden = hidden.index_select(0, keep)
-        mask = Backbone.select_rows(mask, keep)
-        if token_mask is not None:
-            token_mask = token_mask.index_select(0, keep)
+        layer_state = layer_state.select(keep)
         rows = rows[keep] if rows is not None else keep
         if state is not None:
             state = state[keep]
     if len(left) == 1:  # everyone left at the same exit: no scatter
         _, logits, k = left[0]
         return logits, torch.full((batch,), k, dtype=torch.long, device=logits.device)
-    out_logits = hidden.new_empty(batch, heads.num_classes)  # (B, C)
+    out_logits = left[0][1].new_empty(batch, heads.num_classes)  # (B, C) float32
     out_exit = hidden.new_empty(batch, dtype=torch.long)  # (B,)
     for dest, logits, k in left:
         out_logits[dest], out_exit[dest] = logits, k

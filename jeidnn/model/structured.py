@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from jeidnn.errors import JeidnnError
-from jeidnn.model.backbone import ARCHITECTURES
 from jeidnn.model.early_exit import PatienceGates, RuleGates, StaticGates, ThresholdGates
+from jeidnn.model.families import family_of
 from jeidnn.model.gate_inputs import NUM_CONFIDENCE_FEATURES
 from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
@@ -82,7 +82,7 @@ def projection(layer: nn.Module, role: str) -> nn.Linear:
 
 def layer_stack(model: nn.Module) -> tuple[nn.Module, str]:
     """(parent, attribute) of the layer ModuleList of a Hugging Face encoder."""
-    for path in ARCHITECTURES[model.config.model_type].layers:
+    for path in family_of(model.config.model_type).layers:
         *parents, name = path.split(".")
         node: nn.Module | None = model
         for part in parents:

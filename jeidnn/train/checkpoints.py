@@ -17,6 +17,8 @@ from jeidnn.io import write_json, write_safetensors
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.heads import ExitHead, ExitHeads
 
+POOLING_MODES = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "last"}
+"""sentence-transformers' name of each pooling (its 1_Pooling/config.json keys)."""
 JOINT_WEIGHTS = "checkpoints/joint.safetensors"
 FINAL_HEAD = "checkpoints/final_head.safetensors"
 WARMUP_HEADS = "checkpoints/warmup_heads.safetensors"
@@ -26,15 +28,15 @@ def save_backbone(backbone: Backbone, final_head: ExitHead, preprocessor: Any, r
     """The frozen backbone as a Hugging Face folder (safetensors + tokenizer / image processor) in
     `backbone/`, and the final head in `checkpoints/final_head.safetensors`.
 
-    `Backbone.load` of the folder pools as this run does: a mean-pooling run also writes the
-    sentence-transformers pooling config that selects it.
+    `Backbone.load` of the folder pools as this run does: a run that pools otherwise than the family's
+    default also writes the sentence-transformers pooling config that selects it.
     """
     folder = run_dir / "backbone"
     backbone.model.save_pretrained(folder)
     if hasattr(preprocessor, "save_pretrained"):
         preprocessor.save_pretrained(folder)
-    if backbone.pooling == "mean":
-        modes = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
+    if backbone.pooling != backbone.family.default_pooling:
+        modes = {f"pooling_mode_{mode}": backbone.pooling == own for mode, own in POOLING_MODES.items()}
         write_json(folder / "1_Pooling" / "config.json", modes, indent=None)
     write_safetensors(run_dir / FINAL_HEAD, final_head.state_dict())
 

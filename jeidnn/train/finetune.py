@@ -22,7 +22,8 @@ from jeidnn.config.schema import FinetuneConfig, RunConfig
 from jeidnn.data.datamodule import JeidnnDataModule, length_sorted_batches
 from jeidnn.errors import JeidnnError
 from jeidnn.log import pause_point
-from jeidnn.model.backbone import Backbone, checkpoint_classifier
+from jeidnn.model.backbone import Backbone
+from jeidnn.model.checkpoint_head import checkpoint_classifier
 from jeidnn.model.heads import ExitHead, ExitHeads
 from jeidnn.train.devices import GlobalBatches, ShardedBatches, make_trainer
 from jeidnn.train.modules import FinetuneModule, JointModule

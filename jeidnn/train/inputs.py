@@ -65,7 +65,7 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
         layers,
         backbone.hidden_size,
         len(raw.label_names),
-        backbone.spec.head_activation,
+        backbone.family.head_activation,
         dropout=backbone.classifier_dropout,
         im_head=cfg.model.im_head,
     )
@@ -81,7 +81,7 @@ def _init_final_head_from_pooler(backbone: Backbone, heads: ExitHeads) -> None:
     dense = getattr(pooler, "dense", None)
     first = heads.final.net[0]
     if (
-        backbone.spec.head_activation == "tanh"
+        backbone.family.head_activation == "tanh"
         and isinstance(dense, torch.nn.Linear)
         and dense.weight.shape == first.weight.shape
     ):

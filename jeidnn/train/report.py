@@ -52,6 +52,7 @@ def training_report(
             "num_layers": backbone.num_layers,
             "hidden_size": backbone.hidden_size,
             "pooling": backbone.pooling,
+            "exit_norm": backbone.exit_norm,
             "im_head": heads.im_head,
             "gflops_full": costs.gflops_full,
         },

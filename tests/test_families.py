@@ -1,0 +1,99 @@
+"""Every supported backbone family through the whole run on a tiny random config.
+
+For each family in ``TINY_CONFIGS``: ``python train.py`` (stages 0-4 and the export), ``jeidnn export`` of a
+threshold operating point, the Auto classes and ``transformers.pipeline`` on the exported folder, the
+layer-skipping forward equal to the all-layers forward, the same exits at batch 1 and batch 64, and
+``jeidnn prune`` (or its one-line refusal for a family whose structure it cannot prune).
+"""
+
+import json
+
+import pytest
+import torch
+import yaml
+from tiny_models import TEXT_ARCHS, TINY_CONFIGS, write_sentiment_csv
+
+from jeidnn.cli.main import main, train_main
+from jeidnn.model.families import family_of
+
+FAMILY_RUN = {
+    "finetune": {"epochs": 1, "batch_size": 32, "val_check_interval": 2, "patience": 1},
+    "warmup": {"max_epochs": 2},
+    "jeidnn": {"lambdas": [0.5], "epochs": 1, "alternate_steps": 2},
+    "data": {"max_train_samples": 96, "max_eval_samples": 64, "eval_batch_size": 64},
+}
+
+
+def run_family(tmp_path, arch: str):
+    csv = write_sentiment_csv(tmp_path / "data.csv", n=300)
+    random = {k: v for k, v in TINY_CONFIGS[arch].items()}
+    argv = [
+        "--config",
+        "configs/smoke.yaml",
+        "--model.random_config",
+        json.dumps(random),
+        "--model.max_length",
+        "24",
+        "--data.source",
+        "csv",
+        "--data.path",
+        str(csv),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--name",
+        arch,
+        "--no-progress",
+    ]
+    for section, values in FAMILY_RUN.items():
+        for key, value in values.items():
+            argv += [f"--{section}.{key}", yaml.safe_dump(value, default_flow_style=True).strip()]
+    assert train_main(argv) == 0
+    return tmp_path / "runs" / arch
+
+
+TEXTS = [
+    "the road was awful today",
+    "a lovely day",
+    "my phone",
+    "it was okay really very fine the car the road the day",
+]
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+def test_family_whole_run(tmp_path, arch, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    run = run_family(tmp_path, arch)
+    report = json.loads((run / "report.json").read_text())
+    assert report["backbone"]["architecture"] == TINY_CONFIGS[arch]["model_type"]
+    assert (run / "model" / "config.json").is_file()
+
+    out = tmp_path / "exported"
+    export = ["export", str(run), "--method", "threshold_maxprob", "--budget", "0.7", "--out", str(out)]
+    assert main(export) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    predictions = model.predict(TEXTS)
+    labels = [p["label"] for p in pipeline("text-classification", model=str(out))(TEXTS)]
+    assert labels == [p.label for p in predictions]
+    assert set(labels) <= {"negative", "neutral", "positive"}
+
+    texts = [line.split(",")[0] for line in (tmp_path / "data.csv").read_text().splitlines()[1:97]]
+    inputs = dict(tokenizer(texts, padding=True, truncation=True, max_length=24, return_tensors="pt"))
+    with torch.no_grad():
+        full, dynamic = model.forward_full(inputs), model.forward_dynamic(inputs)
+    assert torch.equal(full.exit_index, dynamic.exit_index)
+    torch.testing.assert_close(full.logits, dynamic.logits, atol=1e-5, rtol=1e-4)
+    assert len(set(full.exit_index.tolist())) > 1, "the operating point should spread the samples over exits"
+    one_by_one = [(p.exit_layer, p.label) for p in model.predict(texts, batch_size=1, sets=False)]
+    assert one_by_one == [(p.exit_layer, p.label) for p in model.predict(texts, batch_size=64, sets=False)]
+
+    pruned = tmp_path / "pruned"
+    code = main(["prune", str(run), "--heads", "0.5", "--out", str(pruned), "--quiet"])
+    refusal = family_of(TINY_CONFIGS[arch]["model_type"]).prune_refusal
+    if refusal is None:
+        assert code == 0 and (pruned / "config.json").is_file()
+    else:
+        assert code == 2 and not pruned.exists()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error:") and refusal in err[-1]
