@@ -7,6 +7,7 @@ layer-skipping forward equal to the all-layers forward, the same exits at batch 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tiny_models import TEXT_ARCHS, TINY_CONFIGS, write_sentiment_csv
 from jeidnn.cli.main import main, train_main
 from jeidnn.model.families import family_of
 
+ROOT = Path(__file__).resolve().parent.parent
 FAMILY_RUN = {
     "finetune": {"epochs": 1, "batch_size": 32, "val_check_interval": 2, "patience": 1},
     "warmup": {"max_epochs": 2},
@@ -24,20 +26,19 @@ FAMILY_RUN = {
 }
 
 
-def run_family(tmp_path, arch: str):
-    csv = write_sentiment_csv(tmp_path / "data.csv", n=300)
-    random = {k: v for k, v in TINY_CONFIGS[arch].items()}
+def run_family(tmp_path, arch: str, data: list[str] | None = None):
+    """``python train.py`` on a tiny random ``arch`` (configs/smoke.yaml, fewer steps); the run folder."""
+    if data is None:
+        csv = write_sentiment_csv(tmp_path / "data.csv", n=300)
+        data = ["--data.source", "csv", "--data.path", str(csv)]
     argv = [
         "--config",
-        "configs/smoke.yaml",
+        str(ROOT / "configs" / "smoke.yaml"),
         "--model.random_config",
-        json.dumps(random),
+        json.dumps(TINY_CONFIGS[arch]),
         "--model.max_length",
         "24",
-        "--data.source",
-        "csv",
-        "--data.path",
-        str(csv),
+        *data,
         "--output_dir",
         str(tmp_path / "runs"),
         "--name",
@@ -97,3 +98,61 @@ def test_family_whole_run(tmp_path, arch, capsys):
         assert code == 2 and not pruned.exists()
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error:") and refusal in err[-1]
+
+
+class FakeImages:
+    """The part of a `datasets.Dataset` the loader reads: PIL images whose dominant colour is the class."""
+
+    def __init__(self, n: int, seed: int = 0):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        labels = [int(v) for v in rng.integers(0, 3, n)]
+        images = []
+        for label in labels:
+            pixels = rng.integers(0, 120, (16, 16, 3))
+            pixels[..., label] += 120 if rng.random() < 0.85 else 0  # some images carry no cue
+            images.append(Image.fromarray(pixels.astype("uint8")))
+        self.columns = {"image": images, "label": labels}
+        self.column_names = list(self.columns)
+        import types
+
+        self.features = {"label": types.SimpleNamespace(names=["red", "green", "blue"])}
+
+    def __getitem__(self, column):
+        return list(self.columns[column])
+
+
+@pytest.mark.parametrize("arch", ["vit", "deit"])
+def test_vision_family_whole_run(tmp_path, arch, monkeypatch):
+    import sys
+    import types
+
+    from transformers import AutoModelForImageClassification, pipeline
+
+    data = FakeImages(300)
+    fake = types.SimpleNamespace(
+        Dataset=type("Dataset", (), {}), DatasetDict=dict, load_dataset=lambda path, subset: {"train": data}
+    )
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.chdir(tmp_path)
+    run = run_family(tmp_path, arch, ["--data.source", "hf", "--data.path", "colours"])
+
+    out = tmp_path / "exported"
+    export = ["export", str(run), "--method", "threshold_maxprob", "--budget", "0.7", "--out", str(out)]
+    assert main(export) == 0
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    images = data["image"][:96]
+    predictions = model.predict(images[:4])
+    top = pipeline("image-classification", model=str(out))(images[:4], top_k=1)  # one [best] per image
+    assert [best["label"] for (best,) in top] == [p.label for p in predictions]
+
+    inputs = {"pixel_values": model.preprocessor(images=images, return_tensors="pt")["pixel_values"]}
+    with torch.no_grad():
+        full, dynamic = model.forward_full(inputs), model.forward_dynamic(inputs)
+    assert torch.equal(full.exit_index, dynamic.exit_index)
+    torch.testing.assert_close(full.logits, dynamic.logits, atol=1e-5, rtol=1e-4)
+    one_by_one = [(p.exit_layer, p.label) for p in model.predict(images, batch_size=1, sets=False)]
+    assert one_by_one == [(p.exit_layer, p.label) for p in model.predict(images, batch_size=64, sets=False)]
+    assert main(["prune", str(run), "--heads", "0.5", "--out", str(tmp_path / "pruned"), "--quiet"]) == 0
