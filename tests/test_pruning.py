@@ -393,3 +393,15 @@ def test_benchmark_script_on_the_tiny_run(run, tmp_path, monkeypatch):
         text.startswith("# Structured pruning") and f"`python benchmarks/pruning.py {' '.join(args)}`" in text
     )
     assert (tmp_path / "pruning.png").stat().st_size > 0
+
+
+def test_a_family_the_pruning_cannot_cut_is_refused_in_one_line(monkeypatch):
+    from jeidnn.compress.pruning import check_prunable
+    from jeidnn.model.families import family_of
+
+    check_prunable("bert")  # supported: nothing raised
+    monkeypatch.setattr(family_of("bert"), "prune_refusal", "its heads share key/value projections")
+    with pytest.raises(
+        JeidnnError, match="^jeidnn prune cannot prune a bert backbone: its heads share key/value"
+    ):
+        check_prunable("bert")

@@ -51,6 +51,7 @@ from jeidnn.export.operating_point import Run, choose, default_choice
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.io import atomic_folder
 from jeidnn.model.backbone import Backbone
+from jeidnn.model.families import family_of
 from jeidnn.model.structured import drop_layers, keep_exits, layer_sizes, prune_ffn, prune_heads
 from jeidnn.train.devices import run_device
 
@@ -87,6 +88,7 @@ def _shrink(
 ) -> _Shrunk:
     """Copies of ``model``'s parts with the layers after exit ``last`` dropped, the least important heads
     and FFN neurons removed and (``recover_steps``) a recovery fine-tune; on the CPU."""
+    check_prunable(model.backbone.arch)
     hf_model = copy.deepcopy(model.backbone.model)
     heads, gates = keep_exits(copy.deepcopy(model.heads), copy.deepcopy(model.gates), last)
     if heads.layers[-1] < model.backbone.num_layers:
@@ -116,6 +118,13 @@ def _shrink(
     backbone.cpu()
     heads.cpu()
     return out
+
+
+def check_prunable(model_type: str) -> None:
+    """Refuse a backbone family whose structure the pruning cannot cut (before any work)."""
+    refusal = family_of(model_type).prune_refusal
+    if refusal is not None:
+        raise JeidnnError(f"jeidnn prune cannot prune a {model_type} backbone: {refusal}")
 
 
 def prune_model(
@@ -230,6 +239,7 @@ def prune_run(
         raise JeidnnError(f"{out} already exists; pass --overwrite or choose another --out")
     target = run_device(device, key="--device")
     run = Run.open(run_dir)
+    check_prunable(run.report["backbone"]["architecture"])
     if isinstance(settings.layers, int):
         last_exit(settings.layers, list(run.report["exits"]["layers"]), None)  # refuse before any work
     point = choose(run, method, budget) if method else default_choice(run, budget)
