@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="the exported backbone's dtype (default: the one the run evaluated; heads and gates stay float32)",
+        help="the exported backbone's dtype (default: the run's; exit heads and gates stay float32)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")

@@ -88,7 +88,10 @@ class EarlyExitModel(SavedModel):
             if config.backbone_config is None:
                 raise JeidnnError("the model config has no backbone_config; build the model with from_parts")
             # A pruned backbone records its per-layer head and FFN sizes in its config (model/structured.py).
-            encoder = restore_pruned_shapes(AutoModel.from_config(config.backbone_config))
+            # The dtype is the one from_pretrained loads in (its default while building), not the one
+            # backbone_config was saved with: `dtype=torch.float32` gives a float32 backbone.
+            encoder = AutoModel.from_config(config.backbone_config, dtype=torch.get_default_dtype())
+            encoder = restore_pruned_shapes(encoder)
             backbone = Backbone(encoder, "config", config.pooling, getattr(config, "exit_norm", None))
             heads = ExitHeads(
                 config.exit_layers,
