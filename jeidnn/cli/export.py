@@ -18,7 +18,8 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``RUN [--method NAME] [--budget B | --lam L] [--alpha A] [--out DIR] [--overwrite] [--quiet]``."""
+    """``RUN [--method NAME] [--budget B | --lam L] [--alpha A] [--out DIR] [--dtype D] [--overwrite]
+    [--quiet]``."""
     parser.add_argument("run_dir", metavar="RUN", help="a finished run folder, runs/<name>")
     parser.add_argument(
         "--method", help="a learned or baseline method of the run (default: train.py's choice)"
@@ -33,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--alpha", type=float, help="default conformal level (default: the run's export.alpha)"
     )
     parser.add_argument("--out", help="output folder (default: RUN/export/<method>-<budget>)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the exported backbone's dtype (default: the run's; exit heads and gates stay float32)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
 
@@ -43,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.quiet)
     options = {"budget": args.budget, "lam": args.lam, "alpha": args.alpha, "out": args.out}
-    export_run(args.run_dir, args.method, overwrite=args.overwrite, **options)
+    export_run(args.run_dir, args.method, overwrite=args.overwrite, dtype=args.dtype, **options)
     return 0

@@ -92,6 +92,12 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--output", default=None, help="JSON lines file (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, ...")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the backbone's dtype (default: the folder's; exit heads and gates stay float32)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar; log only warnings and errors")
     args = parser.parse_args(argv)
 
@@ -108,6 +114,7 @@ def predict_main(argv: list[str]) -> int:
             args.output,
             args.batch_size,
             device=args.device,
+            dtype=args.dtype,
             progress=False if args.quiet else None,
         )
 

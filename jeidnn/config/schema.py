@@ -46,6 +46,11 @@ class ModelConfig:
     ModernBERT, decoders) leave intermediate states unnormalised, and their own head reads normalised
     states: None = true for them, false for post-norm families (BERT, RoBERTa, ...), which have no
     final norm to apply."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype the backbone serves in: the feature cache, cost counting, the evaluation and the exported
+    model use it, so the exported model's exits are the evaluated ones. `auto` = the checkpoint's saved
+    dtype (float32 for `random_config`). Training keeps float32 weights (see `precision`) and casts the
+    backbone to this dtype after stage 0 / the joint phase; exit heads and gates always compute in float32."""
     im_head: Literal["linear", "mlp"] = "linear"
     """IM architecture: `linear` (dropout + linear) or `mlp` (dense + activation + linear, like
     the final classifier). The final exit is always the model family's own classifier head."""
@@ -243,8 +248,12 @@ class RunConfig:
     seed: int = 0
     """Seeds the split, the subsets, the weight initialisation and the evaluation resamples."""
     accelerator: str = "auto"
-    """Lightning accelerator: auto (the GPU when there is one), cpu, gpu or mps. The feature cache and
-    the cost counting run there too."""
+    """Lightning accelerator: auto (the GPU when there is one), cpu, gpu (or cuda), cuda:N (GPU N) or mps.
+    Every stage, the feature cache and the cost counting run there."""
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    """Lightning precision of stage 0 and the joint phase (the weights stay float32; mixed runs the
+    forward in bfloat16 / float16 under autocast). `auto` = `32-true` on a CPU or MPS, `bf16-mixed` on a
+    CUDA GPU that supports bfloat16, else `16-mixed`. Mixed precision needs a GPU."""
     devices: int = 1
     """Processes for stage 0 and the feature cache: GPUs, or CPU processes with `accelerator: cpu`.
     More than 1 runs them with Lightning DDP (gloo on CPUs, NCCL on GPUs); later stages run in the

@@ -144,10 +144,16 @@ def exit_parts(
     return _with_weights(backbone, own, reads or point.method), heads, point.choice.rule_gates(), None
 
 
-def load_backbone(run: Run) -> tuple[Backbone, Any]:
-    """The run's fine-tuned backbone and preprocessor: from ``backbone/`` if there, else from ``model/``."""
+def load_backbone(run: Run, dtype: str = "auto") -> tuple[Backbone, Any]:
+    """The run's fine-tuned backbone and preprocessor: from ``backbone/`` if there, else from ``model/``;
+    in ``dtype`` (``auto`` = the dtype the run served it in, report.json ``backbone.dtype``)."""
     from jeidnn.hf.modeling import EarlyExitModel
     from jeidnn.model.early_exit import _no_progress_bars
+    from jeidnn.train.devices import torch_dtype
+
+    if dtype == "auto":
+        dtype = run.report["backbone"].get("dtype", "auto")  # runs before model.dtype: the saved one
+    loaded: Any = "auto" if dtype == "auto" else torch_dtype(dtype, "--dtype")
 
     folder = run.folder / "backbone"
     if (folder / "config.json").is_file():
@@ -156,7 +162,7 @@ def load_backbone(run: Run) -> tuple[Backbone, Any]:
         info = run.report["backbone"]
         try:
             with _no_progress_bars():
-                model = AutoModel.from_pretrained(folder)
+                model = AutoModel.from_pretrained(folder, dtype=loaded)
                 backbone = Backbone(
                     model, info.get("name", str(folder)), info["pooling"], info.get("exit_norm")
                 )
@@ -165,7 +171,7 @@ def load_backbone(run: Run) -> tuple[Backbone, Any]:
         except (OSError, ValueError, KeyError) as exc:
             raise JeidnnError(f"cannot load the fine-tuned backbone in {folder}: {first_line(exc)}") from None
     if (run.folder / "model").is_dir():
-        model = EarlyExitModel.from_pretrained(run.folder / "model")
+        model = EarlyExitModel.from_pretrained(run.folder / "model", dtype=loaded)
         return model.backbone, model.preprocessor
     raise JeidnnError(
         f"{run.folder} has neither backbone/ nor model/ (the fine-tuned backbone); re-run training"
@@ -275,6 +281,7 @@ def export_run(
     alpha: float | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
+    dtype: str = "auto",
 ) -> dict:
     """Export ``method``'s operating point of a finished run (default: what ``python train.py`` exports).
 
@@ -286,6 +293,8 @@ def export_run(
         alpha: default conformal level saved with the model (default: ``export.alpha``).
         out: output folder (default ``runs/<name>/export/<method>-<budget>``, or ``<method>-lam<λ>``).
         overwrite: replace an existing ``out``.
+        dtype: the exported backbone's dtype, ``float32``, ``bfloat16`` or ``float16`` (``auto`` = the one
+            the run evaluated; exit heads and gates stay float32).
 
     Returns:
         The summary of :func:`build_model` and ``path``, the folder written.
@@ -303,6 +312,10 @@ def export_run(
         )
     if lam is not None and method is None:
         raise JeidnnError("--lam picks a model of one learned method: name it with --method")
+    from jeidnn.train.devices import torch_dtype
+
+    if dtype != "auto":
+        torch_dtype(dtype, "--dtype")  # refused before any work
     run = Run.open(run_dir)
     point = choose(run, method, budget, lam) if method else default_choice(run, budget)
     if out is None:
@@ -311,7 +324,7 @@ def export_run(
     out = Path(out)
     if out.exists() and not overwrite:
         raise JeidnnError(f"{out} already exists; pass --overwrite or choose another --out")
-    backbone, preprocessor = load_backbone(run)
+    backbone, preprocessor = load_backbone(run, dtype)
     model, summary = build_model(run, point, backbone, preprocessor, alpha)
     _log_choice(run, point, summary)
     with atomic_folder(out, overwrite) as tmp:

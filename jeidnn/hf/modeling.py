@@ -73,6 +73,10 @@ class EarlyExitModel(SavedModel):
     base_model_prefix = "jeidnn"
     main_input_name = "input_ids"
     _no_split_modules = ["ExitHeads"]
+    # Exit heads and gates compute in float32 whatever the backbone's dtype (they read float32 pooled
+    # states), so that confidences meet the fitted thresholds as they did in the evaluation: loading a
+    # bfloat16 / float16 folder keeps them float32.
+    _keep_in_fp32_modules_strict = [r"^heads\.", r"^gates\."]
 
     def __init__(
         self,
@@ -84,7 +88,10 @@ class EarlyExitModel(SavedModel):
             if config.backbone_config is None:
                 raise JeidnnError("the model config has no backbone_config; build the model with from_parts")
             # A pruned backbone records its per-layer head and FFN sizes in its config (model/structured.py).
-            encoder = restore_pruned_shapes(AutoModel.from_config(config.backbone_config))
+            # The dtype is the one from_pretrained loads in (its default while building), not the one
+            # backbone_config was saved with: `dtype=torch.float32` gives a float32 backbone.
+            encoder = AutoModel.from_config(config.backbone_config, dtype=torch.get_default_dtype())
+            encoder = restore_pruned_shapes(encoder)
             backbone = Backbone(encoder, "config", config.pooling, getattr(config, "exit_norm", None))
             heads = ExitHeads(
                 config.exit_layers,
@@ -105,7 +112,9 @@ class EarlyExitModel(SavedModel):
             self.main_input_name = "pixel_values"
         device = next(backbone.parameters()).device
         # Not persistent: the costs and layers live in config.json; _init_weights refills them after loading.
-        self.register_buffer("cost_per_exit", torch.tensor(config.costs, device=device), persistent=False)
+        self.register_buffer(
+            "cost_per_exit", torch.tensor(config.costs, dtype=torch.float32, device=device), persistent=False
+        )
         self.register_buffer("layer_per_exit", torch.tensor(heads.layers, device=device), persistent=False)
         if parts is None:
             self.post_init()
@@ -123,7 +132,7 @@ class EarlyExitModel(SavedModel):
         super()._init_weights(module)
         if module is self:
             with torch.no_grad():
-                self.cost_per_exit.copy_(torch.tensor(self.config.costs))
+                self.cost_per_exit.copy_(torch.tensor(self.config.costs, dtype=torch.float32))
                 self.layer_per_exit.copy_(torch.tensor(self.config.exit_layers))
 
     @classmethod
@@ -166,6 +175,9 @@ class EarlyExitModel(SavedModel):
         labels = [str(i) for i in range(heads.num_classes)] if labels is None else [str(x) for x in labels]
         if costs is None:
             costs = [layer / backbone.num_layers for layer in heads.layers]
+        # The folder's config.json names the dtype the backbone serves in (a float32-trained backbone cast
+        # to bfloat16 still carries its checkpoint's config).
+        backbone.config.dtype = next(backbone.parameters()).dtype
         config = EarlyExitConfig(
             backbone_config=backbone.config,
             exit_layers=heads.layers,

@@ -35,6 +35,7 @@ def predict_cli(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool | None = None,
+    dtype: str = "auto",
 ) -> int:
     """Predict `texts` (``--text``) or the `column` of `input_path`; write JSON lines to `output` or stdout.
 
@@ -42,6 +43,8 @@ def predict_cli(
         alpha: conformal level; None uses the model's ``default_alpha`` (the run's ``export.alpha``).
         device: where the model runs: ``auto`` (the GPU if there is one), ``cpu``, ``cuda``, ``cuda:1``...
         progress: a progress bar on stderr; None shows it when stderr is a terminal.
+        dtype: the backbone's dtype, ``float32``, ``bfloat16`` or ``float16`` (``auto`` = the folder's);
+            exit heads and gates stay float32.
 
     Returns:
         The exit status (0). User mistakes raise :class:`JeidnnError`.
@@ -60,10 +63,11 @@ def predict_cli(
         )
     if batch_size < 1:
         raise JeidnnError(f"--batch-size must be a positive integer, got {batch_size}")
-    from jeidnn.train.devices import run_device  # imports Lightning: only here, not for the Python API
+    from jeidnn.train.devices import run_device, torch_dtype  # imports Lightning: not for the Python API
 
     target = run_device(device, key="--device")
-    model = EarlyExitModel.from_pretrained(model_dir).to(target)
+    loaded = "auto" if dtype == "auto" else torch_dtype(dtype, "--dtype")
+    model = EarlyExitModel.from_pretrained(model_dir, dtype=loaded).to(target)
     if alpha is not None:
         model.quantiles_for(alpha)  # fail on an uncalibrated alpha before any work
     if progress is None:

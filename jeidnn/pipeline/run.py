@@ -28,7 +28,15 @@ from jeidnn.pipeline.resume import RunState, mark_failed, open_run_dir, worker_s
 from jeidnn.train import checkpoints, finetune
 from jeidnn.train.context import RunContext
 from jeidnn.train.costs import count_exit_costs
-from jeidnn.train.devices import check_logger, end_processes, global_rank, make_trainer, run_device
+from jeidnn.train.devices import (
+    check_logger,
+    end_processes,
+    global_rank,
+    make_trainer,
+    run_device,
+    run_precision,
+    trainer_device,
+)
 from jeidnn.train.features import FeatureSplit, extract_features
 from jeidnn.train.inputs import RunInputs, load_inputs
 from jeidnn.train.learned import train_stage2
@@ -66,8 +74,10 @@ def prepare(cfg: RunConfig, progress: bool = True) -> tuple[RunContext, RunInput
     the run folder exists."""
     check_export_method(cfg)  # a bad export.method would otherwise fail only at the end of the run
     device = run_device(cfg.accelerator)
+    trainer_device(cfg.accelerator, cfg.devices)  # refuses cuda:N with devices > 1
+    precision = run_precision(cfg.precision, device)
     check_logger(cfg)
-    return RunContext(cfg, cfg.run_dir, device, progress), load_inputs(cfg)
+    return RunContext(cfg, cfg.run_dir, device, progress, precision), load_inputs(cfg)
 
 
 def stage0(
@@ -194,6 +204,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
             joint = joint_phase(ctx, inputs, state, timer)
         freeze(inputs.backbone)
         freeze(inputs.heads.final)
+        # Trained in float32; from here on the backbone serves in model.dtype (the exported model's).
+        inputs.backbone.to(inputs.dtype)
         stage = "feature cache"
         cache = feature_cache(ctx, inputs, state, timer)
         end_processes()
@@ -212,7 +224,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
                 stage2 = train_stage2(ctx, inputs.backbone, inputs.heads, inputs.dm, cache, costs)
             state.mark("stage2", {STAGE2_TIMING: timer.timings[STAGE2_TIMING]})
         timings = {**state.timings, **timer.timings}
-        report = training_report(cfg, inputs, costs, warm, s0, joint, stage2, timings)
+        report = training_report(cfg, inputs, costs, warm, s0, joint, stage2, timings, ctx.precision)
         # What `jeidnn evaluate` needs should the evaluation below fail.
         write_json(run_dir / "report.partial.json", report)
         trained = stage2.models if stage2 is not None else {}

@@ -31,3 +31,5 @@ class RunContext:
     """Where the backbone passes outside Lightning run (cost counting): `cfg.accelerator` resolved."""
     progress: bool
     """Show progress bars."""
+    precision: str = "32-true"
+    """Lightning precision of stage 0 and the joint phase: `cfg.precision` resolved for `device`."""

@@ -51,6 +51,54 @@ def run_device(name: str, key: str = "accelerator") -> torch.device:
 LIGHTNING_ACCELERATOR = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}
 
 
+def trainer_device(name: str, processes: int = 1) -> dict[str, Any]:
+    """`pl.Trainer`'s `accelerator` and `devices` for the device `name` (:func:`run_device`) in `processes`
+    processes: `cuda:N` becomes `devices=[N]` (Lightning refuses the torch name, and `devices=1` would be GPU
+    0)."""
+    device = run_device(name)
+    if device.type == "cuda" and device.index is not None:
+        if processes > 1:
+            raise JeidnnError(
+                f"accelerator {name} names one GPU but devices is {processes}; "
+                "use accelerator gpu to run on several GPUs"
+            )
+        return {"accelerator": "gpu", "devices": [device.index]}
+    return {"accelerator": LIGHTNING_ACCELERATOR[device.type], "devices": processes}
+
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    """The torch dtype named `name` (float32, bfloat16 or float16); `key` names the setting in errors."""
+    if name not in DTYPES:
+        raise JeidnnError(f"{key} {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def run_precision(precision: str, device: torch.device) -> str:
+    """Lightning's precision of stage 0 and the joint phase on `device`: `auto` = `32-true` on a CPU or MPS,
+    `bf16-mixed` on a CUDA GPU that supports bfloat16, else `16-mixed`; one the device cannot run is
+    refused."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if precision not in PRECISIONS:
+        raise JeidnnError(f"unknown precision {precision!r}; use auto, {', '.join(PRECISIONS)}")
+    if precision != "32-true" and device.type == "cpu":
+        raise JeidnnError(
+            f"precision {precision} needs a GPU but the run is on the CPU; use precision 32-true (or auto)"
+        )
+    if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise JeidnnError(
+            f"precision bf16-mixed: GPU {torch.cuda.get_device_name(device)} has no bfloat16; "
+            "use precision 16-mixed (or auto)"
+        )
+    return precision
+
+
 def stage_logger(cfg: RunConfig, run_dir: Path, stage: str) -> pl.loggers.Logger:
     """The configured logger (`logger: csv | tensorboard`) of one stage, in `runs/<name>/logs/<stage>/`."""
     if cfg.logger == "tensorboard":
@@ -74,12 +122,13 @@ def check_logger(cfg: RunConfig) -> None:
 def make_trainer(
     cfg: RunConfig, run_dir: Path, stage: str, progress: bool, *, distributed: bool = False, **kwargs
 ) -> pl.Trainer:
-    """A Trainer on the configured device; `distributed` = in `devices` processes (stage 0, feature cache)."""
+    """A Trainer on the configured device; `distributed` = in `devices` processes (stage 0, feature cache).
+    `kwargs` go to `pl.Trainer` (stage 0 and the joint phase pass their `precision`)."""
     device = run_device(cfg.accelerator)
     num_nodes = launcher_num_nodes() if distributed else 1
-    devices = cfg.devices if distributed else 1
+    placement = trainer_device(cfg.accelerator, cfg.devices if distributed else 1)
     strategy: Any = "auto"
-    if devices * num_nodes > 1:
+    if cfg.devices * num_nodes > 1 and distributed:
         from pytorch_lightning.strategies import DDPStrategy
 
         # Stage 0 leaves parts of the backbone unused (its pooler, layers after the last exit).
@@ -98,8 +147,7 @@ def make_trainer(
         **kwargs,
     }
     return pl.Trainer(
-        accelerator=LIGHTNING_ACCELERATOR[device.type],
-        devices=devices,
+        **placement,
         num_nodes=num_nodes,
         strategy=strategy,
         **options,

@@ -145,7 +145,9 @@ def train_end_to_end(
         cfg,
         seed,
     )
-    backbone = copy.deepcopy(backbone)
+    # Trained in float32 whatever dtype the run's backbone serves in; its weights are cast back when loaded
+    # into a copy of that backbone (own features, export).
+    backbone = copy.deepcopy(backbone).float()
     final_head = copy.deepcopy(heads.heads[-1])
     module = EndToEndModule(block, cfg, backbone, final_head, heads.layers)
     train = DataLoader(

@@ -171,6 +171,7 @@ def finetune(
         phase,
         progress,
         distributed=True,
+        precision=ctx.precision,
         max_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
         max_time={"minutes": cfg.max_time_minutes} if cfg.max_time_minutes else None,

@@ -16,6 +16,7 @@ from jeidnn.errors import JeidnnError
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.heads import ExitHeads
 from jeidnn.model.preprocess import build_preprocessor
+from jeidnn.train.devices import torch_dtype
 from jeidnn.train.finetune import exit_weights
 
 
@@ -31,6 +32,9 @@ class RunInputs:
     splits: Splits
     dm: JeidnnDataModule
     """The encoded splits (set up)."""
+    dtype: torch.dtype = torch.float32
+    """What the backbone serves in once trained (`model.dtype` resolved): the feature cache, cost counting,
+    the evaluation and the export. `backbone` arrives in float32 for training."""
 
 
 def exit_layers_of(cfg: RunConfig, num_layers: int) -> list[int]:
@@ -48,7 +52,11 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
     """Load and check model and data (seeded by `cfg.seed`); raises JeidnnError on any bad input, before
     any run folder exists."""
     pl.seed_everything(cfg.seed, verbose=False)
-    backbone = Backbone.load(cfg.model)
+    backbone = Backbone.load(cfg.model)  # in the checkpoint's saved dtype
+    dtype = serving_dtype(cfg.model.dtype, backbone)
+    # Training keeps float32 weights: AdamW's small updates vanish in bfloat16 parameters. The pipeline
+    # casts the backbone to `dtype` once it is trained (exact for a bfloat16 / float16 checkpoint).
+    backbone.float()
     check_against_model(cfg, backbone.model.config)
     raw = load_raw(cfg.data, backbone.modality)
     splits = make_splits(len(raw.labels), cfg.data, cfg.seed, raw.test_positions)
@@ -71,7 +79,15 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
     )
     if backbone.pooling == "cls":
         _init_final_head_from_pooler(backbone, heads)
-    return RunInputs(backbone, heads, raw, splits, dm)
+    return RunInputs(backbone, heads, raw, splits, dm, dtype)
+
+
+def serving_dtype(name: str, backbone: Backbone) -> torch.dtype:
+    """The dtype the backbone serves in (`model.dtype`): `auto` = the dtype its weights were loaded in (the
+    checkpoint's saved dtype; float32 for a random config)."""
+    if name == "auto":
+        return next(backbone.parameters()).dtype
+    return torch_dtype(name)
 
 
 def _init_final_head_from_pooler(backbone: Backbone, heads: ExitHeads) -> None:

@@ -18,7 +18,7 @@ from jeidnn.model.backbone import Backbone
 from jeidnn.model.cost import ExitCosts, gate_flops
 from jeidnn.model.heads import ExitHeads
 from jeidnn.train.context import RunContext
-from jeidnn.train.devices import make_trainer, stage_logger
+from jeidnn.train.devices import make_trainer, stage_logger, trainer_device
 from jeidnn.train.end_to_end import fit_end_to_end
 from jeidnn.train.features import FeatureSplit, extract_features
 from jeidnn.train.lambda_search import fit_stage2
@@ -71,7 +71,7 @@ def train_stage2(
             seed=cfg.seed,
             trainer_kwargs={
                 # Heads and gates on cached features: tensors too small for a GPU to pay off unless asked for.
-                "accelerator": "cpu" if cfg.accelerator == "auto" else cfg.accelerator,
+                **trainer_device("cpu" if cfg.accelerator == "auto" else cfg.accelerator),
                 "logger": stage_logger(cfg, run_dir, "stage2"),
                 "enable_progress_bar": ctx.progress,
                 "default_root_dir": str(run_dir),

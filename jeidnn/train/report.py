@@ -34,6 +34,7 @@ def training_report(
     joint: JointResult | None,
     stage2: Stage2Result | None,
     timings: dict[str, float],
+    precision: str = "32-true",
 ) -> dict[str, Any]:
     """report.json's training part (its keys are listed in README.md and docs/evaluation.md).
 
@@ -42,6 +43,7 @@ def training_report(
         joint: None when the regime has no joint phase (`disjoint`).
         stage2: None when stage 2 did not run.
         timings: seconds per stage so far (`timings_s`).
+        precision: the Lightning precision stage 0 and the joint phase trained in.
     """
     backbone, heads, raw = inputs.backbone, inputs.heads, inputs.raw
     acc = (warmup.logits["test"].argmax(-1) == warmup.labels["test"][:, None]).float().mean(0)  # (L,)
@@ -54,6 +56,8 @@ def training_report(
             "pooling": backbone.pooling,
             "exit_norm": backbone.exit_norm,
             "im_head": heads.im_head,
+            "dtype": str(inputs.dtype).removeprefix("torch."),
+            "precision": precision,
             "gflops_full": costs.gflops_full,
         },
         "dataset": {

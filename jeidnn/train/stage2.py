@@ -147,8 +147,9 @@ class VariantBlock(nn.Module):
         self.ims = StackedIMs(heads.heads[:-1], len(lambdas))
         self.gates = StackedGates(variant, num_exits, hidden_size, len(lambdas), generator)
         # float64 as counted: a cost rounded to float32 would miss the 1e-9 budget checks downstream
-        # (val_cost). The losses cast it to their own dtype.
-        self.register_buffer("costs", costs.detach().double().clone())
+        # (val_cost). Not a buffer: it stays on the CPU when the block moves, since MPS has no float64. The
+        # losses cast it to their own dtype and device.
+        self.costs = costs.detach().double().cpu().clone()
         self.register_buffer("lambdas", torch.tensor([float(x) for x in lambdas]))
         self.register_buffer("pos_weight", torch.ones(len(lambdas), num_exits - 1))
 

@@ -128,10 +128,11 @@ class Stage2Module(pl.LightningModule):
 
 
 def native_point(logits: Tensor, scores: Tensor, labels: Tensor, costs: Tensor) -> tuple[float, float]:
-    """(accuracy, mean cost) of one model at its native exit threshold."""
+    """(accuracy, mean cost) of one model at its native exit threshold; `costs` (L,) float64 on the CPU
+    (summed there: MPS has no float64)."""
     exits = score_exits(scores)
-    taken = logits[torch.arange(len(exits)), exits]  # (N, C)
-    return float((taken.argmax(-1) == labels).float().mean()), float(costs.double()[exits].mean())
+    taken = logits[torch.arange(len(exits), device=exits.device), exits]  # (N, C)
+    return float((taken.argmax(-1) == labels).float().mean()), float(costs.double()[exits.cpu()].mean())
 
 
 class _CachedRows(Dataset):
@@ -226,7 +227,8 @@ def train_models(
         plan: ``(variant, costs (L,), lambdas)`` per block; costs include that variant's gates.
         cfg: stage-2 settings.
         seed: seeds the gate initialisation, dropout and shuffling.
-        trainer_kwargs: extra ``pl.Trainer`` arguments (logger, accelerator, progress bar, root dir).
+        trainer_kwargs: extra ``pl.Trainer`` arguments (logger, accelerator and devices, progress bar, root
+            dir).
 
     Returns:
         Per block, one :class:`TrainedModel` per λ, in order.
@@ -246,12 +248,17 @@ def train_models(
 
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
-        devices=1,
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=50,
-        **{"accelerator": "cpu", "logger": False, "enable_progress_bar": False, **(trainer_kwargs or {})},
+        **{
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_progress_bar": False,
+            **(trainer_kwargs or {}),
+        },
     )
     threads = torch.get_num_threads()
     on_cpu = trainer_kwargs is None or trainer_kwargs.get("accelerator", "cpu") == "cpu"
