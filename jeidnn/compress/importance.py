@@ -87,7 +87,7 @@ def importance(
                 grads = torch.autograd.grad(loss, [masks[k] for k in keys])
                 for (kind, i), grad in zip(keys, grads, strict=True):
                     total = head_sum if kind == "heads" else ffn_sum
-                    total[i] += grad.abs().sum(dim=0).double().cpu()  # (units,)
+                    total[i] += grad.abs().sum(dim=0).cpu().double()  # (units,) float64 on the CPU (not MPS)
                 samples += labels.shape[0]
     finally:
         for handle in handles:
