@@ -51,6 +51,7 @@ from jeidnn.export.operating_point import Run, choose, default_choice
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.io import atomic_folder
 from jeidnn.model.backbone import Backbone
+from jeidnn.model.families import family_of
 from jeidnn.model.structured import drop_layers, keep_exits, layer_sizes, prune_ffn, prune_heads
 from jeidnn.train.devices import run_device
 
@@ -230,6 +231,9 @@ def prune_run(
         raise JeidnnError(f"{out} already exists; pass --overwrite or choose another --out")
     target = run_device(device, key="--device")
     run = Run.open(run_dir)
+    arch = run.report["backbone"]["architecture"]
+    if (refusal := family_of(arch).prune_refusal) is not None:
+        raise JeidnnError(f"jeidnn prune cannot prune this {arch} backbone: {refusal}")
     if isinstance(settings.layers, int):
         last_exit(settings.layers, list(run.report["exits"]["layers"]), None)  # refuse before any work
     point = choose(run, method, budget) if method else default_choice(run, budget)
