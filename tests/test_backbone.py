@@ -33,11 +33,13 @@ def test_exit_logits_equal_heads_on_output_hidden_states(arch):
     inputs = batch_for(backbone)
     with torch.no_grad():
         logits = heads(backbone(inputs))  # (B, L, C)
-        hidden = backbone.model(**inputs, output_hidden_states=True).hidden_states  # L + 1 entries
+        out = backbone.model(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states  # L + 1 entries
         for layer in (1, 2, 3):
             cls = hidden[layer][:, 0]
-            if arch in VISION_ARCHS:  # pre-LN: final norm before any head
-                cls = backbone.model.layernorm(cls)
+            if backbone.exit_norm:  # pre-norm family: its final norm before any head
+                # (the last layer's is the model's own output, hidden_states[-1] is normalised in some models)
+                cls = out.last_hidden_state[:, 0] if layer == 3 else backbone.final_norm(cls)
             expected = heads.heads[layer - 1](cls)
             torch.testing.assert_close(logits[:, layer - 1], expected, atol=1e-5, rtol=1e-5)
     assert backbone.num_layers == 3 and backbone.hidden_size == 32
@@ -156,7 +158,9 @@ def saved_classifier(tmp_path, arch: str, id2label: dict[int, str]):
     return model, ModelConfig(name_or_path=str(tmp_path / arch))
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta", "electra", "distilbert", "vit"])
+@pytest.mark.parametrize(
+    "arch", ["bert", "roberta", "electra", "distilbert", "vit", "xlm-roberta", "deberta-v2"]
+)
 def test_checkpoint_classifier_is_the_checkpoints_own_head(tmp_path, arch):
     """With stage 0 off, the final exit is the checkpoint's trained classifier: the HF model's logits."""
     from jeidnn.model.checkpoint_head import checkpoint_classifier

@@ -51,7 +51,50 @@ TINY_CONFIGS: dict[str, dict] = {
     },
 }
 TINY_CONFIGS["deit"] = {**TINY_CONFIGS["vit"], "model_type": "deit"}
-TEXT_ARCHS = ["bert", "roberta", "electra", "distilbert"]
+TINY_CONFIGS["xlm-roberta"] = {**TINY_CONFIGS["roberta"], "model_type": "xlm-roberta"}
+TINY_CONFIGS["camembert"] = {**TINY_CONFIGS["roberta"], "model_type": "camembert"}
+TINY_CONFIGS["deberta-v2"] = {  # DeBERTa-v3-like: relative attention only, log buckets, conv after layer 1
+    "model_type": "deberta-v2",
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "type_vocab_size": 2,
+    "relative_attention": True,
+    "position_biased_input": False,
+    "pos_att_type": "p2c|c2p",
+    "position_buckets": 8,
+    "share_att_key": True,
+    "norm_rel_ebd": "layer_norm",
+    "conv_kernel_size": 3,
+    "conv_act": "gelu",
+    **TEXT_COMMON,
+}
+TINY_CONFIGS["modernbert"] = {  # layers: global, sliding window, global; a window shorter than the texts
+    "model_type": "modernbert",
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "global_attn_every_n_layers": 2,
+    "local_attention": 8,
+    "pad_token_id": 0,
+    "bos_token_id": 2,
+    "cls_token_id": 2,
+    "eos_token_id": 3,
+    "sep_token_id": 3,
+    **TEXT_COMMON,
+}
+TEXT_ARCHS = [
+    "bert",
+    "roberta",
+    "electra",
+    "distilbert",
+    "xlm-roberta",
+    "camembert",
+    "deberta-v2",
+    "modernbert",
+]
 VISION_ARCHS = ["vit", "deit"]
 
 

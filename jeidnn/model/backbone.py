@@ -175,7 +175,7 @@ class Backbone(nn.Module):
                     f"model.random_config is not a valid {model_type} config: {first_line(exc)}"
                 ) from None
             family = family_of(model_type)
-            pooling = family.default_pooling if cfg.pooling == "auto" else cfg.pooling
+            pooling = family.pooling_of(config) if cfg.pooling == "auto" else cfg.pooling
             return cls(model, source=f"random:{model_type}", pooling=pooling, exit_norm=cfg.exit_norm)
         path = resolve_model_path(cfg.name_or_path)
         try:
@@ -192,7 +192,7 @@ class Backbone(nn.Module):
             raise JeidnnError(f"cannot load weights of {cfg.name_or_path!r}: {first_line(exc)}") from None
         pooling = cfg.pooling
         if pooling == "auto":
-            pooling = sentence_transformers_pooling(path) or family.default_pooling
+            pooling = sentence_transformers_pooling(path) or family.pooling_of(config)
         return cls(model, source=cfg.name_or_path, pooling=pooling, exit_norm=cfg.exit_norm)
 
     # ------------------------------------------------------------------ properties

@@ -51,7 +51,7 @@ def checkpoint_classifier(cfg: ModelConfig, label_names: list[str], pooling: str
             None,
             f"{cfg.name_or_path} is a base model ({', '.join(architectures) or 'no architectures listed'})",
         )
-    own = family.default_pooling
+    own = family.pooling_of(config)
     if pooling != own:
         return CheckpointClassifier(
             None, f"its classifier reads the {own} token(s), but the exits pool by {pooling}"

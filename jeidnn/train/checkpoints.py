@@ -35,7 +35,7 @@ def save_backbone(backbone: Backbone, final_head: ExitHead, preprocessor: Any, r
     backbone.model.save_pretrained(folder)
     if hasattr(preprocessor, "save_pretrained"):
         preprocessor.save_pretrained(folder)
-    if backbone.pooling != backbone.family.default_pooling:
+    if backbone.pooling != backbone.family.pooling_of(backbone.config):
         modes = {f"pooling_mode_{mode}": backbone.pooling == own for mode, own in POOLING_MODES.items()}
         write_json(folder / "1_Pooling" / "config.json", modes, indent=None)
     write_safetensors(run_dir / FINAL_HEAD, final_head.state_dict())

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from jeidnn.errors import JeidnnError
 from jeidnn.model.families.base import Family, LayerState
+from jeidnn.model.families.deberta import DebertaV2
 from jeidnn.model.families.encoders import Bert, Deit, DistilBert, Electra, Roberta, Vit
+from jeidnn.model.families.modernbert import ModernBert
 
-FAMILIES: tuple[Family, ...] = (Bert(), Roberta(), DistilBert(), Electra(), Vit(), Deit())
+FAMILIES: tuple[Family, ...] = (
+    Bert(),
+    Roberta(),
+    DistilBert(),
+    Electra(),
+    Vit(),
+    Deit(),
+    DebertaV2(),
+    ModernBert(),
+)
 
 BY_MODEL_TYPE: dict[str, Family] = {t: family for family in FAMILIES for t in family.model_types}
 

@@ -68,7 +68,8 @@ class Family:
     head_activation: Literal["tanh", "gelu", "relu", "none"] = "tanh"
     """Activation of the family's own sequence-classification head; ``none`` = a single linear layer."""
     default_pooling: Pooling = "cls"
-    """What an exit reads when ``model.pooling`` is ``auto`` and the checkpoint says nothing."""
+    """What an exit reads when ``model.pooling`` is ``auto`` and the checkpoint says nothing (see
+    :meth:`pooling_of`)."""
     final_norm: str | None = None
     """Module path of the norm a pre-norm family applies after its last layer (None: post-norm family)."""
     norm_before_exits: bool = False
@@ -93,6 +94,12 @@ class Family:
         """Apply ``layer`` (the ``index``-th, 0-based) to ``hidden`` (B, T, H)."""
         out = layer(hidden, state.rows.get("mask"))
         return out[0] if isinstance(out, tuple) else out
+
+    def pooling_of(self, config: Any) -> Pooling:
+        """What an exit reads when ``model.pooling`` is ``auto`` and no sentence-transformers pooling config
+        says otherwise: ``default_pooling``, unless the family's configs record how their own classifier
+        pools (ModernBERT's ``classifier_pooling``)."""
+        return self.default_pooling
 
     def classifier_dropout(self, config: Any) -> float:
         """Dropout of the family's own classification head, as Hugging Face builds it."""
