@@ -33,11 +33,17 @@ def test_exit_logits_equal_heads_on_output_hidden_states(arch):
     inputs = batch_for(backbone)
     with torch.no_grad():
         logits = heads(backbone(inputs))  # (B, L, C)
-        hidden = backbone.model(**inputs, output_hidden_states=True).hidden_states  # L + 1 entries
+        out = backbone.model(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states  # L + 1 entries
+        token = torch.zeros(len(hidden[0]), dtype=torch.long)  # CLS
+        if backbone.pooling == "last":  # decoders: the last real token
+            mask = inputs["attention_mask"]
+            token = (torch.arange(mask.shape[1]) * mask).argmax(dim=1)
         for layer in (1, 2, 3):
-            cls = hidden[layer][:, 0]
-            if arch in VISION_ARCHS:  # pre-LN: final norm before any head
-                cls = backbone.model.layernorm(cls)
+            cls = hidden[layer][torch.arange(len(token)), token]
+            # pre-norm: final norm before any head, unless HF's last entry already carries it (decoders)
+            if backbone.exit_norm and not (layer == 3 and torch.equal(hidden[layer], out.last_hidden_state)):
+                cls = backbone.final_norm(cls)
             expected = heads.heads[layer - 1](cls)
             torch.testing.assert_close(logits[:, layer - 1], expected, atol=1e-5, rtol=1e-5)
     assert backbone.num_layers == 3 and backbone.hidden_size == 32

@@ -8,9 +8,22 @@ from __future__ import annotations
 
 from jeidnn.errors import JeidnnError
 from jeidnn.model.families.base import Family, LayerState
+from jeidnn.model.families.decoders import Gemma, Gpt2, Llama, Mistral, Qwen
 from jeidnn.model.families.encoders import Bert, Deit, DistilBert, Electra, Roberta, Vit
 
-FAMILIES: tuple[Family, ...] = (Bert(), Roberta(), DistilBert(), Electra(), Vit(), Deit())
+FAMILIES: tuple[Family, ...] = (
+    Bert(),
+    Roberta(),
+    DistilBert(),
+    Electra(),
+    Vit(),
+    Deit(),
+    Gpt2(),
+    Llama(),
+    Qwen(),
+    Mistral(),
+    Gemma(),
+)
 
 BY_MODEL_TYPE: dict[str, Family] = {t: family for family in FAMILIES for t in family.model_types}
 
