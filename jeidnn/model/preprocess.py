@@ -8,11 +8,13 @@ a plain resize-and-normalise image processor.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer, PretrainedConfig
 
 from jeidnn.config.schema import ModelConfig
 from jeidnn.errors import JeidnnError, first_line
@@ -34,6 +36,17 @@ def build_word_tokenizer(texts: list[str], vocab_size: int) -> BertTokenizer:
     words = [w for w, _ in counts.most_common(max(vocab_size - len(SPECIAL_TOKENS), 0))]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
     return BertTokenizer(vocab=vocab, do_lower_case=True)
+
+
+def load_saved_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer jeidnn saved next to a backbone's config.json, as the class its tokenizer_config.json names.
+
+    ``AutoTokenizer`` alone takes the class registered for the config's model_type for some types (qwen2,
+    modernbert, ...), which would turn a random backbone's word tokenizer into that family's tokenizer.
+    """
+    saved = Path(folder) / "tokenizer_config.json"
+    named = saved.is_file() and json.loads(saved.read_text()).get("tokenizer_class") is not None
+    return AutoTokenizer.from_pretrained(folder, config=PretrainedConfig() if named else None)
 
 
 def ensure_pad_token(tokenizer: Any, name: str) -> None:
