@@ -92,12 +92,12 @@ def test_layer_flops_include_attention():
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    with pytest.raises(JeidnnError, match="unsupported architecture 'gpt2'"):
-        Backbone.load(ModelConfig(random_config={"model_type": "gpt2", "n_embd": 32}))
-    folder = tmp_path / "gpt"
+    with pytest.raises(JeidnnError, match="unsupported architecture 'opt'"):
+        Backbone.load(ModelConfig(random_config={"model_type": "opt", "hidden_size": 32}))
+    folder = tmp_path / "opt"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(JeidnnError, match="unsupported architecture 'gpt2'"):
+    (folder / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    with pytest.raises(JeidnnError, match="unsupported architecture 'opt'"):
         Backbone.load(ModelConfig(name_or_path=str(folder)))
 
 

@@ -80,7 +80,13 @@ TINY_CONFIGS["llama"] = {"model_type": "llama", **LLAMA_LIKE}
 SLIDING = {"use_sliding_window": True, "sliding_window": 4}
 FULL, LOCAL = "full_attention", "sliding_attention"
 TINY_CONFIGS["qwen2"] = {"model_type": "qwen2", **LLAMA_LIKE, **SLIDING, "layer_types": [FULL, FULL, LOCAL]}
-TINY_CONFIGS["qwen3"] = {"model_type": "qwen3", **LLAMA_LIKE, "head_dim": 8, **SLIDING, "layer_types": [LOCAL, FULL, LOCAL]}
+TINY_CONFIGS["qwen3"] = {
+    "model_type": "qwen3",
+    **LLAMA_LIKE,
+    "head_dim": 8,
+    **SLIDING,
+    "layer_types": [LOCAL, FULL, LOCAL],
+}
 TINY_CONFIGS["mistral"] = {"model_type": "mistral", **LLAMA_LIKE, "sliding_window": 4}
 TINY_CONFIGS["gemma"] = {"model_type": "gemma", **LLAMA_LIKE, "head_dim": 8}
 DECODER_ARCHS = ["gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma"]

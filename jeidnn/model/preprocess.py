@@ -39,7 +39,7 @@ def build_word_tokenizer(texts: list[str], vocab_size: int) -> BertTokenizer:
 
 
 def load_saved_tokenizer(folder: str | Path) -> Any:
-    """The tokenizer jeidnn saved next to a backbone's config.json, as the class its tokenizer_config.json names.
+    """The tokenizer saved next to a backbone's config.json, as the class its tokenizer_config.json names.
 
     ``AutoTokenizer`` alone takes the class registered for the config's model_type for some types (qwen2,
     modernbert, ...), which would turn a random backbone's word tokenizer into that family's tokenizer.
@@ -60,7 +60,9 @@ def ensure_pad_token(tokenizer: Any, name: str) -> None:
             "(tokenizer.pad_token = ..., then save_pretrained) and point model.name_or_path at that folder"
         )
     tokenizer.pad_token = tokenizer.eos_token
-    logger.info("the tokenizer of %s has no pad token: padding with its eos token %r", name, tokenizer.eos_token)
+    logger.info(
+        "the tokenizer of %s has no pad token: padding with its eos token %r", name, tokenizer.eos_token
+    )
 
 
 def build_preprocessor(cfg: ModelConfig, backbone: Backbone, train_texts: list[Any] | None = None) -> Any:

@@ -58,7 +58,9 @@ class Decoder(Family):
 
 class Gpt2(Decoder):
     name, model_types, layers, final_norm = "GPT-2", ("gpt2",), ("h",), "ln_f"
-    prune_refusal = "GPT-2's fused query/key/value projection (c_attn) is not supported by the structured pruning"
+    prune_refusal = (
+        "GPT-2's fused query/key/value projection (c_attn) is not supported by the structured pruning"
+    )
 
     def embed(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, LayerState]:
         words = model.wte(inputs["input_ids"])
@@ -69,9 +71,7 @@ class Gpt2(Decoder):
     def run_layer(
         self, model: nn.Module, layer: nn.Module, index: int, hidden: Tensor, state: LayerState
     ) -> Tensor:
-        out = layer(
-            hidden, None, state.rows["masks"][FULL], None, position_ids=state.shared["position_ids"]
-        )
+        out = layer(hidden, None, state.rows["masks"][FULL], None, position_ids=state.shared["position_ids"])
         return out[0] if isinstance(out, tuple) else out
 
 
