@@ -35,11 +35,16 @@ def test_exit_logits_equal_heads_on_output_hidden_states(arch):
         logits = heads(backbone(inputs))  # (B, L, C)
         out = backbone.model(**inputs, output_hidden_states=True)
         hidden = out.hidden_states  # L + 1 entries
+        token = torch.zeros(len(hidden[0]), dtype=torch.long)  # CLS
+        if backbone.pooling == "last":  # decoders: the last real token
+            mask = inputs["attention_mask"]
+            token = (torch.arange(mask.shape[1]) * mask).argmax(dim=1)
+        rows = torch.arange(len(token))
         for layer in (1, 2, 3):
-            cls = hidden[layer][:, 0]
+            cls = hidden[layer][rows, token]
             if backbone.exit_norm:  # pre-norm family: its final norm before any head
                 # (the last layer's is the model's own output, hidden_states[-1] is normalised in some models)
-                cls = out.last_hidden_state[:, 0] if layer == 3 else backbone.final_norm(cls)
+                cls = out.last_hidden_state[rows, token] if layer == 3 else backbone.final_norm(cls)
             expected = heads.heads[layer - 1](cls)
             torch.testing.assert_close(logits[:, layer - 1], expected, atol=1e-5, rtol=1e-5)
     assert backbone.num_layers == 3 and backbone.hidden_size == 32
@@ -88,12 +93,12 @@ def test_layer_flops_include_attention():
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    with pytest.raises(JeidnnError, match="unsupported architecture 'gpt2'"):
-        Backbone.load(ModelConfig(random_config={"model_type": "gpt2", "n_embd": 32}))
-    folder = tmp_path / "gpt"
+    with pytest.raises(JeidnnError, match="unsupported architecture 'opt'"):
+        Backbone.load(ModelConfig(random_config={"model_type": "opt", "hidden_size": 32}))
+    folder = tmp_path / "opt"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(JeidnnError, match="unsupported architecture 'gpt2'"):
+    (folder / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    with pytest.raises(JeidnnError, match="unsupported architecture 'opt'"):
         Backbone.load(ModelConfig(name_or_path=str(folder)))
 
 

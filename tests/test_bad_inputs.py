@@ -248,7 +248,7 @@ def scramble(path: Path) -> None:
 def unsupported_type(path: Path) -> None:
     config = json.loads(path.read_text())
     if "model_type" in config:
-        config["model_type"] = "gpt2"
+        config["model_type"] = "opt"
     path.write_text(json.dumps(config))
 
 
@@ -271,8 +271,8 @@ CASES: dict[str, Case] = {
         r"list\.yaml",
     ),
     "config_unsupported_architecture": lambda tmp, t: (
-        train(tmp, t, model__random_config={**SMOKE["model"]["random_config"], "model_type": "gpt2"}),
-        "gpt2",
+        train(tmp, t, model__random_config={**SMOKE["model"]["random_config"], "model_type": "opt"}),
+        "architecture 'opt'",
     ),
     # data
     "data_missing_file": lambda tmp, t: (train(tmp, t, tmp / "missing.csv"), r"missing\.csv"),
@@ -342,7 +342,7 @@ CASES: dict[str, Case] = {
     ),
     "model_unsupported_architecture": lambda tmp, t: (
         predict(model_copy(tmp, t, unsupported_type, "config.json"), "--text", "hi"),
-        "gpt2",
+        "type 'opt'",
     ),
     # predict inputs
     "predict_empty_text": lambda tmp, t: (predict(t.model, "--text", "  "), "empty text"),

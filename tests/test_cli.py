@@ -42,7 +42,7 @@ def run_train(args, capsys):
         (["--data.text_column", "review"], "column 'review' not found"),
         (["--data.labels", "[good, bad]"], "not one of data.labels"),
         (["--data.test_fraction", "0.001"], "split 'test' is empty"),
-        (["--model.random_config", "{model_type: gpt2}"], "unsupported architecture 'gpt2'"),
+        (["--model.random_config", "{model_type: opt}"], "unsupported architecture 'opt'"),
         (
             ["--model.random_config", "null", "--model.name_or_path", "/no/such/model"],
             "model folder not found",

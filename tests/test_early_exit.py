@@ -376,8 +376,16 @@ def test_without_gates_everyone_takes_the_last_exit(arch):
 def test_full_path_matches_heads_on_hf_hidden_states(arch):
     model = tiny_model(arch)
     inputs = tiny_inputs(arch)
+    backbone = model.backbone
+    own = {k: v for k, v in inputs.items() if k in backbone.input_names}  # GPT-2 would add token types
+    last: list[torch.Tensor] = []
+    hook = backbone.layers[-1].register_forward_hook(
+        lambda m, i, o: last.append(o[0] if type(o) is tuple else o)
+    )
     with torch.no_grad():
-        hidden_states = model.backbone.model(**inputs, output_hidden_states=True).hidden_states
+        hidden_states = list(backbone.model(**own, output_hidden_states=True).hidden_states)
+        hook.remove()
+        hidden_states[-1] = last[0]  # the last layer's own output: decoders' HF entry carries the final norm
         by_hand = torch.stack(
             [
                 head(model.backbone.pool(hidden_states[layer]))

@@ -97,6 +97,44 @@ TEXT_ARCHS = [
 ]
 VISION_ARCHS = ["vit", "deit"]
 
+# Decoders: pad = [PAD] (id 0) and eos = [SEP] (id 3) of the word tokenizer random backbones get.
+DECODER_TOKENS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+LLAMA_LIKE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 37,
+    **DECODER_TOKENS,
+    **TEXT_COMMON,
+}
+TINY_CONFIGS["gpt2"] = {
+    "model_type": "gpt2",
+    "n_embd": 32,
+    "n_layer": 3,
+    "n_head": 4,
+    "n_inner": 37,
+    "n_positions": 64,
+    "vocab_size": 99,
+    **DECODER_TOKENS,
+}
+TINY_CONFIGS["llama"] = {"model_type": "llama", **LLAMA_LIKE}
+# Sliding windows (4 tokens) shorter than the test texts; Qwen's layer_types mix both kinds of attention.
+SLIDING = {"use_sliding_window": True, "sliding_window": 4}
+FULL, LOCAL = "full_attention", "sliding_attention"
+TINY_CONFIGS["qwen2"] = {"model_type": "qwen2", **LLAMA_LIKE, **SLIDING, "layer_types": [FULL, FULL, LOCAL]}
+TINY_CONFIGS["qwen3"] = {
+    "model_type": "qwen3",
+    **LLAMA_LIKE,
+    "head_dim": 8,
+    **SLIDING,
+    "layer_types": [LOCAL, FULL, LOCAL],
+}
+TINY_CONFIGS["mistral"] = {"model_type": "mistral", **LLAMA_LIKE, "sliding_window": 4}
+TINY_CONFIGS["gemma"] = {"model_type": "gemma", **LLAMA_LIKE, "head_dim": 8}
+DECODER_ARCHS = ["gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma"]
+TEXT_ARCHS += DECODER_ARCHS
+
 
 def write_sentiment_csv(path, n: int = 400, seed: int = 0):
     """A learnable 3-class text corpus: the class shows in a cue word, at a random place among fillers."""

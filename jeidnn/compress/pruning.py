@@ -244,6 +244,8 @@ def prune_run(
         last_exit(settings.layers, list(run.report["exits"]["layers"]), None)  # refuse before any work
     point = choose(run, method, budget) if method else default_choice(run, budget)
     backbone, preprocessor = load_backbone(run)
+    if backbone.family.prune_refusal is not None:
+        raise JeidnnError(f"cannot prune a {backbone.family.name} backbone: {backbone.family.prune_refusal}")
     data = run_data(run, backbone, preprocessor)  # data that changed since the run is refused here
     model, summary = build_model(run, point, backbone, preprocessor)
     cand, split = point.candidate, run.split

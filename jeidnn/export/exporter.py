@@ -157,7 +157,9 @@ def load_backbone(run: Run, dtype: str = "auto") -> tuple[Backbone, Any]:
 
     folder = run.folder / "backbone"
     if (folder / "config.json").is_file():
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoModel
+
+        from jeidnn.model.preprocess import load_saved_tokenizer
 
         info = run.report["backbone"]
         try:
@@ -166,8 +168,9 @@ def load_backbone(run: Run, dtype: str = "auto") -> tuple[Backbone, Any]:
                 backbone = Backbone(
                     model, info.get("name", str(folder)), info["pooling"], info.get("exit_norm")
                 )
-                loader = AutoTokenizer if backbone.modality == "text" else AutoImageProcessor
-                return backbone, loader.from_pretrained(folder)
+                if backbone.modality == "text":
+                    return backbone, load_saved_tokenizer(folder)
+                return backbone, AutoImageProcessor.from_pretrained(folder)
         except (OSError, ValueError, KeyError) as exc:
             raise JeidnnError(f"cannot load the fine-tuned backbone in {folder}: {first_line(exc)}") from None
     if (run.folder / "model").is_dir():

@@ -8,16 +8,21 @@ a plain resize-and-normalise image processor.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer, PretrainedConfig
 
 from jeidnn.config.schema import ModelConfig
 from jeidnn.errors import JeidnnError, first_line
 from jeidnn.model.backbone import Backbone, resolve_model_path
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_word_tokenizer(texts: list[str], vocab_size: int) -> BertTokenizer:
@@ -33,19 +38,50 @@ def build_word_tokenizer(texts: list[str], vocab_size: int) -> BertTokenizer:
     return BertTokenizer(vocab=vocab, do_lower_case=True)
 
 
+def load_saved_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved next to a backbone's config.json, as the class its tokenizer_config.json names.
+
+    ``AutoTokenizer`` alone takes the class registered for the config's model_type for some types (qwen2,
+    modernbert, ...), which would turn a random backbone's word tokenizer into that family's tokenizer.
+    """
+    saved = Path(folder) / "tokenizer_config.json"
+    named = saved.is_file() and json.loads(saved.read_text()).get("tokenizer_class") is not None
+    return AutoTokenizer.from_pretrained(folder, config=PretrainedConfig() if named else None)
+
+
+def ensure_pad_token(tokenizer: Any, name: str) -> None:
+    """Give a decoder's tokenizer a pad token (its eos token) when it has none, so batches can be padded;
+    the exits read the last real token under the attention mask, so the pad id never reaches them."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise JeidnnError(
+            f"the tokenizer of {name!r} has neither a pad nor an eos token; set a pad token in its tokenizer "
+            "(tokenizer.pad_token = ..., then save_pretrained) and point model.name_or_path at that folder"
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.info(
+        "the tokenizer of %s has no pad token: padding with its eos token %r", name, tokenizer.eos_token
+    )
+
+
 def build_preprocessor(cfg: ModelConfig, backbone: Backbone, train_texts: list[Any] | None = None) -> Any:
     """The tokenizer (text) or image processor (vision) that feeds `backbone`."""
     if cfg.random_config is None:
         path = resolve_model_path(cfg.name_or_path)
         try:
             if backbone.modality == "text":
-                return AutoTokenizer.from_pretrained(path)
-            return AutoImageProcessor.from_pretrained(path)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            else:
+                return AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError) as exc:
             first = first_line(exc)
             raise JeidnnError(
                 f"cannot load the tokenizer/processor of {cfg.name_or_path!r}: {first}"
             ) from None
+        if backbone.family.decoder:
+            ensure_pad_token(tokenizer, cfg.name_or_path)
+        return tokenizer
     if backbone.modality == "text":
         if train_texts is None:
             raise ValueError("a random text backbone needs training texts to build its vocabulary")

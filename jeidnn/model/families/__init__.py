@@ -9,6 +9,7 @@ from __future__ import annotations
 from jeidnn.errors import JeidnnError
 from jeidnn.model.families.base import Family, LayerState
 from jeidnn.model.families.deberta import DebertaV2
+from jeidnn.model.families.decoders import Gemma, Gpt2, Llama, Mistral, Qwen
 from jeidnn.model.families.encoders import Bert, Deit, DistilBert, Electra, Roberta, Vit
 from jeidnn.model.families.modernbert import ModernBert
 
@@ -21,6 +22,11 @@ FAMILIES: tuple[Family, ...] = (
     Deit(),
     DebertaV2(),
     ModernBert(),
+    Gpt2(),
+    Llama(),
+    Qwen(),
+    Mistral(),
+    Gemma(),
 )
 
 BY_MODEL_TYPE: dict[str, Family] = {t: family for family in FAMILIES for t in family.model_types}
