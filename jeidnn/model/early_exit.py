@@ -107,8 +107,10 @@ class ThresholdGates(nn.Module):
         """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exit: the first at or above its threshold."""
         return apply_thresholds(self(exit_logits), self.thresholds)
 
-    def reads_exit(self, index: int) -> bool:
-        return True
+    def can_exit(self, index: int) -> bool:  # no confidence reaches +inf
+        return float(self.thresholds[index]) != float("inf")
+
+    reads_exit = can_exit  # the rule keeps no state: an exit nobody can leave is not evaluated
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> None:
         return None
@@ -161,7 +163,10 @@ class PatienceGates(nn.Module):
         return patience_exits(_predictions(exit_logits).cpu(), self.patience).to(exit_logits.device)
 
     def reads_exit(self, index: int) -> bool:
-        return True
+        return True  # every exit's argmax feeds the agreement count
+
+    def can_exit(self, index: int) -> bool:  # at most `index` agreements are counted at exit `index`
+        return index >= self.patience
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> PatienceState:
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
@@ -196,6 +201,8 @@ class StaticGates(nn.Module):
 
     def reads_exit(self, index: int) -> bool:
         return index == self.exit_index
+
+    can_exit = reads_exit
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> None:
         return None
@@ -333,8 +340,9 @@ def run_dynamic(
     """Layer-skipping inference: each layer runs only on the rows that have not exited yet.
 
     Inference only (runs under ``torch.inference_mode``); call ``eval()`` first so dropout is off.
-    Each gated exit costs one host synchronisation (how many rows stop there); an exit where nobody
-    stops costs nothing else but the exit head and the gate on the running rows.
+    An exit where somebody may leave costs the exit head, the gate and one host synchronisation (how many
+    rows stop); one where nobody can leave skips the sync (patience before ``t`` agreements, learned gates
+    with a threshold above 1), or the head and gate too where the rule keeps no state (a +inf threshold).
 
     Returns:
         logits of the exit each sample took ``(B, C)`` and that exit's 0-based index ``(B,)`` long.
@@ -344,27 +352,31 @@ def run_dynamic(
     batch = hidden.shape[0]
     learned = isinstance(gates, Gates)
     state = gates.init_state(batch, device=hidden.device) if gates is not None else None
+    # Per exit: is it evaluated, may anyone leave there (exit scores lie in [0, 1]; NaN compares false)?
+    never = gates is None or (learned and exit_threshold > 1)
+    reads = [gates is not None and (learned or gates.reads_exit(k)) for k in range(last)] + [True]
+    leaves = [not never and (learned or gates.can_exit(k)) for k in range(last)]
     rows: Tensor | None = None  # original row of each running sample; None = all of them, in order
     # (rows, logits (b, C), exit) of each group of samples that left, in the order they left.
     left: list[tuple[Tensor | None, Tensor, int]] = []
     for i, k in enumerate(_exit_after_layer(heads.layers, backbone.num_layers)):
         hidden = backbone.run_layer(i, hidden, layer_state)  # (b, T, H)
-        if k is None or (k < last and (gates is None or not (learned or gates.reads_exit(k)))):
+        if k is None or not reads[k]:
             continue
         pooled = backbone.pool(hidden, layer_state)  # (b, H) float32
         logits = heads.heads[k](pooled)  # (b, C)
         if k == last:  # everyone still running exits here
             left.append((rows, logits, k))
             break
-        if learned:
-            score, state = gates.step(k, logits, pooled, state)  # (b,)
-            stop = score >= exit_threshold
-        else:
-            stop, state = gates.step(k, logits, state)
-        n_stop = int(stop.sum())  # the one host sync of this exit
+        score, state = gates.step(k, logits, pooled, state) if learned else gates.step(k, logits, state)
+        if not leaves[k]:  # the gate state is updated; nobody can leave: no host sync
+            continue
+        stop = score >= exit_threshold if learned else score
+        running = stop.shape[0]
+        # The one host sync of this exit; a single row leaves or continues whole (never reordered).
+        n_stop = int(stop.item()) if running == 1 else int(stop.sum())
         if n_stop == 0:
             continue
-        running = stop.shape[0]
         if n_stop == running:
             left.append((rows, logits, k))
             break
