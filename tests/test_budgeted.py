@@ -179,3 +179,50 @@ def test_learned_candidates_keep_the_counted_costs_in_float64():
     assert cand.costs.dtype == torch.float64 and cand.costs.tolist() == costs
     assert cand.calib_cost == 1 / 3  # every calib-A sample at the last exit, exactly
     assert select_config([cand], 1 / 3) is cand
+
+
+def test_candidates_play_val_as_they_play_test():
+    """Every candidate also records where val exits: the same rule, fitted on calib A, applied to val. A run
+    whose test split is this run's val split must give the same exits at test."""
+    from types import SimpleNamespace
+
+    from jeidnn.evaluate.candidates import Inputs, learned_candidates
+    from jeidnn.evaluate.methods import run_baselines
+
+    gen = torch.Generator().manual_seed(3)
+    src = _source(200, 50, 4, gen)
+    extra = _source(10, 60, 4, gen)  # its test split plays val
+    split = split_calib(200, seed=0)
+    with_val = Source(
+        "v", {**src.logits, "val": extra.logits["test"]}, {**src.labels, "val": extra.labels["test"]}
+    )
+    as_test = Source(
+        "t", {**src.logits, "test": extra.logits["test"]}, {**src.labels, "test": extra.labels["test"]}
+    )
+    cfg = SimpleNamespace(threshold_ps=[0.5, 1.0, 2.0], global_thresholds=[0.5, 0.9], patience_values=None)
+    costs, layers = [0.25, 0.5, 0.75, 1.0], [1, 2, 3, 4]
+    x_val, x_test = (Inputs(s, costs, layers, split, cfg) for s in (with_val, as_test))
+    checked = 0
+    for spec in run_baselines([]):
+        a, b = spec.candidates(x_val), spec.candidates(x_test)
+        a, b = (a(0.6), b(0.6)) if callable(a) else (a, b)
+        assert len(a) == len(b) > 0
+        for ca, cb in zip(a, b, strict=True):
+            assert torch.equal(ca.val_exits, cb.test_exits), spec.name
+            acc = ca.source.correct["val"][torch.arange(60), ca.val_exits.long()].double().mean()
+            assert ca.val_outcome()["accuracy"] == pytest.approx(float(acc))
+            assert ca.val_outcome()["cost"] == pytest.approx(
+                float(torch.tensor(costs)[ca.val_exits.long()].mean())
+            )
+            checked += 1
+    assert checked > 20
+    scores = {"calib": torch.rand(200, 3, generator=gen), "test": torch.rand(50, 3, generator=gen)}
+    val_scores = torch.rand(60, 3, generator=gen)
+    with_val.scores, as_test.scores = {**scores, "val": val_scores}, {**scores, "test": val_scores}
+    entry = {"operating_point": "calib_threshold", "costs": costs, "models": [{"lambda": 0.1}]}
+    for ca, cb in zip(*(learned_candidates(entry, [s], split) for s in (with_val, as_test)), strict=True):
+        assert torch.equal(ca.val_exits, cb.test_exits)
+    # Predictions without val (older runs): no val exits, no val outcome.
+    src.scores = scores
+    (cand,) = learned_candidates({**entry, "operating_point": "native"}, [src], split)
+    assert cand.val_exits is None and cand.val_outcome() is None

@@ -326,6 +326,14 @@ def test_bad_overrides_get_one_line_naming_the_key(override, message):
         (["--eval.budgets", "[0.5, 0]"], "eval.budgets must be a non-empty list of costs in (0, 2]"),
         (["--data.val_fraction", "0.5", "--data.test_fraction", "0.4"], "must each lie in (0, 1) and sum"),
         (["--seed", "-1"], "seed must lie in [0, 2**32), got -1"),
+        (["--export.guarantee.epsilon", "0"], "export.guarantee.epsilon must lie in (0, 1), got 0.0"),
+        (["--export.guarantee.delta", "1"], "export.guarantee.delta must lie in (0, 1), got 1.0"),
+        (
+            ["--eval.guarantees", '[{"risk": "consistency", "epsilon": 1.5}]'],
+            "eval.guarantees[0].epsilon must lie in (0, 1), got 1.5",
+        ),
+        (["--export.guarantee.risk", "accuracy"], "accuracy"),
+        (["--export.selection", "best"], "best"),
         (["--output_dir", ""], "output_dir is empty"),
     ],
 )

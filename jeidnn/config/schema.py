@@ -190,6 +190,22 @@ class WarmupConfig:
 
 
 @dataclass
+class GuaranteeConfig:
+    """A stated guarantee: the operating point's `risk` against the full model is at most `epsilon`, with
+    probability at least 1 - `delta` over the calibration draw (`high_probability`), or in expectation."""
+
+    risk: Literal["consistency", "accuracy_gap"] = "accuracy_gap"
+    """`consistency`: the early-exit prediction differs from the full model's (needs no labels);
+    `accuracy_gap`: 1[early wrong] - 1[full wrong], whose mean is the accuracy lost against the full model."""
+    epsilon: float = 0.01
+    """The largest risk allowed, in (0, 1)."""
+    delta: float = 0.1
+    """The probability, in (0, 1), that the certified risk exceeds `epsilon` (`high_probability` only)."""
+    kind: Literal["high_probability", "expectation"] = "high_probability"
+    """`high_probability`: Learn-Then-Test fixed-sequence testing; `expectation`: conformal risk control."""
+
+
+@dataclass
 class EvalConfig:
     """Stages 3-4: calibration, baselines, metrics."""
 
@@ -218,16 +234,25 @@ class EvalConfig:
     """Paired bootstrap resamples of test for the accuracy-difference intervals."""
     resplits: int = 20
     """Random re-splits of calib half B ∪ test for the conformal miss rate."""
+    guarantees: list[GuaranteeConfig] = field(default_factory=lambda: [GuaranteeConfig()])
+    """Guarantees report.md certifies for every method (docs/evaluation.md, "Guarantees"); [] for none."""
 
 
 @dataclass
 class ExportConfig:
     """Which trained model goes to `runs/<name>/model/`."""
 
+    selection: Literal["budget", "guarantee", "method"] = "budget"
+    """How the exported operating point is chosen: `budget` (every exportable method plays its calib-A
+    choice within `cost_budget`; the one most accurate on val is exported), `guarantee` (the cheapest
+    operating point certified for `guarantee`) or `method` (the method `method` names, within
+    `cost_budget`)."""
     method: str | None = None
-    """Method to export: a learned variant (or its `<name>_tau` twin) or a baseline such as
-    `threshold_search` or `patience`. None = the most accurate learned method on calib half A within
-    `cost_budget`. Any other method can be exported later with `jeidnn export RUN --method NAME`."""
+    """With `selection: method`: the method to export, a learned variant (or its `<name>_tau` twin) or a
+    baseline such as `threshold_search` or `patience`. Any method can be exported later with
+    `jeidnn export RUN --method NAME`."""
+    guarantee: GuaranteeConfig = field(default_factory=GuaranteeConfig)
+    """With `selection: guarantee`: the guarantee the exported operating point is certified for."""
     cost_budget: float = 0.6
     """The exported operating point (method, λ, exit threshold) is the most accurate on calib half A
     among those whose calib cost is at most this."""

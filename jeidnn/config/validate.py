@@ -53,6 +53,11 @@ def validate(cfg: RunConfig) -> None:
         raise JeidnnError(f"eval.ece_bins must be a positive integer, got {cfg.eval.ece_bins}")
     if not 0 < cfg.export.alpha < 1:
         raise JeidnnError(f"export.alpha must lie in (0, 1), got {cfg.export.alpha}")
+    guarantees = [(f"eval.guarantees[{i}]", g) for i, g in enumerate(cfg.eval.guarantees)]
+    for where, g in [*guarantees, ("export.guarantee", cfg.export.guarantee)]:
+        for key in ("epsilon", "delta"):
+            if not 0 < getattr(g, key) < 1:
+                raise JeidnnError(f"{where}.{key} must lie in (0, 1), got {getattr(g, key)}")
     j = cfg.jeidnn
     if j.lambdas is not None and (not j.lambdas or any(lam < 0 for lam in j.lambdas)):
         raise JeidnnError(f"jeidnn.lambdas must be null or a non-empty list of values >= 0, got {j.lambdas}")

@@ -75,7 +75,7 @@ class Source:
     """Per-exit predictions of one set of IMs on calib and test (the warm-up IMs or one learned model)."""
 
     name: str  # which predictions these are, for messages
-    logits: dict[str, Tensor]  # split -> (N, L, C)
+    logits: dict[str, Tensor]  # split -> (N, L, C): calib, test and, where the run kept it, val
     labels: dict[str, Tensor]  # split -> (N,)
     scores: dict[str, Tensor] | None = None  # split -> (N, L - 1) exit scores of a learned model
     probs: dict[str, Tensor] = field(init=False)  # split -> (N, L, C)
@@ -105,6 +105,16 @@ class Candidate:
     calib_cost: float  # on calib A
     uses: dict = field(default_factory=dict)
     """What gates need to play it: ``thresholds`` and ``measure``, ``patience`` or ``exit`` (baselines)."""
+    val_exits: Tensor | None = None
+    """(N_val,) int16: where val exits; None for predictions without a val split (older run folders)."""
+
+    def val_outcome(self) -> dict[str, float] | None:
+        """Accuracy and cost on val (a split no threshold, τ or λ was chosen on), or None without val."""
+        if self.val_exits is None:
+            return None
+        exits = self.val_exits.long()
+        correct = self.source.correct["val"].gather(1, exits[:, None]).squeeze(1)
+        return {"accuracy": float(correct.double().mean()), "cost": float(self.costs[exits].mean())}
 
 
 def make_candidate(
@@ -115,6 +125,7 @@ def make_candidate(
     test_exits: Tensor,
     split: CalibSplit,
     uses: dict | None = None,
+    val_exits: Tensor | None = None,
 ) -> Candidate:
     """Wrap exits with their calib-A accuracy and cost (int16: thousands of candidates stay small)."""
     costs = torch.as_tensor(costs, dtype=torch.float64)
@@ -129,6 +140,7 @@ def make_candidate(
         float(correct_a.double().mean()),
         float(costs[exits_a].mean()),
         uses or {},
+        None if val_exits is None else val_exits.to(torch.int16),
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from jeidnn.evaluate.budgeted import CalibSplit, Candidate, Source, make_candidate
 from jeidnn.model import policies as bl
@@ -48,8 +49,8 @@ class Inputs:
     sources: dict[str, list[Source]] = field(default_factory=dict)  # learned method -> each model's
 
     def __post_init__(self) -> None:
-        self.maxprob = {s: bl.confidence(self.warm.probs[s], "maxprob") for s in ("calib", "test")}
-        self.preds = {s: self.warm.probs[s].argmax(-1) for s in ("calib", "test")}
+        self.maxprob = {s: bl.confidence(p, "maxprob") for s, p in self.warm.probs.items()}
+        self.preds = {s: p.argmax(-1) for s, p in self.warm.probs.items()}
         self.ps = list(self.cfg.threshold_ps)
         self.grid = sorted(set(self.cfg.global_thresholds) | set(GLOBAL_GRID))
         values = self.cfg.patience_values
@@ -64,20 +65,36 @@ def geometric_candidates(
     src: Source, costs: list[float], split: CalibSplit, measure: str, ps: list[float], tag: Callable
 ) -> list[Candidate]:
     """Budgeted-batch thresholds fitted on calib A for each geometric target q_k ∝ p^k."""
-    conf = {s: bl.confidence(src.probs[s], measure) for s in ("calib", "test")}  # (N, L) each
+    conf = {s: bl.confidence(p, measure) for s, p in src.probs.items()}  # (N, L) each
     out = []
     for p in ps:
         target = bl.geometric_exit_distribution(p, len(costs))
         thresholds = bl.fit_budgeted_thresholds(conf["calib"][split.a], target)
         exits = {s: bl.apply_thresholds(conf[s], thresholds) for s in conf}
         uses = {"thresholds": thresholds, "measure": measure}
-        out.append(make_candidate(tag(p), src, costs, exits["calib"], exits["test"], split, uses))
+        out.append(
+            make_candidate(tag(p), src, costs, exits["calib"], exits["test"], split, uses, exits.get("val"))
+        )
     return out
+
+
+def _val_exits(src: Source, exits: Callable[[str], Tensor]) -> Tensor | None:
+    """``exits("val")`` where the predictions have a val split, else None."""
+    return exits("val") if "val" in src.logits else None
 
 
 def _policy(x: Inputs, params: list, policy: Callable, uses: Callable) -> list[Candidate]:
     return [
-        make_candidate(p, x.warm, x.costs, policy("calib", p), policy("test", p), x.split, uses(p))
+        make_candidate(
+            p,
+            x.warm,
+            x.costs,
+            policy("calib", p),
+            policy("test", p),
+            x.split,
+            uses(p),
+            _val_exits(x.warm, lambda s, p=p: policy(s, p)),
+        )
         for p in params
     ]
 
@@ -120,6 +137,7 @@ def threshold_search(x: Inputs) -> Callable[[float], list[Candidate]]:
                         bl.apply_thresholds(x.maxprob["test"], thr),
                         x.split,
                         {"thresholds": thr.tolist(), "measure": "maxprob"},
+                        _val_exits(x.warm, lambda s: bl.apply_thresholds(x.maxprob[s], thr)),
                     )
                 ]
             )
@@ -137,7 +155,7 @@ def patience(x: Inputs) -> list[Candidate]:
 def static(x: Inputs) -> list[Candidate]:
     """Every sample at one exit; the param is its 1-based backbone layer."""
     exit_of_layer = {layer: e for e, layer in enumerate(x.layers)}
-    n = {s: len(x.warm.labels[s]) for s in ("calib", "test")}
+    n = {s: len(labels) for s, labels in x.warm.labels.items()}
     policy = lambda s, la: bl.static_exits(n[s], exit_of_layer[la])  # noqa: E731
     return _policy(x, list(x.layers), policy, lambda la: {"exit": exit_of_layer[la]})
 
@@ -174,6 +192,10 @@ def learned_candidates(entry: dict, sources: list[Source], split: CalibSplit) ->
         assert src.scores is not None
         for tau in taus:
             param = {"model": k, "lambda": model.get("lambda"), "tau": tau}
-            calib, test = score_exits(src.scores["calib"], tau), score_exits(src.scores["test"], tau)
-            out.append(make_candidate(param, src, costs, calib, test, split))
+            exits = {s: score_exits(scores, tau) for s, scores in src.scores.items()}
+            out.append(
+                make_candidate(
+                    param, src, costs, exits["calib"], exits["test"], split, None, exits.get("val")
+                )
+            )
     return out

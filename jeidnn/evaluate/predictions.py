@@ -31,7 +31,9 @@ WARMUP_PREDICTIONS = "predictions/warmup.safetensors"
 """Where a run keeps the warm-up exits' predictions, relative to its folder."""
 
 EVAL_SPLITS = ("calib", "test")
-"""The splits the evaluation reads (training also keeps `val`)."""
+"""The splits the evaluation needs. `val` is read too where the run kept it (every run since val
+predictions were written): the evaluation picks the reference baseline and the exported method on it."""
+OPTIONAL_SPLITS = ("val",)
 
 Tensors = Mapping[str, Tensor]
 """One set of exits' predictions: ``<split>_logits`` ``(N, L, C)``, ``<split>_labels`` ``(N,)`` and, for a
@@ -135,12 +137,14 @@ def _read(run_dir: Path, rel_path: str, num_exits: int, with_scores: bool) -> di
     return data
 
 
-def _check(data: Tensors, num_exits: int, with_scores: bool, where: str) -> None:
+def _check(
+    data: Tensors, num_exits: int, with_scores: bool, where: str, splits: tuple[str, ...] = EVAL_SPLITS
+) -> None:
     keys = ("logits", "labels") + (("scores",) if with_scores else ())
     missing = [f"{s}_{k}" for s in EVAL_SPLITS for k in keys if f"{s}_{k}" not in data]
     if missing:
         raise JeidnnError(f"{where} lacks tensors {missing}; re-run training for this run folder")
-    for s in EVAL_SPLITS:
+    for s in splits:
         logits, labels = data[f"{s}_logits"], data[f"{s}_labels"]
         if logits.ndim != 3 or logits.shape[1] != num_exits or labels.shape != (len(logits),):
             raise JeidnnError(
@@ -156,9 +160,11 @@ def _check(data: Tensors, num_exits: int, with_scores: bool, where: str) -> None
 
 
 def _source(data: Tensors, num_exits: int, with_scores: bool, name: str) -> Source:
-    """``data`` on calib and test as a :class:`Source` (float logits and scores, long labels)."""
-    _check(data, num_exits, with_scores, name)
-    logits = {s: data[f"{s}_logits"].float() for s in EVAL_SPLITS}
-    labels = {s: data[f"{s}_labels"].long() for s in EVAL_SPLITS}
-    scores = {s: data[f"{s}_scores"].float() for s in EVAL_SPLITS} if with_scores else None
+    """``data`` on calib, test and (where kept) val as a :class:`Source` (float logits, long labels)."""
+    keys = ("logits", "labels") + (("scores",) if with_scores else ())
+    splits = EVAL_SPLITS + tuple(s for s in OPTIONAL_SPLITS if all(f"{s}_{k}" in data for k in keys))
+    _check(data, num_exits, with_scores, name, splits)
+    logits = {s: data[f"{s}_logits"].float() for s in splits}
+    labels = {s: data[f"{s}_labels"].long() for s in splits}
+    scores = {s: data[f"{s}_scores"].float() for s in splits} if with_scores else None
     return Source(name, logits, labels, scores)
