@@ -48,7 +48,8 @@ def build_models(args: argparse.Namespace) -> tuple[list[dict], list]:
     """Every (level, regime) model with its row of results (accuracy, cost, sizes) but the timing."""
     from jeidnn.compress.pruning import PruneSettings, prune_model, run_data
     from jeidnn.export.exporter import build_model, load_backbone
-    from jeidnn.export.operating_point import Run, default_choice
+    from jeidnn.export.operating_point import Run
+    from jeidnn.export.selection import default_choice
     from jeidnn.hf.modeling import EarlyExitModel
 
     run = Run.open(args.run)

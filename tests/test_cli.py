@@ -51,8 +51,15 @@ def run_train(args, capsys):
         (["--finetune.epochs", "two"], "`finetune.epochs` expects int"),
         (["--eval.threshold_ps", "[0.5, 0]"], "eval.threshold_ps must be a non-empty list of values > 0"),
         (["--eval.patience_values", "[-1]"], "eval.patience_values must be null or a non-empty list"),
-        (["--export.method", "nope"], "export.method 'nope' is not a method of this run; choose one of"),
-        (["--export.method", "oracle"], "export.method 'oracle' is not a method of this run"),
+        (
+            ["--export.selection", "method", "--export.method", "nope"],
+            "export.method 'nope' is not a method of this run; choose one of",
+        ),
+        (
+            ["--export.selection", "method", "--export.method", "oracle"],
+            "export.method 'oracle' is not a method of this run",
+        ),
+        (["--export.method", "patience"], "set export.selection: method to export that method"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(extra, needle, corpus, tmp_path, capsys):

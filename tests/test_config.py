@@ -55,7 +55,7 @@ def test_export_method_may_be_any_method_the_run_evaluates():
         "threshold_search",
         "patience",
     ):
-        cfg = config_from_dict({"export": {"method": method}})
+        cfg = config_from_dict({"export": {"selection": "method", "method": method}})
         check_export_method(cfg)
         assert cfg.export.method == method
     # A `_tau` twin exists only for native variants; thresholds on the paper's IMs need the paper preset.
@@ -63,21 +63,25 @@ def test_export_method_may_be_any_method_the_run_evaluates():
         cfg = config_from_dict(
             {
                 "jeidnn": {"variants": [{"name": "g", "operating_point": "calib_threshold"}]},
-                "export": {"method": method},
+                "export": {"selection": "method", "method": method},
             }
         )
         with pytest.raises(JeidnnError, match="choose one of"):
             check_export_method(cfg)
-    check_export_method(config_from_dict({"jeidnn": {"enabled": False}, "export": {"method": "static"}}))
+    check_export_method(
+        config_from_dict(
+            {"jeidnn": {"enabled": False}, "export": {"selection": "method", "method": "static"}}
+        )
+    )
 
 
 @pytest.mark.parametrize(
     "data, needle",
     [
-        ({"export": {"method": "nope"}}, "export.method 'nope'"),
-        ({"export": {"method": "oracle"}}, "export.method 'oracle'"),
+        ({"export": {"selection": "method", "method": "nope"}}, "export.method 'nope'"),
+        ({"export": {"selection": "method", "method": "oracle"}}, "export.method 'oracle'"),
         (
-            {"jeidnn": {"enabled": False}, "export": {"method": "jeidnn_paper"}},
+            {"jeidnn": {"enabled": False}, "export": {"selection": "method", "method": "jeidnn_paper"}},
             "export.method 'jeidnn_paper'",
         ),
     ],
@@ -334,6 +338,15 @@ def test_bad_overrides_get_one_line_naming_the_key(override, message):
         ),
         (["--export.guarantee.risk", "accuracy"], "accuracy"),
         (["--export.selection", "best"], "best"),
+        (
+            ["--export.method", "patience"],
+            "export.method is 'patience' but export.selection is 'budget'; set export.selection: method",
+        ),
+        (
+            ["--export.method", "patience", "--export.selection", "guarantee"],
+            "export.method is 'patience' but export.selection is 'guarantee'",
+        ),
+        (["--export.selection", "method"], "export.selection is 'method' but export.method is not set"),
         (["--output_dir", ""], "output_dir is empty"),
     ],
 )

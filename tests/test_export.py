@@ -4,11 +4,16 @@ the evaluation's row (accuracy, exit fractions, conformal coverage included)."""
 
 import json
 import random
+import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 from tiny_models import tiny_run_overrides
 
 from jeidnn import EarlyExitModel
@@ -16,6 +21,7 @@ from jeidnn.cli.main import export_main, train_main
 from jeidnn.config.parser import load_config
 from jeidnn.data.sources import load_raw
 from jeidnn.data.splits import make_splits
+from jeidnn.evaluate.selection import Choice
 from jeidnn.export.exporter import export_run
 from jeidnn.export.operating_point import Run
 from jeidnn.hf.batches import make_batches
@@ -64,12 +70,16 @@ def report(run):
     return json.loads((run / "report.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def test_split(run):
+def split_of(run, name):
     cfg = load_config(run / "config.yaml")
     raw = load_raw(cfg.data, "text")
-    test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"]
-    return [raw.inputs[i] for i in test], torch.tensor([raw.labels[i] for i in test])
+    indices = make_splits(len(raw.labels), cfg.data, cfg.seed).indices[name]
+    return [raw.inputs[i] for i in indices], torch.tensor([raw.labels[i] for i in indices])
+
+
+@pytest.fixture(scope="module")
+def test_split(run):
+    return split_of(run, "test")
 
 
 def spread_row(report, method):
@@ -145,11 +155,8 @@ def test_exported_model_plays_the_evaluation_row(method, run, report, test_split
 def test_default_export_is_what_train_py_exported(run, report, tmp_path):
     summary = export_run(run, out=tmp_path / "m", alpha=0.2)
     exported = report["export"]
-    assert (summary["method"], summary["lambda"], summary["exit_threshold"]) == (
-        exported["method"],
-        exported["lambda"],
-        exported["exit_threshold"],
-    )
+    keys = ("method", "param", "lambda", "exit_threshold", "selection", "considered", "chosen_by")
+    assert {k: summary.get(k) for k in keys} == {k: exported.get(k) for k in keys}
     assert summary["budget"] == load_config(run / "config.yaml").export.cost_budget
     mine = json.loads((tmp_path / "m" / "config.json").read_text())
     trained = json.loads((run / "model" / "config.json").read_text())
@@ -203,6 +210,13 @@ def test_default_output_folder(run, tmp_path):
         (["--method", "static", "--alpha", "1.5"], "--alpha must lie strictly between 0 and 1, got 1.5"),
         (["--method", "jeidnn_paper", "--lam", "nan"], "--lam must be a finite number, got nan"),
         (["--method", "jeidnn_paper", "--lam", "inf"], "--lam must be a finite number, got inf"),
+        (
+            ["--budget", "0.05"],
+            "no method meets cost budget 0.05 on calib half A (the cheapest configuration",
+        ),
+        (["--selection", "budget", "--method", "static"], "--method static names the one method to export"),
+        (["--selection", "method"], "--selection method needs --method NAME"),
+        (["--selection", "guarantee", "--budget", "0.5"], "--budget does not apply to --selection guarantee"),
     ],
 )
 def test_bad_requests_get_one_line_and_write_nothing(args, needle, run, tmp_path, capsys):
@@ -266,10 +280,172 @@ def test_backbone_folder_is_preferred_and_required(run, test_split, tmp_path, ca
 def test_train_py_exports_a_baseline_named_in_the_config_without_stage2(tmp_path):
     corpus = write_interaction_csv(tmp_path / "d.csv", n=300)
     args = ["--config", str(ROOT / "configs" / "smoke.yaml"), *tiny_run_overrides(corpus, tmp_path / "runs")]
-    extra = ["--jeidnn.enabled", "false", "--export.method", "patience", "--export.cost_budget", "0.9"]
+    extra = ["--jeidnn.enabled", "false", "--export.selection", "method", "--export.method", "patience"]
+    extra += ["--export.cost_budget", "0.9"]
     assert train_main([*args, *FAST, *extra]) == 0
     run = tmp_path / "runs" / "t"
     report = json.loads((run / "report.json").read_text())
     assert "learned" not in report and report["export"]["method"] == "patience"
     model = EarlyExitModel.from_pretrained(run / "model")
     assert type(model.gates).__name__ == "PatienceGates" and model.gates.patience == report["export"]["param"]
+
+
+# --------------------------------------------------------------------------- export.selection, model card
+
+
+def test_train_py_exports_the_val_best_method_at_its_budgeted_row(run, report):
+    exported, budget = report["export"], load_config(run / "config.yaml").export.cost_budget
+    assert exported["selection"] == "budget" and exported["budget"] == budget
+    rows = [r for r in exported["considered"] if "skipped" not in r]
+    best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], rows[i]["val_cost"], i))
+    assert rows[best]["method"] == exported["method"]
+    assert [r["method"] for r in exported["considered"]] == [m for m in report["methods"] if m != "oracle"]
+    # The exported test numbers are the budgeted table's row for that method at export.cost_budget.
+    (row,) = [
+        r
+        for r in report["summary"]["budgeted"]["rows"]
+        if r["method"] == exported["method"] and r["budget"] == budget
+    ]
+    assert (exported["param"], exported["calib_accuracy"], exported["calib_cost"]) == (
+        row["param"],
+        row["calib_accuracy"],
+        row["calib_cost"],
+    )
+    assert (exported["test_accuracy"], exported["test_cost"]) == (row["accuracy"], row["cost"])
+    assert exported["test_exit_fractions"] == row["exit_fractions"]
+    # Its val accuracy, measured again by the saved model on the val texts.
+    texts, labels = split_of(run, "val")
+    predictions = EarlyExitModel.from_pretrained(run / "model").predict(texts, sets=False)
+    names = report["dataset"]["labels"]
+    right = [p.label == names[y] for p, y in zip(predictions, labels.tolist(), strict=True)]
+    assert sum(right) / len(right) == pytest.approx(exported["val_accuracy"], abs=1.5 / len(right))
+
+
+def read_card(folder: Path) -> tuple[dict, dict[str, list[str]]]:
+    """A model card's YAML metadata, and each table row's cells keyed by its first cell."""
+    text = (folder / "README.md").read_text()
+    front, body = re.fullmatch(r"---\n(.*?)\n---\n(.*)", text, flags=re.S).groups()
+    rows = {}
+    for line in body.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    return yaml.safe_load(front), rows
+
+
+def test_model_card_numbers_are_the_report_numbers(run, report):
+    exported = report["export"]
+    meta, rows = read_card(run / "model")
+    assert meta["library_name"] == "jeidnn" and meta["pipeline_tag"] == "text-classification"
+    assert {"early-exit", "jeidnn"} <= set(meta["tags"]) and "base_model" not in meta  # a random backbone
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"accuracy": exported["test_accuracy"], "cost": exported["test_cost"]}
+
+    def f(x):
+        return f"{x:.4f}"
+
+    assert rows["calib half A"] == [f(exported["calib_accuracy"]), f(exported["calib_cost"])]
+    assert rows["val"] == [f(exported["val_accuracy"]), f(exported["val_cost"])]
+    assert rows["test"] == [f(exported["test_accuracy"]), f(exported["test_cost"])]
+    assert rows["chosen by"] == [exported["chosen_by"]]
+    assert rows["method"][0].startswith(f"{exported['label']} (`{exported['method']}`")
+    layers, costs = report["exits"]["layers"], report["exits"]["cost"]
+    if exported["kind"] == "learned":
+        costs = report["learned"][exported["method"]]["costs"]
+    for i, fraction in enumerate(exported["test_exit_fractions"]):
+        assert rows[str(i + 1)][:3] == [str(layers[i]), f(costs[i]), f(fraction)]
+    for r in exported["considered"]:
+        cells = rows[next(k for k in rows if k.startswith(f"`{r['method']}`"))]
+        want = [f"skipped: {r['skipped']}", "", "", ""] if "skipped" in r else [
+            f(r[k]) for k in ("val_accuracy", "val_cost", "calib_accuracy", "calib_cost")
+        ]  # fmt: skip
+        assert cells == want
+    text = (run / "model" / "README.md").read_text()
+    assert "None stated: the `budget` selection" in text and "EarlyExitModel.from_pretrained" in text
+
+
+def test_an_old_run_without_val_predictions(run, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("export", "model"))
+    for path in (old / "predictions").rglob("*.safetensors"):
+        save_file({k: v for k, v in load_file(path).items() if not k.startswith("val_")}, path)
+    assert export_main([str(old), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {old} has no val predictions (written by an older jeidnn)")
+        and err.count("\n") == 1
+    )
+    assert "re-run training, or export one method with --method NAME" in err
+    assert not (tmp_path / "m").exists()
+    assert export_main([str(old), "--method", "static", "--out", str(tmp_path / "m")]) == 0
+    assert read_card(tmp_path / "m")[1]["val"] == ["n/a", "n/a"]
+
+
+class StandInCertificate:
+    """What :func:`jeidnn.evaluate.certify.certify` returns, reduced to what export reads."""
+
+    def __init__(self, choice, guarantee):
+        self.choice, self.guarantee, self.method = choice, guarantee, choice.method
+        self.proof = "stand-in: fixed-sequence testing, exact binomial p-values"
+        self.certified_risk, self.test_risk = 0.0125, 0.0075
+
+    def conformal(self, alphas, min_samples):
+        n = len(self.choice.candidate.costs)
+        return {str(a): [0.25] * n for a in alphas}, [[e] for e in range(n)]
+
+    def to_dict(self):
+        g = self.guarantee
+        return {
+            "guarantee": {"risk": g.risk, "epsilon": g.epsilon, "delta": g.delta, "kind": g.kind},
+            "method": self.method,
+            "proof": self.proof,
+            "certified_risk": self.certified_risk,
+            "test_risk": self.test_risk,
+        }
+
+
+def test_guarantee_selection_exports_the_certified_point(run, tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def certify(methods, guarantee, names=None):
+        seen["names"] = names
+        choice = methods.choose("global_maxprob", 0.8)
+        return StandInCertificate(Choice(choice.spec, None, choice.candidate, choice.split), guarantee)
+
+    module = types.ModuleType("jeidnn.evaluate.certify")
+    module.certify = certify
+    monkeypatch.setitem(sys.modules, "jeidnn.evaluate.certify", module)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    summary = export_run(copy, selection="guarantee")
+
+    assert Path(summary["path"]) == copy / "export" / "global_maxprob-accuracy_gap-eps0.01-delta0.1"
+    assert seen["names"][:2] == ["jeidnn_paper", "jeidnn_paper_tau"] and "oracle" not in seen["names"]
+    assert (summary["selection"], summary["method"], summary["budget"]) == (
+        "guarantee",
+        "global_maxprob",
+        None,
+    )
+    assert summary["chosen_by"] == "stand-in: fixed-sequence testing, exact binomial p-values"
+    assert summary["guarantee"]["certified_risk"] == 0.0125
+    saved = json.loads((Path(summary["path"]) / "config.json").read_text())
+    assert saved["conformal_quantiles"]["0.1"] == [0.25] * 3  # the certificate's, not calib B's
+    meta, rows = read_card(Path(summary["path"]))
+    assert rows["accuracy_gap"] == ["0.01", "0.1", "high_probability", "0.0125", "0.0075"]
+    assert "Proof: stand-in: fixed-sequence testing" in (Path(summary["path"]) / "README.md").read_text()
+    # Without the certification module, the selection is refused in one line.
+    monkeypatch.setitem(sys.modules, "jeidnn.evaluate.certify", None)
+    assert export_main([str(run), "--selection", "guarantee", "--out", str(tmp_path / "n")]) == 2
+    assert "export.selection guarantee needs jeidnn.evaluate.certify" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
+def test_a_run_config_from_before_export_selection_keeps_its_export_method(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export", "model"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["export"] = {"method": "static", "cost_budget": 0.7, "alpha": 0.1}  # no `selection` key yet
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = export_run(copy, out=tmp_path / "m")
+    assert (summary["selection"], summary["method"], summary["budget"]) == ("method", "static", 0.7)
+    assert summary["chosen_by"].startswith("named by export.method; ")

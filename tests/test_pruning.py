@@ -25,7 +25,8 @@ from jeidnn.data.sources import load_raw
 from jeidnn.data.splits import make_splits, split_fingerprint
 from jeidnn.errors import JeidnnError
 from jeidnn.export.exporter import build_model, load_backbone
-from jeidnn.export.operating_point import Run, choose, default_choice
+from jeidnn.export.operating_point import Run, choose
+from jeidnn.export.selection import default_choice
 from jeidnn.hf.batches import make_batches
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.early_exit import PatienceGates, StaticGates, ThresholdGates
@@ -283,10 +284,11 @@ def test_loading_restores_the_pruned_shapes_without_help(pruned):
 
 def test_layers_auto_keeps_the_deepest_exit_used_on_calib(run, tmp_path):
     r = Run.open(run)
-    layers, deepest = r.report["exits"]["layers"], int(default_choice(r).candidate.calib_exits.max())
-    assert deepest < len(layers) - 1  # the tiny run's default operating point leaves layers unused
+    layers, deepest = r.report["exits"]["layers"], int(choose(r, "static", 0.7).candidate.calib_exits.max())
+    assert deepest < len(layers) - 1  # a static depth within cost 0.7 leaves the last layer unused
 
-    summary = prune_run(run, PruneSettings(layers="auto"), out=tmp_path / "m", progress=False)
+    settings = PruneSettings(layers="auto")
+    summary = prune_run(run, settings, method="static", budget=0.7, out=tmp_path / "m", progress=False)
 
     assert summary["exit_layers"] == layers[: deepest + 1] and summary["layers_kept"] == layers[deepest]
     assert summary["parameters_after"] < summary["parameters_before"]
@@ -295,6 +297,9 @@ def test_layers_auto_keeps_the_deepest_exit_used_on_calib(run, tmp_path):
     assert saved["backbone_config"]["num_hidden_layers"] == layers[deepest]
     if deepest == 0:  # one exit left: no gate
         assert saved["gates"] == {"kind": "none"} and summary["test_exit_fractions"] == [1.0]
+    card = (tmp_path / "m" / "README.md").read_text()  # the model card follows the pruned model
+    assert f"| test (pruned) | {summary['test_accuracy']:.4f} | {summary['test_cost']:.4f} |" in card
+    assert f"layers kept: {layers[deepest]}" in card and f"exits at layers {layers[: deepest + 1]}" in card
 
 
 def test_pruning_nothing_gives_back_the_same_model(run, test_texts):

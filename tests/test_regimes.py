@@ -29,6 +29,10 @@ E2E = [
     "[0.01]",
     "--jeidnn.variants",
     "[{name: jeidnn_paper}]",
+    "--export.selection",  # the export of the model trained end to end, which carries its own backbone
+    "method",
+    "--export.method",
+    "jeidnn_paper",
 ]
 
 

@@ -12,17 +12,25 @@ from jeidnn.log import setup_logging
 __all__ = ["DESCRIPTION", "add_arguments", "run"]
 
 DESCRIPTION = (
-    "Export any method's operating point of a finished run, chosen on calib half A as the budgeted "
-    "evaluation chose it, with its conformal quantiles."
+    "Export an operating point of a finished run as a model folder with its conformal quantiles and model "
+    "card: by default the run's export.selection (budget: of every method's calib-A choice within the "
+    "budget, the one most accurate on val), or any method's (--method)."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``RUN [--method NAME] [--budget B | --lam L] [--alpha A] [--out DIR] [--dtype D] [--overwrite]
-    [--quiet]``."""
+    """``RUN [--selection S] [--method NAME] [--budget B | --lam L] [--alpha A] [--out DIR] [--dtype D]
+    [--overwrite] [--quiet]``."""
     parser.add_argument("run_dir", metavar="RUN", help="a finished run folder, runs/<name>")
     parser.add_argument(
-        "--method", help="a learned or baseline method of the run (default: train.py's choice)"
+        "--selection",
+        choices=["budget", "guarantee", "method"],
+        help="budget: the method most accurate on val among every method's calib-A choice within the "
+        "budget; guarantee: the cheapest operating point certified for the run's export.guarantee; "
+        "method: --method's (default: the run's export.selection; --method implies method)",
+    )
+    parser.add_argument(
+        "--method", help="a learned or baseline method of the run, exported at the budget (or --lam)"
     )
     parser.add_argument(
         "--budget", type=float, help="calib cost budget (default: the run's export.cost_budget)"
@@ -50,5 +58,6 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.quiet)
     options = {"budget": args.budget, "lam": args.lam, "alpha": args.alpha, "out": args.out}
+    options["selection"] = args.selection
     export_run(args.run_dir, args.method, overwrite=args.overwrite, dtype=args.dtype, **options)
     return 0

@@ -46,8 +46,10 @@ from jeidnn.compress.settings import PruneSettings, last_exit
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import split_calib
 from jeidnn.evaluate.conformal import fit_at_exits
+from jeidnn.export.card import write_card
 from jeidnn.export.exporter import build_model, load_backbone
-from jeidnn.export.operating_point import Run, choose, default_choice
+from jeidnn.export.operating_point import Run
+from jeidnn.export.selection import select
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.io import atomic_folder
 from jeidnn.model.backbone import Backbone
@@ -242,7 +244,7 @@ def prune_run(
     check_prunable(run.report["backbone"]["architecture"])
     if isinstance(settings.layers, int):
         last_exit(settings.layers, list(run.report["exits"]["layers"]), None)  # refuse before any work
-    point = choose(run, method, budget) if method else default_choice(run, budget)
+    point = select(run, method=method, budget=budget)
     backbone, preprocessor = load_backbone(run)
     if backbone.family.prune_refusal is not None:
         raise JeidnnError(f"cannot prune a {backbone.family.name} backbone: {backbone.family.prune_refusal}")
@@ -264,6 +266,7 @@ def prune_run(
     _log_result(info)
     with atomic_folder(out, overwrite) as tmp:
         pruned.save_pretrained(tmp)
+        write_card(tmp, run, pruned, summary, pruning=info)
     log.info("wrote %s", out)
     return {"path": str(out), **info}
 

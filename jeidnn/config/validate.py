@@ -79,6 +79,7 @@ def validate(cfg: RunConfig) -> None:
             raise JeidnnError(f"jeidnn.variants[{v.name}]: width and projection must be positive integers")
     if not 0 < cfg.export.cost_budget <= 2:
         raise JeidnnError(f"export.cost_budget must lie in (0, 2], got {cfg.export.cost_budget}")
+    _check_export_selection(cfg)
     if any(not 0 < b <= 2 for b in cfg.eval.budgets) or not cfg.eval.budgets:
         raise JeidnnError(f"eval.budgets must be a non-empty list of costs in (0, 2], got {cfg.eval.budgets}")
     if cfg.eval.bootstrap < 100 or cfg.eval.resplits < 1:
@@ -229,4 +230,18 @@ def check_against_model(cfg: RunConfig, hf_config: Any) -> None:
         raise JeidnnError(
             f"model.max_length {cfg.model.max_length} exceeds the backbone's {positions} token positions; "
             f"set model.max_length to at most {positions}"
+        )
+
+
+def _check_export_selection(cfg: RunConfig) -> None:
+    """`export.method` names the exported method only with `export.selection: method`, which needs it."""
+    e = cfg.export
+    if e.method is not None and e.selection != "method":
+        raise JeidnnError(
+            f"export.method is {e.method!r} but export.selection is {e.selection!r}; set export.selection: "
+            "method to export that method, or remove export.method"
+        )
+    if e.selection == "method" and e.method is None:
+        raise JeidnnError(
+            "export.selection is 'method' but export.method is not set; name the method to export"
         )

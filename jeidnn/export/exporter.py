@@ -2,8 +2,10 @@
 
 The operating point is the configuration the run's budgeted evaluation chose for the method at the budget
 (:mod:`jeidnn.export.operating_point`), so the exported model leaves where that row of report.md leaves, on
-calib and on test. Its conformal quantiles are fitted on calib half B with exit groups from the calib-A exit
-counts, for every ``eval.alphas`` and the model's default level.
+calib and on test; which method is exported is ``export.selection``'s (:mod:`jeidnn.export.selection`). Its
+conformal quantiles are fitted on calib half B with exit groups from the calib-A exit counts (a certified
+operating point: by its certificate), for every ``eval.alphas`` and the model's default level. The folder
+gets a model card, ``README.md`` (:mod:`jeidnn.export.card`).
 
 What each method exports:
 
@@ -16,9 +18,10 @@ What each method exports:
 
 Baselines use the warm-up IMs; every model shares the run's fine-tuned backbone (``backbone/``), except a
 learned model trained end to end (``jeidnn.train_backbone``), which brings its own in its checkpoint (so do
-thresholds on its IMs). ``python train.py`` exports the default choice
-(:func:`jeidnn.export.operating_point.default_choice`) to ``runs/<name>/model/``.
+thresholds on its IMs). ``python train.py`` exports the run's ``export.selection``
+(:func:`jeidnn.export.selection.default_choice`) to ``runs/<name>/model/``.
 
+    jeidnn export runs/default                      # the run's export.selection (default: best on val)
     jeidnn export runs/default --method threshold_search --budget 0.5
     jeidnn export runs/default --method jeidnn_paper --lam 0.01 --out my-model
 """
@@ -39,7 +42,9 @@ from torch import Tensor, nn
 from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError, first_line
 from jeidnn.evaluate.selection import Evaluation
-from jeidnn.export.operating_point import OperatingPoint, Run, choose, default_choice
+from jeidnn.export.card import write_card
+from jeidnn.export.operating_point import OperatingPoint, Run
+from jeidnn.export.selection import default_choice, select
 from jeidnn.io import atomic_folder, json_safe
 from jeidnn.model.backbone import Backbone
 from jeidnn.model.heads import ExitHeads
@@ -201,9 +206,12 @@ def build_model(
         trained, warmup_heads: see :func:`exit_parts`.
 
     Returns:
-        The model (eval mode) and ``{method, label, kind, param, budget, calib_cost, calib_accuracy,
-        test_accuracy, test_cost, test_exit_fractions, chosen_by, conformal_groups}``, plus ``lambda``,
-        ``model_index`` and ``exit_threshold`` where they apply.
+        The model (eval mode) and ``{method, label, kind, param, budget, selection, calib_cost,
+        calib_accuracy, val_accuracy, val_cost, test_accuracy, test_cost, test_exit_fractions, chosen_by,
+        considered, guarantee, conformal_alphas, conformal_fit, conformal_groups}``, plus ``lambda``,
+        ``model_index`` and ``exit_threshold`` where they apply. ``considered``: what the selection
+        compared (per method: param, calib-A and val accuracy and cost, or why it was skipped);
+        ``guarantee``: the certificate (``selection: guarantee``), else None.
     """
     from jeidnn.hf.modeling import EarlyExitModel
 
@@ -213,7 +221,7 @@ def build_model(
         raise JeidnnError(f"--alpha must lie strictly between 0 and 1, got {alpha}")
     backbone, heads, gates, tau = exit_parts(run, point, backbone, trained, warmup_heads)
     alphas = sorted(set(cfg.eval.alphas) | {alpha})
-    quantiles, groups = point.choice.conformal(alphas, cfg.eval.conformal_min_samples)
+    quantiles, groups = point.conformal(alphas, cfg.eval.conformal_min_samples)
     param = json_safe(point.param)
     trained_model = isinstance(param, dict) and "model" in param  # learned, or thresholds on learned IMs
     model_of = {"lambda": param["lambda"], "model_index": param["model"]} if trained_model else {}
@@ -225,10 +233,16 @@ def build_model(
         "budget": point.budget,
         **model_of,
         **({"exit_threshold": tau} if tau is not None else {}),
+        "selection": point.selection,
         "calib_cost": point.candidate.calib_cost,
         "calib_accuracy": point.candidate.calib_accuracy,
+        **point.val_metrics(),
         **point.test_metrics(),
         "chosen_by": point.chosen_by,
+        "considered": point.considered,
+        "guarantee": None if point.certificate is None else json_safe(point.certificate.to_dict()),
+        "conformal_alphas": alphas,
+        "conformal_fit": point.conformal_fit,
         "conformal_groups": groups,
     }
     # Learned models pay for their gates too (report.json learned.<method>.costs).
@@ -250,8 +264,16 @@ def build_model(
 
 
 def _log_choice(run: Run, point: OperatingPoint, summary: dict) -> None:
+    for row in point.considered if point.selection == "budget" else []:
+        if "skipped" in row:
+            log.info("  %-30s skipped: %s", row["method"], row["skipped"])
+        else:
+            log.info(
+                "  %-30s val accuracy %.4f, cost %.4f (calib A %.4f, %.4f)",
+                row["method"], row["val_accuracy"], row["val_cost"], row["calib_accuracy"], row["calib_cost"],
+            )  # fmt: skip
     log.info("method %s (%s), param %s", point.method, point.label, json.dumps(summary["param"]))
-    log.info("chosen: %s", point.chosen_by)
+    log.info("chosen (selection %s): %s", point.selection, point.chosen_by)
     log.info("calib half A: accuracy %.4f, cost %.4f", summary["calib_accuracy"], summary["calib_cost"])
     rows = run.report.get("summary", {}).get("budgeted", {}).get("rows", [])
     row = None
@@ -279,6 +301,7 @@ def export_run(
     run_dir: str | Path,
     method: str | None = None,
     *,
+    selection: str | None = None,
     budget: float | None = None,
     lam: float | None = None,
     alpha: float | None = None,
@@ -286,11 +309,15 @@ def export_run(
     overwrite: bool = False,
     dtype: str = "auto",
 ) -> dict:
-    """Export ``method``'s operating point of a finished run (default: what ``python train.py`` exports).
+    """Export an operating point of a finished run (default: what ``python train.py`` exports), with its
+    model card.
 
     Args:
         run_dir: ``runs/<name>/``.
-        method: any learned or baseline method of the run (the oracle excepted).
+        method: any learned or baseline method of the run (the oracle excepted); implies ``selection``
+            ``method``.
+        selection: ``budget``, ``guarantee`` or ``method`` (:mod:`jeidnn.export.selection`; default: the
+            run's ``export.selection``, or ``method`` with ``method``).
         budget: calib-A cost budget (default: the run's ``export.cost_budget``).
         lam: learned methods only, instead of ``budget``: the λ of the model to export.
         alpha: default conformal level saved with the model (default: ``export.alpha``).
@@ -303,7 +330,8 @@ def export_run(
         The summary of :func:`build_model` and ``path``, the folder written.
 
     Raises:
-        JeidnnError: a bad run folder, method, budget, λ, α or output folder; nothing is written then.
+        JeidnnError: a bad run folder, selection, method, budget, λ, α or output folder; nothing is
+            written then.
 
     Example:
         >>> export_run("runs/default", "patience", budget=0.5)["param"]  # doctest: +SKIP
@@ -320,9 +348,13 @@ def export_run(
     if dtype != "auto":
         torch_dtype(dtype, "--dtype")  # refused before any work
     run = Run.open(run_dir)
-    point = choose(run, method, budget, lam) if method else default_choice(run, budget)
+    point = select(run, selection, method=method, budget=budget, lam=lam)
     if out is None:
-        tag = f"lam{lam!r}" if lam is not None else f"{point.budget:g}"
+        g = run.cfg.export.guarantee
+        if point.selection == "guarantee":
+            tag = f"{g.risk}-eps{g.epsilon:g}-delta{g.delta:g}"
+        else:
+            tag = f"lam{lam!r}" if lam is not None else f"{point.budget:g}"
         out = run.folder / "export" / f"{point.method}-{tag}"
     out = Path(out)
     if out.exists() and not overwrite:
@@ -332,6 +364,7 @@ def export_run(
     _log_choice(run, point, summary)
     with atomic_folder(out, overwrite) as tmp:
         model.save_pretrained(tmp)
+        write_card(tmp, run, model, summary)
     log.info("wrote %s", out)
     return {"path": str(out), **summary}
 
@@ -346,9 +379,9 @@ def export_trained(
     trained: Mapping,
     warmup_heads: ExitHeads,
 ) -> dict:
-    """The training run's export, from memory: the default choice (what ``evaluation`` chose for
-    ``export.method``, else for the best learned method, at ``export.cost_budget``) written to
-    ``runs/<name>/model/``."""
+    """The training run's export, from memory: the operating point ``export.selection`` picks among what
+    ``evaluation`` chose (:func:`jeidnn.export.selection.default_choice`), written to ``runs/<name>/model/``
+    with its model card."""
     run = Run(Path(run_dir), evaluation.report, cfg, evaluation)
     point = default_choice(run)
     model, summary = build_model(
@@ -358,4 +391,5 @@ def export_trained(
     # model/ belongs to the run: a run resumed after being killed while exporting replaces it.
     with atomic_folder(run.folder / "model", overwrite=True) as tmp:
         model.save_pretrained(tmp)
+        write_card(tmp, run, model, summary)
     return {"path": "model", **summary}

@@ -12,18 +12,20 @@ Example:
     >>> run = Run.open("runs/default")  # doctest: +SKIP
     >>> point = choose(run, "threshold_search", budget=0.5)  # doctest: +SKIP
     >>> point.param, point.candidate.calib_cost  # doctest: +SKIP
+
+Which method a run exports by default (``export.selection``) is :mod:`jeidnn.export.selection`'s.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from jeidnn.config.parser import load_config
+from jeidnn.config.parser import config_from_dict, read_config_file
 from jeidnn.config.schema import RunConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import CalibSplit, Candidate
@@ -31,7 +33,7 @@ from jeidnn.evaluate.methods import REGISTRY, exportable_names
 from jeidnn.evaluate.predictions import RunPredictions
 from jeidnn.evaluate.selection import Choice, Evaluation, MethodSet, build_methods
 
-__all__ = ["OperatingPoint", "OverBudget", "Run", "choose", "default_choice"]
+__all__ = ["OperatingPoint", "OverBudget", "Run", "choose"]
 
 _REL_TOL = 1e-9  # a λ matches a trained one up to float noise
 
@@ -66,7 +68,12 @@ class Run:
             raise JeidnnError(f"{report_path} is malformed ({exc!r}); re-run training for this run") from None
         if not (folder / "config.yaml").is_file():
             raise JeidnnError(f"{folder / 'config.yaml'} not found; re-run training for this run")
-        return cls(folder, report, load_config(folder / "config.yaml"))
+        data = read_config_file(folder / "config.yaml")
+        export = data.get("export")
+        if isinstance(export, dict) and export.get("method") and "selection" not in export:
+            # Written before export.selection existed, when export.method alone named the exported method.
+            data["export"] = {**export, "selection": "method"}
+        return cls(folder, report, config_from_dict(data))
 
     @property
     def learned(self) -> dict[str, dict]:
@@ -104,6 +111,12 @@ class OperatingPoint:
     chosen_by: str
     by_lambda: bool = False
     """The model was fixed by λ, so this is not necessarily the evaluation's row at ``budget``."""
+    selection: str = "method"
+    """``export.selection`` that chose it: ``budget``, ``guarantee`` or ``method`` (one named method)."""
+    considered: list[dict] = field(default_factory=list)
+    """The methods the selection compared (``budget``: each one's calib-A choice and its val outcome)."""
+    certificate: Any = None
+    """``selection: guarantee``: the certificate (:mod:`jeidnn.evaluate.certify`) it was chosen by."""
 
     @property
     def method(self) -> str:
@@ -134,6 +147,25 @@ class OperatingPoint:
     def test_metrics(self) -> dict[str, Any]:
         """Accuracy, cost and exit fractions on test, as the evaluation computes them."""
         return self.choice.test_outcome()
+
+    def val_metrics(self) -> dict[str, float | None]:
+        """``val_accuracy`` and ``val_cost`` (None for a run folder without val predictions)."""
+        val = self.candidate.val_outcome() or {"accuracy": None, "cost": None}
+        return {"val_accuracy": val["accuracy"], "val_cost": val["cost"]}
+
+    def conformal(self, alphas: list[float], min_samples: int) -> tuple[dict[str, list[float]], list]:
+        """Per-exit conformal quantiles and exit groups: the certificate's (fitted on val, since calib
+        chose the operating point), else the evaluation's (calib half B, groups from calib half A)."""
+        if self.certificate is not None:
+            return self.certificate.conformal(alphas, min_samples)
+        return self.choice.conformal(alphas, min_samples)
+
+    @property
+    def conformal_fit(self) -> str:
+        """Where :meth:`conformal` fits the quantiles, in words."""
+        if self.certificate is not None:
+            return "val (calib chose and certified the operating point), exit groups from val"
+        return "calib half B, exit groups from the calib-A exit counts"
 
 
 def _model_of_lambda(method: str, entry: dict, lam: float) -> int:
@@ -211,30 +243,3 @@ def choose(run: Run, method: str, budget: float | None = None, lam: float | None
             f"is {cheapest:.4f}; {fix}"
         )
     return point
-
-
-def default_choice(run: Run, budget: float | None = None) -> OperatingPoint:
-    """What ``python train.py`` exports: ``export.method`` at ``budget`` (default ``export.cost_budget``), or
-    else the learned method whose choice is the most accurate on calib half A (ties: lower calib-A cost,
-    then report order)."""
-    budget = run.cfg.export.cost_budget if budget is None else budget
-    names = [run.cfg.export.method] if run.cfg.export.method else list(run.learned)
-    if not names:
-        raise JeidnnError(f"{run.folder} has no learned methods (jeidnn was off); pass --method")
-    points = []
-    for name in names:
-        try:
-            points.append(choose(run, name, budget))
-        except OverBudget:
-            if run.cfg.export.method:
-                raise
-    if not points:
-        raise JeidnnError(
-            f"no learned method reaches calib cost <= {budget:g} on calib half A; raise the budget"
-        )
-    best = max(points, key=lambda p: (p.candidate.calib_accuracy, -p.candidate.calib_cost))
-    if not run.cfg.export.method:
-        best.chosen_by = (
-            f"most accurate learned operating point on calib half A with calib cost <= {budget:g}"
-        )
-    return best

@@ -22,6 +22,7 @@ from jeidnn.evaluate.methods import check_export_method
 from jeidnn.evaluate.predictions import WARMUP_PREDICTIONS, RunPredictions
 from jeidnn.evaluate.selection import Evaluation
 from jeidnn.export.exporter import export_trained
+from jeidnn.export.selection import check_selection
 from jeidnn.io import write_json, write_safetensors
 from jeidnn.log import pause_point
 from jeidnn.pipeline.resume import RunState, mark_failed, open_run_dir, worker_state
@@ -73,6 +74,7 @@ def prepare(cfg: RunConfig, progress: bool = True) -> tuple[RunContext, RunInput
     """The run context and the loaded, checked model and data; raises JeidnnError on any bad input, before
     the run folder exists."""
     check_export_method(cfg)  # a bad export.method would otherwise fail only at the end of the run
+    check_selection(cfg)
     device = run_device(cfg.accelerator)
     trainer_device(cfg.accelerator, cfg.devices)  # refuses cuda:N with devices > 1
     precision = run_precision(cfg.precision, device)
@@ -235,8 +237,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
                 report, run_dir, cfg.eval, cfg.seed, predictions=predictions, progress=progress
             )
             report = evaluation.report
-        # A baseline named in export.method is exported even without stage 2.
-        if trained or (cfg.export.method and inputs.heads.num_exits > 1):
+        # Baselines are exported too, so a run without stage 2 exports one.
+        if inputs.heads.num_exits > 1:
             stage = "export"
             with timer.stage("export model"):
                 report["export"] = export_model(ctx, inputs, evaluation, trained)
@@ -258,10 +260,10 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
 def export_model(
     ctx: RunContext, inputs: RunInputs, evaluation: Evaluation, trained: dict[str, list]
 ) -> dict:
-    """Write the default operating point (`export.method`, else the best learned one on calib half A within
-    `export.cost_budget`) to `runs/<name>/model/` with its conformal quantiles; see
-    :mod:`jeidnn.export.exporter`. `evaluation` is what the evaluation chose and `trained` stage 2's models,
-    both in memory."""
+    """Write the operating point `export.selection` picks (default: of every method's calib-A choice within
+    `export.cost_budget`, the one most accurate on val) to `runs/<name>/model/` with its conformal quantiles
+    and model card; see :mod:`jeidnn.export.exporter` and :mod:`jeidnn.export.selection`. `evaluation` is
+    what the evaluation chose and `trained` stage 2's models, both in memory."""
     return export_trained(
         ctx.cfg,
         evaluation,
