@@ -7,23 +7,13 @@ layer-skipping forward equal to the all-layers forward, the same exits at batch 
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from tiny_models import TEXT_ARCHS, TINY_CONFIGS, write_sentiment_csv
+from tiny_models import TEXT_ARCHS, TINY_CONFIGS, few_steps_argv, write_sentiment_csv
 
 from jeidnn.cli.main import main, train_main
 from jeidnn.model.families import family_of
-
-ROOT = Path(__file__).resolve().parent.parent
-FAMILY_RUN = {
-    "finetune": {"epochs": 1, "batch_size": 32, "val_check_interval": 2, "patience": 1},
-    "warmup": {"max_epochs": 2},
-    "jeidnn": {"lambdas": [0.5], "epochs": 1, "alternate_steps": 2},
-    "data": {"max_train_samples": 96, "max_eval_samples": 64, "eval_batch_size": 64},
-}
 
 
 def run_family(tmp_path, arch: str, data: list[str] | None = None):
@@ -31,24 +21,8 @@ def run_family(tmp_path, arch: str, data: list[str] | None = None):
     if data is None:
         csv = write_sentiment_csv(tmp_path / "data.csv", n=300)
         data = ["--data.source", "csv", "--data.path", str(csv)]
-    argv = [
-        "--config",
-        str(ROOT / "configs" / "smoke.yaml"),
-        "--model.random_config",
-        json.dumps(TINY_CONFIGS[arch]),
-        "--model.max_length",
-        "24",
-        *data,
-        "--output_dir",
-        str(tmp_path / "runs"),
-        "--name",
-        arch,
-        "--no-progress",
-    ]
-    for section, values in FAMILY_RUN.items():
-        for key, value in values.items():
-            argv += [f"--{section}.{key}", yaml.safe_dump(value, default_flow_style=True).strip()]
-    assert train_main(argv) == 0
+    model = ["--model.random_config", json.dumps(TINY_CONFIGS[arch])]
+    assert train_main(few_steps_argv(model, data, tmp_path / "runs", arch)) == 0
     return tmp_path / "runs" / arch
 
 

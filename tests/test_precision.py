@@ -5,27 +5,18 @@ import json
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
-from tiny_models import TINY_CONFIGS, write_sentiment_csv
+from tiny_models import TINY_CONFIGS, check_exported_exits_on_test, few_steps_argv, write_sentiment_csv
 from transformers import AutoConfig, AutoModel
 
 from jeidnn import EarlyExitModel
 from jeidnn.cli.main import main, train_main
 from jeidnn.config.parser import load_config
-from jeidnn.data.sources import load_raw
-from jeidnn.data.splits import make_splits
 from jeidnn.errors import JeidnnError
 from jeidnn.model.preprocess import build_word_tokenizer
 from jeidnn.train.devices import run_precision
 from jeidnn.train.inputs import load_inputs
 
-RUN = {
-    "finetune": {"epochs": 1, "batch_size": 32, "val_check_interval": 2, "patience": 1},
-    "warmup": {"max_epochs": 2},
-    "jeidnn": {"lambdas": [0.5], "epochs": 1, "alternate_steps": 2},
-    "data": {"max_train_samples": 96, "max_eval_samples": 64, "eval_batch_size": 64},
-}
 TEXTS = ["the road was awful today", "a lovely day", "my phone"]
 
 
@@ -41,30 +32,8 @@ def save_checkpoint(folder, csv, dtype: torch.dtype):
 
 
 def run_args(checkpoint, csv, out, name, *extra):
-    argv = [
-        "--config",
-        "configs/smoke.yaml",
-        "--model.name_or_path",
-        str(checkpoint),
-        "--model.random_config",
-        "null",
-        "--model.max_length",
-        "24",
-        "--data.source",
-        "csv",
-        "--data.path",
-        str(csv),
-        "--output_dir",
-        str(out),
-        "--name",
-        name,
-        "--no-progress",
-        *extra,
-    ]
-    for section, values in RUN.items():
-        for key, value in values.items():
-            argv += [f"--{section}.{key}", yaml.safe_dump(value, default_flow_style=True).strip()]
-    return argv
+    model = ["--model.name_or_path", str(checkpoint), "--model.random_config", "null"]
+    return few_steps_argv(model, ["--data.source", "csv", "--data.path", str(csv)], out, name, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +84,7 @@ def test_the_exported_folder_keeps_the_bf16_backbone_and_float32_exits(bf16_run)
 
 def test_the_exported_bf16_model_takes_the_reported_exits_on_test(bf16_run):
     """As tests/test_smoke_run.py checks for float32: the bf16 model leaves where the evaluation said."""
-    report = json.loads((bf16_run / "report.json").read_text())
-    cfg = load_config(bf16_run / "config.yaml")
-    raw = load_raw(cfg.data, "text")
-    test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"]
-    model = EarlyExitModel.from_pretrained(bf16_run / "model")
-    predictions = model.predict([raw.inputs[i] for i in test], alpha=None)
-    layers = [p.exit_layer for p in predictions]
-    fractions = [layers.count(layer) / len(layers) for layer in model.heads.layers]
-    assert fractions == pytest.approx(report["export"]["test_exit_fractions"], abs=1.5 / len(layers))
-    accuracy = sum(p.label == raw.label_names[raw.labels[i]] for p, i in zip(predictions, test)) / len(test)
-    assert accuracy == pytest.approx(report["export"]["test_accuracy"], abs=1.5 / len(layers))
+    check_exported_exits_on_test(bf16_run)
 
 
 def test_predict_runs_the_bf16_folder_and_dtype_overrides_it(bf16_run, capsys):

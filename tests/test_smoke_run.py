@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import check_exported_exits_on_test
 
 from jeidnn.cli.main import evaluate_main, main, train_main
 from jeidnn.config.parser import load_config
@@ -168,21 +169,9 @@ def test_export(report, smoke_run):
         assert gates["kind"] == export["kind"] and saved["costs"] == report["exits"]["cost"]
 
 
-def test_exported_model_takes_the_reported_exits_on_test(report, smoke_run):
+def test_exported_model_takes_the_reported_exits_on_test(smoke_run):
     """The saved model, fed the test texts, leaves where the report says its operating point leaves."""
-    from jeidnn import EarlyExitModel
-    from jeidnn.config.parser import load_config
-    from jeidnn.data.sources import load_raw
-    from jeidnn.data.splits import make_splits
-
-    cfg = load_config(smoke_run / "config.yaml")
-    raw = load_raw(cfg.data, "text")
-    test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"]
-    model = EarlyExitModel.from_pretrained(smoke_run / "model")
-    predictions = model.predict([raw.inputs[i] for i in test], alpha=None)
-    layers = [p.exit_layer for p in predictions]
-    fractions = [layers.count(layer) / len(layers) for layer in model.heads.layers]
-    assert fractions == pytest.approx(report["export"]["test_exit_fractions"], abs=1.5 / len(layers))
+    check_exported_exits_on_test(smoke_run)
 
 
 def test_run_folder_contents(smoke_run):

@@ -172,6 +172,41 @@ def tiny_run_overrides(csv_path, out_dir, name="t"):
     ]
 
 
+FEW_STEPS = {
+    "finetune": {"epochs": 1, "batch_size": 32, "val_check_interval": 2, "patience": 1},
+    "warmup": {"max_epochs": 2},
+    "jeidnn": {"lambdas": [0.5], "epochs": 1, "alternate_steps": 2},
+    "data": {"max_train_samples": 96, "max_eval_samples": 64, "eval_batch_size": 64},
+}
+"""configs/smoke.yaml cut to a few steps: the whole-run tests of every family and of half precision."""
+
+
+def few_steps_argv(model: list[str], data: list[str], out_dir, name: str, *extra: str) -> list[str]:
+    """``python train.py`` arguments: configs/smoke.yaml with ``FEW_STEPS``, 24-token inputs, the ``model``
+    and ``data`` overrides, written to ``out_dir/name``."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    argv = [
+        "--config",
+        str(root / "configs" / "smoke.yaml"),
+        *model,
+        "--model.max_length",
+        "24",
+        *data,
+        "--output_dir",
+        str(out_dir),
+        "--name",
+        name,
+        "--no-progress",
+        *extra,
+    ]
+    for section, values in FEW_STEPS.items():
+        for key, value in values.items():
+            argv += [f"--{section}.{key}", yaml.safe_dump(value, default_flow_style=True).strip()]
+    return argv
+
+
 def kill_at(point: str, command: list[str], log: Path) -> None:
     """Run `command` (in the repository root) until it logs that it paused at `point`, then SIGKILL it."""
     import os
@@ -192,3 +227,29 @@ def kill_at(point: str, command: list[str], log: Path) -> None:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def check_exported_exits_on_test(run_dir: Path) -> None:
+    """The run's exported model, fed the test inputs, leaves where report.json's `export` entry says its
+    operating point leaves, with its accuracy (up to one sample: a fitted threshold equals one calib sample's
+    confidence, which float noise may put on either side)."""
+    import json
+
+    import pytest
+
+    from jeidnn import EarlyExitModel
+    from jeidnn.config.parser import load_config
+    from jeidnn.data.sources import load_raw
+    from jeidnn.data.splits import make_splits
+
+    report = json.loads((run_dir / "report.json").read_text())
+    cfg = load_config(run_dir / "config.yaml")
+    raw = load_raw(cfg.data, "text")
+    test = make_splits(len(raw.labels), cfg.data, cfg.seed).indices["test"]
+    model = EarlyExitModel.from_pretrained(run_dir / "model")
+    predictions = model.predict([raw.inputs[i] for i in test], alpha=None)
+    layers = [p.exit_layer for p in predictions]
+    fractions = [layers.count(layer) / len(layers) for layer in model.heads.layers]
+    assert fractions == pytest.approx(report["export"]["test_exit_fractions"], abs=1.5 / len(layers))
+    accuracy = sum(p.label == raw.label_names[raw.labels[i]] for p, i in zip(predictions, test)) / len(test)
+    assert accuracy == pytest.approx(report["export"]["test_accuracy"], abs=1.5 / len(layers))
