@@ -40,13 +40,22 @@ from jeidnn.evaluate.risk_data import RiskData, check_names, sequence, signed_te
 from jeidnn.evaluate.selection import Choice, MethodSet
 from jeidnn.model.policies import select_exit
 
-__all__ = ["ACROSS", "DEFAULT_PVALUE", "SCREENED", "Certificate", "certify", "shared_methods"]
+__all__ = [
+    "ACROSS",
+    "DEFAULT_PVALUE",
+    "SCREENED",
+    "Certificate",
+    "certify",
+    "check_guarantee",
+    "method_points",
+    "shared_methods",
+]
 
 DEFAULT_PVALUE = {"consistency": "binomial", "accuracy_gap": "binomial_or_betting"}
 """The p-value each risk is certified with by default (docs/evaluation.md, "Guarantees", says why)."""
-ACROSS = ("screen_on_a", "bonferroni", "select_on_val")
-"""How several methods share delta: the SCREENED methods cheapest on calib A, Bonferroni over them (default);
-Bonferroni over all of them; or the one method cheapest on val, at delta (``expectation`` always)."""
+ACROSS = ("screen_on_a", "bonferroni")
+"""How several methods share delta: the SCREENED methods cheapest on calib A, Bonferroni over them (default),
+or Bonferroni over all of them. ``expectation`` certifies the one method cheapest on calib A."""
 SCREENED = 3
 
 
@@ -108,20 +117,19 @@ def shared_methods(
     """The methods certified on calib half B and the level each is tested at.
 
     ``screen_on_a``: the rule run on calib half A at delta ranks the methods by the cost they reach there
-    (nothing certified: last, in report order); the ``SCREENED`` first share delta by Bonferroni. Calib A is
-    independent of calib B, so the choice is fixed before the data that tests it. ``select_on_val``: the same
-    on val, one method at delta. ``bonferroni``: every method at delta / M.
+    (nothing certified: last, in report order); the ``SCREENED`` first share delta by Bonferroni (for
+    ``expectation`` the first only: a union bound does not share an expectation). Calib A is independent of
+    calib B, so the choice is fixed before the data that tests it, and val stays untouched for the conformal
+    quantiles. ``bonferroni``: every method at delta / M.
     """
-    if g.kind == "expectation":
-        across = "select_on_val"  # a union bound does not share an expectation: one method is certified
-    if across == "bonferroni" or len(names) == 1:
+    expectation = g.kind == "expectation"
+    if len(names) == 1 or (across == "bonferroni" and not expectation):
         return names, g.delta / len(names)
-    part = [("calib", methods.split.a)] if across == "screen_on_a" else [("val", None)]
     signed = signed_test(test, g)
+    part = [("calib", methods.split.a)]
     walks = [walk(n, sequence(methods, n, g.risk, data, signed), data, g, part, g.delta, test) for n in names]
     ranked = sorted(range(len(walks)), key=lambda i: (walks[i].cost is None, walks[i].cost or 0.0, i))
-    keep = SCREENED if across == "screen_on_a" else 1
-    chosen = [walks[i].name for i in ranked[:keep]]
+    chosen = [walks[i].name for i in ranked[: 1 if expectation else SCREENED]]
     return chosen, g.delta / len(chosen)
 
 
@@ -181,11 +189,9 @@ class Certificate:
         """JSON-safe (infinite thresholds stay floats: pass through ``jeidnn.io.json_safe``), for report.json
         and the model card."""
         cand = None if self.choice is None else self.choice.candidate
+        g = self.guarantee
         return {
-            "risk": self.guarantee.risk,
-            "epsilon": self.guarantee.epsilon,
-            "delta": self.guarantee.delta,
-            "kind": self.guarantee.kind,
+            "guarantee": {"risk": g.risk, "epsilon": g.epsilon, "delta": g.delta, "kind": g.kind},
             "method": self.method,
             "param": None if cand is None else cand.param,
             "proof": self.proof,
@@ -201,18 +207,16 @@ class Certificate:
 def _proof(g: GuaranteeConfig, test: str, across: str, shared: list[str], m: int, n: int) -> str:
     if g.kind == "expectation":
         how = "conformal risk control on losses made monotone along the sequence by calib-A cost"
-        across = "select_on_val"
     else:
         how = f"Learn-Then-Test fixed-sequence by calib-A cost, {test.replace('_', '-')} p-values"
-    k = len(shared)
     if m == 1:
         share = "one method"
+    elif g.kind == "expectation":
+        share = f"{shared[0]} chosen on calib half A among {m} methods"
     elif across == "bonferroni":
         share = f"Bonferroni over {m} methods"
-    elif across == "screen_on_a":
-        share = f"Bonferroni over the {k} of {m} methods cheapest on calib half A"
     else:
-        share = f"{shared[0]} chosen on val among {m} methods"
+        share = f"Bonferroni over the {len(shared)} of {m} methods cheapest on calib half A"
     return f"{how}, {share}, certified on calib half B (n = {n})"
 
 
@@ -280,6 +284,41 @@ def check_guarantee(g: GuaranteeConfig, pvalue: str | None = None, across: str =
     if across not in ACROSS:
         raise JeidnnError(f"unknown rule across methods {across!r}; choose one of {', '.join(ACROSS)}")
     return test
+
+
+def method_points(
+    methods: MethodSet,
+    guarantee: GuaranteeConfig,
+    names: list[str] | None = None,
+    *,
+    pvalue: str | None = None,
+    data: RiskData | None = None,
+) -> dict[str, dict]:
+    """Each method certified alone at delta on calib half B: its cheapest certified candidate (``param``,
+    ``calib_a_cost``, ``calib_b_cost``, ``pvalue``; None where nothing passes), ``test_cost`` and
+    ``test_risk``. Each line is a valid statement on its own; taken together they share no delta."""
+    test = check_guarantee(guarantee, pvalue)
+    names = check_names(methods, names)
+    data = data or RiskData(methods)
+    signed, part = signed_test(test, guarantee), [("calib", methods.split.b)]
+    out = {}
+    for name in names:
+        w = walk(
+            name,
+            sequence(methods, name, guarantee.risk, data, signed),
+            data,
+            guarantee,
+            part,
+            guarantee.delta,
+            test,
+        )
+        entry = {**_method_entry(w), "test_cost": None, "test_risk": None}
+        if w.played is not None:
+            cand = [w.cands[w.played]]
+            entry["test_cost"] = float(data.costs(cand, [("test", None)]).mean())
+            entry["test_risk"] = float(data.losses(cand, guarantee.risk, [("test", None)]).double().mean())
+        out[name] = entry
+    return out
 
 
 def _method_entry(w: Walk) -> dict:

@@ -25,16 +25,19 @@ import torch
 from torch import Tensor
 
 from jeidnn.config.schema import GuaranteeConfig
-from jeidnn.evaluate.certify import check_guarantee, shared_methods
+from jeidnn.errors import JeidnnError
+from jeidnn.evaluate.certify import certify, check_guarantee, method_points, shared_methods
 from jeidnn.evaluate.risk import BETTING, PVALUES, Counts, conformal_risk_control, fixed_sequence, kelly_bet
 from jeidnn.evaluate.risk_data import RiskData, certifiable_names, sequence, signed_test
 from jeidnn.evaluate.selection import MethodSet
 
-__all__ = ["RULES", "ResplitCheck", "wilson"]
+__all__ = ["EPSILON_GRID", "RULES", "ResplitCheck", "guarantees_summary", "wilson"]
 
 RULES = ("naive", "calm", "ours", "peeking", "peeking_clipped")
 """The rules side by side; ``peeking_clipped`` for the accuracy gap only."""
 DEFAULT_RESPLITS = 500
+EPSILON_GRID = (0.005, 0.01, 0.02, 0.05)
+"""The eps values of the cost-against-eps curve in report.md."""
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -82,15 +85,20 @@ def _cheapest(cost: Tensor, allowed: Tensor) -> Tensor:
     return torch.where(allowed.any(1), picked, torch.full_like(picked, -1))
 
 
-def _plays(pool: _Pool, sums: _Sums, g: GuaranteeConfig, test: str, level: float) -> dict[str, Tensor]:
-    """Per rule, the (R,) candidate played (index into K, −1: nothing certified)."""
-    seq = pool.seq
+def _bounded_plays(sums: _Sums, g: GuaranteeConfig) -> dict[str, Tensor]:
+    """Per rule without a level (naive, peeking), the (R,) candidate played (index into K, −1: none)."""
     plays = {
         "naive": _cheapest(sums.cost, sums.risk <= g.epsilon + 1e-12),
         "peeking": _cheapest(sums.held_cost, sums.held_risk <= g.epsilon + 1e-12),
     }
     if g.risk == "accuracy_gap":
         plays["peeking_clipped"] = _cheapest(sums.held_cost, sums.held_clipped <= g.epsilon + 1e-12)
+    return plays
+
+
+def _tested_plays(pool: _Pool, sums: _Sums, g: GuaranteeConfig, test: str, level: float) -> dict[str, Tensor]:
+    """CALM's and ours: the (R,) candidate played (index into K, −1: nothing certified)."""
+    seq = pool.seq
     counts = Counts(sums.n, sums.plus[:, seq].long(), sums.minus[:, seq].long())
     cost = sums.cost[:, seq]
     positions = torch.arange(len(seq))[None, :]
@@ -100,10 +108,9 @@ def _plays(pool: _Pool, sums: _Sums, g: GuaranteeConfig, test: str, level: float
         local = _cheapest(cost, positions < passed[:, None])
         return torch.where(local >= 0, seq[local.clamp(min=0)], local)
 
-    plays["calm"] = walk(PVALUES["hoeffding"](counts, g.epsilon, None))
+    plays = {"calm": walk(PVALUES["hoeffding"](counts, g.epsilon, None))}
     if g.kind == "expectation":
-        sums_mono = _monotone_sums(pool, sums)
-        passed = conformal_risk_control(sums_mono, sums.n, g.epsilon)
+        passed = conformal_risk_control(_monotone_sums(pool, sums), sums.n, g.epsilon)
         plays["ours"] = torch.where(passed > 0, seq[(passed - 1).clamp(min=0)], torch.full_like(passed, -1))
     else:
         plays["ours"] = walk(PVALUES[test](counts, g.epsilon, pool.bets))
@@ -208,20 +215,21 @@ class ResplitCheck:
         for name in self.names:
             pool, sums = self._pool(name, signed)
             pool.bets = kelly_bet(pool.a.plus, pool.a.minus, pool.a.n, g.epsilon) if test in BETTING else None
-            alone = _plays(pool, sums, g, test, g.delta)
-            per_method[name] = {r: _summary(_outcomes(p, sums, self.full_cost), g) for r, p in alone.items()}
-            together = _plays(pool, sums, g, test, level) if level != g.delta else alone
+            alone = {**_bounded_plays(sums, g), **_tested_plays(pool, sums, g, test, g.delta)}
+            outcomes = {r: _outcomes(p, sums, self.full_cost) for r, p in alone.items()}
+            per_method[name] = {r: _summary(out, g) for r, out in outcomes.items()}
+            together = {r: p for r, p in alone.items() if r not in ("calm", "ours")}
+            if name in shared:
+                together.update(_tested_plays(pool, sums, g, test, level) if level != g.delta else alone)
             for rule, plays in together.items():
-                if rule in ("ours", "calm") and name not in shared:
-                    continue
-                out = _outcomes(plays, sums, self.full_cost)
+                out = outcomes[rule] if plays is alone[rule] else _outcomes(plays, sums, self.full_cost)
                 seen = out["cost"] if rule.startswith("peeking") else sums.cost[rows, plays.clamp(min=0)]
                 every.setdefault(rule, []).append((torch.where(plays < 0, math.inf, seen), out))
         return {
             "resplits": self.resplits,
             "seed": self.seed,
             "pvalue": "conformal risk control" if g.kind == "expectation" else test,
-            "across": "select_on_val" if g.kind == "expectation" else across,
+            "across": across,
             "num_methods": len(self.names),
             "shared": shared,
             "methods": per_method,
@@ -242,3 +250,48 @@ def _across(results: list[tuple[Tensor, dict]], full_cost: float) -> dict:
         "cost": torch.where(none, full_cost, pick["cost"]),
         "certified": ~none,
     }
+
+
+def guarantees_summary(
+    methods: MethodSet,
+    guarantees: list[GuaranteeConfig],
+    seed: int,
+    resplits: int = DEFAULT_RESPLITS,
+    grid: tuple[float, ...] = EPSILON_GRID,
+) -> list[dict]:
+    """report.json ``summary.guarantees``: per guarantee, the certificate (or why there is none), each method
+    certified alone, the re-split check and the cost-against-eps curve of every rule at its delta.
+
+    Re-splits are seeded with ``seed + 3`` (the bootstrap uses ``seed + 1``, the conformal re-splits
+    ``seed + 2``).
+    """
+    data = RiskData(methods)
+    checks: dict[str, ResplitCheck] = {}
+    out = []
+    for g in guarantees:
+        if g.risk not in checks:
+            checks[g.risk] = ResplitCheck(methods, g.risk, resplits=resplits, seed=seed + 3, data=data)
+        check = checks[g.risk]
+        entry: dict = {
+            "guarantee": {"risk": g.risk, "epsilon": g.epsilon, "delta": g.delta, "kind": g.kind},
+            "certificate": None,
+            "reason": None,
+        }
+        try:
+            entry["certificate"] = certify(methods, g, data=data).to_dict()
+        except JeidnnError as exc:
+            entry["reason"] = str(exc)
+        entry["methods"] = method_points(methods, g, data=data)
+        entry["resplit"] = check.run(g)
+        curve = []
+        for eps in sorted(set(grid) | {g.epsilon}):
+            at = (
+                entry["resplit"]
+                if eps == g.epsilon
+                else check.run(GuaranteeConfig(g.risk, eps, g.delta, g.kind))
+            )
+            rules = {r: {k: v[k] for k in ("mean_cost", "violation")} for r, v in at["all"].items()}
+            curve.append({"epsilon": eps, **rules})
+        entry["curve"] = curve
+        out.append(entry)
+    return out

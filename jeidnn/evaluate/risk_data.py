@@ -144,6 +144,11 @@ class RiskData:
         return torch.cat(cols, dim=1)
 
     def costs(self, cands: list[Candidate], parts: list[tuple[str, Tensor | None]]) -> Tensor:
-        """(K, N) float64 cost each sample pays, on the concatenation of ``parts``."""
-        table = torch.stack([c.costs for c in cands])  # (K, L)
-        return torch.cat([table.gather(1, self._exits(cands, s, i)) for s, i in parts], dim=1)
+        """(K, N) float64 cost each sample pays, on the concatenation of ``parts`` (remembered too)."""
+        key = (tuple(map(id, cands)), "cost", tuple((s, None if i is None else id(i)) for s, i in parts))
+        if key not in self._losses:
+            table = torch.stack([c.costs for c in cands])  # (K, L)
+            self._losses[key] = torch.cat(
+                [table.gather(1, self._exits(cands, s, i)) for s, i in parts], dim=1
+            )
+        return self._losses[key]
