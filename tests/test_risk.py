@@ -1,5 +1,5 @@
-"""The certification math: p-values against brute-force references, their validity by simulation, fixed-sequence
-testing, conformal risk control (jeidnn/evaluate/risk.py)."""
+"""The certification math (jeidnn/evaluate/risk.py): p-values against brute-force references, their validity
+by simulation, fixed-sequence testing, conformal risk control."""
 
 from __future__ import annotations
 
@@ -94,7 +94,9 @@ def _rejection_rate(test: str, probs: tuple[float, float, float], n: int, eps: f
     """How often ``test`` rejects H0 "risk > eps" on n losses drawn with P(-1, 0, +1) = ``probs``."""
     gen = torch.Generator().manual_seed(1)
     trials = 4000
-    draws = torch.multinomial(torch.tensor(probs), n * trials, replacement=True, generator=gen).view(trials, n)
+    draws = torch.multinomial(torch.tensor(probs), n * trials, replacement=True, generator=gen).view(
+        trials, n
+    )
     counts = Counts(n, (draws == 2).sum(1), (draws == 0).sum(1))
     # the bet is sized on an independent sample of the same law, as calib half A does
     side = torch.multinomial(torch.tensor(probs), n * trials, replacement=True, generator=gen).view(trials, n)
@@ -102,7 +104,9 @@ def _rejection_rate(test: str, probs: tuple[float, float, float], n: int, eps: f
     return float((PVALUES[test](counts, eps, bet) <= delta).double().mean())
 
 
-@pytest.mark.parametrize("test", ["binomial", "hoeffding_bentkus", "hoeffding", "betting", "binomial_or_betting"])
+@pytest.mark.parametrize(
+    "test", ["binomial", "hoeffding_bentkus", "hoeffding", "betting", "binomial_or_betting"]
+)
 @pytest.mark.parametrize("probs", [(0.0, 0.95, 0.05), (0.03, 0.89, 0.08)])
 def test_pvalues_are_valid_at_the_boundary_of_the_null(test, probs):
     # risk exactly eps (the hardest null): a valid test rejects at most delta of the time, up to 3 Monte-Carlo
