@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from test_evaluation import make_run
+from test_evaluation import COST, make_run
 
 from jeidnn.cli.main import main
 from jeidnn.config.schema import GuaranteeConfig
@@ -258,3 +258,22 @@ def test_the_evaluation_reports_eval_guarantees(run_dir, tmp_path):
     markdown = (copy / "report.md").read_text()
     assert "## Guarantees" in markdown and "### accuracy_gap ≤ 0.1 with probability ≥ 0.9" in markdown
     assert (copy / "plots" / "guarantees.png").stat().st_size > 0
+
+
+def test_a_method_without_candidates_certifies_nothing(tmp_path):
+    # with budgets below the cheapest global threshold, threshold_search offers no candidate at all
+    run_dir = make_run(tmp_path, config={"budgets": [0.2]})
+    methods = Run.open(run_dir).methods
+    assert sequence(methods, "threshold_search") == []
+    g = GuaranteeConfig("accuracy_gap", 0.1, 0.1)
+    cert = certify(methods, g, across="bonferroni")
+    assert cert.per_method["threshold_search"]["param"] is None
+    check = ResplitCheck(methods, "accuracy_gap", ["threshold_search", "global_maxprob"], resplits=10).run(g)
+    assert check["methods"]["threshold_search"]["ours"] == {
+        "violation": 0.0,
+        "violation_ci": list(wilson(0, 10)),
+        "mean_cost": pytest.approx(COST[-1]),
+        "certified": 0.0,
+        "mean_risk": 0.0,
+        "mean_risk_se": 0.0,
+    }

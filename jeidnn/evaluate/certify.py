@@ -86,7 +86,9 @@ def walk(
     test: str,
 ) -> Walk:
     """Fixed-sequence testing at ``level`` (high probability) or conformal risk control (expectation) of one
-    method's sequence on ``part``; bets are sized on calib half A."""
+    method's sequence on ``part``; bets are sized on calib half A. An empty sequence certifies nothing."""
+    if not cands:
+        return Walk(name, cands, None, 0, None, None, 1.0)
     losses = data.losses(cands, g.risk, part)
     costs = data.costs(cands, part).mean(-1)
     n = losses.shape[-1]

@@ -177,13 +177,17 @@ class ResplitCheck:
         order = torch.stack([torch.randperm(size, generator=gen) for _ in range(resplits)])  # (R, P)
         self.mask = torch.zeros(resplits, size).scatter_(1, order[:, : self.n], 1.0)
         self.full_cost = float(methods.inputs.costs[-1])
-        self._pools: dict[tuple[str, bool], tuple[_Pool, _Sums]] = {}
+        self._pools: dict[tuple[str, bool], tuple[_Pool, _Sums] | None] = {}
 
-    def _pool(self, name: str, signed: bool) -> tuple[_Pool, _Sums]:
+    def _pool(self, name: str, signed: bool) -> tuple[_Pool, _Sums] | None:
+        """The method's pool and sums; None when it offers no candidate (threshold_search may not)."""
         key = (name, signed)
         if key not in self._pools:
             split, data = self.methods.split, self.data
             cands = sequence(self.methods, name)
+            if not cands:
+                self._pools[key] = None
+                return None
             kept = {id(c) for c in sequence(self.methods, name, self.risk, data, signed)}
             seq = torch.tensor([i for i, c in enumerate(cands) if id(c) in kept])
             parts = [("calib", split.b), ("test", None)]
@@ -213,7 +217,19 @@ class ResplitCheck:
         every: dict[str, list] = {}
         rows = torch.arange(self.resplits)
         for name in self.names:
-            pool, sums = self._pool(name, signed)
+            built = self._pool(name, signed)
+            if built is None:  # nothing to play: the full model, every time
+                nothing = {
+                    "risk": torch.zeros(self.resplits),
+                    "cost": torch.full((self.resplits,), self.full_cost),
+                    "certified": torch.zeros(self.resplits, dtype=torch.bool),
+                }
+                rules = ["naive", "peeking", "calm", "ours"] + ["peeking_clipped"] * (
+                    g.risk == "accuracy_gap"
+                )
+                per_method[name] = {r: _summary(nothing, g) for r in rules}
+                continue
+            pool, sums = built
             pool.bets = kelly_bet(pool.a.plus, pool.a.minus, pool.a.n, g.epsilon) if test in BETTING else None
             alone = {**_bounded_plays(sums, g), **_tested_plays(pool, sums, g, test, g.delta)}
             outcomes = {r: _outcomes(p, sums, self.full_cost) for r, p in alone.items()}

@@ -60,7 +60,7 @@ def sequence(
     noisy candidate from ending the walk early. ``signed=False`` compares the clipped losses max(loss, 0),
     which the count-based p-values read."""
     method = methods[name]
-    if callable(method.candidates):
+    if callable(method.candidates):  # threshold_search may offer nothing at every budget: an empty sequence
         budgets = getattr(methods.inputs.cfg, "budgets", None) or DEFAULT_BUDGETS
         found: dict[str, Candidate] = {}
         for budget in sorted(budgets):
@@ -71,7 +71,7 @@ def sequence(
         cands = list(method.candidates)
     order = sorted(range(len(cands)), key=lambda i: (-cands[i].calib_cost, i))
     cands = [cands[i] for i in order]
-    if risk is None:
+    if risk is None or not cands:
         return cands
     data = data or RiskData(methods)
     losses_a = data.losses(cands, risk, [("calib", methods.split.a)])
