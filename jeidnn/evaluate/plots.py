@@ -230,6 +230,7 @@ def _plot_guarantees(entries: list[dict], path: Path) -> None:
                         xytext=(4, 4), fontsize=7, color=colour,
                     )  # fmt: skip
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(eps, [f"{e:g}" for e in eps])
         where = f"δ = {g['delta']:g}" if g["kind"] == "high_probability" else "in expectation"
         ax.set_title(f"{g['risk']}, {where}: cost (label: violation rate)", fontsize=9)
