@@ -1,4 +1,5 @@
-"""Command line: `jeidnn train | evaluate | predict | export | prune`; `python train.py` is `jeidnn train`.
+"""Command line: `jeidnn train | evaluate | predict | export | certify | prune`; `python train.py` is
+`jeidnn train`.
 
 `train` takes one option per config field (jeidnn/config/parser.py), so `--help` lists every key with its
 documentation. User errors print one line on stderr and exit with status 2, without a traceback or a
@@ -130,6 +131,15 @@ def export_main(argv: list[str]) -> int:
     return guarded(lambda: export.run(args))
 
 
+def certify_main(argv: list[str]) -> int:
+    from jeidnn.cli import certify
+
+    parser = CommandParser(prog="jeidnn certify", description=certify.DESCRIPTION)
+    certify.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return guarded(lambda: certify.run(args))
+
+
 def prune_main(argv: list[str]) -> int:
     from jeidnn.cli.prune import main as prune  # torch-heavy: loaded only for this command
 
@@ -141,6 +151,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "evaluate": (evaluate_main, "recompute the evaluation of a finished run"),
     "predict": (predict_main, "early-exit predictions of an exported model as JSON lines"),
     "export": (export_main, "export another operating point of a finished run"),
+    "certify": (certify_main, "certify the cheapest operating point for a risk bound against the full model"),
     "prune": (prune_main, "prune heads, FFN neurons and layers of a finished run's model"),
 }
 

@@ -32,7 +32,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from jeidnn.config.parser import config_from_dict
-from jeidnn.config.schema import EvalConfig
+from jeidnn.config.schema import EvalConfig, GuaranteeConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate.budgeted import (
     DEFAULT_BUDGETS,
@@ -43,6 +43,7 @@ from jeidnn.evaluate.budgeted import (
     evaluate_config,
 )
 from jeidnn.evaluate.candidates import TAU_GRID
+from jeidnn.evaluate.guarantees import DEFAULT_RESPLITS, guarantees_summary
 from jeidnn.evaluate.metrics import envelope_summary
 from jeidnn.evaluate.predictions import RunPredictions
 from jeidnn.evaluate.selection import Choice, Evaluation, build_methods
@@ -196,6 +197,8 @@ def evaluate(
     out["methods"] = out_methods
     envelope = envelope_summary(out_methods, settings.alphas)
     out["summary"] = {"budgeted": budgeted, "envelope_note": ENVELOPE_NOTE, **envelope}
+    guarantees = _guarantees(cfg)
+    out["summary"]["guarantees"] = guarantees_summary(built, guarantees, seed) if guarantees else []
     out["evaluation"] = {
         "alphas": settings.alphas,
         "ece_bins": settings.ece_bins,
@@ -206,6 +209,8 @@ def evaluate(
         "bootstrap": settings.bootstrap,
         "resplits": settings.resplits,
         "seed": seed,
+        "guarantees": [dataclasses.asdict(g) for g in guarantees],
+        "guarantee_resplits": DEFAULT_RESPLITS,
         "temperatures": built.temperatures,
         "notes": NOTES,
     }
@@ -217,6 +222,12 @@ def evaluate(
         write_report(run_dir, out, reliability=panels)
     choices = {key: Choice(built.specs[key[1]], key[0], cand, split) for key, (cand, _) in chosen.items()}
     return Evaluation(out, built, choices)
+
+
+def _guarantees(cfg: Any) -> list[GuaranteeConfig]:
+    """``eval.guarantees`` as GuaranteeConfig objects (a settings namespace holds them as dicts)."""
+    items = getattr(cfg, "guarantees", None) or []
+    return [g if isinstance(g, GuaranteeConfig) else GuaranteeConfig(**g) for g in items]
 
 
 _NEW_EVAL_KEYS = {"budgets": None, "bootstrap": 1000, "resplits": 20}

@@ -203,6 +203,44 @@ def _plot_reliability(panels: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+_RULE_STYLE = {
+    "naive": ("naive (no bound)", "#d62728", "v", ":"),
+    "calm": ("CALM (Hoeffding)", "#7f7f7f", "s", "--"),
+    "ours": ("ours (certified)", "#1f77b4", "o", "-"),
+    "peeking": ("test-peeking bound", "#2ca02c", "^", "-."),
+    "peeking_clipped": ("test-peeking bound, clipped loss", "#98df8a", "^", ":"),
+}
+
+
+def _plot_guarantees(entries: list[dict], path: Path) -> None:
+    """Per guarantee: the mean held-out cost each rule plays against eps, its violation rate beside."""
+    fig, axes = plt.subplots(1, len(entries), figsize=(6.5 * len(entries), 4.8), squeeze=False)
+    for ax, entry in zip(axes[0], entries, strict=True):
+        g, curve = entry["guarantee"], entry["curve"]
+        eps = [c["epsilon"] for c in curve]
+        for rule, (label, colour, marker, ls) in _RULE_STYLE.items():
+            if rule not in curve[0]:
+                continue
+            costs = [c[rule]["mean_cost"] for c in curve]
+            ax.plot(eps, costs, color=colour, marker=marker, ls=ls, label=label)
+            if rule in ("naive", "ours"):
+                for x, y, c in zip(eps, costs, curve, strict=True):
+                    ax.annotate(
+                        f"{100 * c[rule]['violation']:.0f}%", (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=colour,
+                    )  # fmt: skip
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(eps, [f"{e:g}" for e in eps])
+        where = f"δ = {g['delta']:g}" if g["kind"] == "high_probability" else "in expectation"
+        ax.set_title(f"{g['risk']}, {where}: cost (label: violation rate)", fontsize=9)
+        ax.set_xlabel("ε (largest risk allowed)")
+        ax.set_ylabel("mean held-out cost over the re-splits")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def write_plots(
     run_dir: Path, report: dict, reliability: list[dict] | None
 ) -> tuple[dict[str, str], float | None]:
@@ -236,6 +274,10 @@ def write_plots(
         _plot_conformal(
             report, target("conformal_vs_cost", "Conformal coverage and set size vs. cost"), alphas
         )
+    guarantees = report["summary"].get("guarantees") or []
+    if guarantees:
+        _plot_guarantees(guarantees, target("guarantees"))
+        plots["guarantees"] = f"{PLOT_DIR}/guarantees.png"  # report.md places it in its own section
     if reliability:
         _plot_reliability(reliability, target("reliability", "Reliability diagrams (budgeted choices)"))
     return plots, exit_budget
