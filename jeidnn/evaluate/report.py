@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from jeidnn.evaluate.plots import PLOT_DIR, budget_rows, label_of, write_plots
-from jeidnn.evaluate.report_headline import delta_text, headline_section
+from jeidnn.evaluate.report_headline import headline_section
 from jeidnn.io import write_text
 
 __all__ = ["write_report"]
@@ -28,6 +28,10 @@ def _fmt(value: Any, pct: bool = False, digits: int = 3) -> str:
 
 def _pct(value: Any) -> str:
     return _fmt(value, pct=True)
+
+
+def _signed(value: float) -> str:
+    return f"{100 * value:+.1f}".replace("-", "−")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -45,7 +49,7 @@ def _budget_cell(row: dict | None) -> str:
     cell = _pct(row["accuracy"])
     delta = row.get("delta_vs_reference", row.get("delta_vs_best_baseline"))  # reports before the reference
     if row["kind"] == "learned" and delta:
-        cell += f" ({delta_text(delta)})"
+        cell += f" ({_signed(delta['mean'])} [{_signed(delta['ci_low'])}, {_signed(delta['ci_high'])}])"
     return cell
 
 
