@@ -314,6 +314,10 @@ def test_budgeted_summary_format_and_selection_rules(tmp_path):
         by = {r["method"]: r for r in b["rows"] if r["budget"] == budget}
         if by["global_maxprob"]["accuracy"] is not None:
             assert by["threshold_search"]["calib_accuracy"] >= by["global_maxprob"]["calib_accuracy"]
+        # patience_confidence holds patience (t = 0) and global_maxprob (k = 0): never worse on calib A.
+        for parent in ("patience", "global_maxprob"):
+            if by[parent]["accuracy"] is not None:
+                assert by["patience_confidence"]["calib_accuracy"] >= by[parent]["calib_accuracy"]
 
 
 def test_the_export_choice_matches_the_evaluation_rows(tmp_path):
