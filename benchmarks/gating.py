@@ -241,7 +241,8 @@ def task_section(task: str, report: dict, run_dir: Path) -> tuple[list[str], dic
         body.append(
             [
                 f"{b:g}" + (" (calib A)" if line["picked_on"] != "val" else ""),
-                label.get(line["best_learned"], "–"),
+                label.get(line["best_learned"], "–")
+                + (" (calib A)" if line.get("best_learned_picked_on") == "calib_a" else ""),
                 label[line["reference_baseline"]],
                 interval(line["delta"]),
                 label[line["test_best_baseline"]],

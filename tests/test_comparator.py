@@ -58,7 +58,7 @@ def test_the_reference_is_the_val_best_baseline_and_the_headline_the_val_best_le
     rows = {r["method"]: r for r in summary["rows"]}
     assert "oracle" not in rows  # never a reference, never a row
     (line,) = summary["headline"]
-    assert line["picked_on"] == "val"
+    assert (line["picked_on"], line["best_learned_picked_on"]) == ("val", "val")
     assert (line["best_learned"], line["reference_baseline"]) == ("learned_val", "base_val")
     assert line["test_best_baseline"] == "base_test"
     # Test accuracy differences, by hand: 12/20 - 10/20 and 12/20 - 14/20.
@@ -94,6 +94,24 @@ def test_without_val_predictions_both_are_picked_on_calib_a():
     assert (line["best_learned"], line["reference_baseline"]) == ("learned_test", "base_calib")
     assert line["delta"]["mean"] == pytest.approx(0.25)  # 16/20 - 11/20
     assert all(r["val_accuracy"] is None for r in summary["rows"])
+
+
+def test_a_learned_method_trained_on_val_is_not_picked_on_val():
+    """Gates trained on val (gate_data: val) fit the split the pick reads: the pick leaves them out, and picks
+    on calib A when every learned method trained on val."""
+    on_val = method("learned_on_val", "learned", 1, 20, 9)  # right on all of val: it was fitted there
+    on_val.settings = {"gate_data": "val"}
+    summary, _ = budgeted_rows([on_val, *methods()], SPLIT, SETTINGS)
+    (line,) = summary["headline"]
+    assert (line["best_learned"], line["best_learned_picked_on"]) == ("learned_val", "val")
+    only = [on_val, *(m for m in methods() if m.kind != "learned")]
+    (line,) = budgeted_rows(only, SPLIT, SETTINGS)[0]["headline"]
+    assert (line["best_learned"], line["best_learned_picked_on"], line["picked_on"]) == (
+        "learned_on_val",
+        "calib_a",
+        "val",
+    )
+    assert line["delta"]["mean"] == pytest.approx(-0.05)  # 9/20 - 10/20 (base_val, the reference)
 
 
 def test_a_budget_without_learned_methods_has_a_reference_and_no_delta():

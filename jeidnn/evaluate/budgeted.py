@@ -340,7 +340,8 @@ def budgeted_rows(
             chosen[(budget, m.name)] = (cand, diagram)
             test_exits = cand.test_exits.long()
             correct = cand.source.correct["test"].gather(1, test_exits[:, None]).squeeze(1)  # (N_test,)
-            here.append(Entry(row, correct, cand.val_outcome()))
+            trained_on_val = (m.settings or {}).get("gate_data") == "val"
+            here.append(Entry(row, correct, cand.val_outcome(), fitted_on_val=trained_on_val))
         per_budget.append((budget, here))
     headline = compare(per_budget, settings.bootstrap, settings.seed + 1)
     summary = {

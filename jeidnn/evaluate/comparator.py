@@ -4,11 +4,14 @@ At every budget each method has played its calib-A choice (:func:`jeidnn.evaluat
 The comparisons here only pick among those choices (docs/evaluation.md, "Compared with which baseline"):
 
 * the **reference baseline**: the non-learned method whose choice is the most accurate on **val**, and the
-  **best learned method** likewise. Val fitted nothing (thresholds, τ and λ are all chosen on calib A) and is
-  not test, so neither pick favours anyone: picking on test takes a maximum over noisy estimates (biased
-  against the learned methods), picking on calib A favours whichever baseline searched calib A hardest
-  (``threshold_search`` maximises calib-A accuracy directly). Runs without val predictions fall back to
-  calib-A accuracy, and say so (``picked_on``).
+  **best learned method** likewise. No configuration was chosen on val (thresholds, τ and λ are all chosen
+  on calib A) and it is not test, so neither pick favours anyone: picking on test takes a maximum over noisy
+  estimates (biased against the learned methods), picking on calib A favours whichever baseline searched
+  calib A hardest (``threshold_search`` maximises calib-A accuracy directly). Runs without val predictions
+  fall back to calib-A accuracy, and say so (``picked_on``). A learned method whose gates were trained on
+  val (``gate_data: val``) would win a val pick by fitting it, so it is not a candidate for the best learned
+  method while one trained elsewhere met the budget; where none did, the learned methods are picked on
+  calib A (``best_learned_picked_on``).
 * the **test-best baseline**: the non-learned method most accurate on test, kept as a secondary reference
   that favours the baselines.
 
@@ -39,6 +42,8 @@ class Entry:
     correct: Tensor  # (N_test,) bool: right at the exit the configuration takes
     val: dict[str, float] | None
     """Accuracy and cost of the configuration on val; None where the run kept no val predictions."""
+    fitted_on_val: bool = False
+    """Its gates were trained on val (a learned method with ``gate_data: val``)."""
 
     @property
     def is_baseline(self) -> bool:
@@ -64,6 +69,17 @@ def pick(entries: list[Entry], split: str) -> Entry | None:
     return entries[best]
 
 
+def _best_learned(learned: list[Entry], on: str) -> tuple[Entry | None, str | None]:
+    """The best learned entry picked on ``on``, leaving out those trained on val when picking on val (all of
+    them trained on val: picked on calib A instead), and the split it was picked on."""
+    if not learned:
+        return None, None
+    if on == "val":
+        clean = [e for e in learned if not e.fitted_on_val]
+        return (pick(clean, "val"), "val") if clean else (pick(learned, "calib_a"), "calib_a")
+    return pick(learned, on), on
+
+
 def _interval(stats: list[float]) -> dict[str, float]:
     mean, lo, hi = stats
     return {"mean": mean, "ci_low": lo, "ci_high": hi}
@@ -82,7 +98,8 @@ def compare(budgets: list[tuple[float, list[Entry]]], resamples: int, seed: int)
 
     Returns:
         ``summary.budgeted.headline``: per budget with a baseline, ``budget``, ``picked_on`` (``val`` or
-        ``calib_a``), ``best_learned``, ``reference_baseline``, ``delta`` (best learned − reference, the
+        ``calib_a``), ``best_learned`` and ``best_learned_picked_on``, ``reference_baseline``, ``delta``
+        (best learned − reference, the
         headline; None without a learned method), ``test_best_baseline``, ``delta_vs_test_best`` (best
         learned − test-best baseline) and ``vs_each_baseline`` (best learned − each baseline, by name).
     """
@@ -104,11 +121,12 @@ def compare(budgets: list[tuple[float, list[Entry]]], resamples: int, seed: int)
             e.row.update(reference_baseline=reference.row["method"], best_baseline=test_best.row["method"])
             columns.append((e.row, "delta_vs_reference", e.correct, reference.correct))
             columns.append((e.row, "delta_vs_best_baseline", e.correct, test_best.correct))
-        learned = pick([e for e in entries if e.row["kind"] == "learned"], on)
+        learned, learned_on = _best_learned([e for e in entries if e.row["kind"] == "learned"], on)
         line: dict = {
             "budget": budget,
             "picked_on": on,
             "best_learned": learned.row["method"] if learned else None,
+            "best_learned_picked_on": learned_on,
             "reference_baseline": reference.row["method"],
             "delta": None,
             "test_best_baseline": test_best.row["method"],
