@@ -59,7 +59,8 @@ def headline_section(report: dict) -> list[str]:
     calib_picked = [f"{h['budget']:g}" for h in headline if h.get("best_learned_picked_on") == "calib_a"]
     if "val" in picked and calib_picked:
         out += [
-            f"At budget{'s' if len(calib_picked) > 1 else ''} {', '.join(calib_picked)} every learned method that met the budget trained its gates "
+            f"At budget{'s' if len(calib_picked) > 1 else ''} {', '.join(calib_picked)} every learned method "
+            "that met the budget trained its gates "
             "on val (`gate_data: val`), so the best learned method there is picked on calib A.",
             "",
         ]
