@@ -27,7 +27,14 @@ from jeidnn.hf.modeling import (
     EarlyExitForSequenceClassification,
     EarlyExitModel,
 )
-from jeidnn.model.early_exit import EarlyExitOutput, PatienceGates, StaticGates, ThresholdGates
+from jeidnn.model.early_exit import EarlyExitOutput
+from jeidnn.model.rule_gates import (
+    PatienceConfidenceGates,
+    PatienceGates,
+    ProductGates,
+    StaticGates,
+    ThresholdGates,
+)
 
 # exist_ok: a second registration of the same classes (e.g. a reloaded module) is harmless.
 AutoConfig.register(EarlyExitConfig.model_type, EarlyExitConfig, exist_ok=True)
@@ -44,7 +51,9 @@ __all__ = [
     "EarlyExitModel",
     "EarlyExitOutput",
     "JeidnnError",
+    "PatienceConfidenceGates",
     "PatienceGates",
+    "ProductGates",
     "Prediction",
     "RunConfig",
     "StaticGates",

@@ -40,7 +40,9 @@ BASELINES = [
     "threshold_margin",
     "global_maxprob",
     "threshold_search",
+    "product_maxprob",
     "patience",
+    "patience_confidence",
     "static",
 ]
 LEARNED = ["jeidnn_paper", "gate_trajectory_expected"]
@@ -63,6 +65,10 @@ ROW_KEYS = {
     "set_size",
     "merged_groups",
     "resplit_miss",
+    "val_accuracy",
+    "val_cost",
+    "reference_baseline",
+    "delta_vs_reference",
     "best_baseline",
     "delta_vs_best_baseline",
 }
@@ -222,7 +228,11 @@ def test_evaluate_run_full_schema_and_files(tmp_path):
     assert set(ev["temperatures"]["learned"]) == set(LEARNED)
 
     md = (run / "report.md").read_text()
+    assert md.index("## Headline: best learned method vs. reference baseline") < md.index(
+        "## Budgeted comparison (test-blind)"
+    )
     assert md.index("## Budgeted comparison (test-blind)") < md.index("## Envelope on test (optimistic)")
+    assert "the most accurate on **val**" in md and "### Best learned method against each baseline" in md
     assert "gate trajectory (expected) (extension)" in md
     for heading in ("### Details of the budgeted choices", "### Exits", "### Matched cost", "### AUC"):
         assert heading in md
@@ -275,6 +285,28 @@ def test_budgeted_summary_format_and_selection_rules(tmp_path):
         if row["kind"] != "learned":  # the best baseline is the most accurate on test
             assert row["accuracy"] <= best["accuracy"]
     assert all(r["accuracy"] is None for r in b["rows"] if r["budget"] == 0.2)
+    # The headline: at each budget with a row, the val-best learned method against the val-best baseline.
+    assert [line["budget"] for line in b["headline"]] == b["budgets"][1:]
+    for line in b["headline"]:
+        here = {
+            r["method"]: r for r in b["rows"] if r["budget"] == line["budget"] and r["accuracy"] is not None
+        }
+        assert line["picked_on"] == "val"
+        if not any(r["kind"] == "learned" for r in here.values()):
+            assert line["best_learned"] is None and line["delta"] is None
+            continue
+        for key, learned in (("reference_baseline", False), ("best_learned", True)):
+            kind = [r for r in here.values() if (r["kind"] == "learned") == learned]
+            assert here[line[key]]["val_accuracy"] == max(r["val_accuracy"] for r in kind)
+        best, ref = here[line["best_learned"]], here[line["reference_baseline"]]
+        assert line["delta"]["mean"] == pytest.approx(best["accuracy"] - ref["accuracy"])
+        assert best["delta_vs_reference"] == line["delta"]
+        test_best = here[line["test_best_baseline"]]
+        assert test_best["accuracy"] == max(r["accuracy"] for r in here.values() if r["kind"] != "learned")
+        assert line["delta_vs_test_best"]["mean"] == pytest.approx(best["accuracy"] - test_best["accuracy"])
+        assert set(line["vs_each_baseline"]) == {n for n, r in here.items() if r["kind"] != "learned"}
+        for name, d in line["vs_each_baseline"].items():
+            assert d["ci_low"] <= d["mean"] == pytest.approx(best["accuracy"] - here[name]["accuracy"])
     # The native method plays tau 0.5 only; the calib_threshold one may pick any tau of its grid.
     assert {r["param"]["tau"] for r in b["rows"] if r["method"] == "jeidnn_paper" and r["param"]} == {0.5}
     # threshold_search starts from the best global threshold: never worse on calib A.
@@ -282,6 +314,10 @@ def test_budgeted_summary_format_and_selection_rules(tmp_path):
         by = {r["method"]: r for r in b["rows"] if r["budget"] == budget}
         if by["global_maxprob"]["accuracy"] is not None:
             assert by["threshold_search"]["calib_accuracy"] >= by["global_maxprob"]["calib_accuracy"]
+        # patience_confidence holds patience (t = 0) and global_maxprob (k = 0): never worse on calib A.
+        for parent in ("patience", "global_maxprob"):
+            if by[parent]["accuracy"] is not None:
+                assert by["patience_confidence"]["calib_accuracy"] >= by[parent]["calib_accuracy"]
 
 
 def test_the_export_choice_matches_the_evaluation_rows(tmp_path):

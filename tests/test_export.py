@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from test_early_exit import split_value
 from tiny_models import tiny_run_overrides
 
 from jeidnn import EarlyExitModel
@@ -21,11 +22,13 @@ from jeidnn.cli.main import export_main, train_main
 from jeidnn.config.parser import load_config
 from jeidnn.data.sources import load_raw
 from jeidnn.data.splits import make_splits
+from jeidnn.evaluate.budgeted import make_candidate
 from jeidnn.evaluate.selection import Choice
-from jeidnn.export.exporter import export_run
-from jeidnn.export.operating_point import Run
+from jeidnn.export.exporter import build_model, export_run, load_backbone
+from jeidnn.export.operating_point import OperatingPoint, Run
 from jeidnn.hf.batches import make_batches
 from jeidnn.io import json_safe
+from jeidnn.model.policies import patience_confidence_exits
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNS = ["--finetune.epochs", "8", "--finetune.lr", "0.003", "--finetune.batch_size", "16"]
@@ -111,7 +114,9 @@ METHODS = [
     "threshold_maxprob",
     "threshold_search",
     "global_maxprob",
+    "product_maxprob",
     "patience",
+    "patience_confidence",
     "static",
     "jeidnn_paper_tau",
 ]
@@ -150,6 +155,36 @@ def test_exported_model_plays_the_evaluation_row(method, run, report, test_split
     names = model.labels
     covered = [names[y] in p.prediction_set for p, y in zip(predictions, test_split[1].tolist(), strict=True)]
     assert sum(covered) / n == pytest.approx(row["coverage"]["0.1"], abs=1.5 / n)
+
+
+def spread_candidate(opened: Run, method: str):
+    """A candidate of a history-aware rule whose test exits spread over at least two exits: the spread-most of
+    the method's own (product_maxprob), or one made by its policy with a threshold between the test
+    max-probabilities at exit 1 (this run's exits all predict alike, so patience alone never spreads)."""
+    if method == "product_maxprob":
+        return max(opened.methods[method].candidates, key=lambda c: len(set(c.test_exits.tolist())))
+    x = opened.methods.inputs
+    param = {"patience": 1, "threshold": split_value(x.maxprob["test"][:, 1])[0]}
+
+    def exits(split):
+        return patience_confidence_exits(x.preds[split], x.maxprob[split], 1, param["threshold"])
+
+    return make_candidate(param, x.warm, x.costs, exits("calib"), exits("test"), x.split, dict(param))
+
+
+@pytest.mark.parametrize("method", ["product_maxprob", "patience_confidence"])
+def test_history_aware_gates_leave_where_their_candidate_leaves(method, run, test_split):
+    """A configuration of a history-aware rule that sends test samples to several exits becomes a model whose
+    both paths leave where the evaluation's policy does."""
+    opened = Run.open(run)
+    cand = spread_candidate(opened, method)
+    assert len(set(cand.test_exits.tolist())) >= 2
+    point = OperatingPoint(Choice(opened.methods.specs[method], None, cand, opened.split), "test")
+    model, summary = build_model(opened, point, *load_backbone(opened))
+    assert summary["param"] == json_safe(cand.param)
+    exits, _ = both_paths(model, test_split[0])
+    assert torch.equal(exits[0], exits[1])
+    assert (exits[0] != cand.test_exits.long()).sum() <= 1  # the same exits, up to one float tie
 
 
 def test_default_export_is_what_train_py_exported(run, report, tmp_path):

@@ -70,7 +70,7 @@ def test_budget_exports_the_val_best_not_the_calib_a_best():
 
     assert (point.method, point.selection, point.budget) == ("patience", "budget", 0.6)
     assert point.chosen_by == (
-        "most accurate on val (0.7500 at val cost 0.5000) among the calib-A choices of 6 methods within "
+        "most accurate on val (0.7500 at val cost 0.5000) among the calib-A choices of 8 methods within "
         "calib cost <= 0.6; next: threshold_maxprob (0.5000)"
     )
     rows = {r["method"]: r for r in point.considered}

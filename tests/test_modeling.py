@@ -35,10 +35,16 @@ from jeidnn.hf.modeling import (
     EarlyExitForSequenceClassification,
     EarlyExitModel,
 )
-from jeidnn.model.early_exit import PatienceGates, StaticGates, ThresholdGates
+from jeidnn.model.early_exit import (
+    PatienceConfidenceGates,
+    PatienceGates,
+    ProductGates,
+    StaticGates,
+    ThresholdGates,
+)
 from jeidnn.model.gates import Gates
 
-GATES = ["learned", "threshold", "patience", "static", "none"]
+GATES = ["learned", "threshold", "patience", "static", "product", "patience_confidence", "none"]
 
 
 def gated_text_model(tmp_path, kind: str) -> EarlyExitModel:
@@ -50,6 +56,10 @@ def gated_text_model(tmp_path, kind: str) -> EarlyExitModel:
         model.gates = PatienceGates(1)
     elif kind == "static":
         model.gates = StaticGates(1)
+    elif kind == "product":  # nobody passes at exit 0; everyone at exit 1
+        model.gates = ProductGates([float("inf"), -1.0])
+    elif kind == "patience_confidence":  # patience 1 with a threshold every prediction reaches
+        model.gates = PatienceConfidenceGates(1, 0.0)
     return model
 
 
@@ -116,9 +126,15 @@ def test_round_trip_keeps_every_gate_kind_and_dynamic_equals_full(tmp_path, kind
         before = model.forward_full(inputs)
     assert torch.equal(full.logits, before.logits) and torch.equal(full.exit_index, before.exit_index)
     assert_same(dynamic, full)
-    expected_exits = {"learned": {0, 2}, "threshold": {1}, "patience": {1, 2}, "static": {1}, "none": {2}}[
-        kind
-    ]
+    expected_exits = {
+        "learned": {0, 2},
+        "threshold": {1},
+        "patience": {1, 2},
+        "static": {1},
+        "product": {1},
+        "patience_confidence": {1, 2},
+        "none": {2},
+    }[kind]
     assert set(full.exit_index.tolist()) == expected_exits
     assert loaded.predict(TEXTS) == model.predict(TEXTS)
 

@@ -9,7 +9,9 @@ See docs/evaluation.md for the protocol and why each step is there. In short:
   candidate with the best calib-A accuracy among those with calib-A cost <= ``B``
   (:func:`select_config`; ties: lower cost, then the earlier candidate).
 * The chosen configurations are scored on test (:func:`evaluate_config`), and each method's
-  accuracy is compared with the best baseline's by a paired bootstrap (:func:`budgeted_rows`).
+  accuracy is compared with the reference baseline's (the baseline whose choice is the most accurate on
+  val) and the test-best baseline's by a paired bootstrap (:func:`budgeted_rows`,
+  :mod:`jeidnn.evaluate.comparator`).
 
 The candidates come from :mod:`jeidnn.evaluate.candidates`; :mod:`jeidnn.evaluate.selection` keeps what was
 chosen, which ``jeidnn export`` plays.
@@ -30,8 +32,9 @@ from jeidnn.evaluate.calibration import (
     fit_temperatures,
     reliability_diagram,
 )
+from jeidnn.evaluate.comparator import Entry, compare
 from jeidnn.evaluate.conformal import alpha_key, calib_at_exit, evaluate_sets, resplit_miss
-from jeidnn.evaluate.metrics import exit_outcome, paired_bootstrap
+from jeidnn.evaluate.metrics import exit_outcome
 from jeidnn.model.policies import select_exit
 
 __all__ = [
@@ -168,6 +171,9 @@ class Method:
     settings: dict | None = None
     floor_cost: float | None = None
     """The lowest calib-A cost the method reaches, for a method that may offer no candidate at a budget."""
+    envelope_points: str = "all"
+    """Which candidates the envelope views evaluate on test: ``all``, or ``chosen`` (those some budget
+    chose), for a method whose grid is so large that its test envelope would be a maximum over hundreds."""
 
     def candidates_at(self, budget: float) -> list[Candidate]:
         return self.candidates(budget) if callable(self.candidates) else self.candidates
@@ -240,10 +246,14 @@ def evaluate_config(
     return point, diagram, groups
 
 
+_COMPARISON_KEYS = (
+    "val_accuracy", "val_cost", "reference_baseline", "delta_vs_reference", "best_baseline",
+    "delta_vs_best_baseline",
+)  # fmt: skip
+"""Set by :func:`jeidnn.evaluate.comparator.compare`."""
 _NULL_KEYS = (
     "param", "accuracy", "cost", "gflops", "calib_accuracy", "calib_cost", "ece", "ece_temperature_scaled",
-    "exit_fractions", "coverage", "set_size", "merged_groups", "resplit_miss", "best_baseline",
-    "delta_vs_best_baseline",
+    "exit_fractions", "coverage", "set_size", "merged_groups", "resplit_miss", *_COMPARISON_KEYS,
 )  # fmt: skip
 
 
@@ -259,11 +269,13 @@ def _pool_b_and_test(cand: Candidate, split: CalibSplit) -> tuple[Tensor, Tensor
 def budgeted_rows(
     methods: list[Method], split: CalibSplit, settings: Settings, cache: dict | None = None
 ) -> tuple[dict, dict[tuple[float, str], tuple[Candidate, ReliabilityDiagram]]]:
-    """``summary.budgeted`` of report.json: one row per (budget, method), oracle excluded.
+    """``summary.budgeted`` of report.json: one row per (budget, method), oracle excluded, and the headline.
 
-    The best baseline at a budget is the non-learned method with the highest TEST accuracy there
-    (conservative for a learned method); its own row has delta 0 [0, 0]. Bootstrap resamples use seed
-    ``settings.seed + 1``, conformal re-splits ``settings.seed + 2``.
+    Each row is compared with the reference baseline at its budget (the non-learned method whose choice is
+    the most accurate on val) and with the test-best baseline (favours the baselines); a reference's own
+    row has delta 0 [0, 0]. ``headline`` compares the best learned method (by val) with the reference
+    (:func:`jeidnn.evaluate.comparator.compare`). Bootstrap resamples use seed ``settings.seed + 1``,
+    conformal re-splits ``settings.seed + 2``.
 
     Returns:
         The ``summary.budgeted`` dict and, per (budget, method name) with a chosen configuration, that
@@ -273,9 +285,9 @@ def budgeted_rows(
     cache = {} if cache is None else cache
     rows: list[dict] = []
     chosen: dict[tuple[float, str], tuple[Candidate, ReliabilityDiagram]] = {}
-    columns: list[tuple[dict, Tensor, Tensor]] = []  # (row, its correct vector, best baseline's)
+    per_budget: list[tuple[float, list[Entry]]] = []
     for budget in settings.budgets:
-        here: list[tuple[dict, Tensor]] = []
+        here: list[Entry] = []
         for m in methods:
             if m.kind == "oracle":
                 continue
@@ -322,30 +334,22 @@ def budgeted_rows(
                 set_size={a: c["mean_set_size"] for a, c in conformal.items()},
                 merged_groups=[g for g in groups if len(g) > 1],
                 resplit_miss=cache[("resplit", id(cand))],
-                best_baseline=None,
-                delta_vs_best_baseline=None,
+                **dict.fromkeys(_COMPARISON_KEYS),
             )
             rows.append(row)
             chosen[(budget, m.name)] = (cand, diagram)
             test_exits = cand.test_exits.long()
-            here.append((row, cand.source.correct["test"].gather(1, test_exits[:, None]).squeeze(1)))
-        baselines = [(r, c) for r, c in here if r["kind"] not in ("learned", "oracle")]
-        if not baselines:
-            continue
-        best_row, best_correct = min(baselines, key=lambda rc: (-rc[0]["accuracy"], rc[0]["cost"]))
-        for row, correct in here:
-            row["best_baseline"] = best_row["method"]
-            columns.append((row, correct, best_correct))
-    if columns:
-        diffs = torch.stack([c.double() - b.double() for _, c, b in columns], dim=1)  # (N_test, rows)
-        stats = paired_bootstrap(diffs, settings.bootstrap, settings.seed + 1)
-        for (row, _, _), (mean, lo, hi) in zip(columns, stats.tolist(), strict=True):
-            row["delta_vs_best_baseline"] = {"mean": mean, "ci_low": lo, "ci_high": hi}
+            correct = cand.source.correct["test"].gather(1, test_exits[:, None]).squeeze(1)  # (N_test,)
+            trained_on_val = (m.settings or {}).get("gate_data") == "val"
+            here.append(Entry(row, correct, cand.val_outcome(), fitted_on_val=trained_on_val))
+        per_budget.append((budget, here))
+    headline = compare(per_budget, settings.bootstrap, settings.seed + 1)
     summary = {
         "budgets": list(settings.budgets),
         "calib_split": split.to_dict(),
         "bootstrap": settings.bootstrap,
         "resplits": settings.resplits,
         "rows": rows,
+        "headline": headline,
     }
     return summary, chosen

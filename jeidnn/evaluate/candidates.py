@@ -24,6 +24,7 @@ from jeidnn.model.policies import score_exits
 
 __all__ = [
     "GLOBAL_GRID",
+    "PRODUCT_PS",
     "TAU_GRID",
     "Inputs",
     "learned_candidates",
@@ -34,6 +35,10 @@ GLOBAL_GRID: list[float] = [round(0.01 * i, 2) for i in range(101)] + [0.995, 0.
 exit, ``inf`` nobody exits early, so the grid spans every budget."""
 TAU_GRID: list[float] = sorted({0.001, 0.5, 0.999, *(round(0.01 * i, 2) for i in range(1, 100))}) + [math.inf]
 """Exit-score thresholds of a ``calib_threshold`` learned method; ``inf``: nobody exits early."""
+PRODUCT_PS: list[float] = [round(0.05 * 400 ** (i / 40), 4) for i in range(41)]
+"""Geometric targets ``q_k ∝ p^k`` that ``product_maxprob`` always tries besides ``eval.threshold_ps``: 41
+values log-spaced from 0.05 (nearly everyone at the first exit) to 20 (nearly everyone at the last), so that
+every budget has a candidate close to it."""
 
 
 @dataclass
@@ -61,21 +66,36 @@ class Inputs:
         return {"threshold_ps": self.ps, "global_thresholds": self.grid, "patience_values": self.patience}
 
 
-def geometric_candidates(
-    src: Source, costs: list[float], split: CalibSplit, measure: str, ps: list[float], tag: Callable
+def _budgeted_batch(
+    src: Source,
+    conf: dict[str, Tensor],
+    costs: list[float],
+    split: CalibSplit,
+    ps: list[float],
+    tag: Callable,
+    uses: Callable[[Tensor], dict],
 ) -> list[Candidate]:
-    """Budgeted-batch thresholds fitted on calib A for each geometric target q_k ∝ p^k."""
-    conf = {s: bl.confidence(p, measure) for s, p in src.probs.items()}  # (N, L) each
+    """Per-exit thresholds on the confidences ``conf`` (split -> (N, L)) fitted on calib A by the
+    budgeted-batch rule, one candidate per geometric target q_k ∝ p^k."""
     out = []
     for p in ps:
         target = bl.geometric_exit_distribution(p, len(costs))
         thresholds = bl.fit_budgeted_thresholds(conf["calib"][split.a], target)
         exits = {s: bl.apply_thresholds(conf[s], thresholds) for s in conf}
-        uses = {"thresholds": thresholds, "measure": measure}
         out.append(
-            make_candidate(tag(p), src, costs, exits["calib"], exits["test"], split, uses, exits.get("val"))
+            make_candidate(
+                tag(p), src, costs, exits["calib"], exits["test"], split, uses(thresholds), exits.get("val")
+            )
         )
     return out
+
+
+def geometric_candidates(
+    src: Source, costs: list[float], split: CalibSplit, measure: str, ps: list[float], tag: Callable
+) -> list[Candidate]:
+    """Budgeted-batch thresholds on one confidence ``measure`` for each geometric target q_k ∝ p^k."""
+    conf = {s: bl.confidence(p, measure) for s, p in src.probs.items()}  # (N, L) each
+    return _budgeted_batch(src, conf, costs, split, ps, tag, lambda t: {"thresholds": t, "measure": measure})
 
 
 def _val_exits(src: Source, exits: Callable[[str], Tensor]) -> Tensor | None:
@@ -144,6 +164,25 @@ def threshold_search(x: Inputs) -> Callable[[float], list[Candidate]]:
         return searched[budget]
 
     return search
+
+
+def product_maxprob(x: Inputs) -> list[Candidate]:
+    """Budgeted-batch thresholds on the running product of max-probabilities (history-aware), one per p of
+    ``eval.threshold_ps`` and :data:`PRODUCT_PS`."""
+    conf = {s: bl.running_product(m) for s, m in x.maxprob.items()}  # (N, L) each
+    ps = sorted(set(x.ps) | set(PRODUCT_PS))
+    return _budgeted_batch(x.warm, conf, x.costs, x.split, ps, lambda p: p, lambda t: {"thresholds": t})
+
+
+def patience_confidence(x: Inputs) -> list[Candidate]:
+    """Leave once the prediction has held for ``patience`` exits and the max-probability reaches
+    ``threshold``: every patience value x every global threshold."""
+    params = [{"patience": int(k), "threshold": float(t)} for k in x.patience for t in x.grid]
+
+    def policy(s: str, q: dict) -> Tensor:
+        return bl.patience_confidence_exits(x.preds[s], x.maxprob[s], q["patience"], q["threshold"])
+
+    return _policy(x, params, policy, dict)
 
 
 def patience(x: Inputs) -> list[Candidate]:

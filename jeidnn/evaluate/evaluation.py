@@ -62,9 +62,11 @@ NOTES = [
     "Headline: summary.budgeted. For each budget every method plays the configuration with the best "
     "calib-A accuracy among those with calib-A cost <= budget; temperatures and conformal quantiles are "
     "fitted on calib B; every number is on test. See docs/evaluation.md.",
-    "best_baseline at a budget is the non-learned method with the highest test accuracy there: a "
-    "conservative reference for a learned method. delta_vs_best_baseline is a paired bootstrap 95 % "
-    "percentile interval; the best baseline's own row has delta 0 [0, 0].",
+    "reference_baseline at a budget is the non-learned method whose calib-A choice is the most accurate on "
+    "val (calib A when the run kept no val predictions); headline compares the best learned method, picked "
+    "the same way, with it. best_baseline is the test-best baseline, a maximum over noisy test estimates "
+    "that favours the baselines. delta_vs_reference and delta_vs_best_baseline are paired bootstrap 95 % "
+    "percentile intervals of test accuracy differences; a reference's own row has delta 0 [0, 0].",
     "Exit decisions use raw probabilities (learned models: exit scores); ece_temperature_scaled keeps the "
     "same exits with per-exit temperatures fitted on calib B. Conformal sets use raw probabilities.",
     "Conformal quantiles are per group of exits; merged_groups lists groups of several exits, merged "
@@ -99,29 +101,30 @@ def _settings(cfg: Any, seed: int, gflops_full: float | None) -> Settings:
 
 
 def _envelope_candidates(method: Method, chosen: dict) -> list[Candidate]:
-    """Envelope points: learned methods at tau 0.5 only, threshold_search as chosen per budget."""
+    """Envelope points: learned methods at tau 0.5 only; threshold_search (made per budget) and methods with
+    ``envelope_points: chosen`` as chosen per budget."""
     if method.kind == "learned":
         return [c for c in method.candidates_at(0.0) if c.param["tau"] == 0.5]
-    if callable(method.candidates):
+    if callable(method.candidates) or method.envelope_points == "chosen":
         picked = [cand for (_, name), (cand, _) in chosen.items() if name == method.name]
         return list({id(c): c for c in picked}.values())
     return method.candidates
 
 
 def _reliability_panels(budgeted: dict, chosen: dict, labels: dict[str, str]) -> list[dict]:
-    """At the budget nearest 0.5: each learned method's chosen config next to the best baseline's."""
+    """At the budget nearest 0.5: each learned method's chosen config next to the reference baseline's."""
     budgets = [b for b in budgeted["budgets"] if any(k[0] == b for k in chosen)]
     if not budgets:
         return []
     budget = min(budgets, key=lambda b: abs(b - 0.5))
     rows = [r for r in budgeted["rows"] if r["budget"] == budget and r["accuracy"] is not None]
-    best = next((r["best_baseline"] for r in rows if r["best_baseline"]), None)
+    best = next((r["reference_baseline"] for r in rows if r["reference_baseline"]), None)
     learned = [r["method"] for r in rows if r["kind"] == "learned"] or ([best] if best else [])
     panels = []
     for name in learned[:3]:
         curves = [(labels[name], chosen[(budget, name)][1])]
         if best and name != best:
-            curves.append((f"{labels[best]} (best baseline)", chosen[(budget, best)][1]))
+            curves.append((f"{labels[best]} (reference baseline)", chosen[(budget, best)][1]))
         panels.append({"title": f"budget {budget:g}: {labels[name]}", "curves": curves})
     return panels
 

@@ -17,7 +17,13 @@ from typing import Any
 
 from jeidnn.errors import JeidnnError
 from jeidnn.evaluate import candidates as build
-from jeidnn.model.early_exit import PatienceGates, StaticGates, ThresholdGates
+from jeidnn.model.rule_gates import (
+    PatienceConfidenceGates,
+    PatienceGates,
+    ProductGates,
+    StaticGates,
+    ThresholdGates,
+)
 
 __all__ = [
     "REGISTRY",
@@ -48,6 +54,14 @@ def _static_gates(uses: dict) -> Any:
     return StaticGates(uses["exit"])
 
 
+def _product_gates(uses: dict) -> Any:
+    return ProductGates(uses["thresholds"])
+
+
+def _patience_confidence_gates(uses: dict) -> Any:
+    return PatienceConfidenceGates(uses["patience"], uses["threshold"])
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One method: what it is, how it is built, drawn, played and exported."""
@@ -69,6 +83,8 @@ class MethodSpec:
     """(colour, marker) in the plots; None: learned methods take the next of ``LEARNED_COLOURS``."""
     reads: str | None = None
     """The learned method whose predictions it reads; the method exists only when that one does."""
+    envelope_points: str = "all"
+    """``all`` candidates in the envelope views, or those ``chosen`` at some budget (a large grid)."""
 
     @property
     def exportable(self) -> bool:
@@ -82,8 +98,19 @@ class MethodSpec:
         return self.gates(uses)
 
 
-def _baseline(name: str, report_kind: str, label: str, note: str, builder: Callable, gates: Callable, style):
-    return MethodSpec(name, "baseline", report_kind, label, note, builder, gates, style)
+def _baseline(
+    name: str,
+    report_kind: str,
+    label: str,
+    note: str,
+    builder: Callable,
+    gates: Callable,
+    style: tuple[str, str],
+    envelope_points: str = "all",
+) -> MethodSpec:
+    return MethodSpec(
+        name, "baseline", report_kind, label, note, builder, gates, style, envelope_points=envelope_points
+    )
 
 
 REGISTRY: dict[str, MethodSpec] = {
@@ -124,6 +151,15 @@ REGISTRY: dict[str, MethodSpec] = {
             ("#17becf", "<"),
         ),
         _baseline(
+            "product_maxprob",
+            "threshold",
+            "max-prob product thresholds",
+            "budgeted-batch thresholds on the product of the max-probabilities of the exits so far",
+            build.product_maxprob,
+            _product_gates,
+            ("#393b79", ">"),
+        ),
+        _baseline(
             "patience",
             "patience",
             "patience (PABEE)",
@@ -131,6 +167,17 @@ REGISTRY: dict[str, MethodSpec] = {
             build.patience,
             _patience_gates,
             ("#e377c2", "P"),
+        ),
+        _baseline(
+            "patience_confidence",
+            "patience",
+            "patience + max-prob",
+            "exit once the prediction stays the same for `patience` more exits and its max-prob reaches a "
+            "threshold",
+            build.patience_confidence,
+            _patience_confidence_gates,
+            ("#ad494a", "d"),
+            envelope_points="chosen",
         ),
         _baseline(
             "static",

@@ -53,7 +53,7 @@ def _plot_budgeted(report: dict, path: Path) -> None:
         xs, ys = [bud for bud, _ in pts], [100 * r["accuracy"] for _, r in pts]
         st = _style(report, n)
         method = report["methods"][n]
-        deltas = [r["delta_vs_best_baseline"] for _, r in pts]
+        deltas = [r.get("delta_vs_reference", r["delta_vs_best_baseline"]) for _, r in pts]
         if method["kind"] == "learned" and all(deltas):
             err = [
                 [100 * (d["mean"] - d["ci_low"]) for d in deltas],

@@ -182,7 +182,8 @@ def build_methods(
         methods.append(Method(name, "learned", spec.label, cands, extension=extension, settings=settings))
     for spec in run_baselines(learned):
         specs[spec.name] = spec
-        method = Method(spec.name, spec.report_kind, spec.label, spec.candidates(x))
+        cands = spec.candidates(x)
+        method = Method(spec.name, spec.report_kind, spec.label, cands, envelope_points=spec.envelope_points)
         if spec.name == "threshold_search":
             # The search starts from the global thresholds: it offers nothing cheaper than their cheapest.
             start = next(m for m in methods if m.name == "global_maxprob")

@@ -68,6 +68,16 @@ def _parameters(summary: dict, gates: dict) -> str:
         parts.append(f"patience t = {gates['patience']} (leave once the prediction holds for t more exits)")
     elif kind == "static":
         parts.append(f"every sample leaves at exit {gates['exit_index'] + 1}")
+    elif kind == "product":
+        values = ", ".join(_threshold(t) for t in gates["thresholds"])
+        count = len(gates["thresholds"])
+        parts.append(f"thresholds on the running product of max-probabilities at exits 1..{count}: {values}")
+    elif kind == "patience_confidence":
+        threshold = _threshold(gates["threshold"])
+        parts.append(
+            f"patience k = {gates['patience']} and max-probability threshold {threshold} (leave once the "
+            "prediction holds for k more exits and is that confident)"
+        )
     parts.append(f"report.json param `{json.dumps(summary['param'])}`")
     return "; ".join(parts)
 

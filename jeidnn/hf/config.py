@@ -10,9 +10,9 @@ from transformers import AutoConfig, PretrainedConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.io import json_safe
 from jeidnn.model.backbone import Backbone
-from jeidnn.model.early_exit import StaticGates, ThresholdGates
 from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
+from jeidnn.model.rule_gates import ProductGates, StaticGates, ThresholdGates
 
 __all__ = ["MODEL_TYPE", "EarlyExitConfig", "check_parts", "check_quantiles"]
 
@@ -35,7 +35,9 @@ class EarlyExitConfig(PretrainedConfig):
         gates: the gates' kind and parameters, one of ``{"kind": "learned", "settings": GateSettings as a
             dict, "hidden_size": H, "exit_threshold": τ}``, ``{"kind": "threshold", "measure": "maxprob",
             "thresholds": [...]}`` (``"inf"`` for a threshold nobody passes), ``{"kind": "patience",
-            "patience": t}``, ``{"kind": "static", "exit_index": k}`` (0-based) or ``{"kind": "none"}``.
+            "patience": t}``, ``{"kind": "static", "exit_index": k}`` (0-based), ``{"kind": "product",
+            "thresholds": [...]}`` (on the running product of max-probabilities), ``{"kind":
+            "patience_confidence", "patience": k, "threshold": t}`` or ``{"kind": "none"}``.
         costs: normalised cost of each exit (1 = the plain backbone; docs/method.md).
         conformal_quantiles: ``{"0.1": [q_1 .. q_L], ...}`` per-exit conformal quantiles per α.
         default_alpha: the α :meth:`EarlyExitModel.predict` uses when none is given.
@@ -102,7 +104,7 @@ def check_parts(config: EarlyExitConfig, backbone: Backbone, heads: ExitHeads, g
         raise JeidnnError(
             f"exit layers {heads.layers} must ascend within 1..{num_layers} and end at the last layer"
         )
-    if isinstance(gates, (Gates, ThresholdGates)) and gates.num_exits != num_exits:
+    if isinstance(gates, (Gates, ThresholdGates, ProductGates)) and gates.num_exits != num_exits:
         raise JeidnnError(f"the gates expect {gates.num_exits} exits but the heads have {num_exits}")
     if isinstance(gates, StaticGates) and gates.exit_index >= num_exits:
         raise JeidnnError(

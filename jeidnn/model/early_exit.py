@@ -8,20 +8,21 @@ Two paths that must agree (the tests check it on every architecture and gate kin
   gate chooses, so its later layers are never computed.
 
 Gates are learned (:class:`~jeidnn.model.gates.Gates`, scores against an exit threshold) or rules without
-parameters, the baselines of docs/evaluation.md: :class:`ThresholdGates`, :class:`PatienceGates` and
-:class:`StaticGates`; None means every sample takes the last exit. The deployable model that holds these
+parameters, the baselines of docs/evaluation.md (:mod:`jeidnn.model.rule_gates`: :class:`ThresholdGates`,
+:class:`PatienceGates`, :class:`StaticGates`, :class:`ProductGates`, :class:`PatienceConfidenceGates`); None
+means every sample takes the last exit. The deployable model that holds these
 parts is :class:`jeidnn.hf.modeling.EarlyExitModel`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.utils import ModelOutput
 
 from jeidnn.config.gating import GateSettings
@@ -31,19 +32,22 @@ from jeidnn.model.backbone import Backbone
 from jeidnn.model.exit_rules import DEFAULT_TAU
 from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
-from jeidnn.model.policies import (
-    ConfidenceMeasure,
-    apply_thresholds,
-    confidence,
-    patience_exits,
-    score_exits,
-    static_exits,
+from jeidnn.model.policies import score_exits
+from jeidnn.model.rule_gates import (
+    PatienceConfidenceGates,
+    PatienceGates,
+    ProductGates,
+    RuleGates,
+    StaticGates,
+    ThresholdGates,
 )
 
 __all__ = [
     "GATE_KINDS",
     "EarlyExitOutput",
+    "PatienceConfidenceGates",
     "PatienceGates",
+    "ProductGates",
     "RuleGates",
     "StaticGates",
     "ThresholdGates",
@@ -52,8 +56,6 @@ __all__ = [
     "run_dynamic",
     "run_full",
 ]
-
-MEASURES: tuple[str, ...] = ("maxprob", "entropy", "margin")
 
 
 @contextlib.contextmanager
@@ -70,153 +72,7 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-class ThresholdGates(nn.Module):
-    """Threshold gating baseline: exit at the first exit whose confidence reaches its threshold.
-
-    One threshold repeated at every exit is the global-threshold (DeeBERT-style) baseline.
-
-    Args:
-        thresholds: one threshold per intermediate exit, shape ``(L-1,)``.
-        measure: ``maxprob``, ``entropy`` (negative entropy as confidence) or ``margin``.
-
-    Example:
-        >>> gates = ThresholdGates([0.9, 0.8], measure="maxprob")
-        >>> gates.exits(torch.randn(4, 3, 5)).shape  # per-exit logits (N, L, C) -> 0-based exits (N,)
-        torch.Size([4])
-    """
-
-    def __init__(self, thresholds: Sequence[float] | Tensor, measure: ConfidenceMeasure = "maxprob") -> None:
-        super().__init__()
-        if measure not in MEASURES:
-            raise JeidnnError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
-        self.measure: ConfidenceMeasure = measure
-        # Not a buffer: the thresholds live in the model's config, readable by a person. On the CPU whatever
-        # the default device (a model is built on the meta device before its weights load); they move to the
-        # confidences' device and dtype where they are compared.
-        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device="cpu").flatten().clone()
-
-    @property
-    def num_exits(self) -> int:
-        return self.thresholds.numel() + 1
-
-    def forward(self, logits: Tensor) -> Tensor:
-        """Per-exit logits ``(N, L, C)`` -> confidence at every exit ``(N, L)``."""
-        return confidence(logits.softmax(dim=-1), self.measure)
-
-    def exits(self, exit_logits: Tensor) -> Tensor:
-        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exit: the first at or above its threshold."""
-        return apply_thresholds(self(exit_logits), self.thresholds)
-
-    def can_exit(self, index: int) -> bool:  # no confidence reaches +inf
-        return float(self.thresholds[index]) != float("inf")
-
-    reads_exit = can_exit  # the rule keeps no state: an exit nobody can leave is not evaluated
-
-    def init_state(self, batch: int, device: torch.device | str | None = None) -> None:
-        return None
-
-    def step(self, index: int, exit_logits: Tensor, state: None) -> tuple[Tensor, None]:
-        """Whether each running sample exits at intermediate exit ``index``: ``(B, C)`` -> ``(B,)`` bool."""
-        # A Python float holding the float32 threshold compares in the confidences' dtype, as the full path.
-        return confidence(exit_logits.softmax(dim=-1), self.measure) >= float(self.thresholds[index]), None
-
-
-@dataclass
-class PatienceState:
-    """Per-sample state of :class:`PatienceGates` between exits."""
-
-    run: Tensor  # (B,) long: consecutive exits so far whose argmax equals their predecessor's
-    pred: Tensor  # (B,) long: argmax at the last exit seen
-
-    def __getitem__(self, idx: Tensor) -> PatienceState:
-        return PatienceState(self.run[idx], self.pred[idx])
-
-
-def _predictions(exit_logits: Tensor) -> Tensor:
-    """Argmax of the softmax, as the evaluation takes it (float32 softmax ties resolve the same way)."""
-    return exit_logits.float().softmax(dim=-1).argmax(dim=-1)
-
-
-class PatienceGates(nn.Module):
-    """PABEE: exit once the argmax has stayed the same for ``patience`` consecutive exits.
-
-    The rule of :func:`jeidnn.model.policies.patience_exits`: a sample leaves at the first exit ``l`` whose
-    prediction equals those of exits ``l - 1 .. l - patience``; ``patience = 0`` leaves at the first exit.
-
-    Args:
-        patience: ``t >= 0``.
-
-    Example:
-        >>> PatienceGates(1).exits(torch.tensor([[[0.0, 1.0], [0.0, 2.0], [3.0, 0.0]]])).tolist()
-        [1]
-    """
-
-    def __init__(self, patience: int) -> None:
-        super().__init__()
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise JeidnnError(f"patience must be a non-negative integer, got {patience!r}")
-        self.patience = patience
-
-    def exits(self, exit_logits: Tensor) -> Tensor:
-        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exits."""
-        # The evaluation's own function (it works on the CPU): the reference path is the baseline's rule.
-        return patience_exits(_predictions(exit_logits).cpu(), self.patience).to(exit_logits.device)
-
-    def reads_exit(self, index: int) -> bool:
-        return True  # every exit's argmax feeds the agreement count
-
-    def can_exit(self, index: int) -> bool:  # at most `index` agreements are counted at exit `index`
-        return index >= self.patience
-
-    def init_state(self, batch: int, device: torch.device | str | None = None) -> PatienceState:
-        zeros = torch.zeros(batch, dtype=torch.long, device=device)
-        return PatienceState(zeros, zeros)
-
-    def step(self, index: int, exit_logits: Tensor, state: PatienceState) -> tuple[Tensor, PatienceState]:
-        """Whether each running sample exits at exit ``index`` ``(B,)`` bool, and the state after it."""
-        pred = _predictions(exit_logits)  # (B,)
-        run = torch.where(pred == state.pred, state.run + 1, 0) if index > 0 else state.run
-        return run >= self.patience, PatienceState(run, pred)
-
-
-class StaticGates(nn.Module):
-    """Static depth (layer pruning): every sample exits at the 0-based exit ``exit_index``.
-
-    The layer-skipping path never runs the layers after that exit, nor the exit heads before it.
-
-    Example:
-        >>> StaticGates(1).exits(torch.randn(4, 3, 5)).tolist()
-        [1, 1, 1, 1]
-    """
-
-    def __init__(self, exit_index: int) -> None:
-        super().__init__()
-        if isinstance(exit_index, bool) or not isinstance(exit_index, int) or exit_index < 0:
-            raise JeidnnError(f"the static exit index must be a non-negative integer, got {exit_index!r}")
-        self.exit_index = exit_index
-
-    def exits(self, exit_logits: Tensor) -> Tensor:
-        """Per-exit logits ``(N, L, C)`` -> ``(N,)`` 0-based exits, all ``exit_index``."""
-        return static_exits(exit_logits.shape[0], self.exit_index).to(exit_logits.device)
-
-    def reads_exit(self, index: int) -> bool:
-        return index == self.exit_index
-
-    can_exit = reads_exit
-
-    def init_state(self, batch: int, device: torch.device | str | None = None) -> None:
-        return None
-
-    def step(self, index: int, exit_logits: Tensor, state: None) -> tuple[Tensor, None]:
-        stop = index == self.exit_index
-        return torch.full((exit_logits.shape[0],), stop, dtype=torch.bool, device=exit_logits.device), None
-
-
-RuleGates = ThresholdGates | PatienceGates | StaticGates
-"""Gates without parameters: an exit rule on the exits' logits (the baselines of docs/evaluation.md)."""
-
-
-GATE_KINDS = ("learned", "threshold", "patience", "static", "none")
+GATE_KINDS = ("learned", "threshold", "patience", "static", "product", "patience_confidence", "none")
 """The ``kind`` of a model config's ``gates`` entry (:class:`jeidnn.hf.config.EarlyExitConfig`)."""
 
 
@@ -236,10 +92,16 @@ def gate_config(gates: Gates | RuleGates | None, exit_threshold: float = DEFAULT
         return {"kind": "patience", "patience": gates.patience}
     if isinstance(gates, StaticGates):
         return {"kind": "static", "exit_index": gates.exit_index}
+    if isinstance(gates, ProductGates):
+        return {"kind": "product", "thresholds": json_safe(gates.thresholds.tolist(), nonfinite="string")}
+    if isinstance(gates, PatienceConfidenceGates):
+        threshold = json_safe(gates.threshold, nonfinite="string")
+        return {"kind": "patience_confidence", "patience": gates.patience, "threshold": threshold}
     if gates is None:
         return {"kind": "none"}
     raise JeidnnError(
-        f"unknown gates {type(gates).__name__}; use Gates, ThresholdGates, PatienceGates, StaticGates or None"
+        f"unknown gates {type(gates).__name__}; use Gates, one of the rule gates of jeidnn.model.rule_gates "
+        "or None"
     )
 
 
@@ -255,9 +117,13 @@ def build_gates(entry: Mapping[str, Any], num_exits: int) -> Gates | RuleGates |
             return PatienceGates(entry["patience"])
         if kind == "static":
             return StaticGates(entry["exit_index"])
+        if kind == "product":
+            return ProductGates([float(t) for t in entry["thresholds"]])
+        if kind == "patience_confidence":
+            return PatienceConfidenceGates(entry["patience"], float(entry["threshold"]))
     except KeyError as exc:
         raise JeidnnError(f"the {kind} gates entry of the model config lacks the key {exc}") from None
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise JeidnnError(
             f"the {kind} gates entry of the model config is invalid: {first_line(exc)}"
         ) from None

@@ -20,7 +20,9 @@ __all__ = [
     "geometric_exit_distribution",
     "global_threshold_exits",
     "oracle_exits",
+    "patience_confidence_exits",
     "patience_exits",
+    "running_product",
     "score_exits",
     "search_thresholds",
     "select_exit",
@@ -164,6 +166,55 @@ def patience_exits(preds: Tensor, patience: int) -> Tensor:
         exits[stop] = exit_
         done |= stop
     return exits
+
+
+def running_product(conf: Tensor) -> Tensor:
+    """History-aware confidence: ``out[:, l] = conf[:, 0] * ... * conf[:, l]``, shape (N, L) -> (N, L).
+
+    Multiplied left to right one exit at a time, the operations the layer-by-layer gates repeat
+    (:class:`jeidnn.model.rule_gates.ProductGates`), so both give the same value to the last bit.
+    """
+    product = torch.ones_like(conf[:, 0])
+    columns = []
+    for k in range(conf.shape[1]):
+        product = product * conf[:, k]
+        columns.append(product)
+    return torch.stack(columns, dim=1)
+
+
+def patience_confidence_exits(preds: Tensor, maxprob: Tensor, patience: int, threshold: float) -> Tensor:
+    """Patience and confidence together: leave at the first exit ``l`` where the prediction has stayed the
+    same for ``patience`` consecutive exits (:func:`patience_exits`' counter) *and* ``maxprob[:, l] >=
+    threshold``; else at the last exit.
+
+    ``threshold = 0`` is :func:`patience_exits`; ``patience = 0`` is :func:`global_threshold_exits`.
+
+    Args:
+        preds: (N, L) argmax prediction at each exit.
+        maxprob: (N, L) max probability at each exit.
+        patience: k >= 0.
+        threshold: t; ``inf`` sends every sample to the last exit.
+
+    Returns:
+        (N,) int64 0-based exits.
+
+    Example:
+        >>> preds = torch.tensor([[0, 0, 1], [2, 2, 2]])
+        >>> maxprob = torch.tensor([[0.9, 0.6, 0.8], [0.5, 0.95, 0.4]])
+        >>> patience_confidence_exits(preds, maxprob, 1, 0.7).tolist()  # row 0: at exit 1 p = 0.6 < 0.7
+        [2, 1]
+    """
+    if patience < 0:
+        raise ValueError(f"Expected argument `patience` to be a non-negative integer but got {patience}")
+    n, num_exits = preds.shape
+    run = torch.zeros(n, dtype=torch.long)
+    passed = []
+    for k in range(num_exits - 1):
+        if k > 0:
+            run = torch.where(preds[:, k] == preds[:, k - 1], run + 1, torch.zeros_like(run))
+        passed.append((run >= patience) & (maxprob[:, k] >= threshold))
+    passed.append(torch.ones(n, dtype=torch.bool))  # the last exit takes the rest
+    return torch.stack(passed, dim=1).int().argmax(dim=1)
 
 
 def static_exits(num_samples: int, exit_index: int) -> Tensor:

@@ -25,11 +25,18 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from jeidnn.errors import JeidnnError
-from jeidnn.model.early_exit import PatienceGates, RuleGates, StaticGates, ThresholdGates
 from jeidnn.model.families import family_of
 from jeidnn.model.gate_inputs import NUM_CONFIDENCE_FEATURES
 from jeidnn.model.gates import Gates
 from jeidnn.model.heads import ExitHeads
+from jeidnn.model.rule_gates import (
+    PatienceConfidenceGates,
+    PatienceGates,
+    ProductGates,
+    RuleGates,
+    StaticGates,
+    ThresholdGates,
+)
 
 __all__ = [
     "PRUNED_KEY",
@@ -278,7 +285,9 @@ def keep_exits(
         return new, _keep_learned(gates, last)
     if isinstance(gates, ThresholdGates):
         return new, ThresholdGates(gates.thresholds[:last], gates.measure)
-    if isinstance(gates, PatienceGates):
+    if isinstance(gates, ProductGates):
+        return new, ProductGates(gates.thresholds[:last])
+    if isinstance(gates, (PatienceGates, PatienceConfidenceGates)):
         return new, gates
     if isinstance(gates, StaticGates):
         return new, StaticGates(min(gates.exit_index, last))
