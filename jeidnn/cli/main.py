@@ -1,4 +1,5 @@
-"""Command line: `jeidnn train | evaluate | predict | export | prune`; `python train.py` is `jeidnn train`.
+"""Command line: `jeidnn train | evaluate | predict | export | prune | serve | split`; `python train.py` is
+`jeidnn train`.
 
 `train` takes one option per config field (jeidnn/config/parser.py), so `--help` lists every key with its
 documentation. User errors print one line on stderr and exit with status 2, without a traceback or a
@@ -136,12 +137,26 @@ def prune_main(argv: list[str]) -> int:
     return prune(argv)
 
 
+def serve_main(argv: list[str]) -> int:
+    from jeidnn.cli.serve import main as serve  # the serving stack is an optional extra
+
+    return serve(argv)
+
+
+def split_main(argv: list[str]) -> int:
+    from jeidnn.cli.split import main as split
+
+    return split(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (lambda argv: train_main(argv, prog="jeidnn train"), "train, evaluate and export a model"),
     "evaluate": (evaluate_main, "recompute the evaluation of a finished run"),
     "predict": (predict_main, "early-exit predictions of an exported model as JSON lines"),
     "export": (export_main, "export another operating point of a finished run"),
     "prune": (prune_main, "prune heads, FFN neurons and layers of a finished run's model"),
+    "serve": (serve_main, "serve a model (or one tier of a split model) over HTTP"),
+    "split": (split_main, "split a model into a device tier and a server tier, or plan the split"),
 }
 
 
