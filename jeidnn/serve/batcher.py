@@ -1,10 +1,11 @@
 """Micro-batching: requests that arrive close together share one call of the model.
 
 One queue per server. A worker takes the oldest request and adds the next ones while their inputs fit in
-``max_batch_size`` rows, waiting at most ``max_wait_ms`` after the oldest arrived (under load the queue
-already holds enough and nobody waits). The model runs in one worker thread, so the event loop keeps
-accepting requests meanwhile. Each request gets exactly its own rows back. If a call fails, each request of
-the batch is run again on its own: the one that fails gets its error, the others their answers.
+``max_batch_size`` rows, waiting at most ``max_wait_ms`` for them after the oldest arrived or the model
+became free, whichever is later (a full batch does not wait). The model runs in one worker thread, so the
+event loop keeps accepting requests meanwhile. Each request gets exactly its own rows back. If a call fails,
+each request of the batch is run again on its own: the one that fails gets its error, the others their
+answers.
 
 A second, optional step (``finish``) runs on the event loop after the model: the device tier sends its payload
 to the server tier there, while the worker already runs the next batch.
@@ -117,14 +118,18 @@ class MicroBatcher:
         return job
 
     async def _gather(self) -> list[Job]:
-        """The next batch: the oldest job and those that fit behind it, until the oldest's deadline."""
+        """The next batch: the oldest job and those that fit behind it, until the batch's deadline."""
         assert self._arrived is not None
+        ready = time.monotonic()
         while not self.queue:
             self._arrived.clear()
             await self._arrived.wait()
         batch = [self._take()]
         rows = batch[0].rows
-        deadline = batch[0].enqueued + self.max_wait
+        # A request waits at most max_wait for others once the model is free: the time it queued while the
+        # model ran the batch before does not count (closed-loop clients whose answers just left would
+        # otherwise never join the requests that queued meanwhile, and batches stay half full).
+        deadline = max(batch[0].enqueued, ready) + self.max_wait
         while rows < self.max_batch_size:
             if self.queue:
                 if rows + self.queue[0].rows > self.max_batch_size:

@@ -68,6 +68,35 @@ def add_sets(model: EarlyExitModel, predictions: Sequence[Prediction], quantiles
         p.prediction_set = [y for y, m in zip(labels, row) if m]
 
 
+def padding_groups(
+    model: EarlyExitModel, items: Sequence[Any], max_rows: int, min_rows: int = 8
+) -> list[list[int]]:
+    """Positions of a batch's inputs in groups that each run as one padded batch.
+
+    Texts go longest first (as ``predict`` batches them) and a group closes once it holds ``min_rows`` rows
+    and the next text is shorter than 3/4 of the group's longest, or at ``max_rows``: requests arrive in any
+    order, and one batch of texts of every length would pad most of them to the longest (on a CPU, padding
+    costs as much as real tokens). Images, all one size, split at ``max_rows``.
+    """
+    n = len(items)
+    if model.config.modality != "text":
+        return [list(range(start, min(start + max_rows, n))) for start in range(0, n, max_rows)]
+    encoded = model.preprocessor(list(items), truncation=True, max_length=model.max_length)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    groups: list[list[int]] = []
+    for i in sorted(range(n), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else None
+        if (
+            group is None
+            or len(group) >= max_rows
+            or (len(group) >= min_rows and 4 * lengths[i] < 3 * lengths[group[0]])
+        ):
+            groups.append([i])
+        else:
+            group.append(i)
+    return groups
+
+
 def _spans(jobs: Sequence[Job]) -> list[slice]:
     """Each job's positions among the batch's concatenated inputs."""
     spans, start = [], 0
@@ -85,7 +114,10 @@ class ModelRunner:
 
     def compute(self, jobs: list[Job]) -> list[list[Prediction]]:
         items = [x for job in jobs for x in job.items]
-        predictions = predict_inputs(self.model, items, None, self.max_batch_size)
+        predictions: list[Any] = [None] * len(items)
+        for group in padding_groups(self.model, items, self.max_batch_size):
+            for i, p in zip(group, predict_inputs(self.model, [items[i] for i in group], None, len(group))):
+                predictions[i] = p
         answers = [predictions[span] for span in _spans(jobs)]
         for job, answer in zip(jobs, answers):
             add_sets(self.model, answer, job.options)
@@ -140,7 +172,12 @@ class DeviceRunner:
         device = model.cost_per_exit.device
         local: dict[int, tuple[Prediction, bool]] = {}
         going: list[tuple[list[int], Payload, Tensor]] = []
-        for positions, batch in make_batches(model, items, self.max_batch_size):
+        batches = (
+            ([group[p] for p in positions], batch)
+            for group in padding_groups(model, items, self.max_batch_size)
+            for positions, batch in make_batches(model, [items[i] for i in group], len(group))
+        )
+        for positions, batch in batches:
             out = run_device(self.tier, {k: v.to(device) for k, v in batch.items()})
             for rows, logits, k in out.left:
                 for r, p in zip(rows.tolist(), predictions_from_logits(model, logits.cpu(), k)):
