@@ -181,3 +181,17 @@ def test_the_batcher_answers_each_job_once_in_batches_that_fit():
     assert sorted(map(tuple, (items for call in calls for items in call))) == sorted(map(tuple, jobs))
     assert all(sum(len(items) for items in call) <= 8 for call in calls)
     assert len(calls) < 40
+
+
+def test_the_listening_socket_says_it_is_tcp():
+    """asyncio turns Nagle's algorithm off only on sockets created as IPPROTO_TCP; without it every answer's
+    body waited ~40 ms for the client's delayed ACK (uvicorn writes head and body apart)."""
+    import socket
+
+    from jeidnn.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

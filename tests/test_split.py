@@ -191,6 +191,9 @@ def test_split_over_loopback_equals_the_whole_model(split_dirs):
         device = load_tier(device_dir)
         with running(create_app(device, ServeSettings(upstream=server_url, max_wait_ms=1))) as url:
             got = httpx.post(f"{url}/predict", json={"inputs": TEXTS}).json()["predictions"]
+            alone = [
+                httpx.post(f"{url}/predict", json={"inputs": [t]}).json()["predictions"][0] for t in TEXTS
+            ]
             for dtype in ("float16", "int8"):  # other payloads still answer every input
                 lossy = create_app(device, ServeSettings(upstream=server_url, payload_dtype=dtype))
                 with running(lossy) as lossy_url:
@@ -206,9 +209,12 @@ def test_split_over_loopback_equals_the_whole_model(split_dirs):
         assert refused.status_code == 404 and "server tier" in refused.json()["error"]
     want = [p.to_json() for p in model.predict(TEXTS)]
     assert [{k: v for k, v in row.items() if k != "degraded"} for row in got] == want
+    assert [{k: v for k, v in row.items() if k != "degraded"} for row in alone] == [
+        p.to_json() for text in TEXTS for p in model.predict([text])
+    ]  # one row: a fresh gate state travels (its fields share memory until rows are selected)
     assert not any(row["degraded"] for row in got)
     forwarded = sum(row["exit_layer"] > 1 for row in got)
-    assert forwarded > 0 and f"jeidnn_forwarded_total {float(forwarded)}" in device_metrics
+    assert forwarded > 0 and f"jeidnn_forwarded_total {float(2 * forwarded)}" in device_metrics  # both ways
 
 
 @needs_serving

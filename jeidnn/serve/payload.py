@@ -80,7 +80,8 @@ def _flatten(state: Any, prefix: str, out: dict[str, Tensor]) -> dict | None:
         if is_dataclass(value):
             layout["fields"][f.name] = _flatten(value, f"{prefix}.{f.name}", out)
         else:
-            out[f"{prefix}.{f.name}"] = value.contiguous()
+            # A copy: a fresh state's fields share one zero tensor, which safetensors refuses to write twice.
+            out[f"{prefix}.{f.name}"] = value.clone().contiguous()
             layout["fields"][f.name] = None
     return layout
 
