@@ -96,13 +96,10 @@ class Tier:
     @property
     def local_exits(self) -> list[int]:
         """0-based exits this tier evaluates."""
-        layers = self.model.heads.layers
-        inside = (
-            (lambda layer: layer <= self.split_layer)
-            if self.role == "device"
-            else (lambda l: l > self.split_layer)
-        )
-        return [k for k, layer in enumerate(layers) if inside(layer)]
+        on_device = self.role == "device"
+        return [
+            k for k, layer in enumerate(self.model.heads.layers) if (layer <= self.split_layer) == on_device
+        ]
 
 
 def _tier_parts(model: EarlyExitModel, role: Role, at: int) -> list[tuple[nn.Module, str, nn.Module]]:
