@@ -13,7 +13,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jeidnn"
 
-ROOMS = ["config", "data", "model", "train", "evaluate", "hf", "export", "compress", "pipeline", "cli"]
+ROOMS = [
+    "config", "data", "model", "train", "evaluate", "hf", "export", "compress", "pipeline", "serve", "cli",
+]  # fmt: skip
 """The rooms in the order a run passes through them: a module imports only from its own room, rooms before it
 and the shared core modules at the top of the package (errors, log, io)."""
 

@@ -5,44 +5,19 @@ import json
 
 import pytest
 import torch
-from test_early_exit import TEXTS, split_on_texts, tiny_tokenizer
-from tiny_models import TINY_CONFIGS
+from predict_model import LABELS, TEXTS, text_model
 
-from jeidnn.config.gating import GateSettings
-from jeidnn.config.schema import ModelConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.hf.predict import predict_cli
-from jeidnn.model.backbone import Backbone
-from jeidnn.model.gates import Gates
-from jeidnn.model.heads import ExitHeads
 
-LABELS = ["negative", "neutral", "positive"]
 KEYS = {"label", "probability", "exit_layer", "cost", "prediction_set"}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    backbone = Backbone.load(ModelConfig(random_config=TINY_CONFIGS["bert"]))
-    heads = ExitHeads([1, 2, 3], backbone.hidden_size, len(LABELS), "tanh")
-    with torch.no_grad():
-        for head in heads.heads:
-            head.net[-1].weight.mul_(5)
-    model = EarlyExitModel.from_parts(
-        backbone,
-        heads,
-        Gates(3, GateSettings("trajectory", "mlp", "conditional"), backbone.hidden_size),
-        tiny_tokenizer(folder),
-        LABELS,
-        costs=[0.4, 0.7, 1.01],
-        conformal_quantiles={"0.1": [0.5, 0.6, 0.7], "0.05": [0.9, 0.95, 1.0]},
-        max_length=16,
-        exit_threshold=0.4,
-    ).eval()
-    split_on_texts(model, TEXTS)  # exit layers 1 and 3 both occur
-    model.save_pretrained(folder / "model")
+    text_model(folder).save_pretrained(folder / "model")  # exit layers 1 and 3 both occur
     return folder / "model"
 
 

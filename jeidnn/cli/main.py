@@ -1,4 +1,4 @@
-"""Command line: `jeidnn train | evaluate | predict | export | certify | prune`; `python train.py` is
+"""Command line: `jeidnn train | evaluate | predict | export | certify | prune | serve | split`; `python train.py` is
 `jeidnn train`.
 
 `train` takes one option per config field (jeidnn/config/parser.py), so `--help` lists every key with its
@@ -146,6 +146,18 @@ def prune_main(argv: list[str]) -> int:
     return prune(argv)
 
 
+def serve_main(argv: list[str]) -> int:
+    from jeidnn.cli.serve import main as serve  # the serving stack is an optional extra
+
+    return serve(argv)
+
+
+def split_main(argv: list[str]) -> int:
+    from jeidnn.cli.split import main as split
+
+    return split(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (lambda argv: train_main(argv, prog="jeidnn train"), "train, evaluate and export a model"),
     "evaluate": (evaluate_main, "recompute the evaluation of a finished run"),
@@ -153,6 +165,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (export_main, "export another operating point of a finished run"),
     "certify": (certify_main, "certify the cheapest operating point for a risk bound against the full model"),
     "prune": (prune_main, "prune heads, FFN neurons and layers of a finished run's model"),
+    "serve": (serve_main, "serve a model (or one tier of a split model) over HTTP"),
+    "split": (split_main, "split a model into a device tier and a server tier, or plan the split"),
 }
 
 

@@ -60,6 +60,12 @@ def check_folder(folder: Path) -> None:
             f"{path} describes a model of type {model_type!r}, not a jeidnn early-exit model; "
             "train one with jeidnn or load this one with transformers' own classes"
         )
+    tier = config.get("jeidnn_tier")  # a half written by `jeidnn split` (jeidnn.serve.tiers)
+    if isinstance(tier, dict):
+        raise JeidnnError(
+            f"{folder} is the {tier.get('role')} tier of a split model (jeidnn split), not a whole model; "
+            "serve it with jeidnn serve, load it with jeidnn.serve.tiers.load_tier"
+        )
     if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         raise JeidnnError(f"{folder / 'model.safetensors'} is missing; save the model again")
 
