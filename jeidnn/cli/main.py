@@ -1,5 +1,5 @@
-"""Command line: `jeidnn train | evaluate | predict | export | certify | prune | serve | split`; `python train.py` is
-`jeidnn train`.
+"""Command line: `jeidnn train | evaluate | predict | export | certify | prune | serve | split`;
+`python train.py` is `jeidnn train`.
 
 `train` takes one option per config field (jeidnn/config/parser.py), so `--help` lists every key with its
 documentation. User errors print one line on stderr and exit with status 2, without a traceback or a
