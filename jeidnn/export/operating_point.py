@@ -164,9 +164,7 @@ class OperatingPoint:
     def conformal_fit(self) -> str:
         """Where :meth:`conformal` fits the quantiles, in words."""
         if self.certificate is not None:
-            return (
-                "val (calib chose and certified the operating point), exit groups from calib-A exit counts"
-            )
+            return "val (calib chose and certified the operating point), exit groups from calib-A exit counts"
         return "calib half B, exit groups from the calib-A exit counts"
 
 
