@@ -16,7 +16,7 @@ from tiny_models import tiny_run_overrides, write_sentiment_csv
 from jeidnn.cli.main import main, train_main
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
-from jeidnn.model.early_exit import PatienceGates
+from jeidnn.model.rule_gates import PatienceGates
 from jeidnn.serve.payload import Payload, decode, encode
 from jeidnn.serve.plan import LayerTimes, Link, OperatingPoint, payload_bytes, plan
 from jeidnn.serve.tiers import load_tier, run_device, run_server, split_model
@@ -294,6 +294,7 @@ def test_split_and_plan_commands(tmp_path, capsys):
         *tiny_run_overrides(csv, tmp_path / "runs", "t"),
     ]
     fast = ["--warmup.max_epochs", "5", "--eval.bootstrap", "100", "--eval.resplits", "2", "--quiet"]
+    fast += ["--export.selection", "method", "--export.method", "jeidnn_paper"]  # learned: τ can move
     assert train_main([*args, *fast]) == 0
     run = tmp_path / "runs" / "t"
     assert main(["split", str(run / "model"), "--at", "1", "--out", str(tmp_path / "s")]) == 0

@@ -29,7 +29,7 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from jeidnn.errors import JeidnnError, first_line
-from jeidnn.model.early_exit import PatienceState
+from jeidnn.model.rule_gates import PatienceState
 from jeidnn.model.exit_rules import RuleState
 from jeidnn.model.gates import GateState
 
