@@ -29,9 +29,9 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from jeidnn.errors import JeidnnError, first_line
-from jeidnn.model.rule_gates import PatienceState
 from jeidnn.model.exit_rules import RuleState
 from jeidnn.model.gates import GateState
+from jeidnn.model.rule_gates import PatienceState
 
 __all__ = ["FORMAT", "PAYLOAD_DTYPES", "Payload", "PayloadDtype", "concat", "decode", "encode", "state_to"]
 
