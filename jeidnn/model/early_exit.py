@@ -53,6 +53,7 @@ __all__ = [
     "ThresholdGates",
     "build_gates",
     "gate_config",
+    "leaving_rows",
     "run_dynamic",
     "run_full",
 ]
@@ -195,6 +196,23 @@ def run_full(
     return exit_logits, exit_index, gate_scores
 
 
+def leaving_rows(stop: Tensor) -> tuple[Tensor, Tensor] | tuple[None, None] | None:
+    """Who leaves at an exit, from its ``(b,)`` bool decisions, with the exit's one host sync.
+
+    Returns:
+        None when nobody leaves; ``(None, None)`` when everyone does; else the continuing and the leaving
+        row indices, each in order (a stable sort, without the second sync ``nonzero`` would cost).
+    """
+    running = stop.shape[0]
+    n_stop = int(stop.item()) if running == 1 else int(stop.sum())  # a single row leaves or stays whole
+    if n_stop == 0:
+        return None
+    if n_stop == running:
+        return None, None
+    order = torch.argsort(stop, stable=True)  # (b,) the continuing rows first
+    return order[: running - n_stop], order[running - n_stop :]
+
+
 @torch.inference_mode()
 def run_dynamic(
     backbone: Backbone,
@@ -237,18 +255,13 @@ def run_dynamic(
         score, state = gates.step(k, logits, pooled, state) if learned else gates.step(k, logits, state)
         if not leaves[k]:  # the gate state is updated; nobody can leave: no host sync
             continue
-        stop = score >= exit_threshold if learned else score
-        running = stop.shape[0]
-        # The one host sync of this exit; a single row leaves or continues whole (never reordered).
-        n_stop = int(stop.item()) if running == 1 else int(stop.sum())
-        if n_stop == 0:
+        split = leaving_rows(score >= exit_threshold if learned else score)
+        if split is None:
             continue
-        if n_stop == running:
+        keep, leave = split
+        if keep is None:
             left.append((rows, logits, k))
             break
-        # A stable sort puts the continuing rows first, in order, without a second sync (nonzero syncs).
-        order = torch.argsort(stop, stable=True)  # (b,)
-        keep, leave = order[: running - n_stop], order[running - n_stop :]
         left.append((rows[leave] if rows is not None else leave, logits.index_select(0, leave), k))
         # Only the per-sample tensors shrink: hidden states, the layers' per-row state, the gate state.
         hidden = hidden.index_select(0, keep)

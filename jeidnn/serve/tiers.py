@@ -37,7 +37,7 @@ from jeidnn.hf.config import EarlyExitConfig
 from jeidnn.hf.folder import load_preprocessor
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.io import atomic_folder, json_safe
-from jeidnn.model.early_exit import gate_config
+from jeidnn.model.early_exit import gate_config, leaving_rows
 from jeidnn.model.families import LayerState
 from jeidnn.model.gates import Gates
 
@@ -319,17 +319,14 @@ def _run_layers(
         score, state = gates.step(k, logits, pooled, state) if learned else gates.step(k, logits, state)
         if not leaves[k]:
             continue
-        stop = score >= tau if learned else score
-        running = stop.shape[0]
-        n_stop = int(stop.item()) if running == 1 else int(stop.sum())
-        if n_stop == 0:
+        split = leaving_rows(score >= tau if learned else score)
+        if split is None:
             continue
-        if n_stop == running:
+        go_on, leave = split
+        if go_on is None:
             left.append((rows, logits, k))
             rows = rows[:0]
             break
-        order = torch.argsort(stop, stable=True)  # the continuing rows first, in order
-        go_on, leave = order[: running - n_stop], order[running - n_stop :]
         left.append((rows[leave], logits.index_select(0, leave), k))
         hidden = hidden.index_select(0, go_on)
         layer_state = layer_state.select(go_on)
