@@ -18,16 +18,17 @@ uses learned gates (paper rule, confidence inputs, random weights) whose biases 
 Two sides, timed in one process on the same batches: ``all_layers`` (every layer, the final head on its
 pooled output: the plain model through the family adapter) and ``dynamic``
 (:func:`jeidnn.model.early_exit.run_dynamic`). Each repeat times both sides back to back on every batch,
-in alternating order; a side's time is the median over repeats of its total. measured = all_layers /
-dynamic; theoretical = 1 / mean cost of the exits the timed rows took (FLOPs counted as docs/method.md,
-:func:`jeidnn.model.cost.exit_costs`); ratio = measured / theoretical.
+in alternating order; a side's time is the sum over batches of its best time over the repeats (other
+processes only add time). measured = all_layers / dynamic; theoretical = 1 / mean cost of the exits the
+timed rows took (FLOPs counted as docs/method.md, :func:`jeidnn.model.cost.exit_costs`); ratio = measured /
+theoretical.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -245,22 +246,21 @@ def time_case(case: Case, sizes: dict[int, int], repeats: int) -> list[dict]:
             plan = batches(case.rows[:num], size)
             for fn in fns.values():  # warm-up on a few rows (a whole batch of 64 would cost a repeat)
                 fn(plan[0] if size == 1 else batches(case.rows[:4], 4)[0])
-            totals: dict[str, list[float]] = {s: [] for s in names}
+            # Best of the repeats per batch and side (as timeit and benchmarks/speed.py): other processes
+            # only ever add time, so the minimum is the least noisy estimate of a batch's own cost.
+            best = {s: [math.inf] * len(plan) for s in names}
             exits = []  # (n,) of the first repeat
             for r in range(repeats):
-                spent = dict.fromkeys(names, 0.0)
                 for j, batch in enumerate(plan):
                     for s in names if (r + j) % 2 == 0 else names[::-1]:
                         start = time.perf_counter()
                         result = fns[s](batch)
-                        spent[s] += time.perf_counter() - start
+                        best[s][j] = min(best[s][j], time.perf_counter() - start)
                         if r == 0 and s == "dynamic":
                             exits.append(result[1])
-                for s in names:
-                    totals[s].append(spent[s])
             exits = torch.cat(exits)
-            median = {s: statistics.median(totals[s]) for s in names}
-            measured = median["all_layers"] / median["dynamic"]
+            total = {s: sum(best[s]) for s in names}
+            measured = total["all_layers"] / total["dynamic"]
             theoretical = 1 / float(case.costs[exits].mean())
             counts = torch.bincount(exits, minlength=case.heads.num_exits)
             out.append(
@@ -268,8 +268,8 @@ def time_case(case: Case, sizes: dict[int, int], repeats: int) -> list[dict]:
                     "model": case.name,
                     "batch_size": size,
                     "inputs": len(exits),
-                    "all_layers_ms_per_input": 1e3 * median["all_layers"] / len(exits),
-                    "dynamic_ms_per_input": 1e3 * median["dynamic"] / len(exits),
+                    "all_layers_ms_per_input": 1e3 * total["all_layers"] / len(exits),
+                    "dynamic_ms_per_input": 1e3 * total["dynamic"] / len(exits),
                     "measured_speedup": measured,
                     "theoretical_speedup": theoretical,
                     "ratio": measured / theoretical,
@@ -297,7 +297,7 @@ def write_results(rows: list[dict], notes: list[str], meta: dict, out_json, comm
         "benchmarks/speed_families.py.",
         "",
         f"Device: {meta['device']}; load average before / after {meta['load_average']}; "
-        f"{meta['repeats']} interleaved repeats, medians.",
+        f"{meta['repeats']} interleaved repeats, best per batch.",
         "",
         "| model | batch | inputs | all layers (ms/input) | layer-skipping (ms/input) | measured | "
         "theoretical | ratio | exit fractions (spread exits) |",
