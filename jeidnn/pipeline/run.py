@@ -135,9 +135,12 @@ def feature_cache(ctx: RunContext, inputs: RunInputs, state: RunState, timer: Ti
         for split in SPLITS:
             path = ctx.run_dir / "cache" / f"{split}.safetensors"
             if state.finished(f"cache:{split}"):
-                if state.run_dir is not None:
-                    cache[split] = FeatureSplit.load(path)
-                continue
+                if path.is_file():
+                    if state.run_dir is not None:
+                        cache[split] = FeatureSplit.load(path)
+                    continue
+                # A finished run deletes its cache; reopened for later stages, it computes it again.
+                logger.info("feature cache [%s]: gone from %s, computed again", split, path.parent)
             if trainer is None:
                 # progress=False: the cache shows its own bar per split; Lightning's would be a second one.
                 trainer = make_trainer(ctx.cfg, ctx.run_dir, "cache", False, distributed=True, logger=False)
