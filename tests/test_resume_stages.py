@@ -6,9 +6,13 @@ import json
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from tiny_models import few_steps_argv, write_sentiment_csv
 
 from jeidnn.cli.main import train_main
+from jeidnn.train.crossfit import fold_index, out_of_fold_logits
+from jeidnn.train.report import CROSSFIT_TIMING
 
 TIMINGS = ("timings_s", "stage2_time_vs_train_pass")
 STAGE0 = "stage 0: fine-tune backbone + final head"
@@ -88,3 +92,46 @@ def test_an_old_state_file_resumes_or_is_refused_in_one_line(csv, finished, tmp_
         read(copy, "state.json")["stage_hashes"]["backbone"]
         == read(finished, "state.json")["stage_hashes"]["backbone"]
     )
+
+
+def test_fold_index_deals_every_sample_to_one_fold():
+    fold = fold_index(11, 3, seed=0)
+    assert sorted(torch.bincount(fold).tolist()) == [3, 4, 4] and fold.min() == 0 and fold.max() == 2
+    assert torch.equal(fold, fold_index(11, 3, seed=0)) and not torch.equal(fold, fold_index(11, 3, seed=1))
+
+
+CROSSFIT = [
+    {"name": "gates_on_train", "im_loss": "frozen"},
+    {"name": "gates_crossfit", "im_loss": "frozen", "gate_data": "crossfit", "extension": True},
+]
+
+
+def test_a_finished_run_resumed_with_a_crossfit_variant(csv, finished, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(ctx, heads, cache, folds):
+        logits = out_of_fold_logits(ctx, heads, cache, folds)
+        seen.append((len(cache["train"]), folds, logits))
+        return logits
+
+    monkeypatch.setattr("jeidnn.train.learned.out_of_fold_logits", spy)
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy / "run")
+    change = ("--jeidnn.variants", json.dumps(CROSSFIT), "--jeidnn.crossfit_folds", "3")
+    assert train_main(argv(csv, copy, "--resume", "true", *change)) == 0
+    report = read(copy / "run")
+    assert set(report["learned"]) >= {"gates_on_train", "gates_crossfit"}
+    (n, folds, logits) = seen[0]
+    assert folds == 3 and logits.shape[0] == n == report["dataset"]["splits"]["train"]
+    timing = report["stage2_time_vs_train_pass"]
+    assert timing["crossfit_s"] == report["timings_s"][CROSSFIT_TIMING]
+    assert timing["stage2_s"] == pytest.approx(
+        report["timings_s"]["stage 2: learned gates, every variant and λ"] - timing["crossfit_s"]
+    )
+    # Same IMs at inference (stage 1's), other gates: the out-of-fold outputs changed what they learned.
+    on_train, on_folds = (
+        load_file(str(copy / "run" / report["learned"][name]["models"][0]["file"]))
+        for name in ("gates_on_train", "gates_crossfit")
+    )
+    assert torch.equal(on_train["val_logits"], on_folds["val_logits"])
+    assert not torch.equal(on_train["val_scores"], on_folds["val_scores"])
