@@ -230,10 +230,12 @@ def _recorded_hashes(state: RunState, run_dir: Path) -> dict[str, str]:
         "the config the run started with, pass --overwrite true, or choose another --name"
     )
     try:
-        old = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (OSError, yaml.YAMLError, JeidnnError, TypeError, ValueError) as exc:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        old = config_from_dict(raw)
+    except (OSError, yaml.YAMLError, JeidnnError, TypeError, ValueError, AttributeError) as exc:
         raise JeidnnError(refuse % f"cannot be read ({first_line(exc)})") from None
-    if config_hash(old) != state.config_hash:
+    # The file as written, not as parsed now: settings added since then would change the parsed hash.
+    if _hash({k: v for k, v in raw.items() if k not in NOT_HASHED}) != state.config_hash:
         raise JeidnnError(refuse % "is not the config its hash was taken of")
     return stage_hashes(old)
 
