@@ -40,7 +40,7 @@ def fold_index(num_samples: int, folds: int, seed: int) -> Tensor:
 
 def _fresh_ims(heads: ExitHeads, seed: int) -> ExitHeads:
     """A copy of ``heads`` with the IMs drawn again (each layer's own initialisation); the final head kept."""
-    heads = copy.deepcopy(heads)
+    heads = copy.deepcopy(heads).train()  # as stage 1 starts them: dropout on
     torch.manual_seed(seed)
     for im in heads.heads[:-1]:
         for module in im.modules():
