@@ -20,6 +20,7 @@ Usage:
     python benchmarks/gating.py                        # every task in TASKS: trains what is missing
     python benchmarks/gating.py --tasks default --reuse
     python benchmarks/gating.py --tasks default --runs default=runs/default --out /tmp/gating
+    python benchmarks/gating.py --tasks default --resume-from default=runs/default   # + gate_data variants
 """
 
 from __future__ import annotations
@@ -44,6 +45,51 @@ RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ["default", "banking77", "clinc150", "trec50"]
 GOAL_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 COMMAND = "python benchmarks/gating.py"
+
+
+GATE_DATA_GATES = {
+    "confidence": {"inputs": "confidence", "arch": "linear"},
+    "trajectory": {"inputs": "trajectory", "arch": "mlp"},
+}
+"""The gates of the gate-data comparison (`--resume-from`): the two extension gates of the default config."""
+
+
+def gate_data_variants(gate_data: list[str]) -> list[dict]:
+    """One variant per gate and `gate_data` value, the IMs frozen (stage 1's), so that only what the gates
+    learn on differs: `train` (in-fold IM outputs), `val`, `crossfit` (out-of-fold outputs on train)."""
+    return [
+        {
+            "name": f"gate_{gates}_{data}", **spec, "standardize": True, "objective": "expected",
+            "exit_rule": "conditional", "operating_point": "calib_threshold", "im_loss": "frozen",
+            "gate_data": data, "extension": True,
+        }
+        for gates, spec in GATE_DATA_GATES.items()
+        for data in gate_data
+    ]  # fmt: skip
+
+
+def resume_with_variants(task: str, source: Path, runs_dir: Path, gate_data: list[str], reuse: bool) -> Path:
+    """A copy of the finished run ``source`` in ``<runs_dir>/gating-<task>``, resumed with the gate-data
+    variants added to its own: only stage 2 and the evaluation run again (the backbone, and its feature
+    cache, are reused; see README, "Interrupted or failed runs"). ``source`` is never written."""
+    import shutil
+
+    import yaml
+
+    run_dir = runs_dir / f"gating-{task}"
+    if reuse and (run_dir / "report.json").is_file():
+        return run_dir
+    if run_dir.exists():
+        raise SystemExit(f"{run_dir} exists; remove it or pass --reuse")
+    shutil.copytree(source, run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    variants = config["jeidnn"]["variants"]
+    variants += [v for v in gate_data_variants(gate_data) if v["name"] not in {x["name"] for x in variants}]
+    cmd = [sys.executable, "train.py", "--config", str(run_dir / "config.yaml"), "--name", f"gating-{task}"]
+    cmd += ["--output_dir", str(runs_dir), "--resume", "true", "--jeidnn.variants", json.dumps(variants)]
+    print("$", " ".join(cmd[:-1]), "<variants>", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return run_dir
 
 
 def run_task(task: str, runs_dir: Path, reuse: bool) -> Path:
@@ -403,9 +449,20 @@ def main(argv: list[str] | None = None) -> int:
         "--runs", nargs="+", default=[], metavar="TASK=FOLDER",
         help="finished, evaluated run folders to read instead of <runs-dir>/gating-<task> (nothing trains)",
     )  # fmt: skip
+    parser.add_argument(
+        "--resume-from", nargs="+", default=[], metavar="TASK=FOLDER",
+        help="finished run folders to copy to <runs-dir>/gating-<task> and resume with the --gate-data "
+        "variants (stage 2 and the evaluation only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gate-data", nargs="+", default=["train", "val", "crossfit"], choices=["train", "val", "crossfit"],
+        help="with --resume-from: the gate_data values compared (frozen IMs; confidence, trajectory gates)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="where gating.md / .json / .png go")
     args = parser.parse_args(argv)
     given = parse_runs(args.runs)
+    for task, source in parse_runs(args.resume_from).items():
+        given[task] = resume_with_variants(task, source, args.runs_dir, args.gate_data, args.reuse)
     reports, runs = {}, {}
     for task in args.tasks:
         if task in given:

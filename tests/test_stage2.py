@@ -66,8 +66,10 @@ def reference_paper(
     lam = lambdas[index]
     heads = copy.deepcopy(heads)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(PAPER.name.encode()))
-    # The initial gates train_models draws for this model.
-    gates = StackedGates(PAPER, NUM_EXITS, HIDDEN, len(lambdas), gen).select(index)
+    # The initial gates train_models draws for this model: model 0's for every λ (`lambda_init: shared`),
+    # or its own.
+    shared = cfg.lambda_init == "shared"
+    gates = StackedGates(PAPER, NUM_EXITS, HIDDEN, len(lambdas), gen).select(0 if shared else index)
     with torch.no_grad():
         final = heads.final(x[:, -1]), heads.final(vx[:, -1])
     ims = [p for h in heads.heads[:-1] for p in h.parameters()]
@@ -107,8 +109,9 @@ def reference_paper(
     return heads, gates
 
 
-def test_paper_preset_matches_the_slow_reference(data):
-    cfg = config()
+@pytest.mark.parametrize("init", ["shared", "independent"])
+def test_paper_preset_matches_the_slow_reference(data, init):
+    cfg = config(lambda_init=init)
     heads = warm_heads()
     (x, y), (vx, vy) = data
     lambdas = [0.05, 0.4]

@@ -81,10 +81,12 @@ class GateVariant(GateSettings):
     """IM phase: `weighted` = expected CE under π with a detached normaliser (paper); `uniform` = plain sum
     of the per-exit CEs (what the authors' released code effectively trains); `frozen` = no IM phase, the
     gates learn on the warm-up IMs (which the threshold baselines also use)."""
-    gate_data: Literal["train", "val"] = "train"
+    gate_data: Literal["train", "val", "crossfit"] = "train"
     """Data the gates learn on: `train` (paper), or `val` (needs `im_loss: frozen`): the IMs were fitted
     on train, so there their outputs are more confident and more often right than on unseen data; on val
-    the gates see the IM outputs they will meet at inference. Val then also reports the training fit."""
+    the gates see the IM outputs they will meet at inference. Val then also reports the training fit.
+    `crossfit` (an extension, needs `im_loss: frozen`): the gates learn on all of train, each sample read
+    through IMs warmed up without it (`jeidnn.crossfit_folds` folds); deployed with stage 1's IMs."""
     operating_point: Literal["native", "calib_threshold"] = "native"
     """`native` = exit once the exit score reaches 0.5 (as trained); `calib_threshold` = the threshold on
     the exit score is also chosen on calib for each cost budget."""
@@ -143,6 +145,13 @@ class JeidnnConfig:
     """SGD weight decay."""
     min_lr: float = 2e-4
     """Cosine schedule end value."""
+    crossfit_folds: int = 5
+    """`gate_data: crossfit`: folds of train; the IMs are warmed up once per fold on the other folds."""
+    lambda_init: Literal["shared", "independent"] = "shared"
+    """How the models of one variant (one per λ) start: `shared` = the same initial gates for every λ (as
+    the paper's code, run once per λ with one seed, starts them), so they differ by λ alone and val cost
+    falls with λ far more regularly; `independent` = each λ its own random gates (runs made before this
+    setting existed)."""
     max_positive_weight: float = 5.0
     """Upper clip of the BCE positive-class weight."""
     train_backbone: bool = False

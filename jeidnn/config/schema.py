@@ -285,8 +285,9 @@ class RunConfig:
     first process only."""
     resume: bool = False
     """Continue the run already in `<output_dir>/<name>/` from its last completed stage (stage 0 from its
-    last validation) instead of refusing the folder; the config must be the one it started with, except
-    for `eval`, `export`, `devices` and `output_dir`."""
+    last validation) instead of refusing the folder. `eval`, `export`, `devices` and `output_dir` may
+    change; a changed `warmup` or `jeidnn` section redoes stage 1 / stage 2 onwards (also of a finished
+    run), reusing the backbone; any other change is refused."""
     logger: Literal["csv", "tensorboard"] = "csv"
     """Training curves under `<run>/logs/`: CSV files or TensorBoard events."""
     regime: Literal["disjoint", "joint", "mixed"] = "disjoint"

@@ -71,10 +71,13 @@ def validate(cfg: RunConfig) -> None:
     for v in j.variants:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", v.name) or names.count(v.name) > 1:
             raise JeidnnError(f"jeidnn.variants: name {v.name!r} must be unique, of letters, digits and `_`")
-        if v.gate_data == "val" and v.im_loss != "frozen":
+        if v.gate_data in ("val", "crossfit") and v.im_loss != "frozen":
             raise JeidnnError(
-                f"jeidnn.variants[{v.name}]: gate_data val needs im_loss frozen (the IMs train on train only)"
+                f"jeidnn.variants[{v.name}]: gate_data {v.gate_data} needs im_loss frozen (the IMs train on "
+                "train only)"
             )
+    if j.crossfit_folds < 2:
+        raise JeidnnError(f"jeidnn.crossfit_folds must be an integer >= 2, got {j.crossfit_folds}")
         if v.width < 1 or v.projection < 1:
             raise JeidnnError(f"jeidnn.variants[{v.name}]: width and projection must be positive integers")
     if not 0 < cfg.export.cost_budget <= 2:

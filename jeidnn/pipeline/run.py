@@ -42,7 +42,7 @@ from jeidnn.train.features import FeatureSplit, extract_features
 from jeidnn.train.inputs import RunInputs, load_inputs
 from jeidnn.train.learned import train_stage2
 from jeidnn.train.modules import freeze
-from jeidnn.train.report import STAGE2_TIMING, training_report
+from jeidnn.train.report import CROSSFIT_TIMING, STAGE2_TIMING, training_report
 from jeidnn.train.results import FeatureCache, JointResult, Stage0Result, WarmupResult
 from jeidnn.train.warmup import warm_up, warmup_result
 
@@ -135,9 +135,12 @@ def feature_cache(ctx: RunContext, inputs: RunInputs, state: RunState, timer: Ti
         for split in SPLITS:
             path = ctx.run_dir / "cache" / f"{split}.safetensors"
             if state.finished(f"cache:{split}"):
-                if state.run_dir is not None:
-                    cache[split] = FeatureSplit.load(path)
-                continue
+                if path.is_file():
+                    if state.run_dir is not None:
+                        cache[split] = FeatureSplit.load(path)
+                    continue
+                # A finished run deletes its cache; reopened for later stages, it computes it again.
+                logger.info("feature cache [%s]: gone from %s, computed again", split, path.parent)
             if trainer is None:
                 # progress=False: the cache shows its own bar per split; Lightning's would be a second one.
                 trainer = make_trainer(ctx.cfg, ctx.run_dir, "cache", False, distributed=True, logger=False)
@@ -224,7 +227,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
             stage = "stage 2"
             with timer.stage(STAGE2_TIMING):
                 stage2 = train_stage2(ctx, inputs.backbone, inputs.heads, inputs.dm, cache, costs)
-            state.mark("stage2", {STAGE2_TIMING: timer.timings[STAGE2_TIMING]})
+            if stage2.crossfit_s is not None:
+                timer.timings[CROSSFIT_TIMING] = stage2.crossfit_s
+            state.mark("stage2", {k: v for k, v in timer.timings.items() if k.startswith("stage 2")})
         timings = {**state.timings, **timer.timings}
         report = training_report(cfg, inputs, costs, warm, s0, joint, stage2, timings, ctx.precision)
         # What `jeidnn evaluate` needs should the evaluation below fail.

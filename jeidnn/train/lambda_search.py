@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from jeidnn.config.gating import JeidnnConfig
@@ -50,10 +51,11 @@ def fit_stage2(
     cfg: JeidnnConfig,
     *,
     seed: int = 0,
-    trainer_kwargs: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
     log: Callable[[str], Any] = logger.info,
     store: Path | None = None,
     after_fit: Callable[[str], Any] | None = None,
+    crossfit_logits: Tensor | None = None,
 ) -> dict[str, list[TrainedModel]]:
     """Train every variant of ``cfg.variants`` over its λ values; λ chosen automatically when ``cfg.lambdas``
     is None (rounds of :func:`next_lambdas`, each round one side-by-side fit of all new models).
@@ -63,8 +65,12 @@ def fit_stage2(
         log: called with one progress line per round.
         store: a folder keeping each finished fit (``round<r>-<data>.safetensors``); a fit found there is
             loaded instead of trained, so a resumed run continues where it stopped. Each fit is seeded on its
-            own (``seed + round``), so the result is the same either way.
+            own, so the result is the same either way: with ``seed`` in every round under ``lambda_init:
+            shared`` (a later round's model is trained as it would have been in the first: same initial
+            gates, batches and dropout masks), ``seed + round`` under ``independent``.
         after_fit: called with each fit's name once it is stored.
+        crossfit_logits: the train rows' out-of-fold IM logits ``(N, L-1, C)``
+            (:func:`jeidnn.train.crossfit.out_of_fold_logits`); needed by `gate_data: crossfit` variants.
 
     Returns:
         Per variant name, its models sorted by λ.
@@ -79,8 +85,9 @@ def fit_stage2(
             break
         count = sum(len(lams) for _, _, lams in plan)
         log(f"stage 2, round {round_ + 1}: {count} models side by side ({len(plan)} variants)")
-        # Gates that learn on val (IMs frozen) train in their own fit, with val as their training data.
-        for source in ("train", "val"):
+        # Gates that learn on val (IMs frozen) train in their own fit, with val as their training data; so do
+        # gates that learn on train through out-of-fold IM outputs (crossfit).
+        for source in ("train", "val", "crossfit"):
             part = [entry for entry in plan if entry[0].gate_data == source]
             if not part:
                 continue
@@ -95,7 +102,8 @@ def fit_stage2(
                 )
                 results = train_models(
                     fit_x, fit_y, val_features, val_labels, heads, part, cfg,
-                    seed=seed + round_, trainer_kwargs=trainer_kwargs,
+                    seed=seed if cfg.lambda_init == "shared" else seed + round_, device=device,
+                    im_logits=crossfit_logits if source == "crossfit" else None,
                 )  # fmt: skip
                 models = [m for block in results for m in block]
                 if path is not None:

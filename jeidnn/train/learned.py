@@ -8,6 +8,7 @@ backbone), kept in memory as a :class:`~jeidnn.train.results.Stage2Result`.
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
@@ -18,7 +19,8 @@ from jeidnn.model.backbone import Backbone
 from jeidnn.model.cost import ExitCosts, gate_flops
 from jeidnn.model.heads import ExitHeads
 from jeidnn.train.context import RunContext
-from jeidnn.train.devices import make_trainer, stage_logger, trainer_device
+from jeidnn.train.crossfit import out_of_fold_logits
+from jeidnn.train.devices import make_trainer, run_device
 from jeidnn.train.end_to_end import fit_end_to_end
 from jeidnn.train.features import FeatureSplit, extract_features
 from jeidnn.train.lambda_search import fit_stage2
@@ -55,6 +57,11 @@ def train_stage2(
     variant_costs = {v.name: costs.with_gates(gate_flops(v, num_exits, hidden)) for v in cfg.jeidnn.variants}
     store = run_dir / "checkpoints" / "stage2"
     after_fit = lambda name: pause_point(f"stage2:{name}")  # noqa: E731
+    crossfit_logits, crossfit_s = None, None
+    if any(v.gate_data == "crossfit" for v in cfg.jeidnn.variants):
+        start = time.perf_counter()
+        crossfit_logits = out_of_fold_logits(ctx, heads, cache, cfg.jeidnn.crossfit_folds)
+        crossfit_s = round(time.perf_counter() - start, 2)
     if cfg.jeidnn.train_backbone:
         trained = fit_end_to_end(
             ctx, backbone, heads, dm, cache, cost_tensors(variant_costs), store=store, after_fit=after_fit
@@ -69,15 +76,11 @@ def train_stage2(
             cost_tensors(variant_costs),
             cfg.jeidnn,
             seed=cfg.seed,
-            trainer_kwargs={
-                # Heads and gates on cached features: tensors too small for a GPU to pay off unless asked for.
-                **trainer_device("cpu" if cfg.accelerator == "auto" else cfg.accelerator),
-                "logger": stage_logger(cfg, run_dir, "stage2"),
-                "enable_progress_bar": ctx.progress,
-                "default_root_dir": str(run_dir),
-            },
+            # Heads and gates on cached features: tensors too small for a GPU to pay off unless asked for.
+            device=run_device("cpu" if cfg.accelerator == "auto" else cfg.accelerator),
             store=store,
             after_fit=after_fit,
+            crossfit_logits=crossfit_logits,
         )
     predictions = {
         variant.name: [
@@ -86,7 +89,7 @@ def train_stage2(
         ]
         for variant in cfg.jeidnn.variants
     }
-    return Stage2Result(variant_costs, trained, predictions)
+    return Stage2Result(variant_costs, trained, predictions, crossfit_s)
 
 
 def own_features(

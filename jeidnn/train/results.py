@@ -78,3 +78,6 @@ class Stage2Result:
     predictions: dict[str, list[dict[str, Tensor]]]
     """Per variant and model index: `<split>_scores` ``(N, L-1)``, `<split>_logits` ``(N, L, C)`` and
     `<split>_labels` ``(N,)`` for each split of :data:`EVAL_SPLITS`."""
+    crossfit_s: float | None = None
+    """Seconds of the out-of-fold IM warm-ups of `gate_data: crossfit` (within stage 2's time); None
+    without such a variant."""

@@ -157,9 +157,13 @@ class VariantBlock(nn.Module):
     def num_models(self) -> int:
         return self.lambdas.numel()
 
-    def exit_logits(self, features: Tensor, final_logits: Tensor) -> Tensor:
-        """Per-exit logits ``(K, B, L, C)`` from IM features ``(B, L-1, H)`` and final logits ``(B, C)``."""
-        im_logits = self.ims(features)  # (K, B, L-1, C)
+    def exit_logits(self, features: Tensor, final_logits: Tensor, im_logits: Tensor | None = None) -> Tensor:
+        """Per-exit logits ``(K, B, L, C)`` from IM features ``(B, L-1, H)`` and final logits ``(B, C)``;
+        ``im_logits`` ``(B, L-1, C)``: IM outputs given instead (`gate_data: crossfit`, IMs frozen)."""
+        if im_logits is None:
+            im_logits = self.ims(features)  # (K, B, L-1, C)
+        else:
+            im_logits = im_logits[None].expand(self.num_models, -1, -1, -1)  # (K, B, L-1, C)
         final = final_logits[None, :, None].expand(self.num_models, -1, -1, -1)  # (K, B, 1, C)
         return torch.cat([im_logits, final.to(im_logits.dtype)], dim=2)
 
@@ -167,11 +171,14 @@ class VariantBlock(nn.Module):
         """Per-exit CE ``(K, B, L)`` of logits ``(K, B, L, C)``."""
         return per_exit_ce(logits, labels)
 
-    def gate_phase_loss(self, features: Tensor, labels: Tensor, final_logits: Tensor) -> Tensor:
-        """``(K,)`` gate losses, the IMs fixed and in eval mode (the outputs the gates see at inference)."""
+    def gate_phase_loss(
+        self, features: Tensor, labels: Tensor, final_logits: Tensor, im_logits: Tensor | None = None
+    ) -> Tensor:
+        """``(K,)`` gate losses, the IMs fixed and in eval mode (the outputs the gates see at inference), or
+        their out-of-fold outputs ``im_logits`` ``(B, L-1, C)`` when given."""
         with torch.no_grad():
             self.ims.eval()
-            logits = self.exit_logits(features, final_logits)  # (K, B, L, C)
+            logits = self.exit_logits(features, final_logits, im_logits)  # (K, B, L, C)
             self.ims.train()
             ce = self.ce(logits, labels)  # (K, B, L)
         gate_logits = self.gates(logits, features)  # (K, B, L-1)

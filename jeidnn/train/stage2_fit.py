@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -51,26 +50,36 @@ class Stage2Module(pl.LightningModule):
         ]
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        optimizer, scheduler = self.sgd(int(self.trainer.estimated_stepping_batches))
+        return [optimizer], [scheduler]
+
+    def sgd(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """Stage 2's SGD over every parameter and its cosine schedule over ``total_steps`` steps."""
         cfg = self.cfg
         optimizer = torch.optim.SGD(
             self.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=cfg.min_lr)
-        return [optimizer], [scheduler]
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, total_steps), eta_min=cfg.min_lr
+        )
+        return optimizer, scheduler
 
     def on_train_epoch_start(self) -> None:
         self._losses: dict[str, list[list[Tensor]]] = {"gate": [], "im": []}
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
-        features, labels, final_logits = batch  # (B, L-1, H), (B,), (B, C)
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        self.train_step(batch, self.optimizers(), self.lr_schedulers())
+
+    def train_step(self, batch: tuple[Tensor, Tensor, Tensor], optimizer: Any, scheduler: Any) -> None:
+        """One optimizer step of the phase due; the losses kept for the epoch's history."""
+        features, labels, final_logits, *given = batch  # (B, L-1, H), (B,), (B, C)[, (B, L-1, C)]
+        im_logits = given[0] if given else None  # out-of-fold IM outputs (`gate_data: crossfit`)
         # Own step count: Lightning's global_step counts optimizer steps, and a phase with every variant's
         # IMs frozen takes none.
         phase = alternation_phase(self._steps, self.cfg.alternate_steps)
         self._steps += 1
         losses: list[Tensor | None] = [
-            b.gate_phase_loss(features, labels, final_logits)
+            b.gate_phase_loss(features, labels, final_logits, im_logits)
             if phase == "gate"
             else None
             if b.variant.im_loss == "frozen"  # no IM phase: these gates learn on the warm-up IMs
@@ -80,7 +89,7 @@ class Stage2Module(pl.LightningModule):
         trained = [loss for loss in losses if loss is not None]
         if trained:
             optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(torch.cat(trained).sum())
+            torch.cat(trained).sum().backward()
             optimizer.step()
         scheduler.step()
         self._losses[phase].append(
@@ -115,6 +124,10 @@ class Stage2Module(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return  # a partial pass over val must not change the weights
+        self.end_validation()
+
+    def end_validation(self) -> None:
+        """Each model's val accuracy and cost at its native threshold; BCE positive weights recounted."""
         for i, block in enumerate(self.blocks):
             logits = torch.cat([x[0] for x in self._val[i]], dim=1)  # (K, N, L, C)
             scores = torch.cat([x[1] for x in self._val[i]], dim=1)  # (K, N, L-1)
@@ -136,18 +149,23 @@ def native_point(logits: Tensor, scores: Tensor, labels: Tensor, costs: Tensor) 
 
 
 class _CachedRows(Dataset):
-    """Cached rows fetched a whole batch at a time: ``(features[:, :L-1], labels, final_logits)``."""
+    """Cached rows fetched a whole batch at a time: ``(features[:, :L-1], labels, final_logits)``, and the
+    rows' given IM logits when there are any (`gate_data: crossfit`)."""
 
-    def __init__(self, features: Tensor, labels: Tensor, final_logits: Tensor) -> None:
+    def __init__(
+        self, features: Tensor, labels: Tensor, final_logits: Tensor, im_logits: Tensor | None = None
+    ) -> None:
         self.features, self.labels, self.final_logits = features, labels, final_logits
+        self.im_logits = im_logits
         self.num_ims = features.shape[1] - 1
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, rows: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    def __getitem__(self, rows: list[int]) -> tuple[Tensor, ...]:
         index = torch.as_tensor(rows)
-        return self.features[index, : self.num_ims], self.labels[index], self.final_logits[index]
+        row = (self.features[index, : self.num_ims], self.labels[index], self.final_logits[index])
+        return row if self.im_logits is None else (*row, self.im_logits[index])
 
 
 def _batches(rows: _CachedRows, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
@@ -175,6 +193,26 @@ def first_model_logits(ims: StackedIMs, features: Tensor, rows: int = 4096) -> T
     return out
 
 
+def fit_on_cache(
+    module: Stage2Module, train: DataLoader, val: DataLoader, epochs: int, device: torch.device
+) -> None:
+    """``epochs`` passes of ``module`` over ``train``, each followed by a pass over ``val``: what
+    ``pl.Trainer.fit`` does with it (one optimizer step per batch, the schedule stepped every batch), without
+    the trainer's per-step hooks, which cost more than a step on cached rows."""
+    optimizer, scheduler = module.sgd(epochs * len(train))
+    module.train()
+    for _ in range(epochs):
+        module.on_train_epoch_start()
+        for batch in train:
+            module.train_step(tuple(t.to(device) for t in batch), optimizer, scheduler)
+        module.on_validation_epoch_start()
+        with torch.no_grad():
+            for batch in val:
+                module.validation_step(tuple(t.to(device) for t in batch), 0)
+            module.end_validation()
+        module.on_train_epoch_end()
+
+
 def start_blocks(
     train_features: Tensor,
     val: tuple[Tensor, Tensor, Tensor],
@@ -182,6 +220,7 @@ def start_blocks(
     plan: Sequence[tuple[GateVariant, Tensor, Sequence[float]]],
     cfg: JeidnnConfig,
     seed: int,
+    im_logits: Tensor | None = None,
 ) -> list[VariantBlock]:
     """The variant blocks of ``plan`` as training starts: fresh gates (each variant from its own random
     stream), gate-input statistics from the warm-up IMs on ``train_features`` ``(N, L, H)``, and BCE positive
@@ -192,8 +231,14 @@ def start_blocks(
         # Each variant's gates drawn from its own stream: adding a variant never changes another's start.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(variant.name.encode()))
         block = VariantBlock(variant, heads, hidden_size, costs, lambdas, generator)
-        # The warm-up IMs' outputs (every model starts from them) set the statistics.
-        im_logits = first_model_logits(block.ims, train_features[:, :-1])  # (N, L-1, C)
+        if cfg.lambda_init == "shared":
+            with torch.no_grad():  # every λ starts from model 0's gates: the models differ by λ alone
+                for param in block.gates.parameters():
+                    param.copy_(param[:1].expand_as(param))
+        # The IM outputs the gates learn on set the statistics: the warm-up IMs' (every model starts from
+        # them; alike for every block, so computed once) or the given out-of-fold ones.
+        if im_logits is None:
+            im_logits = first_model_logits(block.ims, train_features[:, :-1])  # (N, L-1, C)
         block.gates.set_statistics(im_logits, train_features[:, :-1])
         if variant.objective == "bce":  # initial BCE weights from the warm-up IMs on val
             with torch.no_grad():
@@ -214,7 +259,8 @@ def train_models(
     cfg: JeidnnConfig,
     *,
     seed: int = 0,
-    trainer_kwargs: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    im_logits: Tensor | None = None,
 ) -> list[list[TrainedModel]]:
     """Train every (variant, λ) of ``plan`` side by side; deterministic given ``seed``.
 
@@ -227,8 +273,9 @@ def train_models(
         plan: ``(variant, costs (L,), lambdas)`` per block; costs include that variant's gates.
         cfg: stage-2 settings.
         seed: seeds the gate initialisation, dropout and shuffling.
-        trainer_kwargs: extra ``pl.Trainer`` arguments (logger, accelerator and devices, progress bar, root
-            dir).
+        device: where the models train (the cached rows move there a batch at a time).
+        im_logits: ``(N, L-1, C)``: the IM outputs the gates learn on instead of the IMs' own (`gate_data:
+            crossfit`: out-of-fold outputs; every variant of ``plan`` has frozen IMs).
 
     Returns:
         Per block, one :class:`TrainedModel` per λ, in order.
@@ -240,40 +287,26 @@ def train_models(
         )
     pl.seed_everything(seed, verbose=False)
     train_rows = _CachedRows(
-        train_features, train_labels, eval_logits(heads.heads[-1], train_features[:, -1])
+        train_features, train_labels, eval_logits(heads.heads[-1], train_features[:, -1]), im_logits
     )
     val_rows = _CachedRows(val_features, val_labels, eval_logits(heads.heads[-1], val_features[:, -1]))
-    blocks = start_blocks(train_features, val_rows[list(range(len(val_rows)))], heads, plan, cfg, seed)
-    module = Stage2Module(blocks, cfg)
-
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=50,
-        **{
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            **(trainer_kwargs or {}),
-        },
+    blocks = start_blocks(
+        train_features, val_rows[list(range(len(val_rows)))], heads, plan, cfg, seed, im_logits
     )
+    module = Stage2Module(blocks, cfg).to(device)
     threads = torch.get_num_threads()
-    on_cpu = trainer_kwargs is None or trainer_kwargs.get("accelerator", "cpu") == "cpu"
-    if on_cpu:
+    if torch.device(device).type == "cpu":
         # Every tensor of a step is tiny: intra-op threads only add hand-offs, and on a busy machine their
         # spin-waits made a step several times slower.
         torch.set_num_threads(1)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            trainer.fit(
-                module,
-                _batches(train_rows, cfg.batch_size, torch.Generator().manual_seed(seed)),
-                _batches(val_rows, max(cfg.batch_size, 1024)),
-            )
+        fit_on_cache(
+            module,
+            _batches(train_rows, cfg.batch_size, torch.Generator().manual_seed(seed)),
+            _batches(val_rows, max(cfg.batch_size, 1024)),
+            cfg.epochs,
+            torch.device(device),
+        )
     finally:
         torch.set_num_threads(threads)
     module.cpu().eval()
