@@ -1,7 +1,7 @@
-"""`jeidnn serve` on a tiny text model, started on a free loopback port inside the tests: answers equal
-`predict`'s (alone and micro-batched with others; texts, and base64 PNGs on a tiny ViT), the bad-request matrix (4xx, one line, the server keeps
-serving), a request that fails inside the model gets a 500 while the others of its batch are answered, and
-/metrics counts what happened."""
+"""`jeidnn serve` on tiny models, started on a free loopback port inside the tests: answers equal
+`predict`'s (alone and micro-batched with others; texts, and base64 PNGs on a tiny ViT), the bad-request
+matrix (4xx, one line, the server keeps serving), a request that fails inside the model gets a 500 while the
+others of its batch are answered, and /metrics counts what happened."""
 
 import asyncio
 import json
