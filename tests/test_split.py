@@ -406,3 +406,42 @@ def test_split_and_plan_commands(tmp_path, capsys):
     assert [r["offload_fraction"] for r in nobody] == [1.0, 1.0, 1.0, 0.0]
     assert nobody[0]["server_load"] > 1  # the server alone, and every gated exit on the way
     assert "| K |" in (tmp_path / "plan" / "plan.md").read_text()
+
+
+def test_plan_of_an_image_run(tmp_path, monkeypatch):
+    """`jeidnn split --plan` on a tiny ViT run: an image is 4 x 4 patches + the class token = 17 real tokens,
+    its payload those tokens in float16, and at K = 0 it travels as the base64 PNG of `/predict`."""
+    import base64
+    import io
+    import sys
+    import types
+
+    from test_families import FakeImages, run_family
+
+    from jeidnn.serve.run_inputs import run_test_inputs
+
+    data = FakeImages(300)
+    fake = types.SimpleNamespace(
+        Dataset=type("Dataset", (), {}), DatasetDict=dict, load_dataset=lambda path, subset: {"train": data}
+    )
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.chdir(tmp_path)
+    run = run_family(tmp_path, "vit", ["--data.source", "hf", "--data.path", "colours"])
+    plan_args = ["--plan", str(run), "--num-inputs", "4", "--threads", "1", "--out", str(tmp_path / "plan")]
+    assert main(["split", *plan_args]) == 0
+    rows = json.loads((tmp_path / "plan" / "plan.json").read_text())["rows"]
+    assert [r["split_layer"] for r in rows] == [0, 1, 2, 3]  # one operating point: the exported one
+    images = run_test_inputs(run, "image")
+    sizes = []
+    for image in images:
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        sizes.append(len(json.dumps({"image": base64.b64encode(png.getvalue()).decode()})))
+    assert rows[0]["offload_fraction"] == 1
+    assert rows[0]["bytes_per_request"] == pytest.approx(sum(sizes) / len(sizes) + 40)  # {"inputs": [...]}
+    one = len(encode(Payload(torch.zeros(1, 17, 32), torch.tensor([17]), None, "x" * 16, 1), "float16"))
+    assert 17 * 32 * 2 < one < 17 * 32 * 2 + 400  # the tokens, and a header of a few hundred bytes
+    for r in rows[1:3]:
+        assert r["bytes_per_request"] == pytest.approx(r["offload_fraction"] * one)
+    assert rows[3]["offload_fraction"] == 0 and rows[3]["server_load"] == 0
+    assert "test images (mean 17.0 real tokens" in (tmp_path / "plan" / "plan.md").read_text()
