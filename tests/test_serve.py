@@ -197,17 +197,15 @@ def test_the_listening_socket_says_it_is_tcp():
         sock.close()
 
 
-class _Lengths:
-    """A stand-in model whose tokenizer turns the text "n" into n tokens."""
+class _Text:
+    """A stand-in text model for padding_groups, which reads only the modality and the token lists."""
 
     class config:  # noqa: N801
         modality = "text"
 
-    max_length = 64
 
-    @staticmethod
-    def preprocessor(items, truncation, max_length):
-        return {"input_ids": [[0] * int(x) for x in items]}
+def _tokens(*lengths: int) -> list[dict[str, list[int]]]:
+    return [{"input_ids": [0] * n} for n in lengths]
 
 
 def test_padding_groups_minimise_padded_tokens_plus_a_cost_per_group():
@@ -215,11 +213,11 @@ def test_padding_groups_minimise_padded_tokens_plus_a_cost_per_group():
 
     assert GROUP_OVERHEAD_TOKENS == 96
     # Three long and three short texts: 3 x 60 + 3 x 12 + 2 x 96 = 408 < 6 x 60 + 96 = 456 for one group.
-    assert padding_groups(_Lengths, ["10", "60", "12", "58", "11", "59"], 64) == [[1, 5, 3], [2, 4, 0]]
+    assert padding_groups(_Text, _tokens(10, 60, 12, 58, 11, 59), 64) == [[1, 5, 3], [2, 4, 0]]
     # Lengths 40 and 30: one group costs 2 x 40 + 96 = 176, two 40 + 30 + 192 = 262.
-    assert padding_groups(_Lengths, ["30", "40"], 64) == [[1, 0]]
+    assert padding_groups(_Text, _tokens(30, 40), 64) == [[1, 0]]
     # At most max_rows a group, every input once.
-    groups = padding_groups(_Lengths, ["5"] * 7, 3)
+    groups = padding_groups(_Text, _tokens(*[5] * 7), 3)
     assert all(len(g) <= 3 for g in groups) and sorted(i for g in groups for i in g) == list(range(7))
 
 
