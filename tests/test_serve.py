@@ -301,3 +301,20 @@ def test_images_over_http_equal_predict(image_model):
         error = reply.json()["error"]
         assert reply.status_code == 422 and message in error and "\n" not in error
     assert again.json()["predictions"] == [want[3]]
+
+
+def test_a_group_is_the_batch_predict_builds(model):
+    """Texts tokenised one request at a time and padded per group give the very tensors `predict` builds
+    (make_batches, longest first) for those texts."""
+    import torch
+
+    from jeidnn.hf.batches import make_batches
+    from jeidnn.serve.runners import encode_texts, group_batch, padding_groups
+
+    items = [row for text in TEXTS for row in encode_texts(model, [text])]  # one request per text
+    (group,) = padding_groups(model, items, 64)  # six short texts: one group
+    ((positions, want),) = make_batches(model, TEXTS, 64)
+    assert group == positions
+    got = group_batch(model, items, group)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert int(got["attention_mask"].sum()) < got["attention_mask"].numel()  # some rows are padded
