@@ -38,7 +38,8 @@ from jeidnn.hf.batches import make_batches
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.serve.app import ServeSettings, create_app
 from jeidnn.serve.payload import Payload, decode, encode
-from jeidnn.serve.plan import Link, operating_points, plan, plan_run, plan_table, run_test_texts, write_plan
+from jeidnn.serve.plan import Link, operating_points, plan, plan_run, plan_table, write_plan
+from jeidnn.serve.run_inputs import run_test_inputs
 from jeidnn.serve.server import running
 from jeidnn.serve.tiers import load_tier, run_device, run_server, split_model
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model = EarlyExitModel.from_pretrained(args.run / "model")
-    texts = run_test_texts(args.run)
+    texts = run_test_inputs(args.run)
     report = json.loads((args.run / "report.json").read_text())
     labels = RunPredictions.read(report, args.run).warmup_source(model.num_exits).labels["test"].tolist()
 

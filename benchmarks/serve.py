@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.hf.predict import predict_cli
-from jeidnn.serve.plan import run_test_texts
+from jeidnn.serve.run_inputs import run_test_inputs
 from jeidnn.serve.server import bind
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = args.run or args.model_dir.resolve().parent
-    texts = run_test_texts(run)[: args.requests]
+    texts = run_test_inputs(run)[: args.requests]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         inputs, preds, log = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl", Path(tmp) / "server.log"

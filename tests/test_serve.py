@@ -1,7 +1,7 @@
-"""`jeidnn serve` on a tiny text model, started on a free loopback port inside the tests: answers equal
-`predict`'s (alone and micro-batched with others), the bad-request matrix (4xx, one line, the server keeps
-serving), a request that fails inside the model gets a 500 while the others of its batch are answered, and
-/metrics counts what happened."""
+"""`jeidnn serve` on tiny models, started on a free loopback port inside the tests: answers equal
+`predict`'s (alone and micro-batched with others; texts, and base64 PNGs on a tiny ViT), the bad-request
+matrix (4xx, one line, the server keeps serving), a request that fails inside the model gets a 500 while the
+others of its batch are answered, and /metrics counts what happened."""
 
 import asyncio
 import json
@@ -197,17 +197,15 @@ def test_the_listening_socket_says_it_is_tcp():
         sock.close()
 
 
-class _Lengths:
-    """A stand-in model whose tokenizer turns the text "n" into n tokens."""
+class _Text:
+    """A stand-in text model for padding_groups, which reads only the modality and the token lists."""
 
     class config:  # noqa: N801
         modality = "text"
 
-    max_length = 64
 
-    @staticmethod
-    def preprocessor(items, truncation, max_length):
-        return {"input_ids": [[0] * int(x) for x in items]}
+def _tokens(*lengths: int) -> list[dict[str, list[int]]]:
+    return [{"input_ids": [0] * n} for n in lengths]
 
 
 def test_padding_groups_minimise_padded_tokens_plus_a_cost_per_group():
@@ -215,9 +213,108 @@ def test_padding_groups_minimise_padded_tokens_plus_a_cost_per_group():
 
     assert GROUP_OVERHEAD_TOKENS == 96
     # Three long and three short texts: 3 x 60 + 3 x 12 + 2 x 96 = 408 < 6 x 60 + 96 = 456 for one group.
-    assert padding_groups(_Lengths, ["10", "60", "12", "58", "11", "59"], 64) == [[1, 5, 3], [2, 4, 0]]
+    assert padding_groups(_Text, _tokens(10, 60, 12, 58, 11, 59), 64) == [[1, 5, 3], [2, 4, 0]]
     # Lengths 40 and 30: one group costs 2 x 40 + 96 = 176, two 40 + 30 + 192 = 262.
-    assert padding_groups(_Lengths, ["30", "40"], 64) == [[1, 0]]
+    assert padding_groups(_Text, _tokens(30, 40), 64) == [[1, 0]]
     # At most max_rows a group, every input once.
-    groups = padding_groups(_Lengths, ["5"] * 7, 3)
+    groups = padding_groups(_Text, _tokens(*[5] * 7), 3)
     assert all(len(g) <= 3 for g in groups) and sorted(i for g in groups for i in g) == list(range(7))
+
+
+# ---------------------------------------------------------------------- an image model
+def _png(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def image_model():
+    """A tiny random ViT whose threshold gates send some of IMAGES to the first exit and the rest on."""
+    import torch
+    from test_early_exit import split_value, tiny_model
+    from transformers import ViTImageProcessor
+
+    from jeidnn.model.rule_gates import ThresholdGates
+
+    model = tiny_model("vit", "none", costs=[0.4, 0.7, 1.01])
+    model.preprocessor = ViTImageProcessor(size={"height": 16, "width": 16})
+    pixels = model.preprocessor(images=IMAGES, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        maxprob = model.forward_full({"pixel_values": pixels}).exit_logits.softmax(-1).amax(-1)  # (N, 3)
+    model.gates = ThresholdGates([split_value(maxprob[:, 0], min_side=3)[0], 2.0])
+    return model
+
+
+def _images(n: int, seed: int = 0) -> list:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+IMAGES = _images(10)
+
+
+def test_images_over_http_equal_predict(image_model):
+    """Base64 PNGs (lossless: the server reads the very pixels `predict` gets) answered as `predict` answers
+    them, alone and micro-batched; a text for an image model gets a 422 line and the server keeps serving."""
+    want = [p.to_json() for p in image_model.predict(IMAGES)]
+    assert {row["exit_layer"] for row in want} == {1, 3}
+    bodies = [{"inputs": [{"image": _png(image)} for image in IMAGES[i : i + 2]]} for i in range(0, 10, 2)]
+    with running(create_app(image_model, ServeSettings(max_batch_size=8, max_wait_ms=200))) as base:
+        whole = httpx.post(f"{base}/predict", json={"inputs": [{"image": _png(i)} for i in IMAGES]})
+        replies = asyncio.run(_concurrently(base, bodies))  # five requests of two images share batches
+        refusals = [
+            httpx.post(f"{base}/predict", json={"inputs": inputs})
+            for inputs in (
+                ["a text"],
+                [{"image": _png(IMAGES[0]), "alpha": 0.1}],
+                [{"image": "not base64!"}],
+                [{"image": "aGVsbG8="}],  # base64 of "hello"
+            )
+        ]
+        again = httpx.post(f"{base}/predict", json={"inputs": [{"image": _png(IMAGES[3])}]})
+        seen = metrics(base)
+    assert whole.json()["predictions"] == want
+    for i, reply in enumerate(replies):
+        got, expected = reply.json()["predictions"], want[2 * i : 2 * i + 2]
+        assert [(a["label"], a["exit_layer"], a["cost"]) for a in got] == [
+            (b["label"], b["exit_layer"], b["cost"]) for b in expected
+        ]
+        assert [a["probability"] for a in got] == pytest.approx(
+            [b["probability"] for b in expected], abs=1e-6
+        )
+    calls = seen[("jeidnn_batch_size_count", ())] - 2  # the two single requests' calls aside
+    assert 2 <= calls < 5  # ten images in batches of at most 8, not one call per request
+    messages = [
+        "inputs[0] is a string; this is an image model",
+        "inputs[0] must be {\"image\": \"<base64 PNG or JPEG>\"}, got keys ['alpha', 'image']",
+        "inputs[0].image is not base64",
+        "inputs[0].image is not an image PIL can read",
+    ]
+    for reply, message in zip(refusals, messages):
+        error = reply.json()["error"]
+        assert reply.status_code == 422 and message in error and "\n" not in error
+    assert again.json()["predictions"] == [want[3]]
+
+
+def test_a_group_is_the_batch_predict_builds(model):
+    """Texts tokenised one request at a time and padded per group give the very tensors `predict` builds
+    (make_batches, longest first) for those texts."""
+    import torch
+
+    from jeidnn.hf.batches import make_batches
+    from jeidnn.serve.runners import encode_texts, group_batch, padding_groups
+
+    items = [row for text in TEXTS for row in encode_texts(model, [text])]  # one request per text
+    (group,) = padding_groups(model, items, 64)  # six short texts: one group
+    ((positions, want),) = make_batches(model, TEXTS, 64)
+    assert group == positions
+    got = group_batch(model, items, group)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert int(got["attention_mask"].sum()) < got["attention_mask"].numel()  # some rows are padded

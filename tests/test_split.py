@@ -10,14 +10,14 @@ import pytest
 import torch
 from predict_model import LABELS, TEXTS, text_model
 from safetensors.torch import load, load_file
-from test_early_exit import shape_gates, tiny_inputs, tiny_model
+from test_early_exit import shape_gates, split_value, tiny_inputs, tiny_model, tiny_tokenizer
 from tiny_models import tiny_run_overrides, write_sentiment_csv
 
 from jeidnn.cli.main import main, train_main
 from jeidnn.errors import JeidnnError
 from jeidnn.hf.modeling import EarlyExitModel
-from jeidnn.model.rule_gates import PatienceGates
-from jeidnn.serve.payload import Payload, decode, encode
+from jeidnn.model.rule_gates import PatienceConfidenceGates, PatienceGates, PatienceState, ProductGates
+from jeidnn.serve.payload import Payload, concat, decode, encode
 from jeidnn.serve.plan import LayerTimes, Link, OperatingPoint, payload_bytes, plan
 from jeidnn.serve.tiers import load_tier, run_device, run_server, split_model
 
@@ -82,6 +82,70 @@ def test_split_tiers_equal_the_whole_model_to_the_last_bit(arch, gates, tmp_path
     assert 0 < len(out.rows) < 16  # some rows leave on the device, some go on
     assert torch.equal(exits, whole.exit_index)
     assert torch.equal(logits, whole.logits)
+
+
+RULE_TEXTS = [
+    *TEXTS,
+    *("a quiet evening", "never again", "best film of the year", "why?", "rain, rain, rain", "lovely"),
+]
+
+
+def rule_model(folder: Path, kind: str) -> EarlyExitModel:
+    """A tiny BERT (mean pooling: the texts' confidences spread) whose history-aware rule gates, split at
+    K = 1, send some of RULE_TEXTS to each exit and decide on the server from the device's state.
+
+    ``product_maxprob``: the first threshold between the texts' max-probabilities at exit 1, the second
+    between the products of those that go on. ``patience_confidence`` (patience 1: nobody leaves at exit 1)
+    a threshold between the max-probabilities at exit 2 of the texts whose prediction held there."""
+    model = tiny_model("bert", "none", pooling="mean", costs=[0.4, 0.7, 1.01])
+    model.preprocessor = tiny_tokenizer(folder)
+    inputs = dict(model.preprocessor(RULE_TEXTS, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        logits = model.forward_full(inputs).exit_logits  # (N, 3, C)
+    maxprob, pred = logits.softmax(-1).amax(-1), logits.argmax(-1)  # (N, 3)
+    if kind == "product_maxprob":
+        first = split_value(maxprob[:, 0], min_side=3)[0]
+        going = maxprob[:, 0] < first
+        product = (maxprob[:, 0] * maxprob[:, 1])[going]
+        model.gates = ProductGates([first, split_value(product, min_side=2)[0]])
+    else:
+        held = pred[:, 0] == pred[:, 1]
+        model.gates = PatienceConfidenceGates(1, split_value(maxprob[held, 1], min_side=1)[0])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["product_maxprob", "patience_confidence"])
+def test_history_aware_rule_states_cross_the_split(kind, tmp_path):
+    """The running product / agreement count after exit 1 travels in the payload: the server's exits and
+    numbers equal the whole model's, and a fresh state on the server would have given other exits."""
+    model = rule_model(tmp_path, kind)
+    inputs = dict(model.preprocessor(RULE_TEXTS, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        whole = model.forward_dynamic(inputs)
+    device_dir, server_dir = split_model(model, 1, tmp_path / "split", payload_dtype="float32")
+    device, server = load_tier(device_dir), load_tier(server_dir)
+    assert type(server.model.gates) is type(model.gates)
+    logits, exits, out = through_tiers(device, server, inputs)
+    assert set(exits.tolist()) == ({0, 1, 2} if kind == "product_maxprob" else {1, 2})
+    assert torch.equal(exits, whole.exit_index) and torch.equal(logits, whole.logits)
+    fresh = server.model.gates.init_state(len(out.rows))
+    _, forgetful = run_server(server, out.hidden, out.lengths, fresh)
+    assert not torch.equal(forgetful, whole.exit_index[out.rows])
+
+
+@needs_serving
+@pytest.mark.parametrize("kind", ["product_maxprob", "patience_confidence"])
+def test_history_aware_rules_over_loopback_equal_the_whole_model(kind, tmp_path):
+    model = rule_model(tmp_path, kind)
+    device_dir, server_dir = split_model(model, 1, tmp_path / "split", payload_dtype="float32")
+    with running(create_app(load_tier(server_dir))) as server_url:
+        device = create_app(load_tier(device_dir), ServeSettings(upstream=server_url, max_wait_ms=1))
+        with running(device) as url:
+            got = httpx.post(f"{url}/predict", json={"inputs": RULE_TEXTS}).json()["predictions"]
+    assert [{k: v for k, v in row.items() if k != "degraded"} for row in got] == [
+        p.to_json() for p in model.predict(RULE_TEXTS)
+    ]
+    assert not any(row["degraded"] for row in got) and {row["exit_layer"] for row in got} >= {2, 3}
 
 
 def test_tier_folders_hold_their_parts_only(tmp_path):
@@ -157,6 +221,30 @@ def test_payload_formats():
     assert payload_bytes(8, torch.tensor([1, 10]), "float16").tolist() == expected
 
 
+def test_gate_states_concatenate_and_round_trip():
+    """Two device batches' payloads become one: their rows and gate states (a bare tensor: the running
+    product; a dataclass: the agreement count) one after the other, and back unchanged from the bytes."""
+    a = Payload(torch.ones(2, 3, 8), torch.tensor([3, 1]), torch.tensor([0.5, 0.25]), "s", 1)
+    b = Payload(torch.full((1, 2, 8), 2.0), torch.tensor([2]), torch.tensor([0.125]), "s", 1)
+    both = decode(encode(concat([a, b])), 8)
+    assert torch.equal(both.gate_state, torch.tensor([0.5, 0.25, 0.125]))
+    assert both.hidden.shape == (3, 3, 8) and torch.equal(both.lengths, torch.tensor([3, 1, 2]))
+    assert torch.equal(both.hidden[2], torch.cat([torch.full((2, 8), 2.0), torch.zeros(1, 8)]))
+    patience = [PatienceState(torch.tensor([1, 0]), torch.tensor([2, 1])), PatienceState.start(1)]
+    back = decode(
+        encode(
+            concat(
+                [
+                    Payload(a.hidden, a.lengths, patience[0], "s", 1),
+                    Payload(b.hidden, b.lengths, patience[1], "s", 1),
+                ]
+            )
+        ),
+        8,
+    ).gate_state
+    assert torch.equal(back.run, torch.tensor([1, 0, 0])) and torch.equal(back.pred, torch.tensor([2, 1, 0]))
+
+
 @pytest.mark.parametrize(
     "data,message",
     [
@@ -167,6 +255,10 @@ def test_payload_formats():
         (
             encode(Payload(torch.ones(2, 3, 4), torch.tensor([3, 1]), None, "s", 1)),
             r"shape \(4, 4\), expected \(4, 8\)",
+        ),
+        (
+            encode(Payload(torch.ones(2, 3, 8), torch.tensor([3, 1]), torch.ones(3), "s", 1)),
+            "gate state tensor 'gate' does not hold one row per sample",
         ),
     ],
 )
@@ -314,3 +406,42 @@ def test_split_and_plan_commands(tmp_path, capsys):
     assert [r["offload_fraction"] for r in nobody] == [1.0, 1.0, 1.0, 0.0]
     assert nobody[0]["server_load"] > 1  # the server alone, and every gated exit on the way
     assert "| K |" in (tmp_path / "plan" / "plan.md").read_text()
+
+
+def test_plan_of_an_image_run(tmp_path, monkeypatch):
+    """`jeidnn split --plan` on a tiny ViT run: an image is 4 x 4 patches + the class token = 17 real tokens,
+    its payload those tokens in float16, and at K = 0 it travels as the base64 PNG of `/predict`."""
+    import base64
+    import io
+    import sys
+    import types
+
+    from test_families import FakeImages, run_family
+
+    from jeidnn.serve.run_inputs import run_test_inputs
+
+    data = FakeImages(300)
+    fake = types.SimpleNamespace(
+        Dataset=type("Dataset", (), {}), DatasetDict=dict, load_dataset=lambda path, subset: {"train": data}
+    )
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.chdir(tmp_path)
+    run = run_family(tmp_path, "vit", ["--data.source", "hf", "--data.path", "colours"])
+    plan_args = ["--plan", str(run), "--num-inputs", "4", "--threads", "1", "--out", str(tmp_path / "plan")]
+    assert main(["split", *plan_args]) == 0
+    rows = json.loads((tmp_path / "plan" / "plan.json").read_text())["rows"]
+    assert [r["split_layer"] for r in rows] == [0, 1, 2, 3]  # one operating point: the exported one
+    images = run_test_inputs(run, "image")
+    sizes = []
+    for image in images:
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        sizes.append(len(json.dumps({"image": base64.b64encode(png.getvalue()).decode()})))
+    assert rows[0]["offload_fraction"] == 1
+    assert rows[0]["bytes_per_request"] == pytest.approx(sum(sizes) / len(sizes) + 40)  # {"inputs": [...]}
+    one = len(encode(Payload(torch.zeros(1, 17, 32), torch.tensor([17]), None, "x" * 16, 1), "float16"))
+    assert 17 * 32 * 2 < one < 17 * 32 * 2 + 400  # the tokens, and a header of a few hundred bytes
+    for r in rows[1:3]:
+        assert r["bytes_per_request"] == pytest.approx(r["offload_fraction"] * one)
+    assert rows[3]["offload_fraction"] == 0 and rows[3]["server_load"] == 0
+    assert "test images (mean 17.0 real tokens" in (tmp_path / "plan" / "plan.md").read_text()

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
         help="learned gates: other exit thresholds to plan besides the exported one",
     )
     plan.add_argument("--batch-size", type=int, default=1, help="batch size at which layers are timed")
-    plan.add_argument("--num-inputs", type=int, default=64, help="test texts timed")
+    plan.add_argument("--num-inputs", type=int, default=64, help="test inputs (texts or images) timed")
     plan.add_argument(
         "--threads", type=int, help="torch CPU threads while timing (default: torch's; 1 on a busy machine)"
     )

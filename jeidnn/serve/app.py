@@ -34,7 +34,14 @@ from jeidnn.serve.batcher import Busy, MicroBatcher
 from jeidnn.serve.inputs import HttpError, parse_predict, read_limited
 from jeidnn.serve.metrics import Metrics
 from jeidnn.serve.payload import PAYLOAD_DTYPES, decode
-from jeidnn.serve.runners import DeviceRunner, ModelRunner, ServerRunner, UpstreamError, resolve_quantiles
+from jeidnn.serve.runners import (
+    DeviceRunner,
+    ModelRunner,
+    ServerRunner,
+    UpstreamError,
+    encode_texts,
+    resolve_quantiles,
+)
 from jeidnn.serve.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -189,6 +196,14 @@ def create_app(target: EarlyExitModel | Tier, settings: ServeSettings | None = N
             if client is not None:
                 await client.aclose()
 
+    quantiles: dict[float | None, Any] = {}
+
+    def quantiles_at(alpha: float | None) -> Any:
+        """The conformal quantiles of a request at ``alpha``, built once per level (read only)."""
+        if alpha not in quantiles:
+            quantiles[alpha] = resolve_quantiles(model, alpha)  # raises for an uncalibrated alpha
+        return quantiles[alpha]
+
     app = FastAPI(title=f"jeidnn ({role})", lifespan=lifespan)
     app.state.metrics, app.state.batcher = metrics, batcher
 
@@ -251,7 +266,9 @@ def create_app(target: EarlyExitModel | Tier, settings: ServeSettings | None = N
                 )
             body = await read_limited(request, settings.max_request_bytes)
             items, alpha = parse_predict(body, model.config.modality, settings.max_inputs)
-            quantiles = resolve_quantiles(model, alpha)
+            quantiles = quantiles_at(alpha)
+            if model.config.modality == "text":
+                items = encode_texts(model, items)
             answer = await batcher.submit(items, len(items), quantiles)
             if role == "device":
                 rows = [{**p.to_json(), "degraded": degraded} for p, degraded in answer]

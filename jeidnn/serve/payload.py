@@ -4,13 +4,15 @@ Only the real tokens travel (a row's padding is rebuilt on the server), in float
 float32 scale per token (symmetric, ``scale = max |x| / 127``), together with what the server needs to go on
 exactly where the device stopped: each row's number of real tokens, the batch's padded length, and the gates'
 per-sample state (a learned gate with ``trajectory`` inputs reads the confidences of the device's exits; the
-patience rule its agreement count). The bytes are a safetensors file (no pickle; the server can refuse a
-malformed one before reading a tensor) whose string metadata holds the rest::
+patience rules their agreement count; the product rule its running product, a bare ``(B,)`` tensor). The
+bytes are a safetensors file (no pickle; the server can refuse a malformed one before reading a tensor)
+whose string metadata holds the rest::
 
     lengths      (B,) int32          real tokens of each row (texts are right-padded: tokens 0 .. n-1)
     hidden       (sum n, H)          float32 / float16 / int8, the rows' real tokens one after the other
     scale        (sum n,) float32    int8 only: the token's scale
     gate.<field> (B, ...)            the gate state's tensors (kept in their own dtype: they are small)
+    gate         (B,)                instead, a state that is one tensor (the product rule's)
     metadata: format, split_id, split_layer, padded_length, dtype, gate_state (its layout)
 
 A MiniLM token is 384 numbers: 1,536 bytes in float32, 768 in float16, 388 in int8.
@@ -39,6 +41,9 @@ FORMAT = "jeidnn-split-payload/1"
 PayloadDtype = Literal["float32", "float16", "int8"]
 PAYLOAD_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")
 STATE_CLASSES = {cls.__name__: cls for cls in (GateState, RuleState, PatienceState)}
+"""Gate states that are dataclasses of tensors, by the name their layout records. A state that is one tensor
+(:class:`~jeidnn.model.rule_gates.ProductGates`' running product) has the layout ``{"class": "Tensor"}``."""
+TENSOR = "Tensor"
 
 
 @dataclass
@@ -74,6 +79,9 @@ def _flatten(state: Any, prefix: str, out: dict[str, Tensor]) -> dict | None:
     """Put ``state``'s tensors into ``out`` under ``prefix.field``; return its layout (class and fields)."""
     if state is None:
         return None
+    if isinstance(state, Tensor):
+        out[prefix] = state.clone().contiguous()
+        return {"class": TENSOR}
     layout: dict[str, Any] = {"class": type(state).__name__, "fields": {}}
     for f in fields(state):
         value = getattr(state, f.name)
@@ -86,22 +94,34 @@ def _flatten(state: Any, prefix: str, out: dict[str, Tensor]) -> dict | None:
     return layout
 
 
-def _unflatten(layout: dict | None, prefix: str, tensors: dict[str, Tensor]) -> Any:
+def _unflatten(layout: Any, prefix: str, tensors: dict[str, Tensor], rows: int) -> Any:
+    """The gate state ``_flatten`` laid out, each tensor checked to hold ``rows`` rows."""
     if layout is None:
         return None
-    cls = STATE_CLASSES.get(layout.get("class"))
-    if cls is None:
-        raise JeidnnError(f"the payload's gate state has an unknown layout {layout.get('class')!r}")
-    values = {}
-    for name, sub in layout["fields"].items():
-        key = f"{prefix}.{name}"
-        if sub is not None:
-            values[name] = _unflatten(sub, key, tensors)
-        elif key in tensors:
-            values[name] = tensors[key]
-        else:
+    if not isinstance(layout, dict):
+        raise JeidnnError(f"the payload's gate state layout at {prefix!r} is not an object")
+
+    def tensor(key: str) -> Tensor:
+        if key not in tensors:
             raise JeidnnError(f"the payload lacks the gate state tensor {key!r}")
-    return cls(**values)
+        if tensors[key].dim() == 0 or tensors[key].shape[0] != rows:
+            raise JeidnnError(f"the payload's gate state tensor {key!r} does not hold one row per sample")
+        return tensors[key]
+
+    if layout.get("class") == TENSOR:
+        return tensor(prefix)
+    cls = STATE_CLASSES.get(layout.get("class"))
+    members = layout.get("fields")
+    if cls is None or not isinstance(members, dict) or set(members) != {f.name for f in fields(cls)}:
+        raise JeidnnError(f"the payload's gate state has an unknown layout {layout.get('class')!r}")
+    return cls(
+        **{
+            name: tensor(f"{prefix}.{name}")
+            if sub is None
+            else _unflatten(sub, f"{prefix}.{name}", tensors, rows)
+            for name, sub in members.items()
+        }
+    )
 
 
 def _cat_states(states: Sequence[Any]) -> Any:
@@ -109,6 +129,8 @@ def _cat_states(states: Sequence[Any]) -> Any:
     first = states[0]
     if first is None:
         return None
+    if isinstance(first, Tensor):
+        return torch.cat(list(states))
     values = {}
     for f in fields(first):
         parts = [getattr(s, f.name) for s in states]
@@ -196,7 +218,8 @@ def decode(data: bytes, hidden_size: int, dtype: torch.dtype = torch.float32) ->
     hidden = tokens.new_zeros(len(lengths), padded, hidden_size, dtype=dtype)  # (B, T, H)
     mask = torch.arange(padded)[None] < lengths[:, None]  # (B, T)
     hidden[mask] = tokens.to(dtype)
-    gate_state = _unflatten(layout, "gate", {k: v for k, v in tensors.items() if k.startswith("gate.")})
+    gate_tensors = {k: v for k, v in tensors.items() if k == "gate" or k.startswith("gate.")}
+    gate_state = _unflatten(layout, "gate", gate_tensors, len(lengths))
     return Payload(hidden, lengths, gate_state, split_id, layer)
 
 
@@ -217,6 +240,8 @@ def state_to(state: Any, device: torch.device | str) -> Any:
     """A gate state with every tensor on ``device``."""
     if state is None:
         return None
+    if isinstance(state, Tensor):
+        return state.to(device)
     values = {f.name: getattr(state, f.name) for f in fields(state)}
     return type(state)(
         **{k: state_to(v, device) if is_dataclass(v) else v.to(device) for k, v in values.items()}

@@ -8,10 +8,11 @@ machine's), ``l`` the layer of the exit the sample takes and ``n`` its real toke
 * it goes on: the device part up to ``K`` / ``X`` + ``bytes(n) / bandwidth + RTT`` + layers ``K+1..l`` and
   their exits on the server, where ``bytes(n)`` is the size of its payload (:mod:`jeidnn.serve.payload`).
 
-``K = 0`` is the server alone (the text travels: its UTF-8 bytes and a JSON envelope), ``K = L`` the device
-alone. The expectation is the mean over the run's test split, whose exits come from the cached predictions
-(the same decisions the exported model takes). Server load = the server's seconds per request over the
-whole model's. Queueing, batching and the device's other work are not modelled.
+``K = 0`` is the server alone (the input travels as a ``/predict`` request carries it: a text's UTF-8 bytes,
+an image's base64 PNG, in a JSON envelope), ``K = L`` the device alone. The expectation is the mean over the
+run's test split, whose exits come from the cached predictions (the same decisions the exported model takes);
+an image is ``patches + 1`` tokens (ViT; DeiT adds a distillation token), all real. Server load = the server's
+seconds per request over the whole model's. Queueing, batching and the device's other work are not modelled.
 """
 
 from __future__ import annotations
@@ -94,14 +95,14 @@ class OperatingPoint:
 
 @torch.inference_mode()
 def measure_layer_times(
-    model: EarlyExitModel, texts: list[str], batch_size: int = 1, repeats: int = 3
+    model: EarlyExitModel, inputs: list[Any], batch_size: int = 1, repeats: int = 3
 ) -> LayerTimes:
-    """Time the embeddings, each layer and each exit head + gate on ``texts`` (every layer, every exit),
-    best of ``repeats`` per batch, in seconds per sample."""
+    """Time the embeddings, each layer and each exit head + gate on ``inputs`` (texts or PIL images; every
+    layer, every exit), best of ``repeats`` per batch, in seconds per sample."""
     model.eval()
     backbone, heads, gates = model.backbone, model.heads, model.gates
     device = model.cost_per_exit.device
-    batches = [{k: v.to(device) for k, v in b.items()} for _, b in make_batches(model, texts, batch_size)]
+    batches = [{k: v.to(device) for k, v in b.items()} for _, b in make_batches(model, inputs, batch_size)]
     exit_at = {layer - 1: k for k, layer in enumerate(heads.layers)}
     best: dict[str, list[float]] = {}
     for r in range(repeats + 1):  # the first pass warms up
@@ -129,13 +130,13 @@ def measure_layer_times(
                 if r:
                     times = best.setdefault(name, [float("inf")] * len(batches))
                     times[j] = min(times[j], end - begin)
-    per_sample = {name: sum(times) / len(texts) for name, times in best.items()}
+    per_sample = {name: sum(times) / len(inputs) for name, times in best.items()}
     return LayerTimes(
         per_sample["embed"],
         [per_sample[f"layer{i}"] for i in range(backbone.num_layers)],
         [per_sample[f"exit{k}"] for k in range(heads.num_exits)],
         batch_size,
-        len(texts),
+        len(inputs),
     )
 
 
@@ -192,7 +193,7 @@ def plan(
     layers: list[int],
     points: list[OperatingPoint],
     lengths: Tensor,
-    text_bytes: Tensor,
+    request_bytes: Tensor,
     hidden_size: int,
     link: Link,
     dtype: str = "float16",
@@ -222,7 +223,7 @@ def plan(
             )
             if k == 0:
                 server_s = server_s + times.embed
-                sent = text_bytes + JSON_ENVELOPE
+                sent = request_bytes + JSON_ENVELOPE
             else:
                 sent = nbytes
             latency = device_s + torch.where(local, 0.0, link.seconds(sent) + server_s)
@@ -300,18 +301,6 @@ def plan_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_test_texts(run_dir: Path) -> list[str]:
-    """The texts of the run's test split, in the order of its cached predictions (splits are seeded)."""
-    from jeidnn.config.parser import load_config
-    from jeidnn.data.sources import load_raw
-    from jeidnn.data.splits import make_splits
-
-    cfg = load_config(run_dir / "config.yaml")
-    raw = load_raw(cfg.data, "text")
-    test = make_splits(len(raw.labels), cfg.data, cfg.seed, raw.test_positions).indices["test"]
-    return [raw.inputs[i] for i in test]
-
-
 def plan_run(
     run_dir: str | Path,
     link: Link,
@@ -321,9 +310,11 @@ def plan_run(
     num_inputs: int = 64,
     times: LayerTimes | None = None,
 ) -> tuple[list[dict[str, Any]], LayerTimes, str]:
-    """The plan of a finished run's exported model (``RUN/model``); returns its rows, the measured layer times
-    and a header describing both. ``times``: reuse earlier measurements instead of timing again."""
+    """The plan of a finished run's exported model (``RUN/model``, text or image); returns its rows, the
+    measured layer times and a header describing both. ``times``: reuse earlier measurements instead of timing
+    again."""
     from jeidnn.serve.payload import PAYLOAD_DTYPES
+    from jeidnn.serve.run_inputs import request_sizes, run_test_inputs
 
     run_dir = Path(run_dir).expanduser()
     link.check()
@@ -333,31 +324,32 @@ def plan_run(
         if not (run_dir / name).is_file():
             raise JeidnnError(f"{run_dir / name} is missing; --plan takes a finished run folder, runs/<name>")
     model = EarlyExitModel.from_pretrained(run_dir / "model").eval()
-    if model.config.modality != "text" or model.preprocessor is None:
-        raise JeidnnError(f"{run_dir}/model is not a text model with a tokenizer; --plan plans text models")
-    points = operating_points(run_dir, model, thresholds)
-    texts = run_test_texts(run_dir)
-    if len(texts) != len(points[0].exits):
+    if model.preprocessor is None:
         raise JeidnnError(
-            f"the run's test split has {len(texts)} texts but its cached predictions {len(points[0].exits)}; "
-            "the data changed since training"
+            f"{run_dir}/model has no tokenizer or image processor; --plan reads the test inputs through it"
         )
-    encoded = model.preprocessor(texts, truncation=True, max_length=model.max_length)["input_ids"]
-    lengths = torch.tensor([len(ids) for ids in encoded])
-    text_bytes = torch.tensor([len(t.encode()) for t in texts], dtype=torch.float64)
+    points = operating_points(run_dir, model, thresholds)
+    inputs = run_test_inputs(run_dir, model.config.modality)
+    if len(inputs) != len(points[0].exits):
+        raise JeidnnError(
+            f"the run's test split has {len(inputs)} inputs but its cached predictions "
+            f"{len(points[0].exits)}; the data changed since training"
+        )
+    lengths, request_bytes = request_sizes(model, inputs)
     if times is None:
-        times = measure_layer_times(model, texts[:num_inputs], batch_size)
+        times = measure_layer_times(model, inputs[:num_inputs], batch_size)
     rows = plan(
-        times, model.heads.layers, points, lengths, text_bytes, model.backbone.hidden_size, link, dtype
+        times, model.heads.layers, points, lengths, request_bytes, model.backbone.hidden_size, link, dtype
     )
-    mean_tokens = float(lengths.double().mean())
+    kind = "texts" if model.config.modality == "text" else "images"
     header = (
-        f"Split plan of `{run_dir}/model` on its {len(texts)} test texts (mean {mean_tokens:.1f} real "
-        f"tokens): link {link.bandwidth_mbps:g} Mbit/s, RTT {link.rtt_ms:g} ms, device speed "
+        f"Split plan of `{run_dir}/model` on its {len(inputs)} test {kind} (mean "
+        f"{float(lengths.double().mean()):.1f} real tokens, {float(request_bytes.mean()):,.0f} bytes as sent "
+        f"to a server alone): link {link.bandwidth_mbps:g} Mbit/s, RTT {link.rtt_ms:g} ms, device speed "
         f"{link.device_speed:g} x this machine's, {dtype} payloads. Layer times: best of 3 at batch "
-        f"{times.batch_size} over {times.num_inputs} test texts on this machine (embeddings "
+        f"{times.batch_size} over {times.num_inputs} test {kind} on this machine (embeddings "
         f"{1000 * times.embed:.2f} ms, layers {', '.join(f'{1000 * t:.2f}' for t in times.layers)} ms, exits "
         f"{', '.join(f'{1000 * t:.2f}' for t in times.exits)} ms per sample). K = 0: the server alone (the "
-        f"text travels); K = {len(times.layers)}: the device alone."
+        f"input travels); K = {len(times.layers)}: the device alone."
     )
     return rows, times, header

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from jeidnn.data.images import pixel_values
+from jeidnn.data.tables import pad_token_lists
 from jeidnn.evaluate.conformal import prediction_sets
-from jeidnn.hf.batches import Prediction, make_batches, predict_inputs, to_predictions
+from jeidnn.hf.batches import TEXT_KEYS, Prediction, predict_inputs, to_predictions
 from jeidnn.hf.modeling import EarlyExitModel
 from jeidnn.model.early_exit import EarlyExitOutput
 from jeidnn.serve.batcher import Job
@@ -28,7 +30,14 @@ from jeidnn.serve.tiers import Tier, run_device, run_server
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceRunner", "ModelRunner", "ServerRunner", "UpstreamError", "resolve_quantiles"]
+__all__ = [
+    "DeviceRunner",
+    "ModelRunner",
+    "ServerRunner",
+    "UpstreamError",
+    "encode_texts",
+    "resolve_quantiles",
+]
 
 
 class UpstreamError(Exception):
@@ -74,21 +83,29 @@ this. Measured on a CPU with the default model: per-call costs (tokenising, one 
 matrices) against padding."""
 
 
+def encode_texts(model: EarlyExitModel, texts: Sequence[str]) -> list[dict[str, list[int]]]:
+    """Each text's token lists as ``predict`` tokenises it (truncated at the model's ``max_length``, not
+    padded). The server calls it once per request, on the event loop: the model's thread, which every
+    request waits for, then only pads and runs (tokenising there cost ~4 % of its time, twice per text)."""
+    encoded = model.preprocessor(list(texts), truncation=True, max_length=model.max_length)
+    keys = [k for k in TEXT_KEYS if k in encoded]
+    return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+
+
 def padding_groups(model: EarlyExitModel, items: Sequence[Any], max_rows: int) -> list[list[int]]:
     """Positions of a batch's inputs in groups that each run as one padded batch.
 
     Requests arrive in any order, and one batch of texts of every length would pad most of them to the
-    longest (on a CPU, padding costs as much as real tokens). Texts go longest first (as ``predict`` batches
-    them), cut into consecutive groups of at most ``max_rows`` that minimise the padded tokens plus
-    :data:`GROUP_OVERHEAD_TOKENS` per group (a shortest path over the cut points). Images, all one size,
-    split at ``max_rows``.
+    longest (on a CPU, padding costs as much as real tokens). Texts (:func:`encode_texts`' token lists) go
+    longest first (as ``predict`` batches them), cut into consecutive groups of at most ``max_rows`` that
+    minimise the padded tokens plus :data:`GROUP_OVERHEAD_TOKENS` per group (a shortest path over the cut
+    points). Images, all one size, split at ``max_rows``.
     """
     n = len(items)
     if model.config.modality != "text":
         return [list(range(start, min(start + max_rows, n))) for start in range(0, n, max_rows)]
-    encoded = model.preprocessor(list(items), truncation=True, max_length=model.max_length)["input_ids"]
-    order = sorted(range(n), key=lambda i: -len(encoded[i]))
-    longest = [len(encoded[i]) for i in order]  # descending: a group starting at i pads to longest[i]
+    order = sorted(range(n), key=lambda i: -len(items[i]["input_ids"]))
+    longest = [len(items[i]["input_ids"]) for i in order]  # descending: a group starting at i pads to it
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for end in range(1, n + 1):
         for start in range(max(0, end - max_rows), end):
@@ -100,6 +117,16 @@ def padding_groups(model: EarlyExitModel, items: Sequence[Any], max_rows: int) -
         groups.append(order[cut[end] : end])
         end = cut[end]
     return groups[::-1]
+
+
+def group_batch(model: EarlyExitModel, items: Sequence[Any], group: list[int]) -> dict[str, Tensor]:
+    """The model-ready batch of the inputs at ``group`` (from :func:`padding_groups`: texts longest first),
+    the tensors ``predict`` builds for them: token lists right-padded with the pad id, or pixels."""
+    if model.config.modality != "text":
+        return {"pixel_values": pixel_values(model.preprocessor, [items[i] for i in group])}
+    pad_id = model.preprocessor.pad_token_id
+    rows = [items[i] for i in group]
+    return pad_token_lists({k: [row[k] for row in rows] for k in rows[0]}, 0 if pad_id is None else pad_id)
 
 
 def _spans(jobs: Sequence[Job]) -> list[slice]:
@@ -121,7 +148,8 @@ class ModelRunner:
         items = [x for job in jobs for x in job.items]
         predictions: list[Any] = [None] * len(items)
         for group in padding_groups(self.model, items, self.max_batch_size):
-            for i, p in zip(group, predict_inputs(self.model, [items[i] for i in group], None, len(group))):
+            batch = group_batch(self.model, items, group)  # one batch: predict_inputs keeps its row order
+            for i, p in zip(group, predict_inputs(self.model, batch, None, len(group))):
                 predictions[i] = p
         answers = [predictions[span] for span in _spans(jobs)]
         for job, answer in zip(jobs, answers):
@@ -177,12 +205,8 @@ class DeviceRunner:
         device = model.cost_per_exit.device
         local: dict[int, tuple[Prediction, bool]] = {}
         going: list[tuple[list[int], Payload, Tensor]] = []
-        batches = (
-            ([group[p] for p in positions], batch)
-            for group in padding_groups(model, items, self.max_batch_size)
-            for positions, batch in make_batches(model, [items[i] for i in group], len(group))
-        )
-        for positions, batch in batches:
+        for positions in padding_groups(model, items, self.max_batch_size):
+            batch = group_batch(model, items, positions)
             out = run_device(self.tier, {k: v.to(device) for k, v in batch.items()})
             for rows, logits, k in out.left:
                 for r, p in zip(rows.tolist(), predictions_from_logits(model, logits.cpu(), k)):
