@@ -14,6 +14,7 @@ from jeidnn.config.gating import JeidnnConfig
 from jeidnn.errors import JeidnnError
 from jeidnn.model.heads import ExitHeads
 from jeidnn.pipeline import run as pipeline_run
+from jeidnn.train import learned
 from jeidnn.train.devices import run_device, trainer_device
 from jeidnn.train.stage2 import VariantBlock
 from jeidnn.train.stage2_fit import native_point
@@ -112,9 +113,18 @@ def test_cuda_1_reaches_every_trainer_and_the_cost_counting(tmp_path, monkeypatc
         return count(backbone, heads, dm, torch.device("cpu"))
 
     monkeypatch.setattr(pipeline_run, "count_exit_costs", count_on_cpu)
+    stage2_on = []
+    fit = learned.fit_stage2
+
+    def fit_on_cpu(*args, device, **kwargs):  # stage 2 trains on cached features without a Trainer
+        stage2_on.append(device)
+        return fit(*args, device=torch.device("cpu"), **kwargs)
+
+    monkeypatch.setattr(learned, "fit_stage2", fit_on_cpu)
     assert train_main(run_args(tmp_path, "--accelerator", "cuda:1")) == 0
 
-    assert len(asked) >= 4  # stage 0, feature cache, stage 1, stage 2
+    assert len(asked) >= 3  # stage 0, feature cache, stage 1
+    assert stage2_on == [torch.device("cuda", 1)]
     assert all(kw["accelerator"] == "gpu" and kw["devices"] == [1] for kw in asked), asked
     assert [kw.get("precision") for kw in asked if kw.get("max_steps")] == ["bf16-mixed"]  # stage 0 only
     assert sum("precision" in kw for kw in asked) == 1
