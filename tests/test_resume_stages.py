@@ -51,12 +51,12 @@ NEW_WARMUP = ("--warmup.max_epochs", "3")
 def test_a_finished_run_redoes_only_the_changed_stages(csv, finished, tmp_path, change, caplog):
     fresh = tmp_path / "fresh"
     assert train_main(argv(csv, fresh, *change)) == 0
-    copy = tmp_path / "copy"
-    shutil.copytree(finished, copy / "run")
-    before = read(copy / "run", "state.json")
-    assert train_main(argv(csv, copy, "--resume", "true", *change)) == 0
-    assert without_timings(read(copy / "run")) == without_timings(read(fresh / "run"))
-    state = read(copy / "run", "state.json")
+    copy = tmp_path / "copy"  # copied and renamed: `output_dir` and `name` are no training settings
+    shutil.copytree(finished, copy / "renamed")
+    before = read(copy / "renamed", "state.json")
+    assert train_main(argv(csv, copy, "--resume", "true", *change, "--name", "renamed")) == 0
+    assert without_timings(read(copy / "renamed")) == without_timings(read(fresh / "run"))
+    state = read(copy / "renamed", "state.json")
     # Stage 0 was reused (its recorded time is the first run's), stage 2 ran again.
     assert state["timings"][STAGE0] == before["timings"][STAGE0]
     assert (
@@ -66,7 +66,7 @@ def test_a_finished_run_redoes_only_the_changed_stages(csv, finished, tmp_path, 
     redone = "stage 1 (IM warm-up), stage 2" if change == NEW_WARMUP else "stage 2 (learned gates)"
     assert any(f"redoing {redone}" in r.getMessage() for r in caplog.records)
     # Resuming again with the same config: nothing left to do.
-    assert train_main(argv(csv, copy, "--resume", "true", *change)) == 2
+    assert train_main(argv(csv, copy, "--resume", "true", *change, "--name", "renamed")) == 2
 
 
 def test_an_old_state_file_resumes_or_is_refused_in_one_line(csv, finished, tmp_path, capsys):

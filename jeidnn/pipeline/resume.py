@@ -2,11 +2,11 @@
 
 `runs/<name>/state.json` is rewritten atomically after each stage: the stages done so far, their timings,
 what report.json will say about them, and one hash per group of stages of the config part it read
-(:data:`STAGE_GROUPS`). `--resume true` continues from there. `eval`, `export`, `devices` and `output_dir`
-may change freely (they do not change what the stages computed); a changed `warmup` or `jeidnn` section
-redoes stage 1 or stage 2 and everything after it, reusing the backbone and its feature cache, even in a
-finished run. Every stage is seeded on its own, so a resumed run ends with the report.json an
-uninterrupted run with its config writes (timings aside).
+(:data:`STAGE_GROUPS`). `--resume true` continues from there. `eval`, `export`, `devices`, `output_dir` and
+`name` may change freely (they do not change what the stages computed: a copied folder resumes); a
+changed `warmup` or `jeidnn` section redoes stage 1 or stage 2 and everything after it, reusing the
+backbone and its feature cache, even in a finished run. Every stage is seeded on its own, so a resumed run
+ends with the report.json an uninterrupted run with its config writes (timings aside).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 FAILED_FILE = "FAILED"
-NOT_HASHED = ("resume", "overwrite", "output_dir", "devices", "eval", "export")
-"""Config keys a resumed run may change."""
+NOT_HASHED = ("resume", "overwrite", "output_dir", "name", "devices", "eval", "export")
+"""Config keys a resumed run may change (`output_dir` and `name`: a run folder copied or renamed resumes)."""
+LEGACY_NOT_HASHED = tuple(k for k in NOT_HASHED if k != "name")
+"""What the single hash of a state.json from before per-stage hashes left out (older ones kept `name`)."""
 
 
 def training_config(cfg: RunConfig) -> dict[str, Any]:
@@ -235,7 +237,10 @@ def _recorded_hashes(state: RunState, run_dir: Path) -> dict[str, str]:
     except (OSError, yaml.YAMLError, JeidnnError, TypeError, ValueError, AttributeError) as exc:
         raise JeidnnError(refuse % f"cannot be read ({first_line(exc)})") from None
     # The file as written, not as parsed now: settings added since then would change the parsed hash.
-    if _hash({k: v for k, v in raw.items() if k not in NOT_HASHED}) != state.config_hash:
+    written = {
+        _hash({k: v for k, v in raw.items() if k not in keys}) for keys in (LEGACY_NOT_HASHED, NOT_HASHED)
+    }
+    if state.config_hash not in written:
         raise JeidnnError(refuse % "is not the config its hash was taken of")
     return stage_hashes(old)
 
@@ -277,7 +282,7 @@ def _config_mismatch(run_dir: Path, cfg: RunConfig) -> str:
     what = f"{found[0]} is {found[2]!r} here but {found[1]!r} in {path}" if found else "the config differs"
     return (
         f"--resume true: {what}; the backbone stages cannot be reused with it: resume with the config the "
-        "run started with (eval, export, devices and output_dir may change; warmup and jeidnn redo stage 1 / "
+        "run started with (eval, export, devices, output_dir and name may change; warmup and jeidnn redo stage 1 / "
         "stage 2), or choose another --name"
     )
 
