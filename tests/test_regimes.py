@@ -229,6 +229,15 @@ def test_a_mixed_run_killed_in_the_joint_phase_resumes_to_the_uninterrupted_repo
             "joint.exit_weights has 2 weights but the model has 3",
         ),
         (["--regime", "mixed", "--finetune.enabled", "false"], "regime mixed runs stage 0 first"),
+        (
+            [
+                "--regime",
+                "joint",
+                "--jeidnn.variants",
+                '[{"name": "oof", "im_loss": "frozen", "gate_data": "crossfit", "extension": true}]',
+            ],
+            "jeidnn.variants[oof]: gate_data crossfit needs regime disjoint, got joint",
+        ),
     ],
 )
 def test_bad_regime_settings_get_one_line_and_exit_2(override, message, tmp_path, capsys):

@@ -280,12 +280,12 @@ def test_images_over_http_equal_predict(image_model):
         ]
         again = httpx.post(f"{base}/predict", json={"inputs": [{"image": _png(IMAGES[3])}]})
         seen = metrics(base)
-    assert whole.json()["predictions"] == want
-    for i, reply in enumerate(replies):
-        got, expected = reply.json()["predictions"], want[2 * i : 2 * i + 2]
-        assert [(a["label"], a["exit_layer"], a["cost"]) for a in got] == [
-            (b["label"], b["exit_layer"], b["cost"]) for b in expected
-        ]
+    # The server batches up to 8 images, `predict` its own way: a row's logits may differ in the last bit
+    # between batch compositions (CPU matmul kernels block by batch size).
+    for i, reply in enumerate([whole, *replies]):
+        got = reply.json()["predictions"]
+        expected = want if i == 0 else want[2 * i - 2 : 2 * i]
+        assert [{**a, "probability": None} for a in got] == [{**b, "probability": None} for b in expected]
         assert [a["probability"] for a in got] == pytest.approx(
             [b["probability"] for b in expected], abs=1e-6
         )

@@ -126,6 +126,13 @@ def _check_regime(cfg: RunConfig) -> None:
             "regime mixed runs stage 0 first but finetune.enabled is false or finetune.epochs is 0; "
             "enable stage 0 or use regime joint"
         )
+    crossfit = [v.name for v in j.variants if v.gate_data == "crossfit"]
+    if cfg.regime != "disjoint" and crossfit:
+        raise JeidnnError(
+            f"jeidnn.variants[{crossfit[0]}]: gate_data crossfit needs regime disjoint, got {cfg.regime}: "
+            "the joint phase trains the backbone through every IM on all of train, so no IM output is out "
+            "of fold; use gate_data train or val"
+        )
     if cfg.regime != "disjoint" and f.epochs < 1:
         raise JeidnnError(
             f"regime {cfg.regime}: the joint phase makes at most finetune.epochs passes, got {f.epochs}; "

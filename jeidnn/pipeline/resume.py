@@ -282,8 +282,8 @@ def _config_mismatch(run_dir: Path, cfg: RunConfig) -> str:
     what = f"{found[0]} is {found[2]!r} here but {found[1]!r} in {path}" if found else "the config differs"
     return (
         f"--resume true: {what}; the backbone stages cannot be reused with it: resume with the config the "
-        "run started with (eval, export, devices, output_dir and name may change; warmup and jeidnn redo stage 1 / "
-        "stage 2), or choose another --name"
+        "run started with (eval, export, devices, output_dir and name may change; warmup and jeidnn redo "
+        "stage 1 / stage 2), or choose another --name"
     )
 
 
