@@ -7,7 +7,7 @@ import torch
 
 from jeidnn.config.gating import GateSettings
 from jeidnn.model.exit_rules import conditional_distribution, exit_scores, paper_distribution
-from jeidnn.model.gate_inputs import confidence_features, exit_inputs
+from jeidnn.model.gate_inputs import confidence_features, exit_inputs, probabilities
 from jeidnn.model.gates import Gates
 from jeidnn.model.policies import score_exits
 
@@ -41,6 +41,16 @@ def test_confidence_features_no_nan_in_forward_or_backward_on_saturated_softmax(
     assert torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize("classes", [2, 3, 8, 9, 150])
+def test_probabilities_are_the_softmax_written_out_or_not(classes):
+    logits = 4 * torch.randn(50, 5, classes, generator=torch.Generator().manual_seed(classes))
+    logits[0, 0, 0] = 200.0  # saturates: the others underflow to exactly 0
+    probs = probabilities(logits.double())
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, logits.double().softmax(-1).float(), rtol=0, atol=1e-6)
+    assert probs[0, 0].tolist() == [1.0] + [0.0] * (classes - 1)
+
+
 # ----------------------------------------------------------------------------- trajectory inputs
 
 
@@ -48,14 +58,25 @@ def test_trajectory_inputs_by_hand():
     # three gated exits; exit 2 predicts class 1, as does exit 1 but not exit 0
     conf = torch.tensor([[[0.5, 1.0, 0.1, 0.9], [0.6, 0.8, 0.3, 0.7], [0.9, 0.3, 0.8, 0.2]]])  # (1, 3, 4)
     preds = torch.tensor([[0, 1, 1]])
-    x = exit_inputs(2, conf, preds, "trajectory", num_gates=3)
+    x = exit_inputs(conf, preds, "trajectory")  # (1, 3 gates, 4 + 4·2 + 2)
+    assert x.shape == (1, 3, 14)
     own, earlier = [0.9, 0.3, 0.8, 0.2], [0.5, 1.0, 0.1, 0.9, 0.6, 0.8, 0.3, 0.7]
-    # agreement: exit 1 agrees, exit 0 does not -> 1 consecutive, / 3 gates; Δp_max = 0.9 - 0.6
-    assert x[0].tolist() == pytest.approx(own + earlier + [1 / 3, 0.3], abs=1e-6)
+    # gate 2: exit 1 agrees, exit 0 does not -> 1 consecutive, / 3 gates; Δp_max = 0.9 - 0.6
+    assert x[0, 2].tolist() == pytest.approx(own + earlier + [1 / 3, 0.3], abs=1e-6)
+    # gate 1: exit 0's features, zero padding, no agreement (class 0 vs 1), Δp_max = 0.6 - 0.5
+    assert x[0, 1].tolist() == pytest.approx([0.6, 0.8, 0.3, 0.7, 0.5, 1.0, 0.1, 0.9] + [0.0] * 4 + [0, 0.1])
     # the first gate: its own features, zero padding, no agreement, no change
-    first = exit_inputs(0, conf, preds, "trajectory", num_gates=3)
-    assert first[0].tolist() == pytest.approx([0.5, 1.0, 0.1, 0.9] + [0.0] * 8 + [0.0, 0.0])
-    assert exit_inputs(1, conf, preds, "confidence", 3)[0].tolist() == pytest.approx([0.6, 0.8, 0.3, 0.7])
+    assert x[0, 0].tolist() == pytest.approx([0.5, 1.0, 0.1, 0.9] + [0.0] * 8 + [0.0, 0.0])
+    assert exit_inputs(conf, preds, "confidence")[0, 1].tolist() == pytest.approx([0.6, 0.8, 0.3, 0.7])
+
+
+def test_agreement_counts_only_the_unbroken_run_back_from_the_previous_exit():
+    # predictions 2, 2, 0, 2, 2, 2: gate 5 sees exits 4, 3 agree, exit 2 breaks the run (exits 0-1 agree
+    # again but do not count); gate 2 (class 0) agrees with no earlier exit
+    conf = torch.rand(1, 6, 4)
+    x = exit_inputs(conf, torch.tensor([[2, 2, 0, 2, 2, 2]]), "trajectory")
+    agree = x[0, :, 4 * 6]  # the column after own + 5 earlier exits' features
+    assert (agree * 6).tolist() == pytest.approx([0, 1, 0, 0, 1, 2])
 
 
 # ----------------------------------------------------------------------------- gate networks

@@ -147,6 +147,31 @@ def test_every_variant_trains_side_by_side_deterministically(data):
             assert 0 <= acc <= 1
 
 
+def test_a_variant_trains_alike_whichever_variants_train_beside_it(data):
+    """Each step draws one set of IM dropout masks for every variant, and each variant's gates start from its
+    own random stream: the trajectory gates come out the same alone, after the paper's, or before it."""
+    (x, y), (vx, vy) = data
+    heads = warm_heads(dropout=0.3)
+    frozen = dataclasses.replace(PAPER, name="frozen", im_loss="frozen")
+    runs = [
+        train_models(x, y, vx, vy, heads, [(v, COSTS, [0.01, 0.3]) for v in variants], config(), seed=4)
+        for variants in ([TRAJECTORY], [PAPER, TRAJECTORY], [TRAJECTORY, frozen, PAPER])
+    ]
+    alone, after, before = runs[0][0], runs[1][1], runs[2][0]
+    for m, m_after, m_before in zip(alone, after, before):
+        for other in (m_after, m_before):
+            for a, b in zip(
+                [*m.gates.parameters(), *m.heads.parameters()],
+                [*other.gates.parameters(), *other.heads.parameters()],
+            ):
+                assert torch.equal(a, b)
+            assert m.history == other.history
+    # the paper's models differ from the trajectory gates' (dropout did act on the IMs they share)
+    assert not torch.equal(
+        runs[1][0][0].heads.heads[0].net[-1].weight, alone[0].heads.heads[0].net[-1].weight
+    )
+
+
 def test_expected_objective_trades_accuracy_for_cost(data):
     """A large λ must make the expected-loss gates exit earlier than a small λ."""
     (x, y), (vx, vy) = data

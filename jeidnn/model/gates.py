@@ -22,7 +22,13 @@ from torch import Tensor, nn
 
 from jeidnn.config.gating import GateSettings
 from jeidnn.model.exit_rules import RuleState, exit_scores, paper_step
-from jeidnn.model.gate_inputs import NUM_CONFIDENCE_FEATURES, confidence_features, exit_inputs, input_size
+from jeidnn.model.gate_inputs import (
+    NUM_CONFIDENCE_FEATURES,
+    confidence_features,
+    exit_inputs,
+    input_size,
+    probabilities,
+)
 
 __all__ = ["GateState", "Gates", "StackedGates"]
 
@@ -92,10 +98,7 @@ class StackedGates(nn.Module):
 
     def _raw_inputs(self, probs: Tensor) -> Tensor:
         """Unstandardised inputs ``(..., L-1, F - proj)`` from IM probabilities ``(..., L-1, C)``."""
-        conf = confidence_features(probs)  # (..., L-1, 4)
-        preds = probs.argmax(dim=-1)  # (..., L-1)
-        g = self.num_exits - 1
-        return torch.stack([exit_inputs(i, conf, preds, self.settings.inputs, g) for i in range(g)], dim=-2)
+        return exit_inputs(confidence_features(probs), probs.argmax(dim=-1), self.settings.inputs)
 
     @torch.no_grad()
     def set_statistics(self, im_logits: Tensor, hidden: Tensor | None = None) -> None:
@@ -106,7 +109,7 @@ class StackedGates(nn.Module):
         """
         if not self.settings.standardize:
             return
-        x = self._raw_inputs(im_logits.float().softmax(dim=-1))  # (N, L-1, F')
+        x = self._raw_inputs(probabilities(im_logits))  # (N, L-1, F')
         std = x.std(dim=0)
         self.input_mean.copy_(torch.where(std > 1e-6, x.mean(dim=0), torch.zeros_like(std)))
         self.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
@@ -115,25 +118,35 @@ class StackedGates(nn.Module):
             self.hidden_mean.copy_(hidden.float().mean(dim=0))
             self.hidden_std.copy_(h_std.clamp_min(1e-6))
 
-    def _net(self, x: Tensor, hidden: Tensor | None, index: int) -> Tensor:
-        """Logits ``(K, N)`` of gate ``index`` from its raw inputs ``(K, N, F')`` and hidden ``(K, N, H)``.
+    def _net(self, x: Tensor, hidden: Tensor | None, index: int | None = None) -> Tensor:
+        """Gate logits from raw inputs: of every gate, ``(K, N, L-1)`` from ``x`` ``(K, N, L-1, F')`` and
+        ``hidden`` ``(K, N, L-1, H)``; of gate ``index`` alone, ``(K, N)`` from ``(K, N, F')`` and
+        ``(K, N, H)``.
 
-        Training, evaluation and layer-by-layer inference all go through here, exit by exit, so they
-        compute every gate with the same operations.
+        Training, evaluation and layer-by-layer inference all go through here, so they compute every gate
+        with the same operations.
         """
         # The small gate layers as products and sums rather than matmuls, whose rounding may depend on the
         # number of rows: the layer-skipping path scores fewer rows and should reproduce these values. The
         # hidden projection (H inputs) stays a matmul for speed; its scores may differ in the last bit.
+        at = slice(None) if index is None else index  # selects the gates' dim of every parameter
         standardize = self.settings.standardize
         if standardize:
-            x = (x - self.input_mean[index]) / self.input_std[index]
+            x = (x - self.input_mean[at]) / self.input_std[at]
         if self.settings.inputs == "hidden":
-            h = (hidden - self.hidden_mean[index]) / self.hidden_std[index] if standardize else hidden
-            x = torch.cat([x, torch.bmm(h, self.proj[:, index])], dim=-1)  # (K, N, F)
+            assert hidden is not None
+            h = (hidden - self.hidden_mean[at]) / self.hidden_std[at] if standardize else hidden
+            projection = self.proj[:, at]  # (K[, L-1], H, projection)
+            if index is None:
+                projected = torch.einsum("knlh,klhp->knlp", h, projection)
+            else:
+                projected = torch.bmm(h, projection)
+            x = torch.cat([x, projected], dim=-1)  # (K, N[, L-1], F)
+        # Each model's parameters broadcast over its rows: (K, 1[, L-1], ...).
         if self.settings.arch == "mlp":
-            x = (x[..., None] * self.w1[:, index, None]).sum(-2) + self.b1[:, index, None]  # (K, N, width)
+            x = (x[..., None] * self.w1[:, None, at]).sum(-2) + self.b1[:, None, at]  # (K, N[, L-1], width)
             x = torch.relu(x)
-        return (x * self.w[:, index, None]).sum(-1) + self.b[:, index, None]  # (K, N)
+        return (x * self.w[:, None, at]).sum(-1) + self.b[:, None, at]  # (K, N[, L-1])
 
     def forward(self, logits: Tensor, hidden: Tensor | None = None) -> Tensor:
         """Gate logits of every intermediate exit.
@@ -141,7 +154,7 @@ class StackedGates(nn.Module):
         Args:
             logits: per-exit classifier logits ``(K, N, L, C)`` (or ``(N, L, C)`` when ``K = 1``); the last
                 exit is ignored. Detached here: the gate loss never reaches the IMs.
-            hidden: pooled features of the gated exits ``(N, L-1, H)``, shared by the ``K`` models
+            hidden: pooled features of the gated exits ``(N, ≥ L-1, H)``, shared by the ``K`` models
                 (``hidden`` inputs only).
 
         Returns:
@@ -153,15 +166,13 @@ class StackedGates(nn.Module):
         g = self.num_exits - 1
         if logits.shape[-2] != self.num_exits:
             raise ValueError(f"expected logits for {self.num_exits} exits, got shape {tuple(logits.shape)}")
-        x = self._raw_inputs(logits[..., :g, :].detach().float().softmax(dim=-1))  # (K, N, L-1, F')
+        x = self._raw_inputs(probabilities(logits[..., :g, :].detach()))  # (K, N, L-1, F')
         if self.settings.inputs == "hidden" and hidden is None:
             raise ValueError("gates with `hidden` inputs need the pooled hidden states")
-        k = x.shape[0]
-        columns = []
-        for i in range(g):
-            h = hidden[:, i].float()[None].expand(k, -1, -1) if self.settings.inputs == "hidden" else None
-            columns.append(self._net(x[:, :, i], h, i))  # (K, N)
-        out = torch.stack(columns, dim=-1)  # (K, N, L-1)
+        h = None
+        if self.settings.inputs == "hidden":  # the gated exits' (further exits may be given too)
+            h = hidden[:, :g].float()[None].expand(x.shape[0], -1, -1, -1)  # (K, N, L-1, H)
+        out = self._net(x, h)  # (K, N, L-1)
         return out[0] if unbatched else out
 
     def scores(self, logits: Tensor, hidden: Tensor | None = None) -> Tensor:
@@ -198,7 +209,7 @@ class StackedGates(nn.Module):
         Returns:
             ``(B,)`` scores, equal to ``scores(...)[:, index]`` of the full forward, and the new state.
         """
-        probs = exit_logits.float().softmax(dim=-1)  # (B, C)
+        probs = probabilities(exit_logits)  # (B, C)
         if self.settings.inputs == "confidence":  # no trajectory to keep
             x = confidence_features(probs)
         else:

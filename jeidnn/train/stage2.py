@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jeidnn.config.gating import GateVariant
@@ -52,7 +51,8 @@ class StackedIMs(nn.Module):
 
     Each IM must be a chain of ``nn.Linear``, ``nn.Dropout`` and elementwise activations (both IM kinds of
     :class:`~jeidnn.model.heads.ExitHeads`). A linear layer's weight becomes a ``(L-1, K, out, in)`` parameter
-    and its bias ``(L-1, K, out)``. Dropout masks are drawn once per IM and shared by the ``K`` models.
+    and its bias ``(L-1, K, out)``. Dropout masks are drawn once per IM and shared by the ``K`` models
+    (stage 2 shares one draw between the models of every variant: :meth:`dropout_masks`).
 
     Args:
         ims: the ``L-1`` IMs (copied, never modified).
@@ -89,9 +89,27 @@ class StackedIMs(nn.Module):
                 expanded = stacked.expand(-1, num_models, *stacked.shape[2:])  # (L-1, K, out[, in])
                 self.params.append(nn.Parameter(expanded.clone()))
 
-    def forward(self, features: Tensor) -> Tensor:
-        """IM logits ``(K, B, L-1, C)`` of every model from the IMs' features ``(B, L-1, H)``."""
+    def dropout_masks(self, features: Tensor) -> list[Tensor]:
+        """The dropout masks of one training pass over IM features ``(B, L-1, H)``: one ``(L-1, B, F)`` per
+        dropout layer, shared by the ``K`` models, drawn from the global generator (none in eval mode)."""
+        masks, width = [], features.shape[-1]
+        for op in self._ops:
+            if isinstance(op, int):
+                width = self.params[op].shape[2]
+            elif isinstance(op, nn.Dropout) and self.training and op.p > 0:
+                keep = 1 - op.p  # inverted dropout: kept units scaled by 1 / keep
+                shape = (features.shape[1], features.shape[0], width)
+                uniform = torch.rand(shape, dtype=features.dtype, device=features.device)
+                masks.append((uniform < keep).to(features.dtype) / keep)
+        return masks
+
+    def forward(self, features: Tensor, masks: list[Tensor] | None = None) -> Tensor:
+        """IM logits ``(K, B, L-1, C)`` of every model from the IMs' features ``(B, L-1, H)``; ``masks``: the
+        pass's dropout masks (:meth:`dropout_masks`), drawn here when not given."""
         z, shared = features.transpose(0, 1), True  # (L-1, B, F) while shared, then (L-1, B, K, F)
+        if masks is None:
+            masks = self.dropout_masks(features)
+        masks = list(masks)
         for op in self._ops:
             if isinstance(op, int):
                 weight, bias = self.params[op], self.params[op + 1]  # (L-1, K, out, in), (L-1, K, out)
@@ -108,8 +126,7 @@ class StackedIMs(nn.Module):
                     z = torch.einsum("lbki,lkoi->lbko", z, weight) + bias[:, None]  # (L-1, B, K, out)
             elif isinstance(op, nn.Dropout):
                 if self.training and op.p > 0:
-                    ones = z.new_ones(z.shape[1], z.shape[-1])  # (B, F)
-                    noise = torch.stack([F.dropout(ones, op.p, training=True) for _ in range(z.shape[0])])
+                    noise = masks.pop(0)  # (L-1, B, F)
                     z = z * (noise if shared else noise[:, :, None])
             else:
                 z = op(z)
@@ -157,11 +174,18 @@ class VariantBlock(nn.Module):
     def num_models(self) -> int:
         return self.lambdas.numel()
 
-    def exit_logits(self, features: Tensor, final_logits: Tensor, im_logits: Tensor | None = None) -> Tensor:
+    def exit_logits(
+        self,
+        features: Tensor,
+        final_logits: Tensor,
+        im_logits: Tensor | None = None,
+        masks: list[Tensor] | None = None,
+    ) -> Tensor:
         """Per-exit logits ``(K, B, L, C)`` from IM features ``(B, L-1, H)`` and final logits ``(B, C)``;
-        ``im_logits`` ``(B, L-1, C)``: IM outputs given instead (`gate_data: crossfit`, IMs frozen)."""
+        ``im_logits`` ``(B, L-1, C)``: IM outputs given instead (`gate_data: crossfit`, IMs frozen);
+        ``masks``: the IMs' dropout masks in training mode (drawn when not given)."""
         if im_logits is None:
-            im_logits = self.ims(features)  # (K, B, L-1, C)
+            im_logits = self.ims(features, masks)  # (K, B, L-1, C)
         else:
             im_logits = im_logits[None].expand(self.num_models, -1, -1, -1)  # (K, B, L-1, C)
         final = final_logits[None, :, None].expand(self.num_models, -1, -1, -1)  # (K, B, 1, C)
@@ -192,9 +216,11 @@ class VariantBlock(nn.Module):
             loss = ce
         return expected_loss(pi, loss, self.costs, self.lambdas)
 
-    def im_phase_loss(self, features: Tensor, labels: Tensor, final_logits: Tensor) -> Tensor:
-        """``(K,)`` IM losses with the gates fixed."""
-        logits = self.exit_logits(features, final_logits)  # (K, B, L, C)
+    def im_phase_loss(
+        self, features: Tensor, labels: Tensor, final_logits: Tensor, masks: list[Tensor] | None = None
+    ) -> Tensor:
+        """``(K,)`` IM losses with the gates fixed; ``masks``: the IMs' dropout masks (drawn if not given)."""
+        logits = self.exit_logits(features, final_logits, masks=masks)  # (K, B, L, C)
         with torch.no_grad():
             pi = exit_distribution(torch.sigmoid(self.gates(logits, features)), self.variant.exit_rule)
         return im_loss(logits, labels, pi, self.variant.im_loss)

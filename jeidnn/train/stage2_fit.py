@@ -78,12 +78,16 @@ class Stage2Module(pl.LightningModule):
         # IMs frozen takes none.
         phase = alternation_phase(self._steps, self.cfg.alternate_steps)
         self._steps += 1
+        im_trained = [b for b in self.blocks if b.variant.im_loss != "frozen"]  # frozen: the warm-up IMs
+        # One draw of IM dropout masks per IM step, shared by every model of every variant: a variant trains
+        # alike whichever variants train beside it.
+        masks = im_trained[0].ims.dropout_masks(features) if phase == "im" and im_trained else None
         losses: list[Tensor | None] = [
             b.gate_phase_loss(features, labels, final_logits, im_logits)
             if phase == "gate"
+            else b.im_phase_loss(features, labels, final_logits, masks)
+            if b in im_trained
             else None
-            if b.variant.im_loss == "frozen"  # no IM phase: these gates learn on the warm-up IMs
-            else b.im_phase_loss(features, labels, final_logits)
             for b in self.blocks
         ]  # one (K_v,) per block
         trained = [loss for loss in losses if loss is not None]
@@ -164,7 +168,12 @@ class _CachedRows(Dataset):
 
     def __getitem__(self, rows: list[int]) -> tuple[Tensor, ...]:
         index = torch.as_tensor(rows)
-        row = (self.features[index, : self.num_ims], self.labels[index], self.final_logits[index])
+        # index_select: the same rows as indexing, several times faster on the (N, L, H) features
+        row = (
+            self.features.index_select(0, index)[:, : self.num_ims],
+            self.labels[index],
+            self.final_logits[index],
+        )
         return row if self.im_logits is None else (*row, self.im_logits[index])
 
 
