@@ -37,8 +37,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
+from jeidnn.evaluate.calibration import ece  # noqa: E402
 from jeidnn.evaluate.predictions import RunPredictions  # noqa: E402
+from jeidnn.train.crossfit import CROSSFIT_PREDICTIONS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -238,6 +241,34 @@ def diagnostics(report: dict, run_dir: Path) -> dict:
     return out
 
 
+def im_outputs_check(report: dict, run_dir: Path) -> dict | None:
+    """What the gates learn on against what they meet, per exit (the final one last): accuracy, ECE and the
+    max probability's AUROC for "correct here" of stage 1's IMs on train (in fold: `gate_data: train`), of
+    the out-of-fold IMs on train (`crossfit`) and of stage 1's IMs on val (unseen, as at inference). None
+    for a run without a crossfit variant."""
+    path = run_dir / CROSSFIT_PREDICTIONS
+    if not path.is_file():
+        return None
+    kept = load_file(str(path))
+    warm = RunPredictions.read(report, run_dir).warmup
+    out_of_fold = kept["train_out_of_fold_logits"]
+    sources = {
+        "train, in fold": (kept["train_logits"], kept["train_labels"]),
+        "train, out of fold": (out_of_fold, kept["train_labels"]),
+        "val": (warm["val_logits"], warm["val_labels"]),
+    }
+    check = {}
+    for name, (logits, labels) in sources.items():
+        probs = logits.float().softmax(-1)  # (N, exits, C)
+        correct = probs.argmax(-1) == labels[:, None]
+        check[name] = {
+            "accuracy": correct.double().mean(0).tolist(),
+            "ece": [ece(probs[:, e], labels) for e in range(probs.shape[1])],
+            "auroc": [auroc(probs[:, e].amax(-1), correct[:, e]) for e in range(probs.shape[1])],
+        }
+    return check
+
+
 def pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}"
 
@@ -387,6 +418,25 @@ def task_section(task: str, report: dict, run_dir: Path) -> tuple[list[str], dic
     body = [["max probability (warm-up IMs)", *(f"{a:.3f}" for a in diag["pmax"])]]
     body += [[e["label"], *(f"{a:.3f}" for a in e["auroc"])] for e in diag["learned"].values()]
     lines += table(["score", *(f"exit {i + 1}" for i in range(len(diag["pmax"])))], body)
+    check = im_outputs_check(report, run_dir)
+    if check is not None:
+        summary["im_outputs"] = check
+        num_exits = len(check["val"]["accuracy"])
+        lines += [
+            "",
+            "The IM outputs the gates learn on against those they meet at inference (val): stage 1's IMs on "
+            "train, which they were fitted on (`gate_data: train`), and the out-of-fold IMs on train "
+            "(`crossfit`; the final exit is stage 0's head, fitted on train, in every set):",
+            "",
+        ]
+        body = []
+        for metric, label in (("accuracy", "accuracy %"), ("ece", "ECE %"), ("auroc", "max-prob AUROC")):
+            for name, values in check.items():
+                cells = [pct(a) if metric != "auroc" else f"{a:.3f}" for a in values[metric]]
+                cells += ["–"] * (num_exits - len(cells))  # out of fold: the IMs only
+                body.append([f"{label}, {name}", *cells])
+        header = ["", *(f"exit {i + 1}" for i in range(num_exits - 1)), "final exit"]
+        lines += table(header, body)
     return lines + [""], summary
 
 

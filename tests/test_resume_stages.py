@@ -2,8 +2,10 @@
 whose config part changed and reuses the earlier ones; it ends with the report.json a fresh run with the
 new config writes (timings aside). State files from before per-stage hashes still resume."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ from safetensors.torch import load_file
 from tiny_models import few_steps_argv, write_sentiment_csv
 
 from jeidnn.cli.main import train_main
-from jeidnn.train.crossfit import fold_index, out_of_fold_logits
+from jeidnn.train.crossfit import CROSSFIT_PREDICTIONS, fold_index, out_of_fold_logits
 from jeidnn.train.report import CROSSFIT_TIMING
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TIMINGS = ("timings_s", "stage2_time_vs_train_pass")
 STAGE0 = "stage 0: fine-tune backbone + final head"
@@ -135,3 +139,24 @@ def test_a_finished_run_resumed_with_a_crossfit_variant(csv, finished, tmp_path,
     )
     assert torch.equal(on_train["val_logits"], on_folds["val_logits"])
     assert not torch.equal(on_train["val_scores"], on_folds["val_scores"])
+    # Both sets of train outputs are kept: the out-of-fold ones the gates learned on, and stage 1's IMs'.
+    kept = load_file(str(copy / "run" / CROSSFIT_PREDICTIONS))
+    assert torch.equal(kept["train_out_of_fold_logits"], logits)
+    assert kept["train_logits"].shape == (n, logits.shape[1] + 1, logits.shape[2])
+    assert not torch.equal(kept["train_logits"][:, :-1], logits)
+    assert kept["train_labels"].shape == (n,)
+    # benchmarks/gating.py compares them with stage 1's IMs on val
+    spec = importlib.util.spec_from_file_location("gating", ROOT / "benchmarks" / "gating.py")
+    gating = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gating)
+    check = gating.im_outputs_check(report, copy / "run")
+    labels = kept["train_labels"]
+    out_of_fold = check["train, out of fold"]
+    assert out_of_fold["accuracy"] == pytest.approx(
+        (logits.argmax(-1) == labels[:, None]).double().mean(0).tolist()
+    )
+    assert len(out_of_fold["ece"]) == len(out_of_fold["auroc"]) == logits.shape[1]
+    warm = load_file(str(copy / "run" / "predictions" / "warmup.safetensors"))
+    val_correct = warm["val_logits"].argmax(-1) == warm["val_labels"][:, None]
+    assert check["val"]["accuracy"] == pytest.approx(val_correct.double().mean(0).tolist())
+    assert gating.im_outputs_check(report, finished) is None  # no crossfit variant there

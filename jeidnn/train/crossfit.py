@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from jeidnn.io import write_safetensors
 from jeidnn.model.heads import ExitHeads
 from jeidnn.train.context import RunContext
 from jeidnn.train.features import FeatureSplit
@@ -27,6 +29,11 @@ from jeidnn.train.results import FeatureCache
 from jeidnn.train.warmup import warm_up
 
 logger = logging.getLogger(__name__)
+
+CROSSFIT_PREDICTIONS = "predictions/crossfit.safetensors"
+"""In a run with `gate_data: crossfit`: the train rows' IM logits out of fold (what the gates learn on) and in
+fold (stage 1's IMs, fitted on all of train), with the final exit's and the labels; for checking how far
+each set of outputs is from what the IMs give on unseen data (`benchmarks/gating.py`)."""
 
 
 def fold_index(num_samples: int, folds: int, seed: int) -> Tensor:
@@ -71,3 +78,17 @@ def out_of_fold_logits(ctx: RunContext, heads: ExitHeads, cache: FeatureCache, f
         out[held] = logits
     assert out is not None
     return out
+
+
+def write_crossfit_predictions(
+    path: Path, heads: ExitHeads, cache: FeatureCache, out_of_fold: Tensor
+) -> None:
+    """:data:`CROSSFIT_PREDICTIONS` at ``path``: ``train_out_of_fold_logits`` ``(N, L-1, C)``,
+    ``train_logits`` ``(N, L, C)`` of ``heads`` (the run's exits, the final one last) and ``train_labels``."""
+    train = cache["train"]
+    tensors = {
+        "train_out_of_fold_logits": out_of_fold,
+        "train_logits": exit_logits(heads, train),
+        "train_labels": train.labels,
+    }
+    write_safetensors(path, tensors)

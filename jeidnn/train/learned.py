@@ -19,7 +19,7 @@ from jeidnn.model.backbone import Backbone
 from jeidnn.model.cost import ExitCosts, gate_flops
 from jeidnn.model.heads import ExitHeads
 from jeidnn.train.context import RunContext
-from jeidnn.train.crossfit import out_of_fold_logits
+from jeidnn.train.crossfit import CROSSFIT_PREDICTIONS, out_of_fold_logits, write_crossfit_predictions
 from jeidnn.train.devices import make_trainer, run_device
 from jeidnn.train.end_to_end import fit_end_to_end
 from jeidnn.train.features import FeatureSplit, extract_features
@@ -62,6 +62,7 @@ def train_stage2(
         start = time.perf_counter()
         crossfit_logits = out_of_fold_logits(ctx, heads, cache, cfg.jeidnn.crossfit_folds)
         crossfit_s = round(time.perf_counter() - start, 2)
+        write_crossfit_predictions(run_dir / CROSSFIT_PREDICTIONS, heads, cache, crossfit_logits)
     if cfg.jeidnn.train_backbone:
         trained = fit_end_to_end(
             ctx, backbone, heads, dm, cache, cost_tensors(variant_costs), store=store, after_fit=after_fit
