@@ -141,6 +141,17 @@ def headline_of(report: dict, run_dir: Path) -> dict[float, dict]:
     return {round(line["budget"], 3): line for line in lines}
 
 
+def learned_gaps(report: dict) -> dict[str, float | None]:
+    """Each learned method's mean Δ (test accuracy) against the reference baseline over the goal budgets."""
+    gaps = {}
+    for method, rows in rows_by(report).items():
+        deltas = [rows[b].get("delta_vs_reference") for b in GOAL_BUDGETS if b in rows]
+        if rows and next(iter(rows.values()))["kind"] == "learned":
+            means = [d["mean"] for d in deltas if d is not None]
+            gaps[method] = sum(means) / len(means) if means else None
+    return gaps
+
+
 def _best_ece(row: dict) -> float | None:
     values = [x for x in (row.get("ece"), row.get("ece_temperature_scaled")) if x is not None]
     return min(values) if values else None
@@ -349,6 +360,11 @@ def task_section(task: str, report: dict, run_dir: Path) -> tuple[list[str], dic
             "- Mean Δ of the best learned method against each baseline over those budgets: "
             + ", ".join(
                 f"{label[n]} {100 * v:+.2f}" for n, v in summary["mean_gain_vs_each"].items() if v is not None
+            )
+            + ".",
+            "- Mean Δ of each learned method against the reference baseline over those budgets: "
+            + ", ".join(
+                f"{label[m]} {100 * v:+.2f}" for m, v in learned_gaps(report).items() if v is not None
             )
             + ".",
             "- ECE (better of raw / temperature-scaled), best learned vs reference: "
