@@ -69,7 +69,9 @@ def reference_paper(
     # The initial gates train_models draws for this model: model 0's for every λ (`lambda_init: shared`),
     # or its own.
     shared = cfg.lambda_init == "shared"
-    gates = StackedGates(PAPER, NUM_EXITS, HIDDEN, len(lambdas), gen).select(0 if shared else index)
+    gates = StackedGates(PAPER, NUM_EXITS, HIDDEN, 1 if shared else len(lambdas), gen).select(
+        0 if shared else index
+    )
     with torch.no_grad():
         final = heads.final(x[:, -1]), heads.final(vx[:, -1])
     ims = [p for h in heads.heads[:-1] for p in h.parameters()]
@@ -205,6 +207,25 @@ def test_automatic_lambdas_add_rounds(data):
     assert len(lines) == 2 and "round 2" in lines[1]
 
 
+@pytest.mark.parametrize("variant", [PAPER, TRAJECTORY])
+def test_a_later_rounds_model_is_the_one_the_first_round_would_have_trained(data, variant):
+    """`lambda_init: shared`: every fit starts each λ from one model's draw and the same seed, so a model
+    added in round 2 equals that λ trained on its own (or in the first round)."""
+    (x, y), (vx, vy) = data
+    heads = warm_heads(dropout=0.2)
+    cfg = config(variants=[variant], lambdas=None, lambda_grid=[0.3], lambda_rounds=1, epochs=1)
+    trained = fit_stage2(x, y, vx, vy, heads, {variant.name: COSTS}, cfg, seed=2)[variant.name]
+    later = [m for m in trained if m.lam != 0.3]
+    assert later  # round 2 added λ values
+    for model in later:
+        [[alone]] = train_models(x, y, vx, vy, heads, [(variant, COSTS, [model.lam])], cfg, seed=2)
+        for a, b in zip(
+            [*model.gates.parameters(), *model.heads.parameters()],
+            [*alone.gates.parameters(), *alone.heads.parameters()],
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_frozen_ims_keep_the_warm_up_weights_and_the_phases_still_alternate(data):
     (x, y), (vx, vy) = data
     heads = warm_heads()
@@ -216,7 +237,8 @@ def test_frozen_ims_keep_the_warm_up_weights_and_the_phases_still_alternate(data
         # gate phases ran in both epochs (steps 0-4, 10-14 of 13 per epoch), IM phases trained nothing
         assert all(math.isfinite(v) for v in model.history["gate_loss"])
         assert all(math.isnan(v) for v in model.history["im_loss"])
-    assert models[0].val_cost != models[1].val_cost
+    # same start, other λ: the gates learned something different
+    assert not torch.equal(models[0].gates.w, models[1].gates.w)
 
 
 def test_gates_can_learn_on_val_with_frozen_ims(data):

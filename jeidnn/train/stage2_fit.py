@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from jeidnn.config.gating import GateVariant, JeidnnConfig
+from jeidnn.model.gates import StackedGates
 from jeidnn.model.policies import score_exits
 from jeidnn.train.stage2 import StackedIMs, TrainedModel, VariantBlock
 
@@ -238,12 +239,19 @@ def start_blocks(
     blocks = []
     for variant, costs, lambdas in plan:
         # Each variant's gates drawn from its own stream: adding a variant never changes another's start.
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(variant.name.encode()))
-        block = VariantBlock(variant, heads, hidden_size, costs, lambdas, generator)
+        stream = seed * 1_000_003 + zlib.crc32(variant.name.encode())
+        block = VariantBlock(
+            variant, heads, hidden_size, costs, lambdas, torch.Generator().manual_seed(stream)
+        )
         if cfg.lambda_init == "shared":
-            with torch.no_grad():  # every λ starts from model 0's gates: the models differ by λ alone
-                for param in block.gates.parameters():
-                    param.copy_(param[:1].expand_as(param))
+            # Every λ starts from the gates a fit of one model draws: the models differ by λ alone, and a
+            # later round's start is the first round's, whatever the number of models.
+            start = StackedGates(
+                variant, len(heads.heads), hidden_size, 1, torch.Generator().manual_seed(stream)
+            )
+            with torch.no_grad():
+                for param, first in zip(block.gates.parameters(), start.parameters()):
+                    param.copy_(first.expand_as(param))
         # The IM outputs the gates learn on set the statistics: the warm-up IMs' (every model starts from
         # them; alike for every block, so computed once) or the given out-of-fold ones.
         if im_logits is None:
