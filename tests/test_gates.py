@@ -151,6 +151,18 @@ def test_one_exit_at_a_time_equals_the_batch_path(settings):
     assert torch.equal(exits, score_exits(full))
 
 
+@pytest.mark.parametrize("settings", SETTINGS[1:3])
+def test_a_whole_split_is_scored_in_blocks_of_rows_with_the_unblocked_result(settings):
+    gates = Gates(5, settings, hidden_size=7, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(4)
+    logits, hidden = 2 * torch.randn(5000, 5, 3, generator=gen), torch.randn(5000, 4, 7, generator=gen)
+    gates.set_statistics(logits[:, :4], hidden)
+    whole = gates(logits, hidden).detach()  # with gradient: one block
+    with torch.no_grad():
+        blocked = gates(logits, hidden)  # 2048 rows at a time
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=0 if settings.inputs != "hidden" else 1e-6)
+
+
 def test_select_copies_one_model_and_single_exit_is_refused():
     from jeidnn.model.gates import StackedGates
 

@@ -32,6 +32,9 @@ from jeidnn.model.gate_inputs import (
 
 __all__ = ["GateState", "Gates", "StackedGates"]
 
+_SCORED_ROWS = 2048
+"""Rows scored at once without gradient (a whole split at once needs memory for every exit's products)."""
+
 
 def _uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None) -> Tensor:
     """``nn.Linear``'s default initialisation: U(-1/√fan_in, 1/√fan_in)."""
@@ -172,7 +175,19 @@ class StackedGates(nn.Module):
         h = None
         if self.settings.inputs == "hidden":  # the gated exits' (further exits may be given too)
             h = hidden[:, :g].float()[None].expand(x.shape[0], -1, -1, -1)  # (K, N, L-1, H)
-        out = self._net(x, h)  # (K, N, L-1)
+        if torch.is_grad_enabled() or x.shape[1] <= _SCORED_ROWS:
+            out = self._net(x, h)  # (K, N, L-1)
+        else:
+            # Every gate at once holds (K, rows, L-1, F', width) products for an mlp gate: a whole split is
+            # scored a block of rows at a time (each row's logits are its own either way).
+            blocks = range(0, x.shape[1], _SCORED_ROWS)
+            out = torch.cat(
+                [
+                    self._net(x[:, i : i + _SCORED_ROWS], h if h is None else h[:, i : i + _SCORED_ROWS])
+                    for i in blocks
+                ],
+                dim=1,
+            )
         return out[0] if unbatched else out
 
     def scores(self, logits: Tensor, hidden: Tensor | None = None) -> Tensor:
