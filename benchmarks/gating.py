@@ -442,15 +442,16 @@ def task_section(task: str, report: dict, run_dir: Path) -> tuple[list[str], dic
             "",
             "The IM outputs the gates learn on against those they meet at inference (val): stage 1's IMs on "
             "train, which they were fitted on (`gate_data: train`), and the out-of-fold IMs on train "
-            "(`crossfit`; the final exit is stage 0's head, fitted on train, in every set):",
+            "(`crossfit`; the final exit, stage 0's head fitted on train with the backbone, has no "
+            "out-of-fold version):",
             "",
         ]
         body = []
-        for metric, label in (("accuracy", "accuracy %"), ("ece", "ECE %"), ("auroc", "max-prob AUROC")):
+        for metric, title in (("accuracy", "accuracy %"), ("ece", "ECE %"), ("auroc", "max-prob AUROC")):
             for name, values in check.items():
                 cells = [pct(a) if metric != "auroc" else f"{a:.3f}" for a in values[metric]]
                 cells += ["–"] * (num_exits - len(cells))  # out of fold: the IMs only
-                body.append([f"{label}, {name}", *cells])
+                body.append([f"{title}, {name}", *cells])
         header = ["", *(f"exit {i + 1}" for i in range(num_exits - 1)), "final exit"]
         lines += table(header, body)
     return lines + [""], summary
